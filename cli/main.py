@@ -1,0 +1,63 @@
+"""The ``fpstore`` entry point.
+
+Commands are discovered from the modules of this package: each module lists its
+click commands in a module-level ``commands`` list. Errors that fpstore raises on
+purpose print as one line and exit non-zero; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import click
+
+import fpstore
+from fpstore.errors import FpstoreError
+
+_NOT_COMMAND_MODULES = {"main", "common"}
+
+
+class FpstoreGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FpstoreError as error:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {error}", err=True)
+            sys.exit(error.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+
+
+def _discover(group: click.Group) -> None:
+    package = importlib.import_module("fpstore.cli")
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name in _NOT_COMMAND_MODULES:
+            continue
+        module = importlib.import_module(f"fpstore.cli.{info.name}")
+        for command in getattr(module, "commands", []):
+            group.add_command(command)
+
+
+@click.group(cls=FpstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(fpstore.__version__, prog_name="fpstore")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """fpstore: tissue fingerprints from H&E slides into a queryable store.
+
+    A typical run: synth (or cohort add) -> train-fingerprint -> extract ->
+    tissue predict -> classify -> report. `fpstore demo` runs it all.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+_discover(cli)
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,53 @@
+"""Validated configuration dataclasses shared across stages.
+
+Each dataclass checks itself in ``__post_init__`` and raises ConfigError naming
+the field, the bad value and the accepted range, so that a bad flag fails before
+any slide is opened.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fpstore.errors import ConfigError
+
+MARKERS = ("ER", "PR", "Her2")
+TISSUE_TYPES = ("background", "epithelium", "stroma", "fat")
+# One resampling method everywhere a patch is resized (reader, TMA crops, cache):
+# area averaging when shrinking (no aliasing of nuclei), bilinear when enlarging.
+RESAMPLING = "area-down/bilinear-up"
+
+
+def check_range(owner: str, name: str, value, low=None, high=None) -> None:
+    """Raise ConfigError unless low <= value <= high (either bound optional)."""
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        raise ConfigError(f"{owner}.{name}={value!r} is out of range {bounds}")
+
+
+def check_choice(owner: str, name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{owner}.{name}={value!r}; choose one of: {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class PatchSpec:
+    """A square patch of ``patch_um`` microns on the slide, resized to ``out_px`` pixels.
+
+    The paper: 112 um squares resized to 224 px (0.5 um/px), kept where at least
+    ``min_tissue`` of the square is tissue.
+    """
+
+    patch_um: float = 112.0
+    out_px: int = 224
+    min_tissue: float = 0.5
+
+    def __post_init__(self):
+        check_range("PatchSpec", "patch_um", self.patch_um, 1.0, 10_000.0)
+        check_range("PatchSpec", "out_px", self.out_px, 8, 4096)
+        check_range("PatchSpec", "min_tissue", self.min_tissue, 0.0, 1.0)
+
+    @property
+    def out_mpp(self) -> float:
+        """Microns per pixel of the resized patch."""
+        return self.patch_um / self.out_px
