@@ -1,0 +1,177 @@
+"""Baselines on per-patient pooled fingerprints: logistic regression and XGBoost.
+
+Pooling "mean" averages a patient's patch fingerprints; "tissue-mean" concatenates the mean
+fingerprint and the patch fraction of each tissue type (epithelium, stroma, fat, or the types
+of the pool). Both use the early-stopping group the way the MIL head does: logistic regression
+picks its regularisation there, XGBoost stops adding trees there, so no method sees more data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+
+from fpstore.classify.bags import Bags
+from fpstore.classify.metrics import auc
+from fpstore.config import TISSUE_TYPES, check_choice, check_range
+from fpstore.errors import ClassifyError
+
+POOLINGS = ("mean", "tissue-mean")
+_TYPES = tuple(t for t in TISSUE_TYPES if t != "background")
+
+
+def pooled_features(bags: Bags, pooling: str) -> np.ndarray:
+    """(P, features) per patient for the pooled baselines."""
+    if pooling == "mean":
+        return bags.mean_features()
+    present = tuple(t for t in _TYPES if bags.tissue is not None and (bags.tissue == t).any())
+    return bags.mean_per_tissue(present or _TYPES)
+
+
+def _check_fit(bags: Bags, y) -> np.ndarray:
+    y = np.asarray(y)
+    if len(y) != bags.n_patients:
+        raise ClassifyError(f"{len(y)} labels for {bags.n_patients} bags")
+    if len(np.unique(y)) != 2:
+        raise ClassifyError("training patients must include both classes")
+    return y
+
+
+@dataclass(frozen=True)
+class LogRegConfig:
+    pooling: str = "mean"
+    c_grid: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("LogRegConfig", "pooling", self.pooling, POOLINGS)
+        if not self.c_grid or min(self.c_grid) <= 0:
+            raise ClassifyError(f"LogRegConfig.c_grid={self.c_grid!r}: need positive values")
+
+
+class PooledLogReg(ClassifierMixin, BaseEstimator):
+    """Standardised L2 logistic regression on pooled fingerprints; C chosen on the es group."""
+
+    def __init__(self, config: LogRegConfig | None = None):
+        self.config = config
+
+    @property
+    def _cfg(self) -> LogRegConfig:
+        return self.config or LogRegConfig()
+
+    def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        cfg = self._cfg
+        y = _check_fit(bags, y)
+        x = pooled_features(bags, cfg.pooling)
+        grid = cfg.c_grid if eval_set is not None else (float(np.median(cfg.c_grid)),)
+        best = None
+        for c in grid:
+            model = make_pipeline(
+                StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=cfg.seed)
+            ).fit(x, y)
+            score = 0.0
+            if eval_set is not None:
+                es_bags, es_y = eval_set
+                es_y = np.asarray(es_y)
+                if len(np.unique(es_y)) == 2:
+                    score = auc(es_y, model.decision_function(pooled_features(es_bags, cfg.pooling)))
+            if best is None or score > best[0]:
+                best = (score, c, model)
+        self.es_score_, self.c_, self.model_ = best
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def decision_function(self, bags: Bags) -> np.ndarray:
+        return self.model_.decision_function(pooled_features(bags, self._cfg.pooling))
+
+    def predict_proba(self, bags: Bags) -> np.ndarray:
+        return self.model_.predict_proba(pooled_features(bags, self._cfg.pooling))
+
+    def predict(self, bags: Bags) -> np.ndarray:
+        return self.model_.predict(pooled_features(bags, self._cfg.pooling))
+
+    def patch_scores(self, bags: Bags) -> np.ndarray | None:
+        """With mean pooling the model is linear, so a patch's score is the same function of
+        its own fingerprint, and a patient's score is the mean of its patches' scores."""
+        if self._cfg.pooling != "mean":
+            return None
+        return self.model_.decision_function(bags.features).astype(np.float32)
+
+    def describe(self) -> dict:
+        return {"method": "logreg", **asdict(self._cfg), "chosen_C": getattr(self, "c_", None)}
+
+
+@dataclass(frozen=True)
+class XGBConfig:
+    pooling: str = "mean"
+    n_estimators: int = 400
+    max_depth: int = 3
+    learning_rate: float = 0.05
+    subsample: float = 0.8
+    colsample_bytree: float = 0.5
+    early_stopping_rounds: int = 30
+    threads: int = 1  # a few hundred patients: more threads only add synchronisation
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("XGBConfig", "pooling", self.pooling, POOLINGS)
+        check_range("XGBConfig", "n_estimators", self.n_estimators, 1, 100_000)
+        check_range("XGBConfig", "max_depth", self.max_depth, 1, 20)
+        check_range("XGBConfig", "learning_rate", self.learning_rate, 1e-5, 1.0)
+        check_range("XGBConfig", "subsample", self.subsample, 0.05, 1.0)
+        check_range("XGBConfig", "colsample_bytree", self.colsample_bytree, 0.05, 1.0)
+        check_range("XGBConfig", "threads", self.threads, 1, 256)
+
+
+class PooledXGBoost(ClassifierMixin, BaseEstimator):
+    """Gradient-boosted trees on pooled fingerprints; trees added until the es AUC stalls."""
+
+    def __init__(self, config: XGBConfig | None = None):
+        self.config = config
+
+    @property
+    def _cfg(self) -> XGBConfig:
+        return self.config or XGBConfig()
+
+    def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
+        from xgboost import XGBClassifier
+
+        cfg = self._cfg
+        y = _check_fit(bags, y)
+        x = pooled_features(bags, cfg.pooling)
+        es = None
+        if eval_set is not None and len(np.unique(eval_set[1])) == 2:
+            es = [(pooled_features(eval_set[0], cfg.pooling), np.asarray(eval_set[1]))]
+        self.model_ = XGBClassifier(
+            n_estimators=cfg.n_estimators, max_depth=cfg.max_depth,
+            learning_rate=cfg.learning_rate, subsample=cfg.subsample,
+            colsample_bytree=cfg.colsample_bytree, n_jobs=cfg.threads, random_state=cfg.seed,
+            tree_method="hist", eval_metric="auc",
+            early_stopping_rounds=cfg.early_stopping_rounds if es else None,
+        ).fit(x, y, eval_set=es, verbose=False)
+        self.best_iteration_ = getattr(self.model_, "best_iteration", cfg.n_estimators - 1)
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, bags: Bags) -> np.ndarray:
+        return self.model_.predict_proba(pooled_features(bags, self._cfg.pooling))
+
+    def decision_function(self, bags: Bags) -> np.ndarray:
+        return self.predict_proba(bags)[:, 1]
+
+    def predict(self, bags: Bags) -> np.ndarray:
+        return (self.decision_function(bags) > 0.5).astype(np.int8)
+
+    def patch_scores(self, bags: Bags) -> None:
+        """Trees on a pooled vector give no meaningful per-patch score."""
+        return None
+
+    def describe(self) -> dict:
+        return {"method": "xgboost", **asdict(self._cfg),
+                "best_iteration": getattr(self, "best_iteration_", None)}

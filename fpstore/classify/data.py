@@ -1,0 +1,223 @@
+"""Loading bags and labels from the store, pooled by tissue type.
+
+Fingerprints are read with pyarrow straight into one (N, dim) float32 matrix (through
+``FeatureStore.fingerprints``); tissue types are joined by patch id; labels come from the
+cohort's LABELS table. Patients with a missing label, without patches, or without patches of
+the pooled tissue types are excluded and counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from fpstore.classify.bags import Bags, align_labels, parse_pool
+from fpstore.config import MARKERS, check_choice
+from fpstore.errors import ClassifyError, StoreError
+from fpstore.store.schema import SCHEMA_VERSION, read_metadata
+
+
+@dataclass
+class Dataset:
+    """Bags of labelled patients, their labels (0/1) and what was left out, by reason."""
+
+    cohort: str
+    marker: str
+    encoder: str | None
+    pool: str
+    bags: Bags
+    y: np.ndarray
+    counts: dict = field(default_factory=dict)
+    # Labelled patients before pooling (ids, labels, sites): the basis of the CV groups, so
+    # that every pool of a cohort splits its patients the same way.
+    split_basis: tuple = ()
+
+    def summary(self) -> dict:
+        return {"cohort": self.cohort, "patients": int(self.bags.n_patients),
+                "positive": int(self.y.sum()), "negative": int(len(self.y) - self.y.sum()),
+                "patches": int(len(self.bags.bag_index)), **self.counts}
+
+
+def available_encoders(store: Path, cohort: str) -> list[str]:
+    from fpstore.store import open as open_store
+
+    with open_store(store) as fs:
+        return sorted(row["encoder"] for row in fs.encoders() if cohort in row["cohorts"])
+
+
+def resolve_encoder(store: Path, cohort: str, encoder: str | None) -> str:
+    """The encoder to read: the one given, or the only one with fingerprints for the cohort."""
+    known = available_encoders(store, cohort)
+    if encoder is None:
+        if len(known) == 1:
+            return known[0]
+        raise ClassifyError(
+            f"cohort {cohort!r} has fingerprints from "
+            f"{', '.join(known) if known else 'no encoder'}; "
+            + ("pick one with --encoder" if known else "run `fpstore extract` first")
+        )
+    if encoder not in known:
+        raise ClassifyError(
+            f"no fingerprints of encoder {encoder!r} for cohort {cohort!r}; encoders with "
+            f"fingerprints for it: {', '.join(known) or 'none, run `fpstore extract`'}"
+        )
+    return encoder
+
+
+def cohort_table(store: Path, cohort: str, name: str) -> pa.Table:
+    """A cohort's ``labels`` or ``slides`` table (schemas LABELS, SLIDES)."""
+    path = Path(store) / "cohorts" / cohort / f"{name}.parquet"
+    if not path.is_file():
+        known = sorted(p.name for p in (Path(store) / "cohorts").glob("*") if p.is_dir())
+        raise ClassifyError(f"no cohort {cohort!r} in {str(store)!r} (missing {path}); cohorts: "
+                            f"{', '.join(known) or 'none, run `fpstore cohort add`'}")
+    table = pq.read_table(path)
+    version = read_metadata(table.schema).get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise StoreError(f"{path} has schema version {version!r}, this fpstore reads "
+                         f"{SCHEMA_VERSION!r}; re-add the cohort with `fpstore cohort add --force`")
+    return table
+
+
+def load_labels(store: Path, cohort: str, marker: str) -> tuple[np.ndarray, list, np.ndarray]:
+    """(patient_ids, status with None for missing, sites) of one marker in a cohort."""
+    check_choice("classify", "marker", marker, MARKERS)
+    labels = cohort_table(store, cohort, "labels")
+    rows = labels.filter(pc.equal(labels.column("marker"), marker))
+    if rows.num_rows == 0:
+        raise ClassifyError(f"cohort {cohort!r} has no {marker} labels; check the clinical table")
+    return (np.asarray(rows.column("patient_id").to_pylist(), dtype=str),
+            rows.column("status").to_pylist(),
+            np.asarray([s or "" for s in rows.column("site").to_pylist()], dtype=str))
+
+
+def load_tissue(store: Path, cohort: str) -> pa.Table | None:
+    """patch_id -> tissue_type for the cohort (None when `fpstore tissue predict` has not run)."""
+    folder = Path(store) / "tissue" / f"cohort={cohort}"
+    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
+    if not files:
+        return None
+    return pa.concat_tables(pq.read_table(f, columns=["patch_id", "tissue_type"]) for f in files)
+
+
+def _patch_keys(store: Path, cohort: str, encoder: str | None):
+    """(keys table, vectors or None): fingerprints, or keys only for the pixel method."""
+    from fpstore.store import open as open_store
+
+    with open_store(store) as fs:
+        if encoder is not None:
+            fp = fs.fingerprints(encoder, cohort)
+            return fp.keys, fp.vectors
+        # patch-cnn reads pixels: any encoder's patch keys give the coordinates.
+        keys = fs.table("patches", cohort=cohort).to_arrow()
+        return keys, None
+
+
+def load_bags(store: Path, cohort: str, encoder: str | None, tissue_required: bool = False) -> tuple[Bags, dict]:
+    """All patches of a cohort as bags, with tissue types where the store has them."""
+    keys, vectors = _patch_keys(store, cohort, encoder)
+    if keys.num_rows == 0:
+        raise StoreError(f"cohort {cohort!r} has no patches in {str(store)!r}; run `fpstore extract` first")
+    tissue_table = load_tissue(store, cohort)
+    counts = {}
+    tissue = None
+    if tissue_table is not None:
+        where = pc.index_in(keys.column("patch_id"), value_set=tissue_table.column("patch_id"))
+        types = tissue_table.column("tissue_type").take(where.fill_null(0)).to_numpy(zero_copy_only=False)
+        tissue = np.where(where.is_null().to_numpy(zero_copy_only=False), "unknown", types.astype(str))
+        counts["patches_without_tissue_type"] = int((tissue == "unknown").sum())
+    elif tissue_required:
+        raise StoreError(
+            f"cohort {cohort!r} has no tissue types; run `fpstore tissue predict --cohort {cohort}` "
+            "or use --pool all"
+        )
+    n = keys.num_rows
+    features = vectors if vectors is not None else np.zeros((n, 0), np.float32)
+    bags = Bags.from_patches(
+        keys.column("patient_id").to_numpy(zero_copy_only=False), features, tissue=tissue,
+        patch_ids=keys.column("patch_id").to_numpy(zero_copy_only=False),
+        slide_ids=keys.column("slide_id").to_numpy(zero_copy_only=False),
+        site_of_patch=np.asarray([s or "" for s in keys.column("site").to_pylist()], dtype=str),
+    )
+    return bags, counts
+
+
+def load_dataset(store: Path, cohort: str, marker: str, encoder: str | None,
+                 pool: str = "all", bags: Bags | None = None, counts: dict | None = None) -> Dataset:
+    """Labelled, pooled bags of one cohort and marker; ``bags`` reuses an earlier load."""
+    types = parse_pool(pool)
+    if bags is None:
+        bags, counts = load_bags(store, cohort, encoder, tissue_required=types is not None)
+    counts = dict(counts or {})
+    patient_ids, status, sites = load_labels(store, cohort, marker)
+    labelled, y, label_counts = align_labels(bags, patient_ids, status)
+    counts.update(label_counts)
+    # The clinical table's site wins over the patch keys' (the cohort definition owns it).
+    site_of = {p: s for p, s in zip(patient_ids, sites) if s}
+    if labelled.sites is not None:
+        labelled.sites = np.array([site_of.get(p, s) for p, s in zip(labelled.patient_ids, labelled.sites)])
+    y_all = y
+    pooled = labelled.pool(pool)
+    if types is not None:
+        keep = np.isin(labelled.patient_ids, pooled.patient_ids)
+        counts["no_pool_patches"] = int((~keep).sum())
+        y = y[keep]
+    if pooled.n_patients == 0:
+        raise ClassifyError(f"no labelled {marker} patients with {pool} patches in cohort {cohort!r}")
+    return Dataset(cohort, marker, encoder, pool, pooled, y, counts,
+                   (labelled.patient_ids, y_all, labelled.sites))
+
+
+def cache_images(store: Path, cohort: str, bags: Bags, out_px: int | None = None,
+                 progress: bool = True):
+    """An ``images(patch_ids)`` reader over the LMDB patch cache of the cohort.
+
+    The cache lives in ``store/cache/patches/cohort=<c>``; patches missing from it are read
+    from the slides (coordinates from the patch ids and the cohort's slide table) and added,
+    so the slow slide reads happen once per patch, not once per epoch.
+    """
+    from tqdm import tqdm
+
+    from fpstore.extract.cache import PatchCache
+    from fpstore.extract.slides import open_slide
+
+    folder = Path(store) / "cache" / "patches" / f"cohort={cohort}"
+    keys = _patch_keys(store, cohort, None)[0]
+    info = {p: (x, y_, s, o) for p, x, y_, s, o in zip(
+        *(keys.column(c).to_pylist() for c in ("patch_id", "x", "y", "size_px", "out_px")))}
+    cache = PatchCache(folder, readonly=False)
+    have = set(cache.keys())
+    missing = [p for p in bags.patch_ids if p not in have]
+    if missing:
+        slides = cohort_table(store, cohort, "slides").to_pylist()
+        by_slide = {}
+        for p in missing:
+            by_slide.setdefault(p.rsplit("/", 1)[0], []).append(p)
+        bar = tqdm(total=len(missing), desc=f"caching {cohort} patches", file=sys.stderr,
+                   disable=not progress)
+        for row in slides:
+            wanted = by_slide.get(row["slide_id"])
+            if not wanted:
+                continue
+            slide = open_slide(row["path"], mpp=row["mpp_override"])
+            try:
+                size, px = info[wanted[0]][2], out_px or info[wanted[0]][3]
+                xy = np.array([info[p][:2] for p in wanted])
+                cache.put_many(wanted, slide.read_patches(xy, size, px))
+            finally:
+                slide.close()
+            bar.update(len(wanted))
+        bar.close()
+    cache.close()
+    reader = PatchCache(folder)
+
+    def images(patch_ids) -> np.ndarray:
+        return np.stack([reader.get(p).image for p in patch_ids])
+
+    return images

@@ -1,0 +1,459 @@
+"""Cohorts: a clinical table joined to a slide list, kept in the store.
+
+``add_cohort`` writes ``store/cohorts/<name>/{slides,labels}.parquet`` (schemas SLIDES,
+LABELS) and ``cohort.json`` (the summary below). Nothing is dropped silently: patients
+without slides, slides without patients, slides listed but not usable and status values
+that are not a status are all counted and named in the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fpstore.config import MARKERS
+from fpstore.errors import CohortError, SlideError
+from fpstore.extract.clinical import (
+    ClinicalTable,
+    PatientRecord,
+    read_csv_clinical,
+    read_tcga_clinical,
+    tcga_patient,
+)
+from fpstore.extract.slide_list import SlideEntry, list_slides, slide_id_of
+from fpstore.extract.slides import load_mpp_overrides
+from fpstore.store.io import write_parquet_atomic
+from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES, file_metadata, read_metadata
+
+FORMATS = ("tcga", "csv")
+COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Characters that may follow a patient id in a slide's file name ("P01_a.tiff", "P01-2.svs").
+_ID_SEPARATORS = "-_. "
+
+
+@dataclass
+class MarkerCounts:
+    positive: int = 0
+    negative: int = 0
+    missing: int = 0
+    missing_values: dict[str, int] = field(default_factory=dict)  # raw value -> count
+    unrecognised_values: dict[str, int] = field(default_factory=dict)  # outside the vocabulary
+
+
+@dataclass
+class CohortSummary:
+    name: str
+    fmt: str
+    clinical: str
+    n_patients: int
+    n_slides: int  # usable slides, the rows of slides.parquet
+    n_patients_with_slides: int
+    markers: dict[str, MarkerCounts]  # over every patient of the clinical table
+    markers_with_slides: dict[str, MarkerCounts]  # over the patients that have a usable slide
+    patients_without_slides: list[str]
+    slides_without_patients: list[dict]  # slide_id, path, reason
+    problems: list[dict]  # slide_id, path, patient_id, problem: listed but not usable
+    unused_mpp_overrides: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CohortSummary":
+        data = dict(data)
+        for key in ("markers", "markers_with_slides"):
+            data[key] = {m: MarkerCounts(**c) for m, c in data[key].items()}
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Cohort:
+    name: str
+    slides: pa.Table
+    labels: pa.Table
+    summary: CohortSummary
+
+
+def cohort_dir(store: Path, name: str) -> Path:
+    return Path(store) / "cohorts" / name
+
+
+def check_name(name: str) -> str:
+    if not COHORT_NAME.match(name or ""):
+        raise CohortError(
+            f"cohort name {name!r} is not allowed; use letters, digits, '_', '-', '.' "
+            "(it becomes a folder and a partition value)"
+        )
+    return name
+
+
+def _read_clinical(clinical, fmt, site_column, columns, her2_fish) -> ClinicalTable:
+    if fmt not in FORMATS:
+        raise CohortError(f"--format {fmt!r} is unknown; use one of: {', '.join(FORMATS)}")
+    if fmt == "tcga":
+        if columns:
+            raise CohortError("--column mappings apply to --format csv only")
+        return read_tcga_clinical(clinical, site_column, her2_fish)
+    if her2_fish:
+        raise CohortError("--her2-fish-resolves-equivocal applies to --format tcga only")
+    return read_csv_clinical(clinical, columns, site_column)
+
+
+def _match_tcga(table: ClinicalTable, entries: list[SlideEntry]):
+    """slide -> patient by the 12-character barcode at the start of the file name."""
+    owners: dict[str, str | None] = {}
+    orphans = []
+    for entry in entries:
+        barcode = tcga_patient(entry.slide_id)
+        if barcode is None:
+            reason = "no TCGA barcode (TCGA-XX-XXXX) at the start of the file name"
+        elif barcode[0] not in table.patients:
+            reason = f"patient {barcode[0]} is not in the clinical table"
+        else:
+            owners[entry.slide_id] = barcode[0]
+            continue
+        owners[entry.slide_id] = None
+        orphans.append((entry, reason))
+    return entries, owners, orphans
+
+
+def _match_named(table: ClinicalTable, entries: list[SlideEntry] | None):
+    """slide -> patient by the table's slide column (a path, a file name or a slide id)."""
+    base = table.path.parent
+    index: dict[str, SlideEntry] = {}
+    for entry in entries or []:
+        for key in (os.path.abspath(entry.path), entry.path.name, entry.slide_id):
+            index.setdefault(key, entry)
+    owners: dict[str, str | None] = {}
+    matched: list[SlideEntry] = []
+    for patient in table.patients.values():
+        for value in patient.slides:
+            path = Path(value) if Path(value).is_absolute() else base / value
+            if entries is None:
+                entry = SlideEntry(slide_id_of(value), path, f"clinical table {table.path.name}")
+                if not path.is_file():
+                    entry.problem = "named in the clinical table, file not found"
+            else:
+                entry = (
+                    index.get(os.path.abspath(path))
+                    or index.get(Path(value).name)
+                    or index.get(value)
+                )
+                if entry is None:
+                    entry = SlideEntry(
+                        slide_id_of(value),
+                        path,
+                        f"clinical table {table.path.name}",
+                        problem="named in the clinical table, not among --slides",
+                    )
+            previous = owners.get(entry.slide_id)
+            if previous not in (None, patient.patient_id):
+                raise CohortError(
+                    f"slide {value!r} is named for two patients, {previous} and "
+                    f"{patient.patient_id}; "
+                    f"fix the slide column of {table.path.name}"
+                )
+            if entry.slide_id not in owners:
+                matched.append(entry)
+            owners[entry.slide_id] = patient.patient_id
+    orphans = [
+        (e, f"not named in the slide column of {table.path.name}")
+        for e in entries or []
+        if e.slide_id not in owners
+    ]
+    for entry, _ in orphans:
+        owners[entry.slide_id] = None
+    return matched + [e for e, _ in orphans], owners, orphans
+
+
+def _match_by_id(table: ClinicalTable, entries: list[SlideEntry]):
+    """slide -> patient whose id is the slide id or its prefix ("P01" owns "P01_b.tiff")."""
+    ids = sorted(table.patients, key=len, reverse=True)  # longest id wins: P1 vs P10
+    owners, orphans = {}, []
+    for entry in entries:
+        owner = next(
+            (
+                p
+                for p in ids
+                if entry.slide_id == p
+                or (entry.slide_id.startswith(p) and entry.slide_id[len(p)] in _ID_SEPARATORS)
+            ),
+            None,
+        )
+        owners[entry.slide_id] = owner
+        if owner is None:
+            orphans.append((entry, "no patient id of the clinical table starts its file name"))
+    return entries, owners, orphans
+
+
+def _validate(entries: list[SlideEntry], overrides: dict[str, float]) -> dict[str, dict]:
+    """Open each usable slide and read one small patch; failures become the entry's problem."""
+    from tqdm import tqdm
+
+    from fpstore.extract.slides import open_slide
+
+    info = {}
+    for entry in tqdm(
+        [e for e in entries if e.problem is None], desc="validate slides", unit="slide"
+    ):
+        try:
+            slide = open_slide(entry.path, mpp=overrides.get(entry.slide_id))
+            try:
+                meta = slide.info
+                side = int(min(64, meta.width, meta.height))
+                slide.read_patch((meta.width - side) // 2, (meta.height - side) // 2, side, side)
+            finally:
+                slide.close()
+        except SlideError as error:
+            entry.problem = str(error)
+            continue
+        info[entry.slide_id] = {
+            "mpp": meta.mpp,
+            "mpp_source": meta.mpp_source,
+            "width": meta.width,
+            "height": meta.height,
+            "vendor": meta.vendor,
+        }
+    return info
+
+
+def _count(patients: list[PatientRecord], table: ClinicalTable) -> dict[str, MarkerCounts]:
+    counts = {}
+    for marker in MARKERS:
+        c = MarkerCounts()
+        missing = Counter()
+        for p in patients:
+            status = p.status.get(marker)
+            if status == 1:
+                c.positive += 1
+            elif status == 0:
+                c.negative += 1
+            else:
+                c.missing += 1
+                missing[p.raw.get(marker, "")] += 1
+        c.missing_values = dict(missing.most_common())
+        c.unrecognised_values = {
+            v: n for v, n in missing.most_common() if v in table.unrecognised[marker]
+        }
+        counts[marker] = c
+    return counts
+
+
+def _tables(table: ClinicalTable, usable: list[SlideEntry], owners, overrides):
+    labels = {k: [] for k in LABELS.names}
+    for patient in table.patients.values():
+        for marker in MARKERS:
+            labels["patient_id"].append(patient.patient_id)
+            labels["marker"].append(marker)
+            labels["status"].append(patient.status.get(marker))
+            labels["raw_value"].append(patient.raw.get(marker, ""))
+            labels["site"].append(patient.site)
+    slides = {k: [] for k in SLIDES.names}
+    for entry in usable:
+        owner = owners.get(entry.slide_id)
+        barcode = tcga_patient(entry.slide_id) if table.fmt == "tcga" else None
+        slides["slide_id"].append(entry.slide_id)
+        slides["patient_id"].append(owner)
+        slides["path"].append(os.path.abspath(entry.path))
+        slides["site"].append(
+            table.patients[owner].site if owner else (barcode[1] if barcode else None)
+        )
+        slides["mpp_override"].append(overrides.get(entry.slide_id))
+    return pa.table(slides, schema=SLIDES), pa.table(labels, schema=LABELS)
+
+
+def add_cohort(
+    store: Path,
+    name: str,
+    slides=None,
+    clinical: Path | None = None,
+    fmt: str = "tcga",
+    mpp_overrides: Path | None = None,
+    site_column: str | None = None,
+    columns: dict[str, str] | None = None,
+    slides_dir: Path | None = None,
+    her2_fish_resolves_equivocal: bool = False,
+    validate: bool = False,
+    force: bool = False,
+) -> CohortSummary:
+    """Parse the clinical table, list and match the slides, and write the cohort to the store.
+
+    ``slides``: globs, folders, slide files or GDC manifests (a str or a list of them); for
+    ``fmt="csv"`` it may be left out when the table's slide column holds paths.
+    ``validate`` opens every slide and reads a patch (unreadable ones become problems and
+    are left out of slides.parquet). An existing cohort is replaced only with ``force``.
+    """
+    check_name(name)
+    target = cohort_dir(store, name)
+    if target.exists() and not force:
+        raise CohortError(
+            f"cohort {name!r} already exists in {str(store)!r}; pass --force to replace it"
+        )
+    if clinical is None:
+        raise CohortError("a cohort needs a clinical table; pass --clinical FILE")
+    table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
+    sources = [slides] if isinstance(slides, (str, Path)) else list(slides or [])
+    entries = list_slides(sources, slides_dir) if sources else None
+
+    if fmt == "tcga":
+        if entries is None:
+            raise CohortError("a TCGA cohort needs its slides; pass --slides GLOB|FOLDER|MANIFEST")
+        entries, owners, orphans = _match_tcga(table, entries)
+    elif any(p.slides for p in table.patients.values()):
+        entries, owners, orphans = _match_named(table, entries)
+    else:
+        if entries is None:
+            raise CohortError(
+                f"{table.path.name} has no slide column; pass --slides, "
+                "or map one with --column slide=COLUMN"
+            )
+        entries, owners, orphans = _match_by_id(table, entries)
+
+    overrides = load_mpp_overrides(mpp_overrides) if mpp_overrides else {}
+    known = {e.slide_id for e in entries}
+    unused = sorted(k for k in overrides if k not in known)
+    slide_info = _validate(entries, overrides) if validate else {}
+
+    usable = [e for e in entries if e.problem is None]
+    with_slides = {owners[e.slide_id] for e in usable if owners.get(e.slide_id)}
+    summary = CohortSummary(
+        name=name,
+        fmt=fmt,
+        clinical=os.path.abspath(table.path),
+        n_patients=len(table.patients),
+        n_slides=len(usable),
+        n_patients_with_slides=len(with_slides),
+        markers=_count(list(table.patients.values()), table),
+        markers_with_slides=_count(
+            [p for p in table.patients.values() if p.patient_id in with_slides], table
+        ),
+        patients_without_slides=sorted(set(table.patients) - with_slides),
+        slides_without_patients=[
+            {"slide_id": e.slide_id, "path": os.path.abspath(e.path), "reason": reason}
+            for e, reason in orphans
+        ],
+        problems=[
+            {
+                "slide_id": e.slide_id,
+                "path": os.path.abspath(e.path),
+                "patient_id": owners.get(e.slide_id),
+                "problem": e.problem,
+            }
+            for e in entries
+            if e.problem
+        ],
+        unused_mpp_overrides=unused,
+    )
+    slides_table, labels_table = _tables(table, usable, owners, overrides)
+    document = {
+        **summary.to_dict(),
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "options": {
+            "slides": [str(s) for s in sources],
+            "slides_dir": str(slides_dir) if slides_dir else None,
+            "mpp_overrides": str(mpp_overrides) if mpp_overrides else None,
+            "site_column": site_column,
+            "columns": columns or {},
+            "her2_fish_resolves_equivocal": her2_fish_resolves_equivocal,
+            "validated": validate,
+        },
+        "slide_info": slide_info,
+    }
+    _write(target, slides_table, labels_table, document)
+    return summary
+
+
+def _write(target: Path, slides: pa.Table, labels: pa.Table, document: dict) -> None:
+    """Build the cohort in a temporary folder, then swap it in: readers see old or new,
+    never half."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write_parquet_atomic(
+            slides, tmp / "slides.parquet", file_metadata("slides", cohort=target.name)
+        )
+        write_parquet_atomic(
+            labels, tmp / "labels.parquet", file_metadata("labels", cohort=target.name)
+        )
+        (tmp / "cohort.json").write_text(json.dumps(document, indent=2))
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def list_cohorts(store: Path) -> list[dict]:
+    """One row per cohort of the store: name, format, patients, slides, created."""
+    root = Path(store) / "cohorts"
+    rows = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        doc_path = folder / "cohort.json"
+        if folder.name.startswith(".") or not doc_path.is_file():
+            continue
+        doc = json.loads(doc_path.read_text())
+        rows.append(
+            {
+                "name": doc["name"],
+                "format": doc["fmt"],
+                "patients": doc["n_patients"],
+                "patients_with_slides": doc["n_patients_with_slides"],
+                "slides": doc["n_slides"],
+                "problems": len(doc["problems"]),
+                "created": doc.get("created"),
+            }
+        )
+    return rows
+
+
+def _unknown_cohort(store: Path, name: str) -> CohortError:
+    names = [row["name"] for row in list_cohorts(store)]
+    listing = ", ".join(names) if names else "none yet; add one with `fpstore cohort add`"
+    return CohortError(f"no cohort {name!r} in store {str(store)!r}; cohorts: {listing}")
+
+
+def cohort_summary(store: Path, name: str) -> CohortSummary:
+    path = cohort_dir(store, name) / "cohort.json"
+    if not path.is_file():
+        raise _unknown_cohort(store, name)
+    return CohortSummary.from_dict(json.loads(path.read_text()))
+
+
+def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
+    table = pq.read_table(path)
+    version = read_metadata(table.schema).get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise CohortError(
+            f"{str(path)!r} has schema version {version!r}, this fpstore reads {SCHEMA_VERSION!r}; "
+            "re-add the cohort with `fpstore cohort add ... --force`"
+        )
+    return table.select(schema.names).cast(schema)
+
+
+def load_cohort(store: Path, name: str) -> Cohort:
+    """The cohort's slides and labels tables (schemas SLIDES, LABELS) and its summary."""
+    folder = cohort_dir(store, name)
+    if not (folder / "cohort.json").is_file():
+        raise _unknown_cohort(store, name)
+    return Cohort(
+        name=name,
+        slides=_read_table(folder / "slides.parquet", SLIDES),
+        labels=_read_table(folder / "labels.parquet", LABELS),
+        summary=cohort_summary(store, name),
+    )

@@ -1,0 +1,346 @@
+"""The encoder registry: patch pixels in, one feature vector per patch out.
+
+``create_encoder(name, **kw)`` builds an :class:`Encoder`; ``list_encoders()`` names them.
+An encoder carries its preprocessing (mean, std, patch size in microns and pixels) and its
+output dimension, so that call sites never re-type them, and a hash of its weights and
+preprocessing, so that the store can tell whether two extractions are comparable.
+
+Names:
+    fingerprint           a checkpoint fpstore trained (checkpoint=PATH)
+    imagenet-resnet34     torchvision ResNet34, ImageNet weights from weights=PATH or the
+                          torchvision cache (never downloaded)
+    random-resnet34       seeded random weights (seed=0), for tests and the demo
+    torchvision:<arch>    any torchvision classification backbone, weights=PATH or the cache
+    timm:<arch>           any timm backbone, weights=PATH
+
+Weights are never downloaded: a missing file is an EncoderError naming where to put it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fpstore.config import check_choice, check_range
+from fpstore.errors import EncoderError, unknown_name
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRECISIONS = ("fp32", "bf16", "fp16")
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What an encoder expects: ``patch_um`` squares resized to ``out_px``, then (x/255-mean)/std."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    patch_um: float = 112.0
+    out_px: int = 224
+
+    def __post_init__(self):
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise EncoderError(f"preprocessing needs 3 channel means and stds, got {self.mean}, {self.std}")
+        for s in self.std:
+            check_range("Preprocessing", "std", s, 1e-6)
+        check_range("Preprocessing", "patch_um", self.patch_um, 1.0, 10_000.0)
+        check_range("Preprocessing", "out_px", self.out_px, 8, 4096)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Encoder(torch.nn.Module):
+    """A backbone with its preprocessing: ``encode(uint8 NHWC) -> float32 [N, dim]``.
+
+    Pixels travel as uint8 and are normalised on the encoder's device (a quarter of the bytes
+    of float32 through the PCIe bus and the DataLoader's shared memory). The permuted NHWC
+    batch is already channels_last in memory, which the convolutions prefer.
+    """
+
+    def __init__(self, id: str, backbone: torch.nn.Module, dim: int,
+                 preprocessing: Preprocessing, weights_hash: str, description: str = ""):
+        super().__init__()
+        self.id = id
+        self.backbone = backbone.eval()
+        self.dim = int(dim)
+        self.preprocessing = preprocessing
+        self.weights_hash = weights_hash
+        self.description = description
+        std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
+        mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
+        # (x/255 - mean)/std as one multiply-add: x*scale + shift.
+        self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
+        self.register_buffer("shift", -mean / std, persistent=False)
+        self.precision = "fp32"
+        self._forward = self.backbone
+
+    @property
+    def hash(self) -> str:
+        """Weights and preprocessing together: what makes two extractions comparable."""
+        text = json.dumps({"weights": self.weights_hash, "pre": self.preprocessing.to_dict()},
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def device(self) -> torch.device:
+        return self.scale.device
+
+    def prepare(self, device: str | torch.device = "cpu", precision: str = "fp32",
+                channels_last: bool = True, compile: bool = False) -> Encoder:
+        """Move to ``device`` and choose the arithmetic; returns self.
+
+        ``precision`` bf16/fp16 runs the backbone under autocast (outputs stay float32).
+        ``compile`` wraps the backbone in torch.compile (pays off on CUDA, for long runs).
+        """
+        check_choice("Encoder", "precision", precision, PRECISIONS)
+        device = torch.device(device)
+        if precision == "fp16" and device.type != "cuda":
+            raise EncoderError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+        self.to(device)
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+        self.precision = precision
+        self._forward = torch.compile(self.backbone) if compile else self.backbone
+        return self
+
+    def normalise(self, batch: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] normalised, channels_last strides."""
+        if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise EncoderError(
+                f"encoder {self.id} takes uint8 batches [N, H, W, 3], got {batch.dtype} "
+                f"{tuple(batch.shape)}"
+            )
+        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        return torch.addcmul(self.shift, x, self.scale)
+
+    @torch.inference_mode()
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Features of a uint8 NHWC batch: float32 [N, dim] on the encoder's device."""
+        x = self.normalise(batch)
+        if self.precision == "fp32":
+            out = self._forward(x)
+        else:
+            with torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision]):
+                out = self._forward(x)
+        return out.float().flatten(1)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.encode(batch)
+
+    def describe(self) -> dict:
+        return {"id": self.id, "dim": self.dim, "hash": self.hash, "weights_hash": self.weights_hash,
+                "preprocessing": self.preprocessing.to_dict(), "description": self.description}
+
+
+def state_dict_hash(module: torch.nn.Module) -> str:
+    """A content hash of a module's weights (names, shapes, dtypes and bytes)."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise EncoderError(f"weights file {path} does not exist; pass weights=PATH to a local file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file is the user's to fix
+        raise EncoderError(f"cannot read weights {path}: {error}") from error
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise EncoderError(f"weights {path} is not a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_into(model: torch.nn.Module, path: Path, arch: str) -> None:
+    state = _load_state_dict(path)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise EncoderError(
+            f"weights {path} do not fit {arch}: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}; pass the weights of that architecture"
+        )
+
+
+def _strip_head(model: torch.nn.Module, arch: str) -> int:
+    """Replace the classification layer with Identity; return the feature dimension."""
+    for attr in ("fc", "classifier", "heads", "head"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        if isinstance(head, torch.nn.Linear):
+            setattr(model, attr, torch.nn.Identity())
+            return head.in_features
+        if isinstance(head, torch.nn.Sequential):
+            linears = [i for i, m in enumerate(head) if isinstance(m, torch.nn.Linear)]
+            if linears:
+                dim = head[linears[-1]].in_features
+                head[linears[-1]] = torch.nn.Identity()
+                return dim
+    raise EncoderError(f"torchvision:{arch}: no classification head found to remove; "
+                       "use a classification backbone (resnet*, densenet*, efficientnet_*, ...)")
+
+
+def torchvision_cache_file(arch: str) -> Path | None:
+    """Where torchvision keeps the default ImageNet weights of ``arch``, if it has any."""
+    import torchvision
+
+    try:
+        url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    except (ValueError, AttributeError):
+        return None
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _torchvision(arch: str, weights: str | Path | None = None, *, encoder_id: str | None = None,
+                 patch_um: float = 112.0, out_px: int = 224) -> Encoder:
+    import torchvision
+
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise unknown_name("torchvision classification model", arch,
+                           torchvision.models.list_models(module=torchvision.models))
+    if weights is None:
+        weights = torchvision_cache_file(arch)
+        if weights is None or not weights.is_file():
+            raise EncoderError(
+                f"no local weights for torchvision:{arch}: pass weights=PATH, or put the "
+                f"ImageNet file at {weights} (fpstore never downloads weights)"
+            )
+    weights = Path(weights)
+    model = torchvision.models.get_model(arch, weights=None)
+    _load_into(model, weights, arch)
+    digest = state_dict_hash(model)
+    dim = _strip_head(model, arch)
+    return Encoder(encoder_id or f"torchvision-{arch}", model, dim,
+                   Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px), digest,
+                   f"torchvision {arch}, ImageNet weights from {weights}")
+
+
+def _imagenet_resnet34(weights: str | Path | None = None, **kw) -> Encoder:
+    return _torchvision("resnet34", weights, encoder_id="imagenet-resnet34", **kw)
+
+
+def _random_resnet34(seed: int = 0, patch_um: float = 112.0, out_px: int = 224) -> Encoder:
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = torchvision.models.resnet34(weights=None)
+    model.fc = torch.nn.Identity()
+    return Encoder("random-resnet34", model, 512,
+                   Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px),
+                   state_dict_hash(model), f"ResNet34 with random weights (seed {seed})")
+
+
+def _timm(arch: str, weights: str | Path | None = None) -> Encoder:
+    try:
+        import timm
+    except ImportError as error:
+        raise EncoderError(f"timm:{arch} needs the timm package: pip install timm") from error
+    if weights is None:
+        raise EncoderError(f"timm:{arch} needs weights=PATH (fpstore never downloads weights)")
+    try:
+        model = timm.create_model(arch, pretrained=False)
+    except RuntimeError as error:  # timm's unknown-model error
+        raise EncoderError(f"timm: {error}") from error
+    _load_into(model, Path(weights), arch)
+    digest = state_dict_hash(model)
+    model.reset_classifier(0)
+    cfg = model.pretrained_cfg or {}
+    pre = Preprocessing(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), 112.0,
+                        int(cfg.get("input_size", (3, 224, 224))[-1]))
+    return Encoder(f"timm-{arch}", model, model.num_features, pre, digest,
+                   f"timm {arch}, weights from {weights}")
+
+
+class _FeaturesOnly(torch.nn.Module):
+    """The fingerprint network's penultimate layer (its 512-d fingerprint)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.features(x)
+
+
+def _fingerprint(checkpoint: str | Path | None = None) -> Encoder:
+    if checkpoint is None:
+        raise EncoderError("encoder 'fingerprint' needs checkpoint=PATH "
+                           "(a file written by `fpstore train-fingerprint`)")
+    from fpstore.fingerprint.checkpoint import load_checkpoint
+
+    model, meta = load_checkpoint(Path(checkpoint))
+    pre = meta.get("preprocessing") or {}
+    preprocessing = Preprocessing(pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD),
+                                  pre.get("patch_um", 112.0), pre.get("out_px", 224))
+    digest = meta.get("content_hash") or meta.get("hash") or state_dict_hash(model)
+    dim = int(meta.get("dim", getattr(model, "feature_dim", 512)))
+    return Encoder("fingerprint", _FeaturesOnly(model), dim, preprocessing, str(digest),
+                   f"fingerprint network from {checkpoint}")
+
+
+_REGISTRY = {
+    "fingerprint": _fingerprint,
+    "imagenet-resnet34": _imagenet_resnet34,
+    "random-resnet34": _random_resnet34,
+}
+_PREFIXES = {"torchvision": _torchvision, "timm": _timm}
+
+
+def register_encoder(name: str, factory) -> None:
+    """Add ``factory(**kw) -> Encoder`` under ``name`` (plugins, tests); names are unique."""
+    if name in _REGISTRY or ":" in name:
+        raise EncoderError(f"encoder name {name!r} is taken or contains ':'; choose another")
+    _REGISTRY[name] = factory
+
+
+def list_encoders() -> list[str]:
+    """The registered names; ``torchvision:<arch>`` and ``timm:<arch>`` take any backbone."""
+    return sorted(_REGISTRY) + [f"{p}:<arch>" for p in _PREFIXES]
+
+
+def create_encoder(name: str, **kw) -> Encoder:
+    """Build the encoder ``name`` on the CPU in fp32 (see ``Encoder.prepare``)."""
+    prefix, sep, arch = name.partition(":")
+    if sep and prefix in _PREFIXES and arch:
+        factory, args = _PREFIXES[prefix], (arch,)
+    elif name in _REGISTRY:
+        factory, args = _REGISTRY[name], ()
+    else:
+        raise unknown_name("encoder", name, list_encoders())
+    try:
+        inspect.signature(factory).bind(*args, **kw)
+    except TypeError as error:
+        params = [p for p in inspect.signature(factory).parameters if p != "arch"]
+        raise EncoderError(f"encoder {name!r} takes options {params}, got {sorted(kw)}") from error
+    return factory(*args, **kw)
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without one is an error."""
+    check_choice("extract", "device", device, ("auto", "cpu", "cuda"))
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise EncoderError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return device

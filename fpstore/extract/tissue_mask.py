@@ -1,0 +1,141 @@
+"""Tissue detection on a low-resolution image of the slide.
+
+The slide is read whole at ``TissueMaskSpec.mpp`` (8 um/px: a 112 um patch is
+14 x 14 mask pixels). A pixel is tissue when it is saturated enough to be stain:
+glass is bright and grey, so the threshold is Otsu's on the HSV saturation,
+clamped to a range so that a slide with almost no glass (where Otsu would split
+pale from dark tissue) keeps its pale stroma. Pen marks (saturated
+green, cyan or blue, hues H&E never takes) and black (ink, debris, scanner
+edges) are removed, enclosed holes up to ``max_hole_um2`` filled (gaps, small
+lumens), and specks smaller than ``min_object_um2`` dropped.
+
+Known limit: large areas of fat with little stain (adipocyte membranes vanish
+at 8 um/px) read as glass unless tissue encloses them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fpstore.config import check_range
+
+
+@dataclass(frozen=True)
+class TissueMaskSpec:
+    """Settings of tissue detection; defaults fit H&E at any scan resolution."""
+
+    mpp: float = 8.0  # resolution of the mask, um/px
+    # Clamp of the Otsu threshold on saturation (0-255): glass sits at 1-7, pale
+    # stroma at 25-40; without glass Otsu would split pale from dark tissue.
+    min_saturation: int = 10
+    max_saturation: int = 25
+    pen_saturation: int = 60  # pen: at least this saturated...
+    pen_hue: tuple[int, int] = (35, 125)  # ...with an OpenCV hue (0-179) in green..blue
+    black_value: int = 50  # HSV value below this is ink or debris, not stain
+    min_object_um2: float = 10_000.0  # drop specks smaller than ~100 x 100 um
+    max_hole_um2: float = 20_000.0  # fill holes up to ~140 x 140 um (gaps, small lumens)
+
+    def __post_init__(self):
+        check_range("TissueMaskSpec", "mpp", self.mpp, 0.1, 200.0)
+        check_range("TissueMaskSpec", "min_saturation", self.min_saturation, 0, 255)
+        check_range("TissueMaskSpec", "max_saturation", self.max_saturation, self.min_saturation, 255)
+        check_range("TissueMaskSpec", "pen_saturation", self.pen_saturation, 0, 255)
+        check_range("TissueMaskSpec", "pen_hue[0]", self.pen_hue[0], 0, 179)
+        check_range("TissueMaskSpec", "pen_hue[1]", self.pen_hue[1], self.pen_hue[0], 179)
+        check_range("TissueMaskSpec", "black_value", self.black_value, 0, 255)
+        check_range("TissueMaskSpec", "min_object_um2", self.min_object_um2, 0.0)
+        check_range("TissueMaskSpec", "max_hole_um2", self.max_hole_um2, 0.0)
+
+
+@dataclass
+class TissueMask:
+    """A boolean tissue mask; one mask pixel covers ``downsample`` x ``downsample`` level-0 px."""
+
+    mask: np.ndarray
+    downsample: float
+
+    @property
+    def fraction(self) -> float:
+        """Share of the slide that is tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+    def fraction_in(self, x, y, size_px: float) -> np.ndarray:
+        """Tissue fraction of level-0 squares (x, y, size_px), area-weighted and vectorised.
+
+        The summed-area table of a piecewise-constant mask is bilinear inside each
+        pixel, so interpolating it gives the exact covered area even when square
+        edges cut mask pixels.
+        """
+        table = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.float64)
+        table[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
+        x0 = np.asarray(x, np.float64) / self.downsample
+        y0 = np.asarray(y, np.float64) / self.downsample
+        side = size_px / self.downsample
+        x1, y1 = x0 + side, y0 + side
+        area = (
+            _sample(table, x1, y1) - _sample(table, x0, y1)
+            - _sample(table, x1, y0) + _sample(table, x0, y0)
+        )
+        return np.clip(area / (side * side), 0.0, 1.0)
+
+
+def _sample(table: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation of a summed-area table at fractional (x, y), clamped to it."""
+    x = np.clip(x, 0, table.shape[1] - 1)
+    y = np.clip(y, 0, table.shape[0] - 1)
+    xi = np.minimum(x.astype(np.int64), table.shape[1] - 2)
+    yi = np.minimum(y.astype(np.int64), table.shape[0] - 2)
+    fx, fy = x - xi, y - yi
+    top = table[yi, xi] * (1 - fx) + table[yi, xi + 1] * fx
+    bottom = table[yi + 1, xi] * (1 - fx) + table[yi + 1, xi + 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def detect_tissue(
+    rgb: np.ndarray, pixel_um: float, spec: TissueMaskSpec = TissueMaskSpec()
+) -> np.ndarray:
+    """Boolean tissue mask of an RGB uint8 image whose pixels are ``pixel_um`` wide."""
+    import cv2
+    from scipy import ndimage
+
+    hsv = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2HSV)
+    hue, value = hsv[..., 0], hsv[..., 2]
+    saturation = cv2.medianBlur(np.ascontiguousarray(hsv[..., 1]), 3)
+    otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    threshold = float(np.clip(otsu, spec.min_saturation, spec.max_saturation))
+    pen = (hsv[..., 1] >= spec.pen_saturation) & (hue >= spec.pen_hue[0]) & (hue <= spec.pen_hue[1])
+    # Widen pen and black by a pixel: their anti-aliased rims look like stain.
+    reject = ndimage.binary_dilation(pen | (value < spec.black_value), iterations=1)
+    tissue = (saturation > threshold) & ~reject
+    tissue = ndimage.binary_opening(tissue, iterations=1)
+    pixel_area = pixel_um * pixel_um
+    tissue |= _small_components(~tissue, spec.max_hole_um2 / pixel_area, enclosed=True)
+    tissue &= ~reject
+    return tissue & ~_small_components(tissue, spec.min_object_um2 / pixel_area)
+
+
+def _small_components(mask: np.ndarray, max_px: float, enclosed: bool = False) -> np.ndarray:
+    """The 4-connected components of ``mask`` of at most ``max_px`` pixels.
+
+    ``enclosed``: only those not touching the image border (holes, not open glass).
+    """
+    from scipy import ndimage
+
+    labels, count = ndimage.label(mask)
+    if count == 0:
+        return np.zeros_like(mask)
+    small = np.bincount(labels.ravel()) <= max_px
+    small[0] = False
+    if enclosed:
+        border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
+        small[border] = False
+    return small[labels]
+
+
+def tissue_mask(slide, spec: TissueMaskSpec = TissueMaskSpec()) -> TissueMask:
+    """The tissue mask of an open slide at ``spec.mpp`` (never finer than level 0)."""
+    downsample = max(1.0, spec.mpp / slide.info.mpp)
+    rgb = slide.read_downsampled(downsample)
+    return TissueMask(detect_tissue(rgb, downsample * slide.info.mpp, spec), downsample)

@@ -1,0 +1,75 @@
+"""Self-describing checkpoints of the fingerprint network.
+
+One torch file holds the weights and ``meta``: arch, dim, n_classes, preprocessing
+(mean, std, patch_um, out_px, mpp), the training config, a data summary (classes and
+their patients, sections, sites, stain method), the training history, and
+``content_hash``: the sha256 of the weights' bytes (names, dtypes, shapes, values in key
+order), which the feature store records so fingerprints of different weights never mix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+import fpstore
+from fpstore.errors import EncoderError
+from fpstore.fingerprint.model import FingerprintNet
+
+FORMAT = "fpstore-fingerprint/1"
+REQUIRED_META = ("arch", "n_classes", "dim", "preprocessing")
+
+
+def weights_hash(state_dict: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16
+                      else tensor.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, model: FingerprintNet, meta: dict) -> dict:
+    """Write ``model`` with ``meta`` (completed with arch, dim, n_classes, content_hash) to
+    ``path`` atomically; returns the full meta."""
+    missing = [k for k in ("preprocessing",) if k not in meta]
+    if missing:
+        raise EncoderError(f"checkpoint meta lacks {missing}; the encoder needs them to extract")
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    full = {**meta, "arch": model.arch, "dim": model.dim, "n_classes": model.n_classes,
+            "content_hash": weights_hash(state), "fpstore_version": fpstore.__version__}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save({"format": FORMAT, "state_dict": state, "meta": full}, tmp)
+    tmp.replace(path)
+    return full
+
+
+def load_checkpoint(path: Path, map_location="cpu", verify: bool = True) -> tuple[FingerprintNet, dict]:
+    """(FingerprintNet in eval mode, meta) from a file written by ``save_checkpoint``."""
+    path = Path(path)
+    if not path.is_file():
+        raise EncoderError(f"fingerprint checkpoint {path} does not exist; train one with "
+                           f"`fpstore train-fingerprint --out {path}`")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        raise EncoderError(f"cannot read {path} as a fingerprint checkpoint: {error}") from error
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise EncoderError(f"{path} is not an fpstore fingerprint checkpoint (format {FORMAT} expected)")
+    meta = blob["meta"]
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        raise EncoderError(f"{path}: checkpoint meta lacks {missing}")
+    if verify and weights_hash(blob["state_dict"]) != meta.get("content_hash"):
+        raise EncoderError(f"{path}: weights do not match their content hash; the file is damaged")
+    model = FingerprintNet(int(meta["n_classes"]), arch=meta["arch"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval(), meta

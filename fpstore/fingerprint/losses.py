@@ -1,0 +1,52 @@
+"""The paper's training loss.
+
+    loss(img1, img2, y) = CE(img1, y) + CE(img2, y) + gamma * SE(L2n(fp1), L2n(fp2))
+
+CE is the batch mean of the cross entropy; SE is the squared Euclidean distance between
+the L2-normalised fingerprints, summed over the 512 dimensions and averaged over the batch
+(so it lies in [0, 4] and gamma = 0.5 weighs it like one CE term near convergence).
+Without a restyled copy (stain "none") the loss is CE(img1, y) alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_GAMMA = 0.5
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor
+    ce1: torch.Tensor
+    ce2: torch.Tensor | None = None
+    se: torch.Tensor | None = None
+
+
+def fingerprint_distance(fp1: torch.Tensor, fp2: torch.Tensor) -> torch.Tensor:
+    """Batch mean of sum_d (L2n(fp1) - L2n(fp2))^2."""
+    n1 = F.normalize(fp1.float(), dim=1)
+    n2 = F.normalize(fp2.float(), dim=1)
+    return (n1 - n2).pow(2).sum(dim=1).mean()
+
+
+def fingerprint_loss(
+    logits1: torch.Tensor,
+    y: torch.Tensor,
+    logits2: torch.Tensor | None = None,
+    fp1: torch.Tensor | None = None,
+    fp2: torch.Tensor | None = None,
+    gamma: float = DEFAULT_GAMMA,
+) -> LossParts:
+    """CE(img1, y) [+ CE(img2, y) + gamma * SE(L2n(fp1), L2n(fp2)) when a pair is given]."""
+    ce1 = F.cross_entropy(logits1.float(), y)
+    if logits2 is None:
+        return LossParts(total=ce1, ce1=ce1)
+    if fp1 is None or fp2 is None:
+        raise ValueError("a pair loss needs both fingerprints fp1 and fp2")
+    ce2 = F.cross_entropy(logits2.float(), y)
+    se = fingerprint_distance(fp1, fp2)
+    return LossParts(total=ce1 + ce2 + gamma * se, ce1=ce1, ce2=ce2, se=se)

@@ -1,0 +1,71 @@
+"""The fingerprint network: a randomly initialised torchvision ResNet whose
+penultimate 512-D vector is the fingerprint, plus a linear head over core classes."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from fpstore.errors import unknown_name
+
+# Both have a 512-D penultimate layer; resnet18 is the fast choice for CPU demos.
+ARCHS = ("resnet18", "resnet34")
+FINGERPRINT_DIM = 512
+
+
+class FingerprintNet(nn.Module):
+    """ResNet backbone (fc removed) -> 512-D fingerprint -> Linear(512, n_classes)."""
+
+    def __init__(self, n_classes: int, arch: str = "resnet34"):
+        super().__init__()
+        if arch not in ARCHS:
+            raise unknown_name("architecture", arch, ARCHS)
+        backbone = getattr(torchvision.models, arch)(weights=None)
+        self.arch = arch
+        self.dim = backbone.fc.in_features
+        backbone.fc = nn.Identity()
+        self.backbone = backbone
+        self.head = nn.Linear(self.dim, n_classes)
+
+    @property
+    def n_classes(self) -> int:
+        return self.head.out_features
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The fingerprints [N, 512] of normalised images [N, 3, H, W]."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fingerprints, logits) from one pass through the backbone."""
+        fp = self.features(x)
+        return fp, self.head(fp)
+
+
+def to_input(
+    batch: torch.Tensor,
+    mean,
+    std,
+    out_px: int | None = None,
+    channels_last: bool = False,
+) -> torch.Tensor:
+    """uint8 NHWC (or float NCHW in [0, 1]) on any device -> normalised float NCHW.
+
+    Normalisation runs on the batch's device so that only uint8 crosses the bus.
+    """
+    if batch.dtype == torch.uint8:
+        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
+    else:
+        x = batch
+    if out_px is not None and x.shape[-1] != out_px:
+        x = nn.functional.interpolate(x, size=(out_px, out_px), mode="bilinear",
+                                      antialias=True, align_corners=False)
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    x = (x - mean_t) / std_t
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x

@@ -1,0 +1,293 @@
+"""Training the fingerprint network.
+
+Patches are random crops of the LEFT halves of the training cores; the class is the
+physical core (the same core in every serial section). Accuracy on fixed crops of the RIGHT
+halves is monitored every ``eval_every`` steps; training stops when it has not improved for
+``patience`` evaluations and the best weights are kept. With restyled copies (stain
+invariance) each crop comes with its twin from a restyled copy and the paper's pair loss
+is used (``fpstore.fingerprint.losses``).
+
+On CUDA: bf16 autocast and channels_last; on the CPU: fp32 (bf16 autocast measured several
+times slower on CPUs without native bf16), threads as torch sets them.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+
+from fpstore.config import check_choice, check_range
+from fpstore.errors import ConfigError, TrainingError
+from fpstore.fingerprint.augment import AugmentConfig, augment_pair
+from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops, gather
+from fpstore.fingerprint.losses import DEFAULT_GAMMA, fingerprint_loss
+from fpstore.fingerprint.model import ARCHS, FingerprintNet, to_input
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    arch: str = "resnet34"
+    patch_px: int = 224  # crop side in cache pixels (0.5 um/px: 112 um)
+    out_px: int = 224  # network input side; smaller than patch_px = downsampled crops
+    batch_size: int = 64
+    max_steps: int = 20_000
+    eval_every: int = 500
+    patience: int = 6  # evaluations without improvement before stopping
+    min_delta: float = 0.002  # an improvement smaller than this does not reset patience
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 200
+    gamma: float = DEFAULT_GAMMA
+    eval_per_half: int = 8  # monitoring crops per right half
+    num_workers: int = 6
+    device: str = "auto"
+    compile: bool = False  # torch.compile on CUDA (a minute of compiling, ~30% faster steps)
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            check_choice("TrainConfig", "arch", self.arch, ARCHS)
+        check_range("TrainConfig", "patch_px", self.patch_px, 16, 1600)
+        check_range("TrainConfig", "out_px", self.out_px, 16, 1600)
+        check_range("TrainConfig", "batch_size", self.batch_size, 2, 4096)
+        check_range("TrainConfig", "max_steps", self.max_steps, 1)
+        check_range("TrainConfig", "eval_every", self.eval_every, 1)
+        check_range("TrainConfig", "patience", self.patience, 1)
+        check_range("TrainConfig", "lr", self.lr, 1e-7, 10.0)
+        check_range("TrainConfig", "weight_decay", self.weight_decay, 0.0, 1.0)
+        check_range("TrainConfig", "warmup_steps", self.warmup_steps, 0)
+        check_range("TrainConfig", "gamma", self.gamma, 0.0, 100.0)
+        check_range("TrainConfig", "eval_per_half", self.eval_per_half, 1, 256)
+        check_range("TrainConfig", "num_workers", self.num_workers, 0, 64)
+        check_choice("TrainConfig", "device", self.device, DEVICES)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# demo: minutes on 2 CPU cores (resnet18, 112 um crops seen at 112 px = 1 um/px);
+# full: the paper's setting for a GPU (resnet34, 224 px at 0.5 um/px).
+CONFIGS = {
+    "demo": TrainConfig(arch="resnet18", patch_px=224, out_px=112, batch_size=32, max_steps=240,
+                        eval_every=40, patience=3, warmup_steps=20, eval_per_half=2, num_workers=0),
+    "full": TrainConfig(),
+}
+
+
+def get_config(name: str, **overrides) -> TrainConfig:
+    if name not in CONFIGS:
+        check_choice("train", "config", name, sorted(CONFIGS))
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return replace(CONFIGS[name], **overrides)
+
+
+def resolve_device(device: str) -> torch.device:
+    check_choice("train", "device", device, DEVICES)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible; use --device cpu or auto")
+    return torch.device(device)
+
+
+@dataclass
+class TrainResult:
+    model: FingerprintNet
+    preprocessing: dict
+    classes: list[str]
+    class_patients: list[str]
+    best_accuracy: float
+    best_step: int
+    steps: int
+    stopped: str  # "plateau" or "max_steps"
+    seconds: float
+    images_per_s: float
+    history: list[dict]
+
+    def summary(self) -> dict:
+        return {"best_right_half_accuracy": self.best_accuracy, "best_step": self.best_step,
+                "steps": self.steps, "stopped": self.stopped, "seconds": round(self.seconds, 1),
+                "images_per_s": round(self.images_per_s, 1), "n_classes": len(self.classes)}
+
+
+def _source(array):
+    """A memory-mapped array travels to DataLoader workers as its path."""
+    if isinstance(array, np.memmap) and array.filename:
+        return array.filename
+    return array
+
+
+def channel_stats(left: np.ndarray, tissue: np.ndarray, rows: np.ndarray, patch_px: int,
+                  n: int = 256, seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of random training crops (the network's normalisation)."""
+    stream = CropStream(left, rows, np.zeros(len(rows)), tissue[rows], patch_px, n, seed=seed)
+    x = next(iter(stream))["x1"].numpy().reshape(-1, 3).astype(np.float64) / 255.0
+    return x.mean(axis=0).round(5).tolist(), np.maximum(x.std(axis=0), 1e-3).round(5).tolist()
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model, images: np.ndarray, labels: np.ndarray, pre: dict, device, channels_last: bool,
+             batch_size: int = 128) -> float:
+    """Patch accuracy of predicting the core class from uint8 crops."""
+    model.eval()
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start: start + batch_size]).to(device)
+        x = to_input(batch, pre["mean"], pre["std"], pre["out_px"], channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            pred = model(x).argmax(dim=1).cpu().numpy()
+        correct += int((pred == labels[start: start + batch_size]).sum())
+    model.train()
+    return correct / max(1, len(images))
+
+
+def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = None,
+                  style: str | None = None, progress: bool = True) -> TrainResult:
+    """Train a FingerprintNet on ``cores`` (the items ``rows``, default all).
+
+    ``style`` names the restyled copies in ``cores.restyled`` to pair with the originals
+    (the pair loss); None trains with cross entropy alone.
+    """
+    rows = np.arange(len(cores)) if rows is None else np.asarray(rows, np.int64)
+    if len(rows) == 0:
+        raise TrainingError("no training cores selected")
+    if style is not None and style not in cores.restyled:
+        raise TrainingError(f"no restyled copies {style!r} in the cores (have: {sorted(cores.restyled) or 'none'})")
+    labels, classes = class_ids(cores.key[rows])
+    if len(classes) < 2:
+        raise TrainingError(f"training needs at least 2 cores to tell apart, got {len(classes)}")
+    patients = {str(k): str(p) for k, p in zip(cores.key[rows], cores.patient_id[rows])}
+    device = resolve_device(cfg.device)
+    cuda = device.type == "cuda"
+    torch.manual_seed(cfg.seed)
+
+    mean, std = channel_stats(_source(cores.left), cores.tissue_left, rows, cfg.patch_px, seed=cfg.seed)
+    mpp = float(cores.mpp) * cfg.patch_px / cfg.out_px
+    pre = {"mean": mean, "std": std, "patch_um": float(cores.mpp) * cfg.patch_px, "out_px": cfg.out_px, "mpp": mpp}
+
+    eval_crops = fixed_crops(cores.tissue_right[rows], cores.half_shape, cfg.patch_px, cfg.eval_per_half, cfg.seed)
+    eval_images = gather(cores.right, [(int(rows[i]), y, x) for i, y, x in eval_crops], cfg.patch_px)
+    eval_labels = labels[[i for i, _, _ in eval_crops]]
+
+    stream = CropStream(_source(cores.left), rows, labels, cores.tissue_left[rows], cfg.patch_px,
+                        cfg.batch_size, seed=cfg.seed,
+                        restyled=_source(cores.restyled[style]) if style else None)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=cuda,
+        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
+
+    model = FingerprintNet(len(classes), cfg.arch)
+    stepper = Stepper(model, cfg, mean, std, device)
+
+    from tqdm import tqdm
+
+    history, best = [], {"acc": -1.0, "step": 0, "state": None}
+    since_best, stopped, seen = 0, "max_steps", 0
+    bar = tqdm(total=cfg.max_steps, desc="train fingerprint", unit="step", file=sys.stderr,
+               disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    window = (start, 0)
+    batches = iter(loader)
+    for step in range(1, cfg.max_steps + 1):
+        batch = next(batches)
+        parts = stepper(batch)
+        seen += len(batch["y"]) * (2 if "x2" in batch else 1)
+        bar.update(1)
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            now = time.perf_counter()
+            rate = (seen - window[1]) / max(1e-9, now - window[0])
+            acc = evaluate(model, eval_images, eval_labels, pre, device, cuda)
+            record = {"step": step, "loss": round(parts.total.item(), 4), "ce": round(parts.ce1.item(), 4),
+                      "se": None if parts.se is None else round(parts.se.item(), 4),
+                      "right_half_accuracy": round(acc, 4), "images_per_s": round(rate, 1),
+                      "lr": float(stepper.scheduler.get_last_lr()[0])}
+            history.append(record)
+            bar.set_postfix(loss=record["loss"], acc=f"{acc:.3f}", img_s=f"{rate:.0f}")
+            if acc > best["acc"] + cfg.min_delta or best["state"] is None:
+                best = {"acc": acc, "step": step,
+                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+                since_best = 0
+            else:
+                since_best += 1
+                if since_best >= cfg.patience:
+                    stopped = "plateau"
+                    break
+            window = (time.perf_counter(), seen)  # evaluation time does not count as training
+    bar.close()
+    seconds = time.perf_counter() - start
+    model.load_state_dict(best["state"])
+    model.float()
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    rates = [h["images_per_s"] for h in history]
+    return TrainResult(
+        model=model, preprocessing=pre, classes=[str(c) for c in classes],
+        class_patients=[patients[str(c)] for c in classes], best_accuracy=round(best["acc"], 4),
+        best_step=best["step"], steps=step, stopped=stopped, seconds=seconds,
+        images_per_s=float(np.median(rates)) if rates else 0.0, history=history)
+
+
+class Stepper:
+    """One optimisation step on a batch from ``CropStream``: upload uint8, augment on the
+    device, normalise, forward (bf16 autocast and channels_last on CUDA), loss, backward."""
+
+    def __init__(self, model: FingerprintNet, cfg: TrainConfig, mean, std, device: torch.device):
+        self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
+        self.cuda = device.type == "cuda"
+        self.model = model.to(device).train()
+        if self.cuda:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.forward = _Both(self.model)
+        if cfg.compile and self.cuda:
+            self.forward = torch.compile(self.forward)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, cfg))
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def _upload(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+
+    def __call__(self, batch: dict):
+        y = batch["y"].to(self.device, non_blocking=True)
+        x1 = self._upload(batch["x1"])
+        x2 = self._upload(batch["x2"]) if "x2" in batch else None
+        x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
+        x = torch.cat([x1, x2]) if x2 is not None else x1
+        x = to_input(x, self.mean, self.std, self.cfg.out_px, channels_last=self.cuda)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+            fp, logits = self.forward(x)
+        if x2 is not None:
+            n = len(y)
+            parts = fingerprint_loss(logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=self.cfg.gamma)
+        else:
+            parts = fingerprint_loss(logits, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        return parts
+
+
+class _Both(torch.nn.Module):
+    """(fingerprints, logits) as ``forward``, so that torch.compile sees the whole step."""
+
+    def __init__(self, model: FingerprintNet):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_both(x)

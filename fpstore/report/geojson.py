@@ -1,0 +1,63 @@
+"""Patch scores as GeoJSON that QuPath imports (File > Import objects, or drag and drop).
+
+One Polygon Feature per patch, in level-0 pixel coordinates with the origin at the top left
+(QuPath's convention for every image). Properties follow QuPath's GeoJSON: ``objectType``,
+``classification`` {name, color} (here the tissue type) and ``measurements`` {name: value}
+(here the score, shown in QuPath's measurement tables and usable for colouring); ``score``
+and ``tissue_type`` are repeated at the top level for other GeoJSON readers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fpstore.config import check_choice
+from fpstore.report.heatmap import TISSUE_COLORS, UNKNOWN_TISSUE
+
+OBJECT_TYPES = ("annotation", "detection", "tile")
+
+
+def patches_geojson(x, y, size_px, scores, tissue_types=None, patch_ids=None,
+                    object_type: str = "annotation") -> dict:
+    """A FeatureCollection with one square per patch (level-0 px), score and tissue type."""
+    check_choice("patches_geojson", "object_type", object_type, OBJECT_TYPES)
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    size = np.broadcast_to(np.asarray(size_px, np.float64), x.shape)
+    scores = np.asarray(scores, np.float64)
+    types = [None] * len(x) if tissue_types is None else list(tissue_types)
+    features = []
+    for i in range(len(x)):
+        x0, y0, s = float(x[i]), float(y[i]), float(size[i])
+        tissue = types[i]
+        properties = {
+            "objectType": object_type,
+            "measurements": {"score": float(scores[i])},
+            "score": float(scores[i]),
+            "tissue_type": tissue,
+        }
+        if tissue is not None:
+            rgb = TISSUE_COLORS.get(tissue, UNKNOWN_TISSUE)
+            properties["classification"] = {"name": str(tissue).capitalize(), "color": list(rgb)}
+        feature = {
+            "type": "Feature",
+            "geometry": {"type": "Polygon", "coordinates": [[
+                [x0, y0], [x0 + s, y0], [x0 + s, y0 + s], [x0, y0 + s], [x0, y0]]]},
+            "properties": properties,
+        }
+        if patch_ids is not None:
+            feature["id"] = str(patch_ids[i])
+        features.append(feature)
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(document: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(document, separators=(",", ":")))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,170 @@
+"""What the tissue methods read: stored patches and fingerprints, patch pixels, labelled tiles.
+
+Stored patches are the rows of ``fingerprints/encoder=<id>/cohort=<c>/<slide_id>.parquet``
+(coordinates are shared by every encoder); pixels are re-read from the cohort's slides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from fpstore.config import TISSUE_TYPES
+from fpstore.errors import ConfigError, StoreError
+from fpstore.store.schema import read_metadata
+
+KEY_COLUMNS = ["slide_id", "patch_id", "x", "y", "size_px", "out_px"]
+TILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+
+# Folder names of public tissue-type datasets, mapped onto the four types. Kather's
+# NCT-CRC-HE (ADI, BACK, STR, TUM, NORM, ...), BACH and similar layouts; anything else
+# needs an explicit ``--map FOLDER=TYPE`` (or ``FOLDER=skip``).
+FOLDER_ALIASES = {
+    "background": "background", "back": "background", "bg": "background", "empty": "background",
+    "epithelium": "epithelium", "epi": "epithelium", "epithelial": "epithelium",
+    "tum": "epithelium", "tumor": "epithelium", "tumour": "epithelium", "norm": "epithelium",
+    "stroma": "stroma", "str": "stroma", "stromal": "stroma",
+    "fat": "fat", "adi": "fat", "adipose": "fat", "adipocytes": "fat",
+}
+
+
+@dataclass
+class SlidePatches:
+    """One slide's stored patches: keys and coordinates, and fingerprints when asked for."""
+
+    slide_id: str
+    keys: pa.Table  # KEY_COLUMNS
+    fingerprints: np.ndarray | None  # (N, dim) float32
+    metadata: dict
+
+
+def encoder_dirs(store: Path, cohort: str) -> dict[str, Path]:
+    """{encoder id: folder of its per-slide files} for the encoders that hold ``cohort``."""
+    root = Path(store) / "fingerprints"
+    found = {}
+    for folder in sorted(root.glob(f"encoder=*/cohort={cohort}")):
+        if any(folder.glob("*.parquet")):
+            found[folder.parent.name.removeprefix("encoder=")] = folder
+    return found
+
+
+def resolve_encoder(store: Path, cohort: str, encoder: str | None) -> tuple[str, Path]:
+    """The encoder whose stored patches to use: ``encoder``, or the only one there is."""
+    dirs = encoder_dirs(store, cohort)
+    if not dirs:
+        raise StoreError(
+            f"cohort {cohort!r} has no stored patches in {str(store)!r}; "
+            f"run `fpstore extract --cohort {cohort}` first"
+        )
+    if encoder is None:
+        if len(dirs) > 1:
+            raise ConfigError(
+                f"cohort {cohort!r} has fingerprints of several encoders ({', '.join(dirs)}); "
+                "pass --encoder to choose one"
+            )
+        encoder = next(iter(dirs))
+    if encoder not in dirs:
+        raise StoreError(
+            f"no fingerprints of encoder {encoder!r} for cohort {cohort!r}; "
+            f"stored encoders: {', '.join(dirs)}"
+        )
+    return encoder, dirs[encoder]
+
+
+def slide_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
+
+def read_slide_patches(path: Path, with_fingerprints: bool) -> SlidePatches:
+    """Read one per-slide fingerprint file (keys, and the vectors as a numpy view)."""
+    columns = KEY_COLUMNS + (["fingerprint"] if with_fingerprints else [])
+    try:
+        table = pq.read_table(path, columns=columns)
+    except (pa.ArrowInvalid, KeyError, OSError) as error:
+        raise StoreError(f"cannot read stored patches {str(path)!r}: {error}") from error
+    vectors = None
+    if with_fingerprints:
+        column = table.column("fingerprint").combine_chunks()
+        dim = column.type.list_size
+        vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
+        table = table.drop_columns(["fingerprint"])
+    slide_id = path.stem if table.num_rows == 0 else table.column("slide_id")[0].as_py()
+    return SlidePatches(slide_id, table, vectors, read_metadata(pq.read_schema(path)))
+
+
+def slide_locations(store: Path, cohort: str) -> dict[str, tuple[str, float | None]]:
+    """{slide_id: (path, mpp override)} from the cohort's slides table."""
+    from fpstore.extract.cohort import load_cohort
+
+    slides = load_cohort(store, cohort).slides.to_pylist()
+    return {row["slide_id"]: (row["path"], row["mpp_override"]) for row in slides}
+
+
+def iter_patch_pixels(slide, keys: pa.Table, batch: int = 64):
+    """Yield uint8 (n, out_px, out_px, 3) batches of a slide's stored patches, in row order."""
+    xy = np.stack([keys.column("x").to_numpy(), keys.column("y").to_numpy()], axis=1)
+    size_px = keys.column("size_px").to_numpy()
+    out_px = keys.column("out_px").to_numpy()
+    for start in range(0, len(xy), batch):
+        stop = min(start + batch, len(xy))
+        # One slide's patches share size and output size (one PatchSpec per extraction).
+        yield slide.read_patches(xy[start:stop], float(size_px[start]), int(out_px[start]))
+
+
+def tile_folders(tiles: Path, mapping: dict[str, str] | None = None) -> dict[Path, str]:
+    """{class folder: tissue type} of a folder of labelled tiles (one folder per class)."""
+    tiles = Path(tiles)
+    if not tiles.is_dir():
+        raise ConfigError(f"--tiles {str(tiles)!r} is not a folder of class folders")
+    mapping = {k.lower(): v for k, v in (mapping or {}).items()}
+    for folder, kind in mapping.items():
+        if kind not in TISSUE_TYPES + ("skip",):
+            raise ConfigError(
+                f"--map {folder}={kind}: the type must be one of {', '.join(TISSUE_TYPES)} or skip"
+            )
+    found, unknown = {}, []
+    for folder in sorted(p for p in tiles.iterdir() if p.is_dir()):
+        kind = mapping.get(folder.name.lower()) or FOLDER_ALIASES.get(folder.name.lower())
+        if kind is None:
+            unknown.append(folder.name)
+        elif kind != "skip":
+            found[folder] = kind
+    if unknown:
+        raise ConfigError(
+            f"tile folders {', '.join(unknown)} in {str(tiles)!r} name no tissue type; name them "
+            f"{', '.join(TISSUE_TYPES)} (or a known alias) or pass --map FOLDER=TYPE "
+            "(TYPE one of the four, or skip)"
+        )
+    if not found:
+        raise ConfigError(f"no class folders in {str(tiles)!r}; expected e.g. {tiles}/stroma/*.png")
+    return found
+
+
+def read_tiles(tiles: Path, mapping: dict[str, str] | None = None, size: int = 224,
+               max_per_class: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled tiles as (uint8 (N, size, size, 3), int labels in TISSUE_TYPES order)."""
+    from PIL import Image, UnidentifiedImageError
+
+    from fpstore.tissue.features import resize_area
+
+    rng = np.random.default_rng(seed)
+    images, labels = [], []
+    for folder, kind in tile_folders(tiles, mapping).items():
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in TILE_SUFFIXES)
+        if max_per_class and len(files) > max_per_class:
+            files = [files[i] for i in sorted(rng.choice(len(files), max_per_class, replace=False))]
+        for path in files:
+            try:
+                with Image.open(path) as image:
+                    rgb = np.asarray(image.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as error:
+                raise ConfigError(f"cannot read tile {str(path)!r}: {error}") from error
+            images.append(resize_area(rgb[None], size)[0])
+            labels.append(TISSUE_TYPES.index(kind))
+    if not images:
+        raise ConfigError(f"no image tiles ({', '.join(sorted(TILE_SUFFIXES))}) under {str(tiles)!r}")
+    return np.stack(images), np.array(labels, dtype=np.int64)

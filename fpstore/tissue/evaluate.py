@@ -1,0 +1,150 @@
+"""Score tissue types against truth masks: accuracy, per-class F1, confusion matrix.
+
+``evaluate_tissue`` scores the stored tissue table, or computes each of ``methods`` in memory
+(nothing written) so that methods are compared on the same patches.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from fpstore.config import TISSUE_TYPES
+from fpstore.errors import ConfigError, StoreError
+from fpstore.tissue.data import read_slide_patches, resolve_encoder, slide_files, slide_locations
+from fpstore.tissue.predict import TissueTyper, iter_tissue, tissue_dir
+from fpstore.tissue.rules import RuleThresholds
+from fpstore.tissue.truth import find_mask, load_truth, patch_truth
+
+
+@dataclass
+class MethodScores:
+    method: str
+    n_patches: int
+    accuracy: float
+    macro_f1: float  # over the classes present in the truth
+    per_class: dict  # {type: {precision, recall, f1, support}}
+    confusion: list  # rows: true type, columns: predicted type, TISSUE_TYPES order
+    seconds: float = 0.0
+    failed: list = field(default_factory=list)
+
+
+@dataclass
+class EvaluationReport:
+    cohort: str
+    encoder: str
+    truth: str
+    n_slides: int  # slides with a truth mask
+    slides_without_truth: list
+    truth_counts: dict
+    methods: list  # [MethodScores]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
+    """Accuracy, per-class precision/recall/F1/support and the confusion matrix."""
+    n = len(TISSUE_TYPES)
+    confusion = np.bincount(y_true * n + y_pred, minlength=n * n).reshape(n, n)
+    per_class = {}
+    for i, name in enumerate(TISSUE_TYPES):
+        tp, support, predicted = confusion[i, i], confusion[i].sum(), confusion[:, i].sum()
+        precision = tp / predicted if predicted else 0.0
+        recall = tp / support if support else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": float(precision), "recall": float(recall),
+                           "f1": float(f1), "support": int(support)}
+    present = [c for c in per_class.values() if c["support"]]
+    return {
+        "n_patches": int(len(y_true)),
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(np.mean([c["f1"] for c in present])) if present else 0.0,
+        "per_class": per_class,
+        "confusion": confusion.tolist(),
+    }
+
+
+def truth_by_patch(store: Path, cohort: str, truth: Path, encoder: str | None = None,
+                   downsample: float | None = None) -> tuple[str, dict[str, int], list[str]]:
+    """(encoder, {patch_id: true type index}, slides without a mask) for stored patches."""
+    masks = load_truth(truth, downsample)
+    encoder, folder = resolve_encoder(store, cohort, encoder)
+    locations = slide_locations(store, cohort)
+    labels, missing = {}, []
+    for path in slide_files(folder):
+        slide = read_slide_patches(path, with_fingerprints=False)
+        mask = find_mask(masks, slide.slide_id, locations.get(slide.slide_id, (None,))[0])
+        if mask is None:
+            missing.append(slide.slide_id)
+            continue
+        keys = slide.keys
+        true = patch_truth(mask.read(), mask.downsample, keys.column("x").to_numpy(),
+                           keys.column("y").to_numpy(), keys.column("size_px").to_numpy())
+        labels.update(zip(keys.column("patch_id").to_pylist(), true.tolist()))
+    if not labels:
+        raise ConfigError(
+            f"no truth mask in {str(truth)!r} matches a slide of cohort {cohort!r} (masks are "
+            f"named by the slide's file stem); slides: {', '.join(missing[:5])}"
+        )
+    return encoder, labels, missing
+
+
+def evaluate_tissue(store: Path, cohort: str, truth: Path, methods: list[str] | None = None,
+                    models: dict[str, Path] | None = None, encoder: str | None = None,
+                    downsample: float | None = None,
+                    thresholds: RuleThresholds = RuleThresholds(),
+                    progress: bool = True) -> EvaluationReport:
+    """Score ``methods`` (computed now) or, with none given, the stored tissue table."""
+    encoder, labels, missing = truth_by_patch(store, cohort, truth, encoder, downsample)
+    results = []
+    if methods:
+        for method in methods:
+            typer = TissueTyper(store, method, (models or {}).get(method), thresholds)
+            start = time.perf_counter()
+            predicted, failed = {}, []
+            for slide in iter_tissue(store, cohort, typer, encoder, progress=progress):
+                if slide.error:
+                    failed.append({"slide_id": slide.slide_id, "error": slide.error})
+                    continue
+                predicted.update(zip(slide.keys.column("patch_id").to_pylist(),
+                                     slide.probabilities.argmax(axis=1).tolist()))
+            results.append(_score(method, labels, predicted, time.perf_counter() - start, failed))
+    else:
+        for method, predicted in _stored_predictions(store, cohort).items():
+            results.append(_score(method, labels, predicted, 0.0, []))
+    n_types = len(TISSUE_TYPES)
+    counts = np.bincount(np.fromiter(labels.values(), dtype=np.int64), minlength=n_types)
+    return EvaluationReport(
+        cohort=cohort, encoder=encoder, truth=str(truth),
+        n_slides=len({p.split("/")[0] for p in labels}), slides_without_truth=missing,
+        truth_counts={name: int(c) for name, c in zip(TISSUE_TYPES, counts)}, methods=results,
+    )
+
+
+def _stored_predictions(store: Path, cohort: str) -> dict[str, dict[str, int]]:
+    """{method: {patch_id: type index}} from the stored tissue table."""
+    files = slide_files(tissue_dir(store, cohort))
+    if not files:
+        raise StoreError(
+            f"cohort {cohort!r} has no tissue table yet; run `fpstore tissue predict --cohort "
+            f"{cohort}` or pass --method to evaluate methods without storing them"
+        )
+    by_method: dict[str, dict[str, int]] = {}
+    index = {name: i for i, name in enumerate(TISSUE_TYPES)}
+    for path in files:
+        table = pq.read_table(path, columns=["patch_id", "tissue_type", "method"]).to_pydict()
+        for patch, kind, method in zip(table["patch_id"], table["tissue_type"], table["method"]):
+            by_method.setdefault(method, {})[patch] = index[kind]
+    return by_method
+
+
+def _score(method: str, labels: dict, predicted: dict, seconds: float, failed: list) -> MethodScores:
+    common = [p for p in labels if p in predicted]
+    y_true = np.array([labels[p] for p in common], dtype=np.int64)
+    y_pred = np.array([predicted[p] for p in common], dtype=np.int64)
+    return MethodScores(method=method, seconds=seconds, failed=failed, **scores(y_true, y_pred))

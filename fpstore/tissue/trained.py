@@ -1,0 +1,248 @@
+"""Trained tissue-type classifiers, saved as plain arrays (``.npz`` + JSON metadata).
+
+Methods:
+    fingerprint-logreg   multinomial logistic regression on stored fingerprints: one matmul
+                         per patch at prediction, the fast path for millions of patches
+    fingerprint-knn      k nearest neighbours by cosine similarity of PCA-reduced, centred
+                         fingerprints, against at most ``max_reference`` patches per class
+    pixel-logreg         logistic regression on the label-free pixel features and their
+                         pairwise products: the rules' inputs, with learned boundaries
+
+Models are fitted with scikit-learn and exported to numpy arrays, so that loading one runs no
+pickled code and predicting is a few matrix products.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import fpstore
+from fpstore.config import TISSUE_TYPES, check_choice, check_range
+from fpstore.errors import ConfigError, StoreError, TrainingError
+
+TRAINED_METHODS = ("fingerprint-logreg", "fingerprint-knn", "pixel-logreg")
+_FORMAT = "fpstore-tissue-model-1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to fit a trained method. ``C``: inverse L2 strength; ``k``: neighbours."""
+
+    method: str = "fingerprint-logreg"
+    C: float = 1.0
+    k: int = 15
+    pca_dim: int = 32
+    max_reference: int = 500  # per class, for fingerprint-knn
+    max_per_class: int = 20_000  # training patches per class, a random sample above it
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("TrainConfig", "method", self.method, TRAINED_METHODS)
+        check_range("TrainConfig", "C", self.C, 1e-6, 1e6)
+        check_range("TrainConfig", "k", self.k, 1, 1000)
+        check_range("TrainConfig", "pca_dim", self.pca_dim, 2, 4096)
+        check_range("TrainConfig", "max_reference", self.max_reference, 1, 1_000_000)
+        check_range("TrainConfig", "max_per_class", self.max_per_class, 1, 100_000_000)
+
+    @property
+    def source(self) -> str:
+        return "pixels" if self.method.startswith("pixel") else "fingerprints"
+
+
+class TissueModel:
+    """A fitted classifier: ``predict_proba(X) -> (N, 4)`` in ``TISSUE_TYPES`` order.
+
+    ``meta`` records the method, what it reads (fingerprints of which encoder, or pixels),
+    the classes it saw and the training data summary.
+    """
+
+    def __init__(self, method: str, arrays: dict[str, np.ndarray], meta: dict):
+        self.method = method
+        self.arrays = arrays
+        self.meta = meta
+
+    @property
+    def source(self) -> str:
+        return self.meta["source"]
+
+    @property
+    def encoder(self) -> dict | None:
+        return self.meta.get("encoder")
+
+    @property
+    def hash(self) -> str:
+        digest = hashlib.sha256(self.method.encode())
+        for name in sorted(self.arrays):
+            digest.update(name.encode() + np.ascontiguousarray(self.arrays[name]).tobytes())
+        return digest.hexdigest()[:16]
+
+    def predict_proba(self, X: np.ndarray, chunk: int = 65_536) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float32)
+        expected = self.meta["n_features"]
+        if X.ndim != 2 or X.shape[1] != expected:
+            raise ConfigError(
+                f"tissue model {self.method} takes {expected} features per patch, got shape "
+                f"{X.shape}; use fingerprints of the encoder it was trained on "
+                f"({(self.encoder or {}).get('id', 'pixel features')})"
+            )
+        out = np.zeros((len(X), len(TISSUE_TYPES)), dtype=np.float32)
+        columns = [TISSUE_TYPES.index(c) for c in self.meta["classes"]]
+        for start in range(0, len(X), chunk):
+            part = X[start:start + chunk]
+            probs = self._knn(part) if self.method == "fingerprint-knn" else self._linear(part)
+            out[start:start + chunk, columns] = probs
+        return out
+
+    def _linear(self, X: np.ndarray) -> np.ndarray:
+        if self.method == "pixel-logreg":
+            X = pairwise_expand((X - self.arrays["mu"]) / self.arrays["sd"])
+        logits = X @ self.arrays["W"].T + self.arrays["b"]
+        logits -= logits.max(axis=1, keepdims=True)
+        weights = np.exp(logits)
+        return weights / weights.sum(axis=1, keepdims=True)
+
+    def _knn(self, X: np.ndarray) -> np.ndarray:
+        query = _unit((X - self.arrays["mean"]) @ self.arrays["components"].T)
+        similarity = query @ self.arrays["reference"].T
+        k = min(int(self.meta["k"]), similarity.shape[1])
+        nearest = np.argpartition(-similarity, k - 1, axis=1)[:, :k]
+        votes = self.arrays["reference_labels"][nearest]
+        counts = np.stack([(votes == i).sum(axis=1) for i in range(len(self.meta["classes"]))], 1)
+        return counts.astype(np.float32) / k
+
+    def save(self, path: Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = dict(self.meta, method=self.method, format=_FORMAT, hash=self.hash)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **self.arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: Path) -> TissueModel:
+        path = Path(path)
+        if not path.is_file():
+            raise StoreError(
+                f"no tissue model at {str(path)!r}; train one with `fpstore tissue train`"
+            )
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (ValueError, OSError) as error:
+            raise StoreError(f"cannot read tissue model {str(path)!r}: {error}") from error
+        meta = json.loads(str(arrays.pop("meta", "{}")))
+        if meta.get("format") != _FORMAT:
+            raise StoreError(
+                f"{str(path)!r} is not an fpstore tissue model of format {_FORMAT!r} "
+                f"(found {meta.get('format')!r}); retrain it with `fpstore tissue train`"
+            )
+        return cls(meta["method"], arrays, meta)
+
+    def describe(self) -> dict:
+        return {k: v for k, v in self.meta.items() if k != "format"} | {"hash": self.hash}
+
+
+def pairwise_expand(Z: np.ndarray) -> np.ndarray:
+    """Features and their pairwise products (squares included): degree-2 interactions."""
+    i, j = np.triu_indices(Z.shape[1])
+    return np.concatenate([Z, Z[:, i] * Z[:, j]], axis=1).astype(np.float32)
+
+
+def _unit(X: np.ndarray) -> np.ndarray:
+    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+
+
+def balanced_sample(y: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Indices with at most ``max_per_class`` of each label (random, sorted)."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for label in np.unique(y):
+        index = np.flatnonzero(y == label)
+        if len(index) > max_per_class:
+            index = rng.choice(index, max_per_class, replace=False)
+        keep.append(index)
+    return np.sort(np.concatenate(keep))
+
+
+def fit_tissue_model(X: np.ndarray, y: np.ndarray, config: TrainConfig,
+                     meta: dict | None = None) -> TissueModel:
+    """Fit ``config.method`` on features X (fingerprints or pixel features), labels y.
+
+    ``y`` holds indices into ``TISSUE_TYPES``; classes absent from y get probability 0.
+    ``meta`` (encoder, training data summary) is stored with the model.
+    """
+    X = np.asarray(X, dtype=np.float32)
+    y = np.asarray(y, dtype=np.int64)
+    if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+        raise TrainingError(f"need one feature row per label, got X {X.shape} and y {y.shape}")
+    if not np.isfinite(X).all():
+        raise TrainingError("training features contain NaN or infinite values")
+    present = np.unique(y)
+    if len(present) < 2:
+        raise TrainingError(
+            f"a tissue classifier needs at least two classes; the training labels hold only "
+            f"{[TISSUE_TYPES[i] for i in present]}"
+        )
+    keep = balanced_sample(y, config.max_per_class, config.seed)
+    X, y = X[keep], y[keep]
+    classes = [TISSUE_TYPES[i] for i in present]
+    y_local = np.searchsorted(present, y)
+    fit = {"fingerprint-logreg": _fit_logreg, "pixel-logreg": _fit_pixel_logreg,
+           "fingerprint-knn": _fit_knn}[config.method]
+    arrays, extra = fit(X, y_local, config)
+    counts = {TISSUE_TYPES[i]: int((y == i).sum()) for i in present}
+    info = {
+        "source": config.source, "classes": classes, "n_features": int(X.shape[1]),
+        "train_counts": counts, "config": asdict(config), "fpstore_version": fpstore.__version__,
+    }
+    return TissueModel(config.method, arrays, {**(meta or {}), **info, **extra})
+
+
+def _logreg(X: np.ndarray, y: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Standardise + multinomial logistic regression, folded into one (W, b)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(X)
+    model = LogisticRegression(C=config.C, max_iter=1000, class_weight="balanced")
+    model.fit(scaler.transform(X), y)
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:  # binary: sigmoid(z) is softmax over (0, z)
+        coef = np.vstack([np.zeros_like(coef), coef])
+        intercept = np.concatenate([[0.0], intercept])
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0)
+    W = coef / scale
+    b = intercept - W @ scaler.mean_
+    return W.astype(np.float32), b.astype(np.float32)
+
+
+def _fit_logreg(X, y, config):
+    W, b = _logreg(X, y, config)
+    return {"W": W, "b": b}, {}
+
+
+def _fit_pixel_logreg(X, y, config):
+    mu = X.mean(axis=0)
+    sd = np.where(X.std(axis=0) > 0, X.std(axis=0), 1.0)
+    W, b = _logreg(pairwise_expand((X - mu) / sd), y, config)
+    return {"W": W, "b": b, "mu": mu.astype(np.float32), "sd": sd.astype(np.float32)}, {}
+
+
+def _fit_knn(X, y, config):
+    mean = X.mean(axis=0)
+    centred = X - mean
+    dim = min(config.pca_dim, *centred.shape)
+    # PCA by SVD of the centred training set: the top right-singular vectors.
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    components = vt[:dim].astype(np.float32)
+    keep = balanced_sample(y, config.max_reference, config.seed)
+    reference = _unit(centred[keep] @ components.T).astype(np.float32)
+    arrays = {"mean": mean.astype(np.float32), "components": components,
+              "reference": reference, "reference_labels": y[keep].astype(np.int8)}
+    return arrays, {"k": config.k}

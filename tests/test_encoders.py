@@ -1,0 +1,98 @@
+"""The encoder registry: names, weights from files only, preprocessing on the device."""
+
+import pytest
+import torch
+
+from fpstore.errors import ConfigError, EncoderError
+from fpstore.extract.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    create_encoder,
+    list_encoders,
+    state_dict_hash,
+)
+
+
+def test_unknown_encoder_lists_the_valid_names():
+    with pytest.raises(ConfigError, match="random-resnet34") as info:
+        create_encoder("resnet-35")
+    assert "imagenet-resnet34" in str(info.value) and "torchvision:<arch>" in str(info.value)
+    assert {"fingerprint", "imagenet-resnet34", "random-resnet34"} <= set(list_encoders())
+
+
+@pytest.fixture(scope="module")
+def r34():
+    return create_encoder("random-resnet34")
+
+
+def test_random_resnet34_is_seeded_and_hash_tracks_weights_and_preprocessing(r34):
+    a, b = r34, create_encoder("random-resnet34")
+    assert a.dim == 512 and a.hash == b.hash and a.weights_hash == b.weights_hash
+    other_seed = create_encoder("random-resnet34", seed=1)
+    assert other_seed.weights_hash != a.weights_hash
+    other_size = create_encoder("random-resnet34", patch_um=56.0)
+    assert other_size.weights_hash == a.weights_hash and other_size.hash != a.hash
+
+
+def test_encode_normalises_uint8_on_the_device_like_the_reference(r34):
+    enc = r34.prepare("cpu")
+    pixels = torch.randint(0, 256, (3, 64, 64, 3), dtype=torch.uint8)
+    out = enc.encode(pixels)
+    assert out.shape == (3, 512) and out.dtype == torch.float32
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    reference = (pixels.permute(0, 3, 1, 2).float() / 255 - mean) / std
+    torch.testing.assert_close(enc.normalise(pixels), reference, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(out, enc.backbone(reference), rtol=1e-4, atol=1e-4)
+    with pytest.raises(EncoderError, match="uint8"):
+        enc.encode(pixels.float())
+
+
+def test_imagenet_weights_are_never_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(EncoderError, match="weights=PATH") as info:
+        create_encoder("imagenet-resnet34")
+    assert str(tmp_path / "hub" / "checkpoints") in str(info.value)
+    assert not (tmp_path / "hub").exists()
+
+
+def test_torchvision_backbone_from_a_local_weights_file(tmp_path):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save({"state_dict": model.state_dict()}, path)
+    enc = create_encoder("torchvision:resnet18", weights=path)
+    assert enc.id == "torchvision-resnet18" and enc.dim == 512
+    assert enc.weights_hash == state_dict_hash(model)
+    out = enc.prepare("cpu").encode(torch.zeros((1, 32, 32, 3), dtype=torch.uint8))
+    assert out.shape == (1, 512)
+    # The same file under the cache name is what imagenet-resnet34 would read: a wrong
+    # architecture is refused with the keys that do not fit.
+    with pytest.raises(EncoderError, match="do not fit resnet34"):
+        create_encoder("imagenet-resnet34", weights=path)
+    with pytest.raises(EncoderError, match="does not exist"):
+        create_encoder("torchvision:resnet18", weights=tmp_path / "missing.pth")
+
+
+def test_bad_options_and_precision_are_errors(r34):
+    with pytest.raises(EncoderError, match="takes options"):
+        create_encoder("random-resnet34", checkpoint="x.pt")
+    with pytest.raises(EncoderError, match="needs checkpoint"):
+        create_encoder("fingerprint")
+    enc = r34
+    with pytest.raises(ConfigError, match="precision"):
+        enc.prepare("cpu", "int8")
+    with pytest.raises(EncoderError, match="CUDA"):
+        enc.prepare("cpu", "fp16")
+
+
+def test_bf16_autocast_agrees_with_fp32(r34):
+    enc = r34.prepare("cpu")
+    pixels = torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    reference = enc.encode(pixels)
+    low = enc.prepare("cpu", "bf16").encode(pixels)
+    assert low.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.99

