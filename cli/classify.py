@@ -95,8 +95,8 @@ def classify_command(marker, cohort, external, folds, split, n_boot, pool, metho
              "AUC": None if f["auc"] is None else f"{f['auc']:.3f}"} for f in cv["folds"]]
     m = cv["metrics"]
     rows.append({"test": "pooled", "patients": m["n"], "positive": m["n_pos"], "AUC": _auc_cell(m)})
-    if "external" in document:
-        e = document["external"]["metrics"]
+    if "external_validation" in document:
+        e = document["external_validation"]["metrics"]
         rows.append({"test": f"external {external}", "patients": e["n"], "positive": e["n_pos"],
                      "AUC": _auc_cell(e)})
     data = document["data"]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, store_option
+from fpstore.cli.common import echo_json, echo_table, json_option, store_url_option
 
 # Long lists (1000 patients without slides) are cut in the text view; --json has them all.
 SHOW_AT_MOST = 20
@@ -65,7 +65,7 @@ def cohort():
     "--validate", is_flag=True, help="Open every slide and read a patch; report unreadable ones."
 )
 @click.option("--force", is_flag=True, help="Replace a cohort of the same name.")
-@store_option
+@store_url_option
 @json_option
 def add(
     name,
@@ -117,7 +117,7 @@ def add(
 
 
 @cohort.command("list")
-@store_option
+@store_url_option
 @json_option
 def list_(store_path, as_json):
     """The cohorts of the store."""
@@ -129,7 +129,7 @@ def list_(store_path, as_json):
 
 @cohort.command("show")
 @click.argument("name")
-@store_option
+@store_url_option
 @json_option
 def show(name, store_path, as_json):
     """Per marker positives/negatives/missing, and what could not be matched and why."""

@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import click
 
 DEFAULT_STORE = "fpstore-store"
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def _local_store(ctx, param, value):
+    # click.Path has already folded "s3://b/p" into "s3:/b/p": catch it before a folder "s3:" is made.
+    if value is not None and _URL.match(str(value)) and not str(value).startswith("file:"):
+        raise click.BadParameter(f"{value}: this command needs a local store folder; object "
+                                 "storage URLs work with `cohort`, `extract --engine ray` and `sql`")
+    return value
+
+
+def _any_store(ctx, param, value):
+    from fpstore.store.remote import is_remote
+
+    return value if is_remote(value) else Path(value)
+
 
 store_option = click.option(
     "--store",
@@ -16,7 +34,17 @@ store_option = click.option(
     type=click.Path(path_type=Path, file_okay=False),
     default=lambda: os.environ.get("FPSTORE_STORE", DEFAULT_STORE),
     show_default=f"$FPSTORE_STORE or ./{DEFAULT_STORE}",
+    callback=_local_store,
     help="The fpstore store folder.",
+)
+# For the commands that also work on object storage (see fpstore/store/remote.py).
+store_url_option = click.option(
+    "--store",
+    "store_path",
+    default=lambda: os.environ.get("FPSTORE_STORE", DEFAULT_STORE),
+    show_default=f"$FPSTORE_STORE or ./{DEFAULT_STORE}",
+    callback=_any_store,
+    help="The fpstore store: a folder, or an object-storage URL such as s3://bucket/prefix.",
 )
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")

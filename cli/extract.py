@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_url_option
 
 
 def _patches(value: str) -> int | None:
@@ -45,10 +45,15 @@ def _patches(value: str) -> int | None:
 @click.option("--force", is_flag=True,
               help="Re-extract slides whose stored fingerprints were made with other settings.")
 @seed_option
-@store_option
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this process and its readers; ray: a Ray cluster (pip install "
+                   "'fpstore[ray]'), needed for object-storage stores. See docs/scaling.md.")
+@click.option("--address", help="--engine ray: the cluster to join ('auto', HOST:PORT, "
+                                "ray://HOST:10001); default: start Ray on this machine.")
+@store_url_option
 @json_option
 def extract(cohort, encoder, checkpoint, weights, patches, device, precision, batch_size,
-            num_workers, compile_, force, seed, store_path, as_json):
+            num_workers, compile_, force, engine, address, seed, store_path, as_json):
     """Encode the tissue patches of a cohort's slides into fingerprints.
 
     One Parquet file per slide under STORE/fingerprints/encoder=ID/cohort=NAME/. Reruns skip
@@ -65,7 +70,15 @@ def extract(cohort, encoder, checkpoint, weights, patches, device, precision, ba
     config = ExtractConfig(encoder=encoder, encoder_options=options, patches=_patches(patches),
                            device=device, precision=precision, batch_size=batch_size,
                            num_workers=num_workers, compile=compile_, force=force, seed=seed)
-    summary = run_extract(store_path, cohort, config, progress=not as_json)
+    if engine == "ray":
+        from fpstore.extract.ray_engine import RayConfig, extract_on_ray
+
+        summary = extract_on_ray(store_path, cohort, config, RayConfig(address=address),
+                                 progress=not as_json)
+    elif address:
+        raise click.BadParameter("--address joins a Ray cluster: add --engine ray", param_hint="--address")
+    else:
+        summary = run_extract(store_path, cohort, config, progress=not as_json)
     if as_json:
         echo_json(summary.to_dict())
     else:

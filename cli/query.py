@@ -8,14 +8,14 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, store_option
+from fpstore.cli.common import echo_json, echo_table, json_option, store_option, store_url_option
 
 
 @click.command("sql")
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-@store_option
+@store_url_option
 def sql(query, fmt, store_path):
     """Run a SQL QUERY over the store's views.
 

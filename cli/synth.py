@@ -16,7 +16,8 @@ def _size(ctx, param, value):
     try:
         w, h = (int(v) for v in value.lower().split("x"))
     except ValueError:
-        raise click.BadParameter(f"{value!r}: give WIDTHxHEIGHT in level-0 pixels, e.g. 40000x30000")
+        raise click.BadParameter(
+            f"{value!r}: give WIDTHxHEIGHT in level-0 pixels, e.g. 40000x30000") from None
     if not (512 <= w <= 200_000 and 512 <= h <= 200_000):
         raise click.BadParameter(f"{value!r}: each side must be within 512..200000 px")
     return w, h

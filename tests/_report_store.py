@@ -16,8 +16,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fpstore.store.schema import (LABELS, PATCH_PREDICTIONS, PATIENT_PREDICTIONS, SLIDES, TISSUE,
-                                  file_metadata, fingerprint_schema, patch_id)
+from fpstore.store.schema import (
+    LABELS,
+    PATCH_PREDICTIONS,
+    PATIENT_PREDICTIONS,
+    SLIDES,
+    TISSUE,
+    file_metadata,
+    fingerprint_schema,
+    patch_id,
+)
 
 SLIDE = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
 WIDTH, HEIGHT, MPP = 2220, 2967, 0.499
@@ -60,11 +68,34 @@ def build_store(root: Path) -> Path:
     cohort_dir = store / "cohorts" / COHORT
     cohort_dir.mkdir(parents=True)
     (cohort_dir / "cohort.json").write_text(json.dumps({"name": COHORT}))
-    _write(pa.Table.from_pylist([
-        {"slide_id": s, "patient_id": p, "path": str(SLIDE), "site": site, "mpp_override": None}
-        for s, p, site in zip(slides, patients, sites)], schema=SLIDES), cohort_dir / "slides.parquet", "slides")
-    labels = [{"patient_id": p, "marker": m, "status": st if m == "ER" else None, "raw_value": "x", "site": site}
-              for p, st, site in zip(patients, status, sites) for m in ("ER", "PR")]
+    _write(
+        pa.Table.from_pylist(
+            [
+                {
+                    "slide_id": s,
+                    "patient_id": p,
+                    "path": str(SLIDE),
+                    "site": site,
+                    "mpp_override": None,
+                }
+                for s, p, site in zip(slides, patients, sites)
+            ],
+            schema=SLIDES,
+        ),
+        cohort_dir / "slides.parquet",
+        "slides",
+    )
+    labels = [
+        {
+            "patient_id": p,
+            "marker": m,
+            "status": st if m == "ER" else None,
+            "raw_value": "x",
+            "site": site,
+        }
+        for p, st, site in zip(patients, status, sites)
+        for m in ("ER", "PR")
+    ]
     _write(pa.Table.from_pylist(labels, schema=LABELS), cohort_dir / "labels.parquet", "labels")
 
     x_all, y_all, col_all, row_all = grid_xy()
@@ -75,46 +106,117 @@ def build_store(root: Path) -> Path:
         for j in pick:
             k = int(rng.integers(0, 4))
             pid = patch_id(slide, x_all[j], y_all[j], STEP)
-            fp_rows.append({"patient_id": patient, "slide_id": slide, "patch_id": pid, "site": site,
-                            "x": int(x_all[j]), "y": int(y_all[j]), "size_px": float(STEP),
-                            "x_um": x_all[j] * MPP, "y_um": y_all[j] * MPP, "patch_um": 112.0,
-                            "out_px": 224, "tissue_fraction": 1.0})
+            fp_rows.append(
+                {
+                    "patient_id": patient,
+                    "slide_id": slide,
+                    "patch_id": pid,
+                    "site": site,
+                    "x": int(x_all[j]),
+                    "y": int(y_all[j]),
+                    "size_px": float(STEP),
+                    "x_um": x_all[j] * MPP,
+                    "y_um": y_all[j] * MPP,
+                    "patch_um": 112.0,
+                    "out_px": 224,
+                    "tissue_fraction": 1.0,
+                }
+            )
             vectors.append(centres[k] + rng.normal(size=DIM))
             if slide != "S00":
                 patch_rows.append((slide, pid, CLUSTER_SCORE[k] + rng.normal() * 0.05))
     schema = fingerprint_schema(DIM)
     for slide in slides:
         keep = [n for n, r in enumerate(fp_rows) if r["slide_id"] == slide]
-        columns = {f.name: [fp_rows[n][f.name] for n in keep] for f in schema if f.name != "fingerprint"}
+        columns = {
+            f.name: [fp_rows[n][f.name] for n in keep] for f in schema if f.name != "fingerprint"
+        }
         flat = pa.array(np.asarray([vectors[n] for n in keep], np.float32).ravel())
         columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(flat, DIM)
-        _write(pa.table(columns, schema=schema),
-               store / "fingerprints" / f"encoder={ENCODER}" / f"cohort={COHORT}" / f"{slide}.parquet",
-               "fingerprints", encoder=ENCODER)
+        _write(
+            pa.table(columns, schema=schema),
+            store / "fingerprints" / f"encoder={ENCODER}" / f"cohort={COHORT}" / f"{slide}.parquet",
+            "fingerprints",
+            encoder=ENCODER,
+        )
     # Slide S00: every square scored, for the heatmap.
     for x, y, col in zip(x_all, y_all, col_all):
         patch_rows.append(("S00", patch_id("S00", x, y, STEP), s00_score(col)))
-    tissue = [{"slide_id": "S00", "patch_id": patch_id("S00", x, y, STEP), "tissue_type": s00_type(row),
-               "p_background": 0.1, "p_epithelium": 0.6, "p_stroma": 0.2, "p_fat": 0.1, "method": "rules"}
-              for x, y, row in zip(x_all, y_all, row_all)]
-    _write(pa.Table.from_pylist(tissue, schema=TISSUE), store / "tissue" / f"cohort={COHORT}" / "S00.parquet", "tissue")
+    tissue = [
+        {
+            "slide_id": "S00",
+            "patch_id": patch_id("S00", x, y, STEP),
+            "tissue_type": s00_type(row),
+            "p_background": 0.1,
+            "p_epithelium": 0.6,
+            "p_stroma": 0.2,
+            "p_fat": 0.1,
+            "method": "rules",
+        }
+        for x, y, row in zip(x_all, y_all, row_all)
+    ]
+    _write(
+        pa.Table.from_pylist(tissue, schema=TISSUE),
+        store / "tissue" / f"cohort={COHORT}" / "S00.parquet",
+        "tissue",
+    )
 
     for run_id, method, noise in (("mil-run", "mil", 1.0), ("logreg-run", "logreg", 1.5)):
         folder = store / "runs" / run_id
         folder.mkdir(parents=True)
-        (folder / "run.json").write_text(json.dumps(
-            {"run_id": run_id, "cohort": COHORT, "marker": "ER", "method": method, "encoder": ENCODER, "pool": "all"}))
+        (folder / "run.json").write_text(
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "cohort": COHORT,
+                    "marker": "ER",
+                    "method": method,
+                    "encoder": ENCODER,
+                    "pool": "all",
+                }
+            )
+        )
         signed = np.array(status) * 2 - 1
         score = np.tanh(0.6 * signed + rng.normal(size=N_PATIENTS) * noise)
         if method != "mil":
             score = (score + 1) / 2
-        _write(pa.Table.from_pylist([
-            {"run_id": run_id, "cohort": COHORT, "patient_id": p, "fold": i % 4, "role": "test",
-             "label": st, "score": float(s), "n_patches": FP_PER_SLIDE}
-            for i, (p, st, s) in enumerate(zip(patients, status, score))], schema=PATIENT_PREDICTIONS),
-            folder / "patients.parquet", "patients")
+        _write(
+            pa.Table.from_pylist(
+                [
+                    {
+                        "run_id": run_id,
+                        "cohort": COHORT,
+                        "patient_id": p,
+                        "fold": i % 4,
+                        "role": "test",
+                        "label": st,
+                        "score": float(s),
+                        "n_patches": FP_PER_SLIDE,
+                    }
+                    for i, (p, st, s) in enumerate(zip(patients, status, score))
+                ],
+                schema=PATIENT_PREDICTIONS,
+            ),
+            folder / "patients.parquet",
+            "patients",
+        )
         if method == "mil":
-            _write(pa.Table.from_pylist([
-                {"run_id": run_id, "cohort": COHORT, "slide_id": s, "patch_id": pid, "fold": 0, "score": float(v)}
-                for s, pid, v in patch_rows], schema=PATCH_PREDICTIONS), folder / "patches.parquet", "patches")
+            _write(
+                pa.Table.from_pylist(
+                    [
+                        {
+                            "run_id": run_id,
+                            "cohort": COHORT,
+                            "slide_id": s,
+                            "patch_id": pid,
+                            "fold": 0,
+                            "score": float(v),
+                        }
+                        for s, pid, v in patch_rows
+                    ],
+                    schema=PATCH_PREDICTIONS,
+                ),
+                folder / "patches.parquet",
+                "patches",
+            )
     return store

@@ -1,14 +1,21 @@
-"""Fingerprint maps: structure kept, clusters picked by their scores, montages from distinct patients."""
+"""Fingerprint maps: structure kept, clusters picked by score, montages from distinct patients."""
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from _report_store import FP_PER_SLIDE, N_PATIENTS, build_store
 from PIL import Image
 
-from _report_store import FP_PER_SLIDE, N_PATIENTS, build_store
 from fpstore.errors import ConfigError, StoreError
-from fpstore.report.embed import (ClusterConfig, EmbedConfig, embed_cohort, embed_points,
-                                  scaled_scores, select_clusters)
+from fpstore.report.embed import (
+    ClusterConfig,
+    EmbedConfig,
+    embed_cohort,
+    embed_points,
+    scaled_scores,
+    select_clusters,
+)
 from fpstore.report.montage import SIGN_COLORS, montage_image
 
 
@@ -57,11 +64,15 @@ def test_select_clusters_picks_strong_clusters_with_one_patch_per_patient():
     xy = centres[which] + rng.normal(size=(600, 2))
     scores = np.array([0.9, -0.7, 0.05, -0.1])[which] + rng.normal(size=600) * 0.05
     patients = rng.integers(0, 8, 600)
-    labels, clusters = select_clusters(xy, scores, patients, ClusterConfig(n_clusters=4, per_cluster=5))
+    labels, clusters = select_clusters(
+        xy, scores, patients, ClusterConfig(n_clusters=4, per_cluster=5)
+    )
     assert len(set(labels)) == 4
     assert [c.sign for c in clusters] == ["negative", "positive"]
     neg, pos = clusters
-    assert np.allclose(neg.centre, centres[1], atol=0.5) and np.allclose(pos.centre, centres[0], atol=0.5)
+    assert np.allclose(neg.centre, centres[1], atol=0.5) and np.allclose(
+        pos.centre, centres[0], atol=0.5
+    )
     assert neg.mean_score == pytest.approx(-0.7, abs=0.02)
     for c in clusters:
         assert len(c.members) == 5 and len(set(patients[c.members])) == 5
@@ -88,8 +99,14 @@ def test_montage_image_layout():
 
 def test_embed_cohort_writes_map_clusters_and_montages(tmp_path):
     store = build_store(tmp_path / "store")
-    result = embed_cohort(store, "toy", tmp_path / "embed", run_id="mil-run",
-                          color_by=("prediction", "label", "patient"), config=EmbedConfig(seed=0))
+    result = embed_cohort(
+        store,
+        "toy",
+        tmp_path / "embed",
+        run_id="mil-run",
+        color_by=("prediction", "label", "patient"),
+        config=EmbedConfig(seed=0),
+    )
     assert result.encoder == "toy-enc"  # the run's encoder
     assert (result.n_points, result.n_patients) == (N_PATIENTS * FP_PER_SLIDE, N_PATIENTS)
     table = pq.read_table(result.table)
@@ -115,11 +132,34 @@ def test_embed_cohort_writes_map_clusters_and_montages(tmp_path):
 
 def test_embed_cohort_subsamples_and_names_missing_inputs(tmp_path):
     store = build_store(tmp_path / "store")
-    result = embed_cohort(store, "toy", tmp_path / "embed", color_by=("site",),
-                          config=EmbedConfig(max_points=100))
+    result = embed_cohort(
+        store, "toy", tmp_path / "embed", color_by=("site",), config=EmbedConfig(max_points=100)
+    )
     assert result.n_points == 100 and result.clusters == []
     assert any("100 of 400" in n for n in result.notes)
+    # A run without patch scores: the map is drawn by label, the note says why not by prediction.
+    by_label = embed_cohort(
+        store, "toy", tmp_path / "e1", run_id="logreg-run", config=EmbedConfig(max_points=100)
+    )
+    assert set(by_label.figures) == {"label", "site"} and by_label.clusters == []
+    assert any("no patch scores" in n for n in by_label.notes)
     with pytest.raises(StoreError, match="encoder"):
         embed_cohort(store, "toy", tmp_path / "e2", encoder="nope")
     with pytest.raises(StoreError, match="0 encoders"):
         embed_cohort(store, "other", tmp_path / "e3")
+
+
+def test_unreadable_slides_cost_the_montages_not_the_map(tmp_path):
+    store = build_store(tmp_path / "store")
+    slides_path = store / "cohorts" / "toy" / "slides.parquet"
+    slides = pq.read_table(slides_path)
+    moved = slides.set_column(
+        slides.column_names.index("path"), "path", pa.array(["/gone/x.svs"] * slides.num_rows)
+    )
+    pq.write_table(moved, slides_path)
+    result = embed_cohort(
+        store, "toy", tmp_path / "embed", run_id="mil-run", color_by=("prediction",)
+    )
+    assert result.clusters and result.montages == []
+    assert any("no cluster montages" in n and "/gone/x.svs" in n for n in result.notes)
+    assert result.figures["prediction"].is_file()

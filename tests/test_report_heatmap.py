@@ -4,15 +4,22 @@ import json
 
 import numpy as np
 import pytest
+from _report_store import N_COLS, N_ROWS, STEP, build_store, s00_score, s00_type
 from click.testing import CliRunner
+from fpstore.cli.main import cli
 from PIL import Image
 
-from _report_store import N_COLS, N_ROWS, STEP, build_store, s00_score, s00_type
-from fpstore.cli.main import cli
 from fpstore.errors import ConfigError, StoreError
 from fpstore.report.geojson import patches_geojson
-from fpstore.report.heatmap import (NO_DATA, TISSUE_COLORS, paint, patch_grid, score_colors,
-                                    slide_heatmap, tissue_colors)
+from fpstore.report.heatmap import (
+    NO_DATA,
+    TISSUE_COLORS,
+    paint,
+    patch_grid,
+    score_colors,
+    slide_heatmap,
+    tissue_colors,
+)
 
 MAX_PX = 256
 
@@ -77,7 +84,7 @@ def test_prediction_map_greys_follow_the_stored_scores(s00):
         greys.append(int(rgb[0]))
     assert greys == sorted(greys) and greys[0] == 0 and greys[-1] == 255
     # Right of the last whole square (x > 9 * 224 = 2016 px) nothing was scored.
-    assert (pred[:, int(2100 / downsample):] == NO_DATA).all()
+    assert (pred[:, int(2100 / downsample) :] == NO_DATA).all()
 
 
 def test_tissue_map_colours_follow_the_stored_types(s00):
@@ -115,8 +122,10 @@ def test_geojson_has_one_square_per_patch_in_level0_pixels_with_qupath_propertie
     assert props["score"] == pytest.approx(s00_score(2), abs=1e-6)
     assert props["measurements"]["score"] == props["score"]
     assert props["tissue_type"] == s00_type(1)
-    assert props["classification"] == {"name": s00_type(1).capitalize(),
-                                       "color": list(TISSUE_COLORS[s00_type(1)])}
+    assert props["classification"] == {
+        "name": s00_type(1).capitalize(),
+        "color": list(TISSUE_COLORS[s00_type(1)]),
+    }
 
 
 def test_geojson_without_tissue_types_has_no_classification():
@@ -136,8 +145,23 @@ def test_missing_run_or_slide_scores_explain_the_fix(store, tmp_path):
 
 
 def test_cli_heatmap_writes_figures_and_prints_json(store, tmp_path):
-    result = CliRunner().invoke(cli, ["heatmap", "--store", str(store), "--run", "mil-run",
-                                      "--slide", "S00", "--max-px", "128", "--out", str(tmp_path), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "heatmap",
+            "--store",
+            str(store),
+            "--run",
+            "mil-run",
+            "--slide",
+            "S00",
+            "--max-px",
+            "128",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     [row] = json.loads(result.output)
     assert row["slide_id"] == "S00" and row["n_patches"] == N_COLS * N_ROWS

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from _report_store import build_store
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from _report_store import build_store
 from fpstore.report.roc import FPR_GRID, plot_roc, roc_band, roc_curve, run_roc_curves, tpr_at
 from fpstore.report.runs import load_run
 
@@ -13,7 +13,13 @@ from fpstore.report.runs import load_run
 def test_tpr_at_takes_the_highest_tpr_reached_at_each_fpr():
     fpr = np.array([0.0, 0.0, 0.5, 0.5, 1.0])
     tpr = np.array([0.0, 0.5, 0.5, 1.0, 1.0])
-    assert tpr_at(fpr, tpr, np.array([0.0, 0.25, 0.5, 0.75, 1.0])).tolist() == [0.5, 0.5, 1.0, 1.0, 1.0]
+    assert tpr_at(fpr, tpr, np.array([0.0, 0.25, 0.5, 0.75, 1.0])).tolist() == [
+        0.5,
+        0.5,
+        1.0,
+        1.0,
+        1.0,
+    ]
 
 
 def test_curve_auc_ci_and_band_are_consistent():
@@ -26,7 +32,9 @@ def test_curve_auc_ci_and_band_are_consistent():
     assert (curve.n_pos, curve.n_neg) == (60, 40)
     grid, low, high = curve.band
     assert (low <= high).all() and low.min() >= 0 and high.max() <= 1
-    inside = (low <= tpr_at(curve.fpr, curve.tpr, grid) + 1e-9) & (tpr_at(curve.fpr, curve.tpr, grid) <= high + 1e-9)
+    inside = (low <= tpr_at(curve.fpr, curve.tpr, grid) + 1e-9) & (
+        tpr_at(curve.fpr, curve.tpr, grid) <= high + 1e-9
+    )
     assert inside.mean() > 0.9
     # A stronger signal gives a narrower band.
     sharp = roc_curve(y, y * 3.0 + rng.normal(size=100), "sharp", n_boot=300, seed=1)
@@ -47,7 +55,9 @@ def test_run_curves_and_figure(tmp_path):
     [curve] = run_roc_curves(run, n_boot=200)
     labels = run.patients.column("label").to_numpy()
     assert curve.label == "toy test"
-    assert curve.auc == pytest.approx(roc_auc_score(labels, run.patients.column("score").to_numpy()))
+    assert curve.auc == pytest.approx(
+        roc_auc_score(labels, run.patients.column("score").to_numpy())
+    )
     path = plot_roc([curve], tmp_path / "roc.png", "ER")
     image = np.asarray(Image.open(path).convert("RGB"))
     assert image.shape == (450, 450, 3)

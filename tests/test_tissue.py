@@ -402,7 +402,7 @@ def test_rules_on_synthetic_sites_never_tuned_on(synth_store):
     rules = report.methods[0]
     assert not report.slides_without_truth and all(report.truth_counts.values())
     f1 = {t: c["f1"] for t, c in rules.per_class.items()}
-    assert rules.accuracy > 0.7 and f1["background"] > 0.9, f1
+    assert rules.accuracy > 0.7 and f1["background"] > 0.85, f1
     assert min(f1.values()) > 0.5, f1
 
 
@@ -416,4 +416,4 @@ def test_classifier_trained_on_truth_types_another_site(synth_store, tmp_path):
                              models={"fingerprint-logreg": tmp_path / "fp.npz"}, progress=False)
     trained, rules = report.methods
     assert trained.n_patches == rules.n_patches == sum(report.truth_counts.values())
-    assert trained.accuracy > 0.7 and trained.per_class["background"]["f1"] > 0.9
+    assert trained.accuracy > 0.7 and trained.per_class["background"]["f1"] > 0.85

@@ -161,8 +161,7 @@ class Bags:
 
     def mean_features(self) -> np.ndarray:
         """(P, dim) mean fingerprint per patient."""
-        sums = np.zeros((self.n_patients, self.dim), dtype=np.float64)
-        np.add.at(sums, self.bag_index, self.features)
+        sums = _segment_sum(self.features, self.bag_index, self.n_patients)
         return (sums / np.maximum(self.n_patches(), 1)[:, None]).astype(np.float32)
 
     def mean_per_tissue(self, types: tuple[str, ...]) -> np.ndarray:
@@ -177,12 +176,21 @@ class Bags:
         blocks = []
         for t in types:
             mask = self.tissue == t
-            sums = np.zeros((self.n_patients, self.dim), dtype=np.float64)
-            np.add.at(sums, self.bag_index[mask], self.features[mask])
+            sums = _segment_sum(self.features[mask], self.bag_index[mask], self.n_patients)
             count = np.bincount(self.bag_index[mask], minlength=self.n_patients)
             blocks.append(sums / np.maximum(count, 1)[:, None])
             blocks.append((count / total)[:, None])
         return np.hstack(blocks).astype(np.float32)
+
+
+def _segment_sum(values: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
+    """Row sums of ``values`` grouped by ``index`` (0..n-1), as one sparse matrix product
+    (np.add.at is ~100x slower on a (N, 512) matrix)."""
+    from scipy.sparse import csr_matrix
+
+    pool = csr_matrix((np.ones(len(index), np.float32), (index, np.arange(len(index)))),
+                      shape=(n, len(index)))
+    return np.asarray(pool @ values, dtype=np.float64)
 
 
 def align_labels(bags: Bags, patient_ids, status) -> tuple[Bags, np.ndarray, dict]:

@@ -70,17 +70,16 @@ class PooledLogReg(ClassifierMixin, BaseEstimator):
         y = _check_fit(bags, y)
         x = pooled_features(bags, cfg.pooling)
         grid = cfg.c_grid if eval_set is not None else (float(np.median(cfg.c_grid)),)
+        es_y = None if eval_set is None else np.asarray(eval_set[1])
+        es_x = None if eval_set is None else pooled_features(eval_set[0], cfg.pooling)
         best = None
         for c in grid:
             model = make_pipeline(
                 StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=cfg.seed)
             ).fit(x, y)
             score = 0.0
-            if eval_set is not None:
-                es_bags, es_y = eval_set
-                es_y = np.asarray(es_y)
-                if len(np.unique(es_y)) == 2:
-                    score = auc(es_y, model.decision_function(pooled_features(es_bags, cfg.pooling)))
+            if es_y is not None and len(np.unique(es_y)) == 2:
+                score = auc(es_y, model.decision_function(es_x))
             if best is None or score > best[0]:
                 best = (score, c, model)
         self.es_score_, self.c_, self.model_ = best

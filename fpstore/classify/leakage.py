@@ -37,7 +37,7 @@ def site_probe(bags: Bags, n_folds: int = 5, seed: int = 0) -> dict:
         return result
     x = bags.mean_features()[keep]
     target = sites[keep]
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     proba = cross_val_predict(model, x, target, cv=folds, method="predict_proba")
     classes = np.unique(target)

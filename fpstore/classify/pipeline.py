@@ -108,11 +108,13 @@ def _groups(dataset, split: str, folds: int, seed: int) -> dict:
 
 def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool = True) -> dict:
     """Cross-validate one method on a cohort (and test it on --external); save the run."""
-    from fpstore.classify.data import load_dataset, resolve_encoder
+    from fpstore.classify.data import cohort_table, load_dataset, resolve_encoder
     from fpstore.classify.protocol import cross_validate, external_validate
     from fpstore.classify.runs import new_run_id, save_run
 
     store = Path(store)
+    for name in filter(None, (cfg.cohort, cfg.external)):
+        cohort_table(store, name, "labels")  # an unknown cohort fails first, naming the known ones
     encoder = None if cfg.method == "patch-cnn" else resolve_encoder(store, cfg.cohort, cfg.encoder)
     data = load_dataset(store, cfg.cohort, cfg.marker, encoder, cfg.pool)
     groups = _groups(data, cfg.split, cfg.folds, cfg.seed)
@@ -133,7 +135,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         ext = external_validate(
             data.bags, data.y, ext_data.bags, ext_data.y,
             test_images=_images(store, cfg.external, ext_data.bags, cfg.method), **common)
-        document["external"] = {**ext.to_dict(), "data": ext_data.summary()}
+        document["external_validation"] = {**ext.to_dict(), "data": ext_data.summary()}
         predictions.append((cfg.external, "external", ext.predictions))
     if cfg.site_probe:
         document["site_probe"] = _probe(data.bags, cfg.folds, cfg.seed)
@@ -157,12 +159,14 @@ def _pool_types(pool: str) -> int:
 
 def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool = True) -> dict:
     """methods x encoders x pools on identical splits, with CIs and DeLong p-values."""
-    from fpstore.classify.data import available_encoders, load_bags, load_dataset
+    from fpstore.classify.data import available_encoders, cohort_table, load_bags, load_dataset
     from fpstore.classify.protocol import Entry, compare as run_compare
     from fpstore.classify.runs import new_run_id, save_run
     from fpstore.store.io import write_json_atomic
 
     store = Path(store)
+    for name in filter(None, (cfg.cohort, cfg.external)):
+        cohort_table(store, name, "labels")
     encoders = cfg.encoders or tuple(available_encoders(store, cfg.cohort))
     feature_methods = [m for m in cfg.methods if m in FEATURE_METHODS]
     if feature_methods and not encoders:
@@ -182,6 +186,9 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
             name = f"{method} | {encoder or 'pixels'} | {pool}"
             if method.endswith("-tissue") and _pool_types(pool) < 2:
                 continue  # one tissue type: the per-type mean is the plain mean
+            if method.endswith("-tissue") and loaded[encoder][0][0].tissue is None:
+                skipped.append({"name": name, "reason": "no tissue types; run `fpstore tissue predict`"})
+                continue
             try:
                 data = load_dataset(store, cfg.cohort, cfg.marker, encoder, pool, *loaded[encoder][0])
                 ext = (load_dataset(store, cfg.external, cfg.marker, encoder, pool, *loaded[encoder][1])

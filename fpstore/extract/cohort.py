@@ -33,6 +33,7 @@ from fpstore.extract.clinical import (
 from fpstore.extract.slide_list import SlideEntry, list_slides, slide_id_of
 from fpstore.extract.slides import load_mpp_overrides
 from fpstore.store.io import write_parquet_atomic
+from fpstore.store.remote import RemotePath, store_root
 from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES, file_metadata, read_metadata
 
 FORMATS = ("tcga", "csv")
@@ -85,7 +86,7 @@ class Cohort:
 
 
 def cohort_dir(store: Path, name: str) -> Path:
-    return Path(store) / "cohorts" / name
+    return store_root(store) / "cohorts" / name
 
 
 def check_name(name: str) -> str:
@@ -377,6 +378,13 @@ def add_cohort(
 def _write(target: Path, slides: pa.Table, labels: pa.Table, document: dict) -> None:
     """Build the cohort in a temporary folder, then swap it in: readers see old or new,
     never half."""
+    if isinstance(target, RemotePath):
+        # No folder rename on object storage: publish the tables, then cohort.json (the key
+        # load_cohort looks for) last.
+        for table, kind in ((slides, "slides"), (labels, "labels")):
+            write_parquet_atomic(table, target / f"{kind}.parquet", file_metadata(kind, cohort=target.name))
+        (target / "cohort.json").write_bytes(json.dumps(document, indent=2).encode())
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -401,7 +409,7 @@ def _write(target: Path, slides: pa.Table, labels: pa.Table, document: dict) -> 
 
 def list_cohorts(store: Path) -> list[dict]:
     """One row per cohort of the store: name, format, patients, slides, created."""
-    root = Path(store) / "cohorts"
+    root = store_root(store) / "cohorts"
     rows = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         doc_path = folder / "cohort.json"

@@ -36,6 +36,7 @@ from fpstore.config import PatchSpec, check_choice, check_range
 from fpstore.errors import FpstoreError, StoreError
 from fpstore.store.featurestore import check_partition_value, fingerprint_path, status_path
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
+from fpstore.store.remote import is_remote, store_root
 from fpstore.store.schema import SCHEMA_VERSION, file_metadata, fingerprint_schema, patch_id, read_metadata
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -223,19 +224,33 @@ def _grid(row: dict, spec: PatchSpec):
         return slide.info, patch_grid(slide, spec, tissue_mask(slide))
 
 
+def grid_or_error(row: dict, spec: PatchSpec):
+    """(slide info, grid, "") of one cohort slide, or (None, None, the error) for a bad one."""
+    try:
+        return (*_grid(row, spec), "")
+    except FpstoreError as error:
+        return None, None, str(error)
+
+
 def plan_slides(rows: list[dict], spec: PatchSpec, n: int | None, seed: int,
-                failed: dict[str, str], progress: bool = True) -> dict[str, SlidePlan]:
-    """Tissue patches of each slide, n sampled per patient (pooled over its slides)."""
+                failed: dict[str, str], progress: bool = True, map_fn=map) -> dict[str, SlidePlan]:
+    """Tissue patches of each slide, n sampled per patient (pooled over its slides).
+
+    ``map_fn(grid_or_error, rows, specs)`` yields one grid per row in order: the builtin map
+    here, Ray tasks in fpstore.extract.ray_engine.
+    """
     from tqdm import tqdm
 
     from fpstore.extract.grid import sample_patches
 
     infos, grids = {}, {}
-    for row in tqdm(rows, desc="planning", unit="slide", disable=not progress, leave=False):
-        try:
-            infos[row["slide_id"]], grids[row["slide_id"]] = _grid(row, spec)
-        except FpstoreError as error:
-            failed[row["slide_id"]] = str(error)
+    mapped = map_fn(grid_or_error, rows, [spec] * len(rows))
+    for row, (info, grid, error) in tqdm(zip(rows, mapped), total=len(rows), desc="planning",
+                                         unit="slide", disable=not progress, leave=False):
+        if error:
+            failed[row["slide_id"]] = error
+        else:
+            infos[row["slide_id"]], grids[row["slide_id"]] = info, grid
     patients = {r["slide_id"]: r["patient_id"] for r in rows}
     sampled = sample_patches(grids, n, seed, patients=patients)
     by_id = {r["slide_id"]: r for r in rows}
@@ -246,6 +261,22 @@ def plan_slides(rows: list[dict], spec: PatchSpec, n: int | None, seed: int,
         plans[slide_id] = SlidePlan(slide_id, row["patient_id"], row.get("site"), row["path"],
                                     info.mpp, size, table)
     return plans
+
+
+def slide_table(plan: SlidePlan, spec: PatchSpec, encoder, key: dict, cohort: str,
+                vectors: np.ndarray) -> tuple[pa.Table, dict]:
+    """(table, file metadata) of one slide's fingerprint file; ``encoder`` needs only id, dim,
+    weights_hash and preprocessing (the Ray writers get a light copy without the model)."""
+    if not np.isfinite(vectors).all():
+        raise StoreError(f"slide {plan.slide_id}: the encoder returned NaN or inf values")
+    keys = _keys_table(plan, spec)
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), encoder.dim)
+    table = keys.append_column(fingerprint_schema(encoder.dim).field("fingerprint"), column)
+    metadata = file_metadata(
+        "fingerprints", **key, cohort=cohort, slide_id=plan.slide_id,
+        weights_hash=encoder.weights_hash, patch_um=spec.patch_um, out_px=spec.out_px,
+        n_patches=len(plan.keys), preprocessing=json.dumps(encoder.preprocessing.to_dict()))
+    return table, metadata
 
 
 def _keys_table(plan: SlidePlan, spec: PatchSpec) -> pa.Table:
@@ -327,15 +358,23 @@ class _Slot:
 
 
 def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
-            progress: bool = True) -> ExtractSummary:
-    """Extract the fingerprints of every slide of ``cohort`` not yet in the store."""
+            progress: bool = True, engine=None) -> ExtractSummary:
+    """Extract the fingerprints of every slide of ``cohort`` not yet in the store.
+
+    ``engine``: None runs the loop below in this process; a ``RayEngine``
+    (fpstore.extract.ray_engine) plans and extracts on a Ray cluster with the same resume
+    rules, writers and status files.
+    """
     from fpstore.extract.cohort import load_cohort
     from fpstore.extract.encoders import create_encoder, resolve_device
 
     started = time.perf_counter()
-    store = Path(store)
+    store = store_root(store)
+    if engine is None and is_remote(store):
+        raise StoreError(f"store {str(store)!r}: the local engine's per-slide locks need a local "
+                         "folder; extract to object storage with --engine ray")
     slides = load_cohort(store, cohort).slides.to_pylist()
-    device = resolve_device(config.device)
+    device = engine.device(config) if engine else resolve_device(config.device)
     encoder = create_encoder(config.encoder, **config.encoder_options)
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
@@ -363,7 +402,8 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
     todo_patients = {r["patient_id"] for r in pending}
     plan_rows = [r for r in slides if r["patient_id"] in todo_patients]
     failed: dict[str, str] = {}
-    plans = plan_slides(plan_rows, spec, config.patches, config.seed, failed, progress) if plan_rows else {}
+    plans = plan_slides(plan_rows, spec, config.patches, config.seed, failed, progress,
+                        engine.map if engine else map) if plan_rows else {}
     pending_ids = {r["slide_id"] for r in pending}
     for slide_id, error in failed.items():
         if slide_id in pending_ids:
@@ -373,10 +413,14 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
 
     loop_seconds = 0.0
     if order:
-        encoder.prepare(device, config.precision, config.channels_last, config.compile)
-        loop = _Loop(store, cohort, encoder, key, spec, config, device, progress)
         loop_started = time.perf_counter()
-        results.update(loop.run(order))
+        if engine is not None:
+            results.update(engine.run(store, cohort, encoder, key, spec, config, order, progress))
+        else:
+            encoder.prepare(device, config.precision, config.channels_last, config.compile)
+            loop = _Loop(store, cohort, encoder, key, spec, config, device, progress)
+            loop_started = time.perf_counter()
+            results.update(loop.run(order))
         loop_seconds = time.perf_counter() - loop_started
     ordered = [results[r["slide_id"]] for r in slides if r["slide_id"] in results]
     return ExtractSummary(cohort, encoder.id, encoder.hash, device, config.precision, ordered,
@@ -558,17 +602,9 @@ class _Loop:
         slot = self.slots.pop(slot_id)
         plan = slot.plan
         try:
-            if not np.isfinite(slot.vectors).all():
-                raise StoreError(f"slide {plan.slide_id}: the encoder returned NaN or inf values")
-            keys = _keys_table(plan, self.spec)
-            vectors = pa.FixedSizeListArray.from_arrays(pa.array(slot.vectors.ravel()), self.encoder.dim)
-            table = keys.append_column(fingerprint_schema(self.encoder.dim).field("fingerprint"), vectors)
+            table, metadata = slide_table(plan, self.spec, self.encoder, self.key, self.cohort,
+                                          slot.vectors)
             seconds = time.perf_counter() - slot.started
-            metadata = file_metadata(
-                "fingerprints", **self.key, cohort=self.cohort, slide_id=plan.slide_id,
-                weights_hash=self.encoder.weights_hash, patch_um=self.spec.patch_um,
-                out_px=self.spec.out_px, n_patches=len(plan.keys),
-                preprocessing=json.dumps(self.encoder.preprocessing.to_dict()))
             write_parquet_atomic(table, fingerprint_path(self.store, self.encoder.id, self.cohort,
                                                          plan.slide_id), metadata, **PARQUET_OPTIONS)
             _write_status(self.store, self.encoder, self.cohort, plan.slide_id, "ok",

@@ -230,7 +230,7 @@ def restyle(generator: ResnetGenerator, images: np.ndarray, device="cpu", batch_
     ph, pw = (-h) % 4, (-w) % 4
     out = np.empty_like(images)
     for start in range(0, n, batch_size):
-        x = to_unit(torch.from_numpy(np.ascontiguousarray(images[start: start + batch_size])).to(device))
+        x = to_unit(torch.from_numpy(np.array(images[start: start + batch_size])).to(device))
         if ph or pw:
             x = nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

@@ -135,16 +135,19 @@ def extra_cores(slides: list[Path], size: int, mpp: float = 0.5, per_slide: int 
     from tqdm import tqdm
 
     from fpstore.extract.slides import open_slide
-    from fpstore.extract.tma import split_halves, tissue_mask
+    from fpstore.extract.tissue_mask import tissue_mask
+    from fpstore.extract.tma import split_halves
 
     lefts, rights, items = [], [], []
     for path in tqdm(slides, desc="extra cores", unit="slide", disable=not progress):
         slide = open_slide(path)
         try:
-            thumb, down = slide.thumbnail(1024)
+            found = tissue_mask(slide)
+            down = found.downsample
             side = size * mpp / slide.info.mpp  # level-0 px
             win = max(1, int(round(side / down)))
-            density = cv2.blur(tissue_mask(thumb).astype(np.float32), (win, win))
+            # Zero outside the slide, so the best window lies on it.
+            density = cv2.blur(found.mask.astype(np.float32), (win, win), borderType=cv2.BORDER_CONSTANT)
             for k in range(per_slide):
                 cy, cx = np.unravel_index(np.argmax(density), density.shape)
                 if density[cy, cx] < 0.5:
@@ -170,52 +173,61 @@ def extra_cores(slides: list[Path], size: int, mpp: float = 0.5, per_slide: int 
 def run_table2(tma_dir: Path, out: Path, config: str = "demo", extra_slides: Path | None = None,
                per_slide: int = 2, cache: Path | None = None, crop_px: int = 1600, progress: bool = True,
                **overrides) -> dict:
-    """Train the four Table 2 networks and play the matching game with each."""
+    """Prepare the arrays (and the large set's pseudo-cores), then ``table2_from_cache``."""
+    prepared = prepare_cores(tma_dir, cache, size=crop_px)
+    train = prepared["train"]
+    folder = Path(cache) if cache else Path(tma_dir) / "cores"
+    slides_dir = Path(extra_slides) if extra_slides else Path(tma_dir).parent / "tcga" / "slides"
+    slides = sorted(p for p in slides_dir.glob("*") if p.suffix.lower() in (".svs", ".tiff", ".tif"))
+    if slides and not (folder / "large" / "cores.json").is_file():
+        small_rows = _rows_for(train, _small_sections(train))
+        extra = extra_cores(slides, train.half_shape[0], train.mpp, per_slide, progress)
+        write_coreset(CoreSet.concat([train.select(small_rows), extra]), folder / "large")
+    result = table2_from_cache(folder, out, config, progress=progress, **overrides)
+    if not slides:
+        result["rows"].append({"note": f"no whole slides in {slides_dir} for the large training set"})
+    return result
+
+
+def _small_sections(train: CoreSet) -> list[str]:
+    return list(dict.fromkeys(train.section.tolist()))[:2]  # the paper's slides 1 and 2
+
+
+def table2_from_cache(folder: Path, out: Path, config: str = "demo", progress: bool = True, **overrides) -> dict:
+    """Train the four Table 2 networks from a prepared cache (``folder``/train, /test and,
+    when present, /large) and play the matching game with each; writes ``out``/table2.json."""
     from fpstore.fingerprint.matching import play
 
-    out = Path(out)
+    folder, out = Path(folder), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = get_config(config, **overrides)
     device = resolve_device(cfg.device)
-    prepared = prepare_cores(tma_dir, cache, size=crop_px)
-    train, test = prepared["train"], prepared["test"]
-    folder = Path(cache) if cache else Path(tma_dir) / "cores"
-    sections = list(dict.fromkeys(train.section.tolist()))[:2]  # the paper's slides 1 and 2
-    small_rows = _rows_for(train, sections)
-    sets = {"small": (folder / "train", train, small_rows)}
-    slides_dir = Path(extra_slides) if extra_slides else Path(tma_dir).parent / "tcga" / "slides"
-    slides = sorted(p for p in slides_dir.glob("*") if p.suffix.lower() in (".svs", ".tiff", ".tif"))
-    if slides:
-        large_folder = folder / "large"
-        if not (large_folder / "cores.json").is_file():
-            extra = extra_cores(slides, train.half_shape[0], train.mpp, per_slide, progress)
-            write_coreset(CoreSet.concat([train.select(small_rows), extra]), large_folder)
-        large = load_coreset(large_folder)
-        sets["large"] = (large_folder, large, np.arange(len(large)))
+    train, test = load_coreset(folder / "train"), load_coreset(folder / "test")
+    sets = {"small": (folder / "train", train, _rows_for(train, _small_sections(train)))}
+    if (folder / "large" / "cores.json").is_file():
+        large = load_coreset(folder / "large")
+        sets["large"] = (folder / "large", large, np.arange(len(large)))
     gan, rows_out = None, []
-    for number, (size, style_on) in enumerate([(s, st) for st in (False, True) for s in ("small", "large")], 1):
+    plan = [(size, style_on) for style_on in (False, True) for size in ("small", "large")]
+    for number, (size, style_on) in enumerate(plan, 1):
         if size not in sets:
             continue
         set_folder, cores, rows = sets[size]
-        style, _, trained = restyle_for(set_folder, cores, rows, "cyclegan" if style_on else "none",
-                                        config, device, progress, gan=gan)
+        stain = "cyclegan" if style_on else "none"
+        style, _, trained = restyle_for(set_folder, cores, rows, stain, config, device, progress, gan=gan)
         gan = trained or gan  # one CycleGAN (trained on the small set's two sites) for both sets
         result = train_network(cores, cfg, rows, style=style, progress=progress)
         name = f"exp{number}-{size}-{'style' if style_on else 'nostyle'}"
-        save_checkpoint(out / f"{name}.pt", result.model,
-                        _checkpoint_meta(result, cfg, cores, rows, "cyclegan" if style_on else "none", {}))
+        save_checkpoint(out / f"{name}.pt", result.model, _checkpoint_meta(result, cfg, cores, rows, stain, {}))
         game = play(result.model, result.preprocessing, test, device=device, progress=progress)
         rows_out.append({
             "experiment": number, "training_set": size, "style_transfer": style_on, "network": cfg.arch,
             "train_cores": int(len(rows)), "train_patients": int(len(set(cores.patient_id[rows].tolist()))),
             "test_cores": game.n_cores, "cv_accuracy": result.best_accuracy,
-            "core_accuracy": game.core_accuracy, "patient_accuracy": game.patient_accuracy,
-            "chance_core": game.chance_core, "chance_patient": game.chance_patient,
-            "steps": result.steps, "seconds": round(result.seconds, 1), "checkpoint": str(out / f"{name}.pt"),
+            "core_accuracy": round(game.core_accuracy, 4), "patient_accuracy": round(game.patient_accuracy, 4),
+            "chance_core": round(game.chance_core, 5), "chance_patient": round(game.chance_patient, 5),
+            "steps": result.steps, "seconds": round(result.seconds, 1), "images_per_s": round(result.images_per_s),
+            "sections": game.sections, "checkpoint": str(out / f"{name}.pt"),
         })
         (out / "table2.json").write_text(json.dumps({"config": cfg.to_dict(), "rows": rows_out}, indent=2))
-    rows_out.sort(key=lambda r: r["experiment"])
-    if "large" not in sets:
-        rows_out.append({"note": f"no whole slides in {slides_dir} for the large training set"})
-    (out / "table2.json").write_text(json.dumps({"config": cfg.to_dict(), "rows": rows_out}, indent=2))
     return {"out": str(out), "rows": rows_out}

@@ -78,7 +78,7 @@ class TrainConfig:
 CONFIGS = {
     "demo": TrainConfig(arch="resnet18", patch_px=224, out_px=112, batch_size=32, max_steps=240,
                         eval_every=40, patience=3, warmup_steps=20, eval_per_half=2, num_workers=0),
-    "full": TrainConfig(),
+    "full": TrainConfig(eval_per_half=4),
 }
 
 
@@ -163,6 +163,8 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
     ``style`` names the restyled copies in ``cores.restyled`` to pair with the originals
     (the pair loss); None trains with cross entropy alone.
     """
+    from tqdm import tqdm
+
     rows = np.arange(len(cores)) if rows is None else np.asarray(rows, np.int64)
     if len(rows) == 0:
         raise TrainingError("no training cores selected")
@@ -193,9 +195,6 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
 
     model = FingerprintNet(len(classes), cfg.arch)
     stepper = Stepper(model, cfg, mean, std, device)
-
-    from tqdm import tqdm
-
     history, best = [], {"acc": -1.0, "step": 0, "state": None}
     since_best, stopped, seen = 0, "max_steps", 0
     bar = tqdm(total=cfg.max_steps, desc="train fingerprint", unit="step", file=sys.stderr,
@@ -209,6 +208,8 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
         seen += len(batch["y"]) * (2 if "x2" in batch else 1)
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            if cuda:
+                torch.cuda.synchronize()  # queued steps belong to this window
             now = time.perf_counter()
             rate = (seen - window[1]) / max(1e-9, now - window[0])
             acc = evaluate(model, eval_images, eval_labels, pre, device, cuda)
@@ -229,9 +230,9 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
                     break
             window = (time.perf_counter(), seen)  # evaluation time does not count as training
     bar.close()
+    del batches, loader  # stops the DataLoader workers now, not at garbage collection
     seconds = time.perf_counter() - start
     model.load_state_dict(best["state"])
-    model.float()
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     rates = [h["images_per_s"] for h in history]
     return TrainResult(

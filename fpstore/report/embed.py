@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from fpstore.config import check_choice, check_range
-from fpstore.errors import ConfigError, StoreError
+from fpstore.errors import ConfigError, FpstoreError, StoreError
 
 METHODS = ("tsne", "umap")
 COLOR_BY = ("prediction", "label", "patient", "site")
@@ -72,14 +72,23 @@ def embed_points(vectors: np.ndarray, config: EmbedConfig = EmbedConfig()) -> np
         perplexity = min(config.perplexity, (n - 1) / 3.0)
         # openTSNE's "auto": Barnes-Hut below 10,000 points (FFT's fixed grid costs more
         # there), FFT above. Small maps stay single-threaded: threads only add overhead there.
-        tsne = TSNE(perplexity=perplexity, n_jobs=config.n_jobs if n >= 10_000 else 1,
-                    random_state=config.seed, negative_gradient_method="auto", verbose=False)
+        tsne = TSNE(
+            perplexity=perplexity,
+            n_jobs=config.n_jobs if n >= 10_000 else 1,
+            random_state=config.seed,
+            negative_gradient_method="auto",
+            verbose=False,
+        )
         return np.asarray(tsne.fit(reduced), np.float32)
     import umap
 
     # A seed makes UMAP single-threaded; speed is worth more than bit-identical maps here.
-    model = umap.UMAP(n_neighbors=min(config.n_neighbors, n - 1), n_jobs=config.n_jobs,
-                      init="pca" if n < 4096 else "spectral", low_memory=True)
+    model = umap.UMAP(
+        n_neighbors=min(config.n_neighbors, n - 1),
+        n_jobs=config.n_jobs,
+        init="pca" if n < 4096 else "spectral",
+        low_memory=True,
+    )
     return np.asarray(model.fit_transform(reduced), np.float32)
 
 
@@ -89,7 +98,11 @@ def _pca(vectors: np.ndarray, dims: int, seed: int) -> np.ndarray:
     dims = min(dims, vectors.shape[1], len(vectors) - 1)
     if dims >= vectors.shape[1]:
         return vectors - vectors.mean(axis=0)
-    return PCA(dims, svd_solver="randomized", random_state=seed).fit_transform(vectors).astype(np.float32)
+    return (
+        PCA(dims, svd_solver="randomized", random_state=seed)
+        .fit_transform(vectors)
+        .astype(np.float32)
+    )
 
 
 def scaled_scores(scores, score_range: tuple[float, float]) -> np.ndarray:
@@ -111,8 +124,13 @@ class Cluster:
         return dict(self.__dict__)
 
 
-def select_clusters(xy: np.ndarray, scaled: np.ndarray, patients, config: ClusterConfig = ClusterConfig(),
-                    seed: int = 0) -> tuple[np.ndarray, list[Cluster]]:
+def select_clusters(
+    xy: np.ndarray,
+    scaled: np.ndarray,
+    patients,
+    config: ClusterConfig = ClusterConfig(),
+    seed: int = 0,
+) -> tuple[np.ndarray, list[Cluster]]:
     """(k-means label per point, the selected clusters: most negative first, then most positive)."""
     from sklearn.cluster import KMeans
 
@@ -126,8 +144,8 @@ def select_clusters(xy: np.ndarray, scaled: np.ndarray, patients, config: Cluste
     ok = sizes >= config.min_size
     negative = [c for c in np.argsort(means) if ok[c] and means[c] <= -config.min_enrichment]
     positive = [c for c in np.argsort(-means) if ok[c] and means[c] >= config.min_enrichment]
-    chosen = [(c, "negative") for c in negative[:config.n_select]]
-    chosen += [(c, "positive") for c in positive[:config.n_select]]
+    chosen = [(c, "negative") for c in negative[: config.n_select]]
+    chosen += [(c, "positive") for c in positive[: config.n_select]]
     clusters = []
     for number, (c, sign) in enumerate(chosen, start=1):
         index = np.flatnonzero(labels == c)
@@ -136,14 +154,30 @@ def select_clusters(xy: np.ndarray, scaled: np.ndarray, patients, config: Cluste
         # Nearest first, skipping patients already shown: each patch from a different patient.
         _, first = np.unique(patients[order], return_index=True)
         members = order[np.sort(first)][: config.per_cluster]
-        clusters.append(Cluster(number, sign, float(means[c]), int(sizes[c]),
-                                (float(centre[0]), float(centre[1])), members.tolist()))
+        clusters.append(
+            Cluster(
+                number,
+                sign,
+                float(means[c]),
+                int(sizes[c]),
+                (float(centre[0]), float(centre[1])),
+                members.tolist(),
+            )
+        )
     return labels, clusters
 
 
-def plot_embedding(xy: np.ndarray, values, color_by: str, path: Path, clusters=(),
-                   score_range: tuple[float, float] = (-1.0, 1.0), title: str = "",
-                   size_in: float = 6.0, dpi: int = 100) -> Path:
+def plot_embedding(
+    xy: np.ndarray,
+    values,
+    color_by: str,
+    path: Path,
+    clusters=(),
+    score_range: tuple[float, float] = (-1.0, 1.0),
+    title: str = "",
+    size_in: float = 6.0,
+    dpi: int = 100,
+) -> Path:
     """Scatter of the map coloured by prediction (blue-green-red), label, patient or site."""
     import matplotlib
 
@@ -157,8 +191,17 @@ def plot_embedding(xy: np.ndarray, values, color_by: str, path: Path, clusters=(
     if color_by == "prediction":
         # The paper's shading: blue -1 (negative), green 0, red +1 (positive).
         cmap = LinearSegmentedColormap.from_list("bgr", ["#1f3fff", "#2fb84a", "#ff2a1a"])
-        art = ax.scatter(xy[:, 0], xy[:, 1], c=np.asarray(values, np.float64), cmap=cmap,
-                         vmin=score_range[0], vmax=score_range[1], s=point, linewidths=0, rasterized=True)
+        art = ax.scatter(
+            xy[:, 0],
+            xy[:, 1],
+            c=np.asarray(values, np.float64),
+            cmap=cmap,
+            vmin=score_range[0],
+            vmax=score_range[1],
+            s=point,
+            linewidths=0,
+            rasterized=True,
+        )
         fig.colorbar(art, ax=ax, fraction=0.04, pad=0.02, label="prediction")
     else:
         names, codes = np.unique(np.asarray(values, dtype=str), return_inverse=True)
@@ -169,8 +212,15 @@ def plot_embedding(xy: np.ndarray, values, color_by: str, path: Path, clusters=(
                 ax.scatter([], [], color=plt.cm.tab20(i % 20), label=name, s=20)
             ax.legend(fontsize=7, loc="best", markerscale=1.5, title=color_by, title_fontsize=8)
     for cluster in clusters:
-        ax.annotate(str(cluster.number), cluster.centre, fontsize=9, weight="bold", ha="center",
-                    va="center", bbox={"boxstyle": "circle,pad=0.2", "fc": "white", "alpha": 0.8})
+        ax.annotate(
+            str(cluster.number),
+            cluster.centre,
+            fontsize=9,
+            weight="bold",
+            ha="center",
+            va="center",
+            bbox={"boxstyle": "circle,pad=0.2", "fc": "white", "alpha": 0.8},
+        )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title or f"fingerprints coloured by {color_by}", fontsize=10)
@@ -197,9 +247,15 @@ class EmbeddingResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        out = {k: v for k, v in self.__dict__.items() if k not in ("clusters", "figures", "montages")}
-        out.update(table=str(self.table), figures={k: str(v) for k, v in self.figures.items()},
-                   clusters=[c.to_dict() for c in self.clusters], montages=[str(p) for p in self.montages])
+        out = {
+            k: v for k, v in self.__dict__.items() if k not in ("clusters", "figures", "montages")
+        }
+        out.update(
+            table=str(self.table),
+            figures={k: str(v) for k, v in self.figures.items()},
+            clusters=[c.to_dict() for c in self.clusters],
+            montages=[str(p) for p in self.montages],
+        )
         return out
 
 
@@ -208,18 +264,31 @@ def choose_encoder(store: Path, cohort: str, encoder: str | None) -> str:
     if encoder:
         return encoder
     root = Path(store) / "fingerprints"
-    found = sorted(p.parent.name.split("=", 1)[1] for p in root.glob(f"encoder=*/cohort={cohort}")) \
-        if root.is_dir() else []
+    found = (
+        sorted(p.parent.name.split("=", 1)[1] for p in root.glob(f"encoder=*/cohort={cohort}"))
+        if root.is_dir()
+        else []
+    )
     if len(found) != 1:
-        raise StoreError(f"cohort {cohort!r} has fingerprints from {len(found)} encoders "
-                         f"({', '.join(found) or 'none, run `fpstore extract`'}); pass --encoder")
+        raise StoreError(
+            f"cohort {cohort!r} has fingerprints from {len(found)} encoders "
+            f"({', '.join(found) or 'none, run `fpstore extract`'}); pass --encoder"
+        )
     return found[0]
 
 
-def embed_cohort(store: Path, cohort: str, out: Path, encoder: str | None = None,
-                 run_id: str | None = None, marker: str | None = None,
-                 color_by=("prediction", "label", "site"), config: EmbedConfig = EmbedConfig(),
-                 clusters: ClusterConfig = ClusterConfig(), montage_px: int = 112) -> EmbeddingResult:
+def embed_cohort(
+    store: Path,
+    cohort: str,
+    out: Path,
+    encoder: str | None = None,
+    run_id: str | None = None,
+    marker: str | None = None,
+    color_by=("prediction", "label", "site"),
+    config: EmbedConfig = EmbedConfig(),
+    clusters: ClusterConfig = ClusterConfig(),
+    montage_px: int = 112,
+) -> EmbeddingResult:
     """Embed a cohort's fingerprints, colour the map, select clusters and draw their montages.
 
     ``run_id`` gives the patch predictions (colour "prediction" and the cluster selection);
@@ -242,11 +311,15 @@ def embed_cohort(store: Path, cohort: str, out: Path, encoder: str | None = None
     with open_store(store) as fs:
         fp = fs.fingerprints(encoder, cohort)
     if len(fp) < 5:
-        raise StoreError(f"cohort {cohort!r} has {len(fp)} fingerprints for encoder {encoder!r}; "
-                         "an embedding needs at least 5 (run `fpstore extract`)")
+        raise StoreError(
+            f"cohort {cohort!r} has {len(fp)} fingerprints for encoder {encoder!r}; "
+            "an embedding needs at least 5 (run `fpstore extract`)"
+        )
     keys, vectors = fp.keys, fp.vectors
     if config.max_points is not None and len(fp) > config.max_points:
-        keep = np.sort(np.random.default_rng(config.seed).choice(len(fp), config.max_points, replace=False))
+        keep = np.sort(
+            np.random.default_rng(config.seed).choice(len(fp), config.max_points, replace=False)
+        )
         keys, vectors = keys.take(pa.array(keep)), vectors[keep]
         notes.append(f"embedded a random {config.max_points} of {len(fp)} patches")
     seconds["load"] = time.perf_counter() - start
@@ -259,24 +332,36 @@ def embed_cohort(store: Path, cohort: str, out: Path, encoder: str | None = None
     patients = np.asarray(keys.column("patient_id").to_pylist())
     score_range = run.score_range if run else (-1.0, 1.0)
     scores = None
-    if run is not None:
+    if run is not None and not run.patches_path.is_file():
+        notes.append(f"run {run.run_id} stored no patch scores: no prediction colours or clusters")
+    elif run is not None:
         scores = lookup(patch_ids, run.patch_scores(), "score")
         missing = np.array([s is None for s in scores])
         if missing.all():
-            notes.append(f"run {run.run_id} scored none of these patches: no prediction colours or clusters")
+            notes.append(
+                f"run {run.run_id} scored none of these patches: no prediction colours or clusters"
+            )
             scores = None
         else:
             scores = np.where(missing, np.nan, scores).astype(np.float64)
             if missing.any():
-                notes.append(f"{int(missing.sum())} patches have no score in run {run.run_id} (left out of the prediction colours)")
+                notes.append(
+                    f"{int(missing.sum())} patches have no score in run {run.run_id} "
+                    "(left out of the prediction colours)"
+                )
 
     start = time.perf_counter()
     cluster_labels = np.full(len(xy), -1)
     selected: list[Cluster] = []
     if scores is not None:
         scored = np.flatnonzero(np.isfinite(scores))
-        labels_scored, selected = select_clusters(xy[scored], scaled_scores(scores[scored], score_range),
-                                                  patients[scored], clusters, seed=config.seed)
+        labels_scored, selected = select_clusters(
+            xy[scored],
+            scaled_scores(scores[scored], score_range),
+            patients[scored],
+            clusters,
+            seed=config.seed,
+        )
         cluster_labels[scored] = labels_scored
         for c in selected:
             c.members = scored[c.members].tolist()
@@ -293,24 +378,52 @@ def embed_cohort(store: Path, cohort: str, out: Path, encoder: str | None = None
         if values is None:
             continue
         shown = selected if name == "prediction" else ()
-        title = f"{cohort} {encoder} {config.method}: {name}" + (f" ({marker})" if name == "label" else "")
-        figures[name] = plot_embedding(xy, values, name, out / f"embedding_{name}.png", shown,
-                                       score_range, title)
-    montages = cluster_montages(store, cohort, keys, selected, out, montage_px) if selected else []
+        title = f"{cohort} {encoder} {config.method}: {name}" + (
+            f" ({marker})" if name == "label" else ""
+        )
+        figures[name] = plot_embedding(
+            xy, values, name, out / f"embedding_{name}.png", shown, score_range, title
+        )
+    montages = []
+    try:
+        montages = cluster_montages(store, cohort, keys, selected, out, montage_px)
+    except FpstoreError as error:  # slides moved or unreadable: the map is still worth having
+        notes.append(f"no cluster montages: {error}")
     seconds["figures"] = time.perf_counter() - start
 
-    table = pa.table({
-        "patch_id": patch_ids,
-        "patient_id": patients.tolist(),
-        "slide_id": keys.column("slide_id"),
-        "x": xy[:, 0], "y": xy[:, 1],
-        "cluster": pa.array(cluster_labels, pa.int32()),
-        "score": pa.array(scores if scores is not None else np.full(len(xy), np.nan), pa.float32()),
-    })
-    table_path = write_parquet_atomic(table, out / "embedding.parquet", file_metadata(
-        "embedding", encoder=encoder, cohort=cohort, method=config.method, run_id=run_id or ""))
-    return EmbeddingResult(cohort, encoder, config.method, len(xy), len(set(patients.tolist())),
-                           table_path, figures, selected, montages, seconds, notes)
+    table = pa.table(
+        {
+            "patch_id": patch_ids,
+            "patient_id": patients.tolist(),
+            "slide_id": keys.column("slide_id"),
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "cluster": pa.array(cluster_labels, pa.int32()),
+            "score": pa.array(
+                scores if scores is not None else np.full(len(xy), np.nan), pa.float32()
+            ),
+        }
+    )
+    table_path = write_parquet_atomic(
+        table,
+        out / "embedding.parquet",
+        file_metadata(
+            "embedding", encoder=encoder, cohort=cohort, method=config.method, run_id=run_id or ""
+        ),
+    )
+    return EmbeddingResult(
+        cohort,
+        encoder,
+        config.method,
+        len(xy),
+        len(set(patients.tolist())),
+        table_path,
+        figures,
+        selected,
+        montages,
+        seconds,
+        notes,
+    )
 
 
 def _colour_values(name, store, cohort, keys, scores, marker, notes):
@@ -328,5 +441,7 @@ def _colour_values(name, store, cohort, keys, scores, marker, notes):
     from fpstore.report.runs import patient_labels
 
     status = patient_labels(store, cohort, marker)
-    return [{1: f"{marker}+", 0: f"{marker}-"}.get(status.get(p), "missing")
-            for p in keys.column("patient_id").to_pylist()]
+    return [
+        {1: f"{marker}+", 0: f"{marker}-"}.get(status.get(p), "missing")
+        for p in keys.column("patient_id").to_pylist()
+    ]

@@ -20,36 +20,46 @@ from fpstore.report.heatmap import TISSUE_COLORS, UNKNOWN_TISSUE
 OBJECT_TYPES = ("annotation", "detection", "tile")
 
 
-def patches_geojson(x, y, size_px, scores, tissue_types=None, patch_ids=None,
-                    object_type: str = "annotation") -> dict:
+def patches_geojson(
+    x, y, size_px, scores, tissue_types=None, patch_ids=None, object_type: str = "annotation"
+) -> dict:
     """A FeatureCollection with one square per patch (level-0 px), score and tissue type."""
     check_choice("patches_geojson", "object_type", object_type, OBJECT_TYPES)
+    # Plain Python lists up front: indexing numpy arrays element by element is the slow part.
     x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    size = np.broadcast_to(np.asarray(size_px, np.float64), x.shape)
-    scores = np.asarray(scores, np.float64)
-    types = [None] * len(x) if tissue_types is None else list(tissue_types)
+    xs, ys = x.tolist(), np.asarray(y, np.float64).tolist()
+    sizes = np.broadcast_to(np.asarray(size_px, np.float64), x.shape).tolist()
+    scores = np.asarray(scores, np.float64).tolist()
+    types = [None] * len(xs) if tissue_types is None else list(tissue_types)
+    ids = [None] * len(xs) if patch_ids is None else [str(p) for p in patch_ids]
+    classes = {
+        name: {
+            "name": str(name).capitalize(),
+            "color": list(TISSUE_COLORS.get(name, UNKNOWN_TISSUE)),
+        }
+        for name in set(types)
+        if name is not None
+    }
     features = []
-    for i in range(len(x)):
-        x0, y0, s = float(x[i]), float(y[i]), float(size[i])
-        tissue = types[i]
+    for x0, y0, s, score, tissue, pid in zip(xs, ys, sizes, scores, types, ids):
         properties = {
             "objectType": object_type,
-            "measurements": {"score": float(scores[i])},
-            "score": float(scores[i]),
+            "measurements": {"score": score},
+            "score": score,
             "tissue_type": tissue,
         }
         if tissue is not None:
-            rgb = TISSUE_COLORS.get(tissue, UNKNOWN_TISSUE)
-            properties["classification"] = {"name": str(tissue).capitalize(), "color": list(rgb)}
+            properties["classification"] = classes[tissue]
         feature = {
             "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [[
-                [x0, y0], [x0 + s, y0], [x0 + s, y0 + s], [x0, y0 + s], [x0, y0]]]},
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x0, y0], [x0 + s, y0], [x0 + s, y0 + s], [x0, y0 + s], [x0, y0]]],
+            },
             "properties": properties,
         }
-        if patch_ids is not None:
-            feature["id"] = str(patch_ids[i])
+        if pid is not None:
+            feature["id"] = pid
         features.append(feature)
     return {"type": "FeatureCollection", "features": features}
 

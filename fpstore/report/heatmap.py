@@ -49,7 +49,9 @@ def patch_grid(x, y, size_px, level0_shape: tuple[int, int]) -> PatchGrid:
     y = np.asarray(y, np.float64)
     size = np.asarray(size_px, np.float64)
     if x.shape != y.shape or x.ndim != 1 or len(x) == 0:
-        raise StoreError(f"patch coordinates must be two equal, non-empty 1-D arrays; got {x.shape}, {y.shape}")
+        raise StoreError(
+            f"patch coordinates must be two equal, non-empty 1-D arrays; got {x.shape}, {y.shape}"
+        )
     step = float(np.median(size)) if size.ndim else float(size)
     if not step > 0:
         raise StoreError(f"patch size must be positive; got {step}")
@@ -63,8 +65,9 @@ def patch_grid(x, y, size_px, level0_shape: tuple[int, int]) -> PatchGrid:
     return PatchGrid(rows, cols, (float(ox), float(oy)), step, (n_rows, n_cols))
 
 
-def paint(grid: PatchGrid, colors: np.ndarray, out_shape: tuple[int, int], downsample: float,
-          fill=NO_DATA) -> np.ndarray:
+def paint(
+    grid: PatchGrid, colors: np.ndarray, out_shape: tuple[int, int], downsample: float, fill=NO_DATA
+) -> np.ndarray:
     """An (h, w, 3) uint8 image at ``downsample`` with each patch's colour over its square.
 
     One pixel per patch on the cell grid, then each output pixel takes the cell under its
@@ -72,7 +75,9 @@ def paint(grid: PatchGrid, colors: np.ndarray, out_shape: tuple[int, int], downs
     """
     colors = np.asarray(colors, np.uint8)
     if colors.shape != (len(grid.rows), 3):
-        raise ConfigError(f"need one RGB colour per patch ({len(grid.rows)}, 3); got {colors.shape}")
+        raise ConfigError(
+            f"need one RGB colour per patch ({len(grid.rows)}, 3); got {colors.shape}"
+        )
     cells = np.empty(grid.shape + (3,), np.uint8)
     cells[:] = fill
     cells[grid.rows, grid.cols] = colors
@@ -83,7 +88,9 @@ def paint(grid: PatchGrid, colors: np.ndarray, out_shape: tuple[int, int], downs
     row = np.floor((centre_y - grid.origin[1]) / grid.step).astype(np.int64)
     col_ok = (col >= 0) & (col < grid.shape[1])
     row_ok = (row >= 0) & (row < grid.shape[0])
-    out = cells[np.clip(row, 0, grid.shape[0] - 1)[:, None], np.clip(col, 0, grid.shape[1] - 1)[None, :]]
+    out = cells[
+        np.clip(row, 0, grid.shape[0] - 1)[:, None], np.clip(col, 0, grid.shape[1] - 1)[None, :]
+    ]
     out[~(row_ok[:, None] & col_ok[None, :])] = fill
     return out
 
@@ -115,9 +122,17 @@ class HeatmapPanels:
     prediction: np.ndarray
 
 
-def heatmap_panels(thumbnail: np.ndarray, downsample: float, level0_shape: tuple[int, int],
-                   x, y, size_px, scores, tissue_types=None,
-                   score_range: tuple[float, float] = (-1.0, 1.0)) -> HeatmapPanels:
+def heatmap_panels(
+    thumbnail: np.ndarray,
+    downsample: float,
+    level0_shape: tuple[int, int],
+    x,
+    y,
+    size_px,
+    scores,
+    tissue_types=None,
+    score_range: tuple[float, float] = (-1.0, 1.0),
+) -> HeatmapPanels:
     """The three panels of Fig. 6c, each the thumbnail's size."""
     grid = patch_grid(x, y, size_px, level0_shape)
     shape = thumbnail.shape[:2]
@@ -127,8 +142,13 @@ def heatmap_panels(thumbnail: np.ndarray, downsample: float, level0_shape: tuple
     return HeatmapPanels(thumbnail, tissue, prediction)
 
 
-def heatmap_figure(panels: HeatmapPanels, path: Path, title: str = "",
-                   score_range: tuple[float, float] = (-1.0, 1.0), dpi: int = 100) -> Path:
+def heatmap_figure(
+    panels: HeatmapPanels,
+    path: Path,
+    title: str = "",
+    score_range: tuple[float, float] = (-1.0, 1.0),
+    dpi: int = 100,
+) -> Path:
     """Thumbnail, tissue-type map and prediction map side by side, with legends."""
     import matplotlib
 
@@ -141,24 +161,41 @@ def heatmap_figure(panels: HeatmapPanels, path: Path, title: str = "",
     panel_in, top_in, bottom_in = 4.0, 0.6, 0.8
     height = panel_in * h / w + top_in + bottom_in
     fig, axes = plt.subplots(1, 3, figsize=(3 * panel_in + 0.4, height), dpi=dpi)
-    fig.subplots_adjust(left=0.01, right=0.99, wspace=0.05, top=1 - top_in / height,
-                        bottom=bottom_in / height)
+    fig.subplots_adjust(
+        left=0.01, right=0.99, wspace=0.05, top=1 - top_in / height, bottom=bottom_in / height
+    )
     grey = LinearSegmentedColormap.from_list("score", ["black", "white"])
-    for ax, image, name in zip(axes, (panels.thumbnail, panels.tissue, panels.prediction),
-                               ("H&E thumbnail", "tissue type", "prediction")):
+    for ax, image, name in zip(
+        axes,
+        (panels.thumbnail, panels.tissue, panels.prediction),
+        ("H&E thumbnail", "tissue type", "prediction"),
+    ):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(name, fontsize=10)
         ax.axis("off")
     handles = [Patch(color=np.array(rgb) / 255, label=name) for name, rgb in TISSUE_COLORS.items()]
     handles.append(Patch(facecolor="white", edgecolor="0.5", label="no patch"))
-    axes[1].legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=3,
-                   fontsize=7, frameon=False)
+    axes[1].legend(
+        handles=handles,
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.01),
+        ncol=3,
+        fontsize=7,
+        frameon=False,
+    )
     # The colour bar sits in an inset below the map, so the map keeps the thumbnail's size.
     mappable = plt.cm.ScalarMappable(cmap=grey, norm=plt.Normalize(*score_range))
-    bar = fig.colorbar(mappable, cax=axes[2].inset_axes([0.1, -0.07, 0.8, 0.035]), orientation="horizontal")
+    bar = fig.colorbar(
+        mappable, cax=axes[2].inset_axes([0.1, -0.07, 0.8, 0.035]), orientation="horizontal"
+    )
     bar.ax.tick_params(labelsize=7)
-    axes[2].legend(handles=[Patch(color=np.array(NO_DATA) / 255, label="no patch")], loc="upper center",
-                   bbox_to_anchor=(0.5, -0.12), fontsize=7, frameon=False)
+    axes[2].legend(
+        handles=[Patch(color=np.array(NO_DATA) / 255, label="no patch")],
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.12),
+        fontsize=7,
+        frameon=False,
+    )
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
@@ -196,8 +233,9 @@ class SlideHeatmap:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def slide_heatmap(store: Path, run_id: str, slide_id: str, out: Path, max_px: int = 1024,
-                  geojson: bool = True) -> SlideHeatmap:
+def slide_heatmap(
+    store: Path, run_id: str, slide_id: str, out: Path, max_px: int = 1024, geojson: bool = True
+) -> SlideHeatmap:
     """Heatmaps (and GeoJSON) of one slide from a run's stored patch scores.
 
     Needs the run's patch predictions for the slide (classify on a cohort extracted with
@@ -211,15 +249,28 @@ def slide_heatmap(store: Path, run_id: str, slide_id: str, out: Path, max_px: in
         raise ConfigError(f"max_px={max_px} is too small for a heatmap; use at least 16")
     run = load_run(store, run_id)
     patches = slide_patches(store, run, slide_id)
-    notes = [] if patches.has_tissue else [f"no tissue types stored for {slide_id}; run `fpstore tissue predict`"]
+    notes = (
+        []
+        if patches.has_tissue
+        else [f"no tissue types stored for {slide_id}; run `fpstore tissue predict`"]
+    )
     slide = open_cohort_slide(store, run.cohort, slide_id)
     try:
         thumbnail, downsample = slide.thumbnail(max_px)
         level0 = (slide.info.height, slide.info.width)
     finally:
         slide.close()
-    panels = heatmap_panels(thumbnail, downsample, level0, patches.x, patches.y, patches.size_px,
-                            patches.scores, patches.tissue_types, run.score_range)
+    panels = heatmap_panels(
+        thumbnail,
+        downsample,
+        level0,
+        patches.x,
+        patches.y,
+        patches.size_px,
+        patches.scores,
+        patches.tissue_types,
+        run.score_range,
+    )
     out = Path(out)
     title = f"{slide_id}  {run.marker or ''} run {run_id}  ({len(patches.x)} patches)"
     figure = heatmap_figure(panels, out / f"{slide_id}.png", title, run.score_range)
@@ -227,21 +278,39 @@ def slide_heatmap(store: Path, run_id: str, slide_id: str, out: Path, max_px: in
     tissue_png = save_png(panels.tissue, out / f"{slide_id}.tissue.png")
     geo_path = None
     if geojson:
-        doc = patches_geojson(patches.x, patches.y, patches.size_px, patches.scores,
-                              patches.tissue_types, patch_ids=patches.patch_ids)
+        doc = patches_geojson(
+            patches.x,
+            patches.y,
+            patches.size_px,
+            patches.scores,
+            patches.tissue_types,
+            patch_ids=patches.patch_ids,
+        )
         geo_path = write_geojson(doc, out / f"{slide_id}.geojson")
-    return SlideHeatmap(slide_id, run_id, len(patches.x), run.score_range, figure, pred_png,
-                        tissue_png, geo_path, time.perf_counter() - start, notes)
+    return SlideHeatmap(
+        slide_id,
+        run_id,
+        len(patches.x),
+        run.score_range,
+        figure,
+        pred_png,
+        tissue_png,
+        geo_path,
+        time.perf_counter() - start,
+        notes,
+    )
 
 
-def slide_heatmaps(store: Path, run_id: str, slide_ids, out: Path, max_px: int = 1024,
-                   geojson: bool = True) -> list[SlideHeatmap]:
-    """``slide_heatmap`` for each slide (all slides with patch scores when ``slide_ids`` is empty)."""
+def slide_heatmaps(
+    store: Path, run_id: str, slide_ids, out: Path, max_px: int = 1024, geojson: bool = True
+) -> list[SlideHeatmap]:
+    """``slide_heatmap`` per slide (every slide with patch scores when ``slide_ids`` is empty)."""
     from tqdm import tqdm
 
     from fpstore.report.runs import load_run
 
     slide_ids = list(slide_ids) or load_run(store, run_id).slides_with_patch_scores()
-    return [slide_heatmap(store, run_id, s, out, max_px, geojson)
-            for s in tqdm(slide_ids, desc="heatmaps", unit="slide", disable=len(slide_ids) < 2)]
-
+    return [
+        slide_heatmap(store, run_id, s, out, max_px, geojson)
+        for s in tqdm(slide_ids, desc="heatmaps", unit="slide", disable=len(slide_ids) < 2)
+    ]

@@ -21,6 +21,9 @@ from fpstore.config import MARKERS, check_range
 from fpstore.errors import FpstoreError
 from fpstore.report.embed import ClusterConfig, EmbedConfig, EmbeddingResult
 
+# The report's map: a subset keeps a 1,000-patient cohort's page to a minute or so.
+REPORT_EMBED = EmbedConfig(max_points=20_000)
+REPORT_CLUSTERS = ClusterConfig()
 CATEGORIES = ("true positive", "true negative", "false positive", "false negative")
 
 
@@ -36,10 +39,16 @@ class ReportResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "index": str(self.index), "run_id": self.run_id,
-                "n_figures": self.n_figures, "heatmaps": self.heatmaps,
-                "embedding": self.embedding.to_dict() if self.embedding else None,
-                "notes": self.notes, "seconds": self.seconds}
+        return {
+            "out": str(self.out),
+            "index": str(self.index),
+            "run_id": self.run_id,
+            "n_figures": self.n_figures,
+            "heatmaps": self.heatmaps,
+            "embedding": self.embedding.to_dict() if self.embedding else None,
+            "notes": self.notes,
+            "seconds": self.seconds,
+        }
 
 
 def cohort_summary_rows(store: Path, cohort: str) -> list[dict]:
@@ -49,15 +58,23 @@ def cohort_summary_rows(store: Path, cohort: str) -> list[dict]:
     slides = cohort_slides(store, cohort)
     labels = pq.read_table(Path(store) / "cohorts" / cohort / "labels.parquet").to_pylist()
     patients = {row["patient_id"] for row in labels}
-    rows = [{"item": "patients (clinical table)", "value": len(patients)},
-            {"item": "slides", "value": slides.num_rows},
-            {"item": "patients with slides",
-             "value": len({p for p in slides.column("patient_id").to_pylist() if p})}]
+    rows = [
+        {"item": "patients (clinical table)", "value": len(patients)},
+        {"item": "slides", "value": slides.num_rows},
+        {
+            "item": "patients with slides",
+            "value": len({p for p in slides.column("patient_id").to_pylist() if p}),
+        },
+    ]
     for marker in MARKERS:
         status = [row["status"] for row in labels if row["marker"] == marker]
         if status:
-            rows.append({"item": f"{marker} positive / negative / missing",
-                         "value": f"{status.count(1)} / {status.count(0)} / {status.count(None)}"})
+            rows.append(
+                {
+                    "item": f"{marker} positive / negative / missing",
+                    "value": f"{status.count(1)} / {status.count(0)} / {status.count(None)}",
+                }
+            )
     return rows
 
 
@@ -71,9 +88,15 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
         out = {}
         for role in set(table.column("role").to_pylist()):
             part = table.filter(table.column("role").to_numpy(zero_copy_only=False) == role)
-            out[role] = dict(zip(part.column("patient_id").to_pylist(),
-                                 zip((part.column("label").to_numpy() > 0).astype(int).tolist(),
-                                     part.column("score").to_numpy().astype(float).tolist())))
+            out[role] = dict(
+                zip(
+                    part.column("patient_id").to_pylist(),
+                    zip(
+                        (part.column("label").to_numpy() > 0).astype(int).tolist(),
+                        part.column("score").to_numpy().astype(float).tolist(),
+                    ),
+                )
+            )
         return out
 
     mine = scores_by_role(run)
@@ -85,8 +108,13 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
         for role, by_patient in sorted(scores_by_role(other).items()):
             y = np.array([v[0] for v in by_patient.values()])
             s = np.array([v[1] for v in by_patient.values()])
-            row = {"run": run_id, "method": other.method, "encoder": other.encoder,
-                   "pool": other.config.get("pool"), "role": role}
+            row = {
+                "run": run_id,
+                "method": other.method,
+                "encoder": other.encoder,
+                "pool": other.config.get("pool"),
+                "role": role,
+            }
             try:
                 row.update(summarize(y, s, n_boot=n_boot))
             except FpstoreError as error:
@@ -97,8 +125,9 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
             if run_id != run.run_id and len(shared) >= 4:
                 ys = np.array([mine[role][p][0] for p in shared])
                 try:
-                    row["p_vs_this_run"] = delong_test(ys, [mine[role][p][1] for p in shared],
-                                                       [by_patient[p][1] for p in shared])["p"]
+                    row["p_vs_this_run"] = delong_test(
+                        ys, [mine[role][p][1] for p in shared], [by_patient[p][1] for p in shared]
+                    )["p"]
                 except FpstoreError as error:
                     row["note"] = str(error)
             rows.append(row)
@@ -119,23 +148,41 @@ def pick_examples(store: Path, run, n: int) -> list[tuple[str, str, str, float]]
     mid = (lo + hi) / 2
     patients = [p for p in run.patients.to_pylist() if p["patient_id"] in slides_of]
     queues = {
-        "true positive": sorted((p for p in patients if p["label"] > 0 and p["score"] >= mid), key=lambda p: -p["score"]),
-        "true negative": sorted((p for p in patients if p["label"] <= 0 and p["score"] < mid), key=lambda p: p["score"]),
-        "false positive": sorted((p for p in patients if p["label"] <= 0 and p["score"] >= mid), key=lambda p: -p["score"]),
-        "false negative": sorted((p for p in patients if p["label"] > 0 and p["score"] < mid), key=lambda p: p["score"]),
+        "true positive": sorted(
+            (p for p in patients if p["label"] > 0 and p["score"] >= mid), key=lambda p: -p["score"]
+        ),
+        "true negative": sorted(
+            (p for p in patients if p["label"] <= 0 and p["score"] < mid), key=lambda p: p["score"]
+        ),
+        "false positive": sorted(
+            (p for p in patients if p["label"] <= 0 and p["score"] >= mid),
+            key=lambda p: -p["score"],
+        ),
+        "false negative": sorted(
+            (p for p in patients if p["label"] > 0 and p["score"] < mid), key=lambda p: p["score"]
+        ),
     }
     picked = []
     while len(picked) < n and any(queues.values()):
         for category in CATEGORIES:
             if queues[category] and len(picked) < n:
                 p = queues[category].pop(0)
-                picked.append((category, p["patient_id"], sorted(slides_of[p["patient_id"]])[0], p["score"]))
+                picked.append(
+                    (category, p["patient_id"], min(slides_of[p["patient_id"]]), p["score"])
+                )
     return picked
 
 
-def build_report(store: Path, run_id: str, out: Path, n_heatmaps: int = 4, heatmap_px: int = 768,
-                 embed: EmbedConfig | None = EmbedConfig(max_points=20_000),
-                 clusters: ClusterConfig = ClusterConfig(), n_boot: int = 1000) -> ReportResult:
+def build_report(
+    store: Path,
+    run_id: str,
+    out: Path,
+    n_heatmaps: int = 4,
+    heatmap_px: int = 768,
+    embed: EmbedConfig | None = REPORT_EMBED,
+    clusters: ClusterConfig = REPORT_CLUSTERS,
+    n_boot: int = 1000,
+) -> ReportResult:
     """Write OUT/index.html and OUT/figures/* for run ``run_id``; ``embed=None`` skips the map."""
     from fpstore.report.embed import embed_cohort
     from fpstore.report.heatmap import slide_heatmap
@@ -153,21 +200,51 @@ def build_report(store: Path, run_id: str, out: Path, n_heatmaps: int = 4, heatm
     sections = [_header(run)]
 
     start = time.perf_counter()
-    sections.append(_section("Cohort", _table(cohort_summary_rows(store, run.cohort), ["item", "value"])))
+    sections.append(
+        _section("Cohort", _table(cohort_summary_rows(store, run.cohort), ["item", "value"]))
+    )
     compare = compare_rows(store, run, n_boot)
-    sections.append(_section(
-        f"Compare: every stored {run.marker or ''} run on {run.cohort}",
-        _table(compare, ["run", "method", "encoder", "pool", "role", "n", "n_pos", "n_neg", "auc",
-                         "ci_low", "ci_high", "p_vs_this_run", "note"]),
-        "AUC per patient with a 95% bootstrap CI; p: DeLong's test against this run on shared patients."))
+    sections.append(
+        _section(
+            f"Compare: every stored {run.marker or ''} run on {run.cohort}",
+            _table(
+                compare,
+                [
+                    "run",
+                    "method",
+                    "encoder",
+                    "pool",
+                    "role",
+                    "n",
+                    "n_pos",
+                    "n_neg",
+                    "auc",
+                    "ci_low",
+                    "ci_high",
+                    "p_vs_this_run",
+                    "note",
+                ],
+            ),
+            "AUC per patient with a 95% bootstrap CI; "
+            "p: DeLong's test against this run on shared patients.",
+        )
+    )
     seconds["tables"] = time.perf_counter() - start
 
     start = time.perf_counter()
     curves = run_roc_curves(run, n_boot=n_boot)
     if curves:
-        roc = plot_roc(curves, figures / "roc.png", f"{run.marker or ''} {run.method or ''} run {run_id}")
-        sections.append(_section("ROC curves", _figure(roc, out, "ROC curves with 95% bootstrap bands",
-                                                       [c.legend() for c in curves])))
+        roc = plot_roc(
+            curves, figures / "roc.png", f"{run.marker or ''} {run.method or ''} run {run_id}"
+        )
+        sections.append(
+            _section(
+                "ROC curves",
+                _figure(
+                    roc, out, "ROC curves with 95% bootstrap bands", [c.legend() for c in curves]
+                ),
+            )
+        )
     else:
         notes.append("no role of this run has both classes: no ROC curve")
     seconds["roc"] = time.perf_counter() - start
@@ -183,12 +260,21 @@ def build_report(store: Path, run_id: str, out: Path, n_heatmaps: int = 4, heatm
             continue
         shown.append(slide_id)
         notes += result.notes
-        caption = (f"{category}: patient {patient}, slide {slide_id}, score {score:.3f} "
-                   f"({result.n_patches} patches)")
-        blocks.append(_figure(result.figure, out, caption, links={"GeoJSON (QuPath)": result.geojson}))
+        caption = (
+            f"{category}: patient {patient}, slide {slide_id}, score {score:.3f} "
+            f"({result.n_patches} patches)"
+        )
+        blocks.append(
+            _figure(result.figure, out, caption, links={"GeoJSON (QuPath)": result.geojson})
+        )
     if blocks:
-        sections.append(_section("Heatmaps", "\n".join(blocks),
-                                 "H&E thumbnail, tissue type and prediction (black = negative, white = positive)."))
+        sections.append(
+            _section(
+                "Heatmaps",
+                "\n".join(blocks),
+                "H&E thumbnail, tissue type and prediction (black = negative, white = positive).",
+            )
+        )
     elif n_heatmaps:
         notes.append("no slide of this run has patch scores with a readable slide: no heatmaps")
     seconds["heatmaps"] = time.perf_counter() - start
@@ -197,18 +283,31 @@ def build_report(store: Path, run_id: str, out: Path, n_heatmaps: int = 4, heatm
     embedding = None
     if embed is not None:
         try:
-            embedding = embed_cohort(store, run.cohort, figures / "embedding", run_id=run_id,
-                                     config=embed, clusters=clusters)
+            embedding = embed_cohort(
+                store,
+                run.cohort,
+                figures / "embedding",
+                run_id=run_id,
+                config=embed,
+                clusters=clusters,
+            )
         except FpstoreError as error:
             notes.append(f"embedding: {error}")
         if embedding is not None:
             notes += embedding.notes
-            sections.append(_section(f"Fingerprint map ({embedding.method}, {embedding.n_points} patches, "
-                                     f"{embedding.n_patients} patients)", _embedding_html(embedding, out)))
+            sections.append(
+                _section(
+                    f"Fingerprint map ({embedding.method}, {embedding.n_points} patches, "
+                    f"{embedding.n_patients} patients)",
+                    _embedding_html(embedding, out),
+                )
+            )
     seconds["embedding"] = time.perf_counter() - start
 
     if notes:
-        sections.append(_section("Notes", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>"))
+        sections.append(
+            _section("Notes", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
+        )
     index = out / "index.html"
     tmp = out / ".index.html.tmp"
     tmp.write_text(_page(f"fpstore report: run {run_id}", "\n".join(sections)), encoding="utf-8")
@@ -218,6 +317,7 @@ def build_report(store: Path, run_id: str, out: Path, n_heatmaps: int = 4, heatm
 
 
 # -- HTML pieces (every value escaped) --
+
 
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
@@ -238,15 +338,21 @@ def _cell(value) -> str:
 def _table(rows: list[dict], columns: list[str]) -> str:
     columns = [c for c in columns if any(row.get(c) is not None for row in rows)]
     head = "".join(f"<th>{_e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_cell(row.get(c))}</td>" for c in columns) + "</tr>" for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _figure(path: Path, out: Path, caption: str, lines=(), links: dict | None = None) -> str:
     extra = "".join(f"<br>{_e(line)}" for line in lines)
-    extra += "".join(f' <a href="{_e(_rel(p, out))}">{_e(name)}</a>' for name, p in (links or {}).items() if p)
-    return (f'<figure><img src="{_e(_rel(path, out))}" alt="{_e(caption)}">'
-            f"<figcaption>{_e(caption)}{extra}</figcaption></figure>")
+    extra += "".join(
+        f' <a href="{_e(_rel(p, out))}">{_e(name)}</a>' for name, p in (links or {}).items() if p
+    )
+    return (
+        f'<figure><img src="{_e(_rel(path, out))}" alt="{_e(caption)}">'
+        f"<figcaption>{_e(caption)}{extra}</figcaption></figure>"
+    )
 
 
 def _section(title: str, body: str, intro: str = "") -> str:
@@ -255,9 +361,15 @@ def _section(title: str, body: str, intro: str = "") -> str:
 
 
 def _header(run) -> str:
-    facts = {"run": run.run_id, "marker": run.marker, "method": run.method, "encoder": run.encoder,
-             "cohort": run.cohort, "score range": run.score_range,
-             "written": datetime.datetime.now().isoformat(timespec="seconds")}
+    facts = {
+        "run": run.run_id,
+        "marker": run.marker,
+        "method": run.method,
+        "encoder": run.encoder,
+        "cohort": run.cohort,
+        "score range": run.score_range,
+        "written": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     items = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in facts.items() if v is not None)
     return f"<header><h1>fpstore report: run {_e(run.run_id)}</h1><dl>{items}</dl></header>"
 
@@ -266,14 +378,18 @@ def _embedding_html(result: EmbeddingResult, out: Path) -> str:
     parts = [_figure(p, out, f"coloured by {name}") for name, p in result.figures.items()]
     rows = []
     for cluster, montage in zip(result.clusters, result.montages):
-        rows.append(f"<tr><td>{cluster.number}</td><td>{_e(cluster.sign)}</td><td>{cluster.mean_score:.3f}</td>"
-                    f"<td>{cluster.size}</td><td><img class=\"montage\" src=\"{_e(_rel(montage, out))}\" "
-                    f"alt=\"cluster {cluster.number}\"></td></tr>")
+        rows.append(
+            f"<tr><td>{cluster.number}</td><td>{_e(cluster.sign)}</td><td>{cluster.mean_score:.3f}</td>"
+            f'<td>{cluster.size}</td><td><img class="montage" src="{_e(_rel(montage, out))}" '
+            f'alt="cluster {cluster.number}"></td></tr>'
+        )
     if rows:
-        parts.append("<h3>Clusters strongly predicted negative or positive</h3><p>The patches nearest "
-                     "each cluster's centre, each from a different patient.</p><table><thead><tr><th>#</th>"
-                     "<th>sign</th><th>mean score (scaled to [-1, 1])</th><th>patches</th><th>montage</th>"
-                     "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>")
+        parts.append(
+            "<h3>Clusters strongly predicted negative or positive</h3><p>The patches nearest "
+            "each cluster's centre, each from a different patient.</p><table><thead><tr><th>#</th>"
+            "<th>sign</th><th>mean score (scaled to [-1, 1])</th><th>patches</th><th>montage</th>"
+            "</tr></thead><tbody>" + "".join(rows) + "</tbody></table>"
+        )
     return "\n".join(parts)
 
 
@@ -291,5 +407,7 @@ figcaption { font-size: .9em; color: #444; } img.montage { height: 96px; }
 
 
 def _page(title: str, body: str) -> str:
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
-            f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
+        f"<style>{_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )

@@ -26,7 +26,7 @@ def montage_image(images: list[np.ndarray], pad: int = 4, color=(255, 255, 255))
     out[:] = color
     for i, image in enumerate(images):
         x0 = pad + i * (w + pad)
-        out[pad:pad + h, x0:x0 + w] = image
+        out[pad : pad + h, x0 : x0 + w] = image
     return out
 
 
@@ -49,7 +49,9 @@ def read_patch_images(store: Path, cohort: str, rows: list[dict], out_px: int) -
     return images
 
 
-def cluster_montages(store: Path, cohort: str, keys, clusters, out: Path, out_px: int = 112) -> list[Path]:
+def cluster_montages(
+    store: Path, cohort: str, keys, clusters, out: Path, out_px: int = 112
+) -> list[Path]:
     """One PNG per cluster (``montage_<number>.png``), framed in the cluster's sign colour."""
     from PIL import Image
 
@@ -59,8 +61,9 @@ def cluster_montages(store: Path, cohort: str, keys, clusters, out: Path, out_px
     paths = []
     for cluster in clusters:
         rows = keys.take(cluster.members).select(columns).to_pylist()
-        image = montage_image(read_patch_images(store, cohort, rows, out_px),
-                              color=SIGN_COLORS[cluster.sign])
+        image = montage_image(
+            read_patch_images(store, cohort, rows, out_px), color=SIGN_COLORS[cluster.sign]
+        )
         path = out / f"montage_{cluster.number}.png"
         Image.fromarray(image).save(path)
         paths.append(path)

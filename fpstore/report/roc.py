@@ -31,17 +31,20 @@ class RocCurve:
     n_neg: int
 
     def legend(self) -> str:
-        return (f"{self.label}: AUC {self.auc:.3f} ({self.ci[0]:.3f}-{self.ci[1]:.3f}), "
-                f"n={self.n_pos}+/{self.n_neg}-")
+        return (
+            f"{self.label}: AUC {self.auc:.3f} ({self.ci[0]:.3f}-{self.ci[1]:.3f}), "
+            f"n={self.n_pos}+/{self.n_neg}-"
+        )
 
 
 def tpr_at(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray = FPR_GRID) -> np.ndarray:
-    """The curve's highest TPR at each FPR of ``grid`` (points sorted by FPR, as roc_points gives)."""
+    """The curve's highest TPR at each FPR of ``grid`` (points sorted by FPR, as from roc_points)."""
     return tpr[np.searchsorted(fpr, grid, side="right") - 1]
 
 
-def roc_band(y, scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-             grid: np.ndarray = FPR_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_band(
+    y, scores, n_boot: int = 1000, seed: int = 0, level: float = 0.95, grid: np.ndarray = FPR_GRID
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Pointwise percentile band of the TPR over patient bootstrap resamples."""
     check_range("roc_band", "n_boot", n_boot, 10)
     check_range("roc_band", "level", level, 0.5, 0.999)
@@ -77,8 +80,9 @@ def roc_curve(y, scores, label: str, n_boot: int = 1000, seed: int = 0) -> RocCu
     )
 
 
-def plot_roc(curves: list[RocCurve], path: Path, title: str = "", size_in: float = 4.5,
-             dpi: int = 100) -> Path:
+def plot_roc(
+    curves: list[RocCurve], path: Path, title: str = "", size_in: float = 4.5, dpi: int = 100
+) -> Path:
     """Curves with shaded bands, the chance diagonal, and AUC (CI) in the legend."""
     import matplotlib
 

@@ -24,7 +24,11 @@ SIGNED_METHODS = {"mil"}
 
 def list_runs(store: Path) -> list[str]:
     folder = Path(store) / "runs"
-    return sorted(p.name for p in folder.iterdir() if (p / "run.json").is_file()) if folder.is_dir() else []
+    return (
+        sorted(p.name for p in folder.iterdir() if (p / "run.json").is_file())
+        if folder.is_dir()
+        else []
+    )
 
 
 def _setting(config: dict, key: str):
@@ -66,7 +70,7 @@ class Run:
 
     @property
     def score_range(self) -> tuple[float, float]:
-        """The range the run's scores live in: (-1, 1) for the MIL head, (0, 1) for probabilities."""
+        """The run's score range: (-1, 1) for the MIL head, (0, 1) for probabilities."""
         given = _setting(self.config, "score_range")
         if given:
             return float(given[0]), float(given[1])
@@ -84,18 +88,27 @@ class Run:
     def patch_scores(self, slide_id: str | None = None) -> pa.Table:
         """Patch predictions (PATCH_PREDICTIONS), one row per patch (folds averaged)."""
         if not self.patches_path.is_file():
-            raise StoreError(f"run {self.run_id!r} stored no patch predictions ({self.patches_path}); "
-                             "rerun `fpstore classify` with a method that scores patches (mil)")
+            raise StoreError(
+                f"run {self.run_id!r} stored no patch predictions ({self.patches_path}); "
+                "rerun `fpstore classify` with a method that scores patches (mil)"
+            )
         filters = [("slide_id", "=", slide_id)] if slide_id is not None else None
-        table = pq.read_table(self.patches_path, columns=["cohort", "slide_id", "patch_id", "score"],
-                              filters=filters)
+        table = pq.read_table(
+            self.patches_path, columns=["cohort", "slide_id", "patch_id", "score"], filters=filters
+        )
         if table.num_rows and len(table.column("patch_id").unique()) < table.num_rows:
-            table = table.group_by(["cohort", "slide_id", "patch_id"]).aggregate([("score", "mean")])
+            table = table.group_by(["cohort", "slide_id", "patch_id"]).aggregate(
+                [("score", "mean")]
+            )
             table = table.rename_columns(["cohort", "slide_id", "patch_id", "score"])
         return table
 
     def slides_with_patch_scores(self) -> list[str]:
-        table = pq.read_table(self.patches_path, columns=["slide_id"]) if self.patches_path.is_file() else None
+        table = (
+            pq.read_table(self.patches_path, columns=["slide_id"])
+            if self.patches_path.is_file()
+            else None
+        )
         return sorted(table.column("slide_id").unique().to_pylist()) if table is not None else []
 
 
@@ -103,8 +116,10 @@ def load_run(store: Path, run_id: str) -> Run:
     folder = Path(store) / "runs" / run_id
     if not (folder / "run.json").is_file():
         known = list_runs(store)
-        raise StoreError(f"no run {run_id!r} in {str(store)!r}; runs there: "
-                         f"{', '.join(known) or 'none, run `fpstore classify` first'}")
+        raise StoreError(
+            f"no run {run_id!r} in {str(store)!r}; runs there: "
+            f"{', '.join(known) or 'none, run `fpstore classify` first'}"
+        )
     config = json.loads((folder / "run.json").read_text())
     patients_path = folder / "patients.parquet"
     if not patients_path.is_file():
@@ -117,7 +132,9 @@ def parse_patch_ids(patch_ids) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         parts = np.array([p.rsplit("/", 1)[1].split("_") for p in patch_ids], dtype=np.int64)
     except (IndexError, ValueError) as error:
-        raise StoreError(f"patch ids must look like '<slide_id>/<x>_<y>_<size_px>': {error}") from None
+        raise StoreError(
+            f"patch ids must look like '<slide_id>/<x>_<y>_<size_px>': {error}"
+        ) from None
     parts = parts.reshape(-1, 3)
     return parts[:, 0], parts[:, 1], parts[:, 2].astype(np.float64)
 
@@ -158,8 +175,10 @@ def slide_patches(store: Path, run: Run, slide_id: str) -> SlidePatches:
         scored = run.slides_with_patch_scores()
         raise StoreError(
             f"run {run.run_id!r} has no patch scores for slide {slide_id!r}; slides with scores: "
-            f"{', '.join(scored[:10]) or 'none'}{' ...' if len(scored) > 10 else ''}. A full heatmap "
-            "needs the slide extracted with `fpstore extract --patches all` and classified")
+            f"{', '.join(scored[:10]) or 'none'}{' ...' if len(scored) > 10 else ''}. "
+            "A full heatmap "
+            "needs the slide extracted with `fpstore extract --patches all` and classified"
+        )
     cohort = table.column("cohort")[0].as_py()
     ids = table.column("patch_id").to_pylist()
     x, y, size = parse_patch_ids(ids)
@@ -190,5 +209,7 @@ def patient_labels(store: Path, cohort: str, marker: str) -> dict[str, int | Non
     path = Path(store) / "cohorts" / cohort / "labels.parquet"
     if not path.is_file():
         raise StoreError(f"cohort {cohort!r} has no {path}; add it with `fpstore cohort add`")
-    table = pq.read_table(path, columns=["patient_id", "marker", "status"], filters=[("marker", "=", marker)])
+    table = pq.read_table(
+        path, columns=["patient_id", "marker", "status"], filters=[("marker", "=", marker)]
+    )
     return dict(zip(table.column("patient_id").to_pylist(), table.column("status").to_pylist()))

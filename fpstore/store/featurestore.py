@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
+from fpstore.store.remote import register_with_duckdb, store_root
 from fpstore.store.schema import (
     LABELS,
     PATCH_KEY_FIELDS,
@@ -50,11 +51,11 @@ VIEWS = ("fingerprints", "patches", "slides", "labels", "tissue", "predictions",
 
 
 def fingerprint_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
-    return Path(store) / "fingerprints" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.parquet"
+    return store_root(store) / "fingerprints" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.parquet"
 
 
 def status_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
-    return Path(store) / "status" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.json"
+    return store_root(store) / "status" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.json"
 
 
 def _partitions(folder: Path, key: str) -> dict[str, Path]:
@@ -150,11 +151,12 @@ class FeatureStore:
     def __init__(self, path: str | Path):
         import duckdb
 
-        self.path = Path(path)
+        self.path = store_root(path)  # a Path, or a RemotePath for s3://... (fpstore.store.remote)
         if not self.path.is_dir():
             raise StoreError(f"store {str(self.path)!r} does not exist; create it with "
                              "`fpstore cohort add --store DIR ...` or pass --store")
         self.connection = duckdb.connect()
+        register_with_duckdb(self.connection, self.path)
         self.dims: dict[str, int] = {}
         self.refresh()
 

@@ -7,6 +7,7 @@ leading dot and the ``.tmp`` suffix keep them out of every ``*.parquet`` / ``*.j
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -36,6 +37,13 @@ def check_not_null(table: pa.Table, path: Path | str = "") -> None:
 
 def _replace_atomically(path: Path, write) -> Path:
     """Call ``write(binary handle)`` on a temporary file, fsync it, rename it to ``path``."""
+    from fpstore.store.remote import RemotePath
+
+    if isinstance(path, RemotePath):  # object storage: write in memory, publish in one PUT
+        buffer = io.BytesIO()
+        write(buffer)
+        path.write_bytes(buffer.getvalue())
+        return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)

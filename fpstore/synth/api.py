@@ -97,12 +97,13 @@ def draw_patient(seed: int, pid: str, cohort: str, cfg: SynthPreset, signal: boo
     decoy = draw_truth(rng)  # shapes the tissue instead of the truth under --no-signal
     recorded = record(truth, rng, cfg.label_noise, complete=cohort != "tcga")
     morph = draw_morphology(rng, truth if signal else decoy, cfg.effect,
-                            seed_of(seed, "tissue", pid) % 2**40)
+                            seed_of(seed, "tissue", pid))
     return Patient(pid, cohort, recorded, {"ER": truth.er, "PR": truth.pr, "Her2": truth.her2},
                     morph)
 
 
-def _wsi_scene(seed: int, name: str, morph: Morphology, size: tuple[int, int]) -> Scene:
+def wsi_scene(seed: int, name: str, morph: Morphology, size: tuple[int, int]) -> Scene:
+    """One tissue section filling a whole slide of ``size`` level-0 px, keyed by slide name."""
     w, h = size
     wum, hum = w * 0.25, h * 0.25
     rng = np.random.default_rng(seed_of(seed, "placement", name))
@@ -110,19 +111,19 @@ def _wsi_scene(seed: int, name: str, morph: Morphology, size: tuple[int, int]) -
                     section_seed=seed_of(seed, "section", name), centre=(wum / 2, hum / 2),
                     radius=math.hypot(wum, hum) / 2, core=False,
                     offset=(float(rng.uniform(0, 2e4)), float(rng.uniform(0, 2e4))),
-                    outline_seed=seed_of(seed, "outline", name) % 2**40)
-    return Scene(w, h, [region], seed=seed_of(seed, "cells", name) % 2**40)
+                    outline_seed=seed_of(seed, "outline", name))
+    return Scene(w, h, [region], seed=seed_of(seed, "cells", name))
 
 
 def _chunks(job: _Job) -> int:
     return chunks(job.scene.width, job.scene.height, chunk_px(job.render_mpp))
 
 
-def _run(out: Path, job: _Job) -> dict:
+def _run(out: Path, job: _Job, progress=None) -> dict:
     renderer = TileRenderer(job.scene, get_site(job.site), job.render_mpp, chunk_px(job.render_mpp))
     extra = {"Site": job.site, "Patient": job.info.get("patient_id", "array"),
              "Synthetic": f"fpstore {fpstore.__version__}"}
-    written = write_slide(out / job.path, renderer, out / job.truth, extra)
+    written = write_slide(out / job.path, renderer, out / job.truth, extra, progress)
     return {**job.info, "path": job.path.as_posix(), "site": job.site,
             "width": written.width, "height": written.height, "mpp": written.mpp,
             "level_dimensions": [list(d) for d in written.level_dimensions],
@@ -135,6 +136,102 @@ def _cohort_row(name: str, patients: list[Patient], slides: int) -> dict:
         p = prevalence([x.recorded for x in patients], marker)
         row[f"{marker}+"] = None if p is None else round(p, 3)
     return row
+
+
+@dataclass
+class _Part:
+    """One cohort or array: slides to render, tables written, its manifest entry."""
+
+    jobs: list[_Job]
+    tables: list[Path]  # relative to out
+    row: dict  # summary row
+    doc: dict  # manifest entry
+    defects: dict = field(default_factory=dict)
+
+
+def _tcga(out: Path, cfg: SynthPreset, seed: int, signal: bool) -> _Part:
+    """Biotab table + GDC-named diagnostic slides, with two defects users meet: a patient
+    without a slide and a slide whose patient is not in the table."""
+    rng = np.random.default_rng(seed_of(seed, "tcga"))
+    barcodes: list[str] = []
+    while len(barcodes) < cfg.tcga_patients + 2:
+        code = clinical.tcga_barcode(cfg.tcga_sites[len(barcodes) % len(cfg.tcga_sites)], rng)
+        if code not in barcodes:
+            barcodes.append(code)
+    patients = [draw_patient(seed, b, "tcga", cfg, signal) for b in barcodes]
+    no_slide, no_record = patients[-2], patients[-1]
+    jobs, slide_of = [], {}
+    for p in patients:
+        if p is no_slide:
+            continue
+        name = clinical.dx_slide_name(p.patient_id, rng)
+        slide_of[p.patient_id] = name
+        tss = p.patient_id.split("-")[1]  # the site code is the barcode's second field
+        jobs.append(_Job(Path("tcga/slides") / name,
+                         wsi_scene(seed, name, p.morph, cfg.slide_size), tss,
+                         Path("truth") / (Path(name).stem + ".png"), cfg.render_mpp,
+                         {"kind": "wsi", "cohort": "tcga", "patient_id": p.patient_id}))
+    table = Path("tcga") / clinical.BIOTAB_NAME
+    (out / "tcga").mkdir(parents=True, exist_ok=True)
+    clinical.write_biotab(out / table, [clinical.biotab_row(p.patient_id, p.recorded, rng)
+                                        for p in patients if p is not no_record])
+    in_table = [p for p in patients if p is not no_record]
+    doc = {"clinical": table.as_posix(),
+           "patients": [dict(p.describe(), slide=slide_of.get(p.patient_id),
+                             in_table=p is not no_record) for p in patients]}
+    defects = {"patient_without_slide": no_slide.patient_id,
+               "slide_without_patient": slide_of[no_record.patient_id],
+               "slide_without_patient_barcode": no_record.patient_id}
+    return _Part(jobs, [table], _cohort_row("tcga", in_table, len(jobs)), doc, defects)
+
+
+def _external(out: Path, cfg: SynthPreset, seed: int, signal: bool) -> _Part:
+    """Other sites, plain CSV labels (patient_id, slide, ER, PR, Her2, site)."""
+    patients = [draw_patient(seed, f"EXT-{i + 1:04d}", "external", cfg, signal)
+                for i in range(cfg.external_patients)]
+    jobs, rows = [], []
+    for i, p in enumerate(patients):
+        site = cfg.external_sites[i % len(cfg.external_sites)]
+        name = f"{p.patient_id}.tiff"
+        jobs.append(_Job(Path("external/slides") / name,
+                         wsi_scene(seed, name, p.morph, cfg.slide_size), site,
+                         Path("truth") / f"{p.patient_id}.png", cfg.render_mpp,
+                         {"kind": "wsi", "cohort": "external", "patient_id": p.patient_id}))
+        rows.append({"patient_id": p.patient_id, "slide": name, **p.recorded.as_dict(),
+                     "site": site})
+    table = Path("external/labels.csv")
+    (out / "external").mkdir(parents=True, exist_ok=True)
+    clinical.write_csv(out / table, rows, ["patient_id", "slide", "ER", "PR", "Her2", "site"])
+    doc = {"clinical": table.as_posix(),
+           "patients": [dict(p.describe(), slide=f"{p.patient_id}.tiff") for p in patients]}
+    return _Part(jobs, [table], _cohort_row("external", patients, len(jobs)), doc)
+
+
+def _tma(out: Path, cfg: SynthPreset, seed: int, signal: bool, array: str) -> _Part:
+    """A tissue microarray (own patients) cut in serial sections stained at TMA_SECTIONS."""
+    n_patients, n_cores = cfg.tma_train if array == "train" else cfg.tma_test
+    patients = [draw_patient(seed, f"{array.upper()}-{i + 1:03d}", f"tma-{array}", cfg, signal)
+                for i in range(n_patients)]
+    layout = layout_array(array, [p.patient_id for p in patients], n_cores, cfg.core_um,
+                          np.random.default_rng(seed_of(seed, "array", array)))
+    morphs = {p.patient_id: p.morph for p in patients}
+    jobs = []
+    for s, site in enumerate(TMA_SECTIONS[array], start=1):
+        scene = section_scene(layout, morphs, s, seed)
+        jobs.append(_Job(Path(f"tma/{array}/section{s}.tiff"), scene, site,
+                         Path(f"truth/tma-{array}-section{s}.png"), cfg.render_mpp,
+                         {"kind": "tma", "cohort": f"tma-{array}", "section": s,
+                          "cores": scene.cores}))
+    table = Path(f"tma/{array}/array_map.csv")
+    (out / table).parent.mkdir(parents=True, exist_ok=True)
+    clinical.write_csv(out / table, [spot.__dict__ for spot in layout.spots],
+                       ["row", "column", "core_index", "patient_id"])
+    doc = {"array_map": table.as_posix(), "core_um": cfg.core_um,
+           "core_diameter_px": cfg.core_um / 0.25, "rows": layout.rows,
+           "columns": layout.columns, "cores": len(layout.spots),
+           "sections": [{"path": j.path.as_posix(), "site": j.site} for j in jobs],
+           "patients": [p.describe() for p in patients]}
+    return _Part(jobs, [table], _cohort_row(f"tma-{array}", patients, len(jobs)), doc)
 
 
 def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force: bool = False,
@@ -152,135 +249,37 @@ def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force
         raise ConfigError(f"workers={workers!r}; give 1 or more")
     out = Path(out)
     _prepare(out, force)
-    rmpp = cfg.render_mpp
-
-    # -- tcga-like cohort: Biotab table + GDC-named diagnostic slides, with two defects.
-    rng = np.random.default_rng(seed_of(seed, "tcga"))
-    barcodes: list[str] = []
-    while len(barcodes) < cfg.tcga_patients + 2:
-        tss = cfg.tcga_sites[len(barcodes) % len(cfg.tcga_sites)]
-        code = clinical.tcga_barcode(tss, rng)
-        if code not in barcodes:
-            barcodes.append(code)
-    tcga = [draw_patient(seed, b, "tcga", cfg, signal) for b in barcodes]
-    no_slide, no_record = tcga[-2], tcga[-1]
-    jobs: list[_Job] = []
-    slide_of: dict[str, str] = {}
-    for p in tcga:
-        if p is no_slide:
-            continue
-        name = clinical.dx_slide_name(p.patient_id, rng)
-        slide_of[p.patient_id] = name
-        tss = p.patient_id.split("-")[1]
-        jobs.append(_Job(Path("tcga/slides") / name, _wsi_scene(seed, name, p.morph, cfg.slide_size),
-                         tss, Path("truth") / (Path(name).stem + ".png"), rmpp,
-                         {"kind": "wsi", "cohort": "tcga", "patient_id": p.patient_id}))
-    tables = [out / "tcga" / clinical.BIOTAB_NAME, out / "external" / "labels.csv"]
-    (out / "tcga").mkdir(parents=True, exist_ok=True)
-    clinical.write_biotab(tables[0], [clinical.biotab_row(p.patient_id, p.recorded, rng)
-                                      for p in tcga if p is not no_record])
-
-    # -- external cohort: other sites, plain CSV labels.
-    external = [draw_patient(seed, f"EXT-{i + 1:04d}", "external", cfg, signal)
-                for i in range(cfg.external_patients)]
-    rows = []
-    for i, p in enumerate(external):
-        site = cfg.external_sites[i % len(cfg.external_sites)]
-        name = f"{p.patient_id}.tiff"
-        jobs.append(_Job(Path("external/slides") / name,
-                         _wsi_scene(seed, name, p.morph, cfg.slide_size), site,
-                         Path("truth") / f"{p.patient_id}.png", rmpp,
-                         {"kind": "wsi", "cohort": "external", "patient_id": p.patient_id}))
-        rows.append({"patient_id": p.patient_id, "slide": name, **p.recorded.as_dict(),
-                     "site": site})
-    (out / "external").mkdir(parents=True, exist_ok=True)
-    clinical.write_csv(tables[1], rows, ["patient_id", "slide", "ER", "PR", "Her2", "site"])
-
-    # -- tissue microarrays: train (3 sections: A, B, B) and test (2: A, B), other patients.
-    tma_patients: dict[str, list[Patient]] = {}
-    layouts = {}
-    for array, (n_patients, n_cores) in (("train", cfg.tma_train), ("test", cfg.tma_test)):
-        patients = [draw_patient(seed, f"{array.upper()}-{i + 1:03d}", f"tma-{array}", cfg, signal)
-                    for i in range(n_patients)]
-        tma_patients[array] = patients
-        layout = layout_array(array, [p.patient_id for p in patients], n_cores, cfg.core_um,
-                              np.random.default_rng(seed_of(seed, "array", array)))
-        layouts[array] = layout
-        morphs = {p.patient_id: p.morph for p in patients}
-        for s, site in enumerate(TMA_SECTIONS[array], start=1):
-            scene = section_scene(layout, morphs, s, seed)
-            jobs.append(_Job(Path(f"tma/{array}/section{s}.tiff"), scene, site,
-                             Path(f"truth/tma-{array}-section{s}.png"), rmpp,
-                             {"kind": "tma", "cohort": f"tma-{array}", "section": s,
-                              "cores": scene.cores}))
-        (out / "tma" / array).mkdir(parents=True, exist_ok=True)
-        map_path = out / "tma" / array / "array_map.csv"
-        clinical.write_csv(map_path, [s.__dict__ for s in layout.spots],
-                           ["row", "column", "core_index", "patient_id"])
-        tables.append(map_path)
-
-    # -- render every slide (tile by tile), in parallel when asked.
+    parts = {"tcga": _tcga(out, cfg, seed, signal), "external": _external(out, cfg, seed, signal),
+             "train": _tma(out, cfg, seed, signal, "train"),
+             "test": _tma(out, cfg, seed, signal, "test")}
+    jobs = [job for part in parts.values() for job in part.jobs]
     slides = _render_all(out, jobs, workers, progress)
 
-    truth_doc = {}
-    for s in slides:
-        key = Path(s["truth"]).stem
-        truth_doc[key] = {"slide": s["path"], "mask": s["truth"], "downsample": TRUTH_DOWNSAMPLE,
-                          "width": s["width"], "height": s["height"],
-                          "classes": list(TISSUE_TYPES), "cores": s.get("cores", [])}
-    _write_json(out / "truth" / "truth.json", truth_doc)
-
-    defects = {
-        "tcga": {
-            "patient_without_slide": no_slide.patient_id,
-            "slide_without_patient": slide_of[no_record.patient_id],
-            "slide_without_patient_barcode": no_record.patient_id,
-        }
-    }
-    cohort_rows = [
-        _cohort_row("tcga", [p for p in tcga if p is not no_record], len(tcga) - 1),
-        _cohort_row("external", external, len(external)),
-        _cohort_row("tma-train", tma_patients["train"], len(TMA_SECTIONS["train"])),
-        _cohort_row("tma-test", tma_patients["test"], len(TMA_SECTIONS["test"])),
-    ]
+    truth = {Path(s["truth"]).stem: {
+        "slide": s["path"], "mask": s["truth"], "downsample": TRUTH_DOWNSAMPLE,
+        "width": s["width"], "height": s["height"], "classes": list(TISSUE_TYPES),
+        "cores": s.get("cores", [])} for s in slides}
+    _write_json(out / "truth" / "truth.json", truth)
+    rows = [part.row for part in parts.values()]
+    defects = {"tcga": parts["tcga"].defects}
     files = [{k: v for k, v in s.items() if k != "cores"} for s in slides]
-    files += [{"path": t.relative_to(out).as_posix(), "kind": "table"} for t in tables]
-    manifest = {
-        "fpstore_version": fpstore.__version__,
-        "preset": cfg.name,
-        "seed": seed,
-        "signal": signal,
-        "config": cfg.as_dict(),
-        "mpp": 0.25,
-        "truth_downsample": TRUTH_DOWNSAMPLE,
-        "tissue_types": list(TISSUE_TYPES),
-        "counts": {row["cohort"]: {"patients": row["patients"], "slides": row["slides"]}
-                   for row in cohort_rows},
-        "cohorts": {
-            "tcga": {"clinical": tables[0].relative_to(out).as_posix(),
-                     "patients": [dict(p.describe(), slide=slide_of.get(p.patient_id),
-                                       in_table=p is not no_record) for p in tcga]},
-            "external": {"clinical": "external/labels.csv",
-                         "patients": [dict(p.describe(), slide=f"{p.patient_id}.tiff")
-                                      for p in external]},
-        },
-        "tma": {
-            array: {"array_map": f"tma/{array}/array_map.csv", "core_um": cfg.core_um,
-                    "core_diameter_px": cfg.core_um / 0.25, "rows": layouts[array].rows,
-                    "columns": layouts[array].columns, "cores": len(layouts[array].spots),
-                    "sections": [{"path": f"tma/{array}/section{i}.tiff", "site": site}
-                                 for i, site in enumerate(TMA_SECTIONS[array], start=1)],
-                    "patients": [p.describe() for p in tma_patients[array]]}
-            for array in ("train", "test")
-        },
+    files += [{"path": t.as_posix(), "kind": "table"} for part in parts.values()
+              for t in part.tables]
+    _write_json(out / "manifest.json", {
+        "fpstore_version": fpstore.__version__, "preset": cfg.name, "seed": seed,
+        "signal": signal, "config": cfg.as_dict(), "mpp": 0.25,
+        "truth_downsample": TRUTH_DOWNSAMPLE, "tissue_types": list(TISSUE_TYPES),
+        "counts": {r["cohort"]: {"patients": r["patients"], "slides": r["slides"]} for r in rows},
+        "cohorts": {name: parts[name].doc for name in ("tcga", "external")},
+        "tma": {name: parts[name].doc for name in ("train", "test")},
         "defects": defects,
         "sites": {name: SITES[name].describe() for name in sorted({j.site for j in jobs})},
         "files": files,
-    }
-    _write_json(out / "manifest.json", manifest)
-    n_files = len(files) + 2 + len(slides)  # + manifest, truth.json, truth images
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    return SynthSummary(out, cfg.name, seed, signal, cohort_rows, n_files, size,
+    })
+    written = [f["path"] for f in files] + [s["truth"] for s in slides]
+    written += ["manifest.json", "truth/truth.json"]
+    size = sum((out / p).stat().st_size for p in written)
+    return SynthSummary(out, cfg.name, seed, signal, rows, len(written), size,
                         time.perf_counter() - started, defects)
 
 
@@ -293,8 +292,7 @@ def _render_all(out: Path, jobs: list[_Job], workers: int, progress: bool) -> li
         if workers == 1:
             results = []
             for job in jobs:
-                results.append(_run(out, job))
-                bar.update(_chunks(job))
+                results.append(_run(out, job, bar.update))
             return results
         with ProcessPoolExecutor(max_workers=min(workers, os.cpu_count() or 1)) as pool:
             futures = [pool.submit(_run, out, job) for job in jobs]

@@ -41,7 +41,8 @@ def biotab_row(barcode: str, recorded: Recorded, rng: np.random.Generator) -> di
     row.update({
         "bcr_patient_uuid": new_uuid(rng),
         "bcr_patient_barcode": barcode,
-        "form_completion_date": f"20{rng.integers(10, 15)}-{rng.integers(1, 13)}-{rng.integers(1, 29)}",
+        "form_completion_date":
+            f"20{rng.integers(10, 15)}-{rng.integers(1, 13)}-{rng.integers(1, 29)}",
         "prospective_collection": "NO",
         "retrospective_collection": "YES",
         "birth_days_to": str(-age * 365 - int(rng.integers(0, 365))),

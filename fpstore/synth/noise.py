@@ -24,7 +24,10 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def seed_of(*parts) -> int:
-    """A 64-bit seed from ints and strings (stable across runs, unlike hash())."""
+    """A 40-bit seed from ints and strings (stable across runs, unlike hash()).
+
+    40 bits leave room to add small salts (seed + 7) without leaving uint64.
+    """
     h = np.array([0x2545F4914F6CDD1D], dtype=np.uint64)
     for part in parts:
         if isinstance(part, str):
@@ -32,7 +35,7 @@ def seed_of(*parts) -> int:
                 h = _mix(h ^ np.uint64(byte) + _GOLD)
         else:
             h = _mix(h ^ np.array([int(part) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLD)
-    return int(h[0])
+    return int(h[0]) >> 24
 
 
 def hash_uniform(ix: np.ndarray, iy: np.ndarray, seed) -> np.ndarray:
@@ -234,8 +237,8 @@ def nearest_two(u: np.ndarray, v: np.ndarray, cell: float, seed: int, jitter: fl
     for dy in (-1, 0, 1):
         for dx in (-1, 0, 1):
             cx, cy = gx + dx, gy + dy
-            h = hash_uniform(np.stack((cx, cx)), np.stack((cy, cy)),
-                             np.array([[seed], [seed + 1]], np.uint64).reshape((2,) + (1,) * u.ndim))
+            seeds = np.array([seed, seed + 1], np.uint64).reshape((2,) + (1,) * u.ndim)
+            h = hash_uniform(np.stack((cx, cx)), np.stack((cy, cy)), seeds)
             d = np.hypot(u - (cx + base + jitter * h[0]) * cell,
                          v - (cy + base + jitter * h[1]) * cell).astype(np.float32)
             closer = d < d1

@@ -1,4 +1,4 @@
-"""Sizes of the synthetic cohorts: ``small`` for tests, ``demo`` for the demo, ``paper`` at scale."""
+"""Sizes of the synthetic cohorts: ``small`` (tests), ``demo``, ``paper`` (the paper's scale)."""
 
 from __future__ import annotations
 
@@ -61,8 +61,9 @@ PRESETS: dict[str, SynthPreset] = {
         SynthPreset("small", tcga_patients=8, external_patients=4, slide_size=(3072, 2048),
                     tma_train=(4, 6), tma_test=(3, 5), core_um=320.0, render_mpp=1.0),
         # About two minutes on two cores: every patient has >= 30 squares of 112 um of tissue.
-        SynthPreset("demo", tcga_patients=48, external_patients=24, slide_size=(4608, 3584),
-                    tma_train=(24, 36), tma_test=(24, 36), core_um=700.0),
+        # Tissue drawn at 1 um/px (0.5 um/px would take about 3x longer).
+        SynthPreset("demo", tcga_patients=48, external_patients=24, slide_size=(5120, 3072),
+                    tma_train=(24, 36), tma_test=(24, 36), core_um=700.0, render_mpp=1.0),
         # The paper's scale: 104 patients per array, a few hundred whole-slide patients;
         # slides of 4 x 3 mm so the set stays in tens of GB. Hours; only on request.
         SynthPreset("paper", tcga_patients=400, external_patients=120, slide_size=(16384, 12288),

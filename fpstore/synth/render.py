@@ -17,7 +17,8 @@ import cv2
 import numpy as np
 
 from fpstore.synth.noise import fibres, hash_uniform, jitter_points, white
-from fpstore.synth.scene import CELLS, CELLS_FAR, SMOOTH, Scene, fat_fields, gland_fields, smooth_fields
+from fpstore.synth.scene import (CELLS, CELLS_FAR, SMOOTH, Scene, fat_fields, gland_fields,
+                                 smooth_fields)
 from fpstore.synth.sites import Site
 
 BACKGROUND, EPITHELIUM, STROMA, FAT = 0, 1, 2, 3
@@ -33,7 +34,8 @@ def chunk_px(render_mpp: float) -> int:
     """Level-0 size of the square chunks the renderer draws at once (whole TIFF tiles):
     large enough to amortise per-call overhead, small enough to stay light in memory."""
     return 512 if render_mpp < 0.5 else 1024
-_FIELDS = SMOOTH + CELLS
+FIBRE_WEIGHTS = ("w0", "w45", "w90", "w135")  # how much each fibre texture shows, per pixel
+_FIELDS = SMOOTH + FIBRE_WEIGHTS + CELLS
 _I = {name: i for i, name in enumerate(_FIELDS)}
 
 
@@ -134,7 +136,13 @@ class TileRenderer:
             sel = mine & want_fat
             if sel.any():
                 cells[sel, 2:] = fat_fields(region, xc[sel], yc[sel])
-        fine = np.concatenate((_upsample(smooth, n), _upsample(cells, n)), axis=-1)
+        # Fibre texture weights follow the (smooth) fibre direction: cheaper on the grid.
+        cos2, sin2 = smooth[..., SMOOTH.index("cos2")], smooth[..., SMOOTH.index("sin2")]
+        weights = np.stack([np.maximum(0, cos2 * np.cos(k * np.pi / 2)
+                                       + sin2 * np.sin(k * np.pi / 2)) ** 2 for k in range(4)],
+                           axis=-1)
+        fine = np.concatenate((_upsample(smooth, n), _upsample(weights, n), _upsample(cells, n)),
+                              axis=-1)
         return fine, cv2.resize(rid, (n, n), interpolation=cv2.INTER_NEAREST)
 
     # -- rendering ------------------------------------------------------------------
@@ -146,7 +154,8 @@ class TileRenderer:
             return None
         n, um, seed = self.n, self.rmpp, self.scene.seed
         masks = classify(fine)
-        tissue, epithelium, stroma, fat = (masks[k] for k in ("tissue", "epithelium", "stroma", "fat"))
+        tissue, epithelium, stroma, fat = (masks[k] for k in ("tissue", "epithelium", "stroma",
+                                                               "fat"))
         lumen, necrotic = masks["lumen"], masks["necrotic"]
         g = {name: fine[..., i] for i, name in enumerate(_FIELDS)}
         morphs = [r.morph for r in self.scene.regions]
@@ -159,20 +168,22 @@ class TileRenderer:
         main = morphs[int(np.bincount(rid[rid >= 0]).argmax())] if (rid >= 0).any() else morphs[0]
         length_um = min(FIBRE_LENGTHS_UM, key=lambda L: abs(L - main.fibre_um))
         tex = fibres(x0, y0, n, seed + 101, int(round(length_um / um)))
-        fib = np.zeros((n, n), np.float32)
-        for k in range(4):
-            phi = k * np.pi / 4
-            w = np.maximum(0, g["cos2"] * np.cos(2 * phi) + g["sin2"] * np.sin(2 * phi)) ** 2
-            fib += w * tex[k]
+        fib = g["w0"] * tex[0]
+        for k, name in enumerate(FIBRE_WEIGHTS[1:], start=1):
+            fib += g[name] * tex[k]
         fib = np.clip(0.5 + 0.25 * fib, 0, 1)
         e = np.where(stroma, lut("stroma") * (0.35 + 0.8 * fib), 0).astype(np.float32)
         h = np.where(stroma, 0.03, 0).astype(np.float32)
         # Fat: thin eosinophilic membranes between empty adipocytes.
-        e = np.where(fat, 0.7 * np.clip((2.6 - g["membrane"]) / 1.6, 0, 1), e)
+        membrane = np.clip((2.6 - g["membrane"]) / 1.6, 0, 1)
+        # Fat lobules end in a membrane too: the outer wall of the cells at the tissue edge.
+        inner = cv2.erode(tissue.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
+        membrane[tissue & ~inner] = 1.0
+        e = np.where(fat, 0.7 * membrane, e)
         # Epithelium: cytoplasm; lumens nearly empty; necrosis pink and granular.
         grain = white(x0, y0, n, seed + 103)
         e = np.where(epithelium, lut("cytoplasm") * (0.9 + 0.1 * grain), e)
-        h = np.where(epithelium, 0.12, h)
+        h = np.where(epithelium, 0.2 + 0.03 * grain, h)
         e = np.where(lumen, 0.05, e)
         h = np.where(lumen, 0.0, h)
         e = np.where(necrotic, 0.5 + 0.1 * grain, e)
@@ -252,7 +263,7 @@ class TileRenderer:
             return
         for index in np.unique(rid[ok]):
             morph = self.scene.regions[index].morph
-            cx, cy, gx, gy = self._candidates(x0, y0, 3.0 * morph.nucleus_um, 200)
+            cx, cy, gx, gy = self._candidates(x0, y0, 2.7 * morph.nucleus_um, 200)
             i, j = cy.astype(int), cx.astype(int)
             keep = ok[i, j] & (rid[i, j] == index) & (self._attr(gx, gy, 201) < morph.cellularity)
             self._nuclei(canvas, morph, cx[keep] * s, cy[keep] * s, gx[keep], gy[keep])

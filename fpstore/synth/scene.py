@@ -24,6 +24,7 @@ SMOOTH = ("outline", "epi", "fat", "gland", "solid", "lymph", "necrosis", "cos2"
           "thickness")
 CELLS = ("gdist", "lumen", "membrane")
 
+
 @dataclass(frozen=True)
 class Region:
     """Patient tissue on a slide: a whole-slide piece or a TMA core (slide microns)."""
@@ -68,7 +69,7 @@ class Region:
         x0, y0, x1, y1 = self.bbox
         rx = (x - self.centre[0]) / ((x1 - x0) / 2)
         ry = (y - self.centre[1]) / ((y1 - y0) / 2)
-        blob = 1 - np.hypot(rx, ry) ** 2 * 0.9
+        blob = 1 - np.hypot(rx, ry) ** 2 * 1.1
         holes = np.minimum(0, 1.5 * noise[1] + 2.2)
         edge = np.minimum(np.minimum(rx + 0.97, 0.97 - rx), np.minimum(ry + 0.97, 0.97 - ry))
         return np.minimum((blob + 0.55 * noise[0]) * 3 + holes, edge * 40)

@@ -43,7 +43,9 @@ class ArrayLayout:
 
     @property
     def size_um(self) -> tuple[float, float]:
-        extent = lambda n: (n - 1) * SPACING * self.core_um + self.core_um * (1 + 2 * BORDER)  # noqa: E731
+        def extent(n):
+            return (n - 1) * SPACING * self.core_um + self.core_um * (1 + 2 * BORDER)
+
         return extent(self.columns), extent(self.rows)
 
 

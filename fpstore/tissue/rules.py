@@ -2,8 +2,9 @@
 
 Rules, in order (features from ``fpstore.tissue.features``, at ~1 um/px):
 
-1. fat: white fraction between ``fat_white`` and ``fat_white_max``, crossed by thin
-   membranes (``membrane_density`` >= ``fat_membrane``): adipocyte vacuoles. Above
+1. fat: white fraction between ``fat_white`` and ``fat_white_max``, split into vacuoles:
+   crossed by thin membranes (``membrane_density`` >= ``fat_membrane``) or cut into at
+   least ``fat_compartments`` white regions (thicker, unbroken membranes). Above
    ``fat_white_max`` the square is glass whatever thin lines cross it (a pen line, dust,
    a fold's edge: the real histolab no-tissue tiles), since fat keeps its membranes and a
    few cells in view;
@@ -16,7 +17,8 @@ Probabilities: each rule's condition becomes a signed margin ``(value - threshol
 (positive when it holds; ``scale`` is the step that counts as clearly past the threshold);
 an AND of conditions is the minimum of their margins, a NOT its negation. The class logits
 
-    fat        = min(white - fat_white, fat_white_max - white, membrane - fat_membrane)
+    vacuoles   = max(membrane - fat_membrane, compartments - fat_compartments)
+    fat        = min(white - fat_white, fat_white_max - white, vacuoles)
     background = min(white - background_white, -fat)
     epithelium = min(-max(fat, background), nuclear - epithelium_nuclear)
     stroma     = min(-max(fat, background), epithelium_nuclear - nuclear)
@@ -44,6 +46,7 @@ class RuleThresholds:
     fat_white: float = 0.4
     fat_white_max: float = 0.97
     fat_membrane: float = 0.008
+    fat_compartments: float = 3.0
     epithelium_nuclear: float = 0.2
     sharpness: float = 2.0
 
@@ -51,6 +54,7 @@ class RuleThresholds:
         for name in ("background_white", "fat_white", "fat_white_max", "fat_membrane",
                      "epithelium_nuclear"):
             check_range("RuleThresholds", name, getattr(self, name), 0.0, 1.0)
+        check_range("RuleThresholds", "fat_compartments", self.fat_compartments, 1.0, 1000.0)
         check_range("RuleThresholds", "sharpness", self.sharpness, 1e-3, 1e3)
 
     def to_dict(self) -> dict:
@@ -58,7 +62,8 @@ class RuleThresholds:
 
 
 # The step past a threshold that counts as one unit of margin, per feature.
-_SCALE = {"white": 0.1, "white_max": 0.01, "membrane": 0.002, "nuclear": 0.05}
+_SCALE = {"white": 0.1, "white_max": 0.01, "membrane": 0.002, "compartments": 1.0,
+          "nuclear": 0.05}
 
 
 def rule_logits(features: np.ndarray, thresholds: RuleThresholds = RuleThresholds()) -> np.ndarray:
@@ -69,7 +74,11 @@ def rule_logits(features: np.ndarray, thresholds: RuleThresholds = RuleThreshold
     fat = np.minimum.reduce([
         (white - t.fat_white) / _SCALE["white"],
         (t.fat_white_max - white) / _SCALE["white_max"],
-        (f["membrane_density"] - t.fat_membrane) / _SCALE["membrane"],
+        np.maximum(
+            (f["membrane_density"] - t.fat_membrane) / _SCALE["membrane"],
+            # Half a region below the count ties: 3 regions pass a threshold of 3.
+            (f["compartments"] - (t.fat_compartments - 0.5)) / _SCALE["compartments"],
+        ),
     ])
     background = np.minimum((white - t.background_white) / _SCALE["white"], -fat)
     tissue = -np.maximum(fat, background)

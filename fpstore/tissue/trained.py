@@ -238,9 +238,9 @@ def _fit_knn(X, y, config):
     mean = X.mean(axis=0)
     centred = X - mean
     dim = min(config.pca_dim, *centred.shape)
-    # PCA by SVD of the centred training set: the top right-singular vectors.
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    components = vt[:dim].astype(np.float32)
+    # PCA from the (dim x dim) covariance: cheaper than an SVD of N x dim when N >> dim.
+    _, vectors = np.linalg.eigh(centred.T.astype(np.float64) @ centred)
+    components = vectors[:, ::-1][:, :dim].T.astype(np.float32)
     keep = balanced_sample(y, config.max_reference, config.seed)
     reference = _unit(centred[keep] @ components.T).astype(np.float32)
     arrays = {"mean": mean.astype(np.float32), "components": components,

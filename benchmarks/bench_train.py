@@ -1,0 +1,178 @@
+"""Training throughput of the fingerprint network (images/s), end to end beside model only.
+
+Same machine, same run:
+  model_fp32       forward + backward + AdamW step on random tensors already on the device
+  model_fast       the same with what training uses on this device: on CUDA bf16 autocast +
+                   channels_last; on the CPU fp32 channels_last
+  model_compiled   model_fast under torch.compile (CUDA, with --compile)
+  loader           the data path alone: random crops of memory-mapped core halves from the
+                   on-disk cache (the format `prepare_cores` writes), DataLoader workers, pinned
+  pipeline         the real training step (fpstore.fingerprint.train.Stepper): loader -> device
+                   -> augmentation on the device -> normalise -> model_fast step
+and the ratio pipeline / model_fast (the issue asks for >= 0.7).
+
+Self-contained: needs torch, torchvision, numpy (no tqdm, lmdb or tiatoolbox). The cache is
+synthetic (random textures, --cores halves of 1600x800 px) in a temporary folder.
+
+    python benchmarks/bench_train.py --device cpu --arch resnet18 --px 112 --batch 16 --steps 3
+    python benchmarks/bench_train.py --device cuda --batch 256 --workers 12 --compile
+
+Prints a table to stderr and one JSON line to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from fpstore.fingerprint.data import CropStream, tissue_grid  # noqa: E402
+from fpstore.fingerprint.model import FingerprintNet  # noqa: E402
+from fpstore.fingerprint.train import Stepper, TrainConfig  # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_rate(arch, px, batch, steps, warmup, device, fast, compiled=False) -> float:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)(num_classes=1000).to(device)
+    cuda = device.type == "cuda"
+    if fast:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x = torch.randn(batch, 3, px, px, device=device)
+    if fast:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast and cuda):
+            loss = torch.nn.functional.cross_entropy(step_model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def make_cache(folder: Path, n: int, h: int, w: int, seed: int = 0) -> Path:
+    """A memory-mapped left-halves file like the prepared cache: blocky random textures."""
+    rng = np.random.default_rng(seed)
+    path = folder / "left.npy"
+    left = np.lib.format.open_memmap(path, "w+", np.uint8, (n, h, w, 3))
+    for i in range(n):
+        small = rng.integers(60, 230, (h // 8, w // 8, 3), dtype=np.uint8)
+        left[i] = np.repeat(np.repeat(small, 8, 0), 8, 1)
+    left.flush()
+    return path
+
+
+def loader_for(path, n, tissue, px, batch, workers, pin):
+    stream = CropStream(str(path), np.arange(n), np.arange(n) % 100, tissue, px, batch, seed=0)
+    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
+                                       persistent_workers=workers > 0,
+                                       prefetch_factor=4 if workers else None)
+
+
+def loader_rate(loader, steps, warmup, batch) -> float:
+    it = iter(loader)
+    for _ in range(warmup):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(steps):
+        next(it)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def pipeline_rate(loader, arch, px, out_px, batch, steps, warmup, device, compiled) -> float:
+    cfg = TrainConfig(arch=arch, patch_px=px, out_px=out_px, batch_size=batch, num_workers=0,
+                      device=device.type, compile=compiled, warmup_steps=1)
+    stepper = Stepper(FingerprintNet(100, arch), cfg, [0.7, 0.6, 0.7], [0.15, 0.15, 0.15], device)
+    it = iter(loader)
+    for _ in range(warmup):
+        stepper(next(it))
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        stepper(next(it))
+    sync(device)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--arch", default="resnet34", choices=["resnet18", "resnet34"])
+    ap.add_argument("--px", type=int, default=224, help="crop side (cache px at 0.5 um/px)")
+    ap.add_argument("--out-px", type=int, default=None, help="network input side (default --px)")
+    ap.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 16 on the CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 30 CUDA, 3 CPU)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--cores", type=int, default=64, help="core halves in the synthetic cache")
+    ap.add_argument("--half", default="1600x800", help="half size HxW")
+    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default cores - 2)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    cuda = device.type == "cuda"
+    batch = args.batch or (256 if cuda else 16)
+    steps = args.steps or (30 if cuda else 3)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
+    workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 2) - 2)
+    out_px = args.out_px or args.px
+    h, w = (int(v) for v in args.half.split("x"))
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    result = {"device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads",
+              "arch": args.arch, "px": args.px, "out_px": out_px, "batch": batch, "steps": steps,
+              "workers": workers, "torch": torch.__version__}
+    result["model_fp32"] = model_rate(args.arch, out_px, batch, steps, warmup, device, fast=False)
+    result["model_fast"] = model_rate(args.arch, out_px, batch, steps, warmup, device, fast=True)
+    if args.compile and cuda:
+        result["model_compiled"] = model_rate(args.arch, out_px, batch, steps, warmup + 5, device, True, True)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        path = make_cache(Path(tmp), args.cores, h, w)
+        tissue = tissue_grid(np.load(path, mmap_mode="r"))
+        result["cache_seconds"] = time.perf_counter() - t
+        loader = loader_for(path, args.cores, tissue, args.px, batch, workers, cuda)
+        result["loader"] = loader_rate(loader, steps * 2, warmup, batch)
+        result["pipeline"] = pipeline_rate(loader, args.arch, args.px, out_px, batch, steps, warmup, device, False)
+        if args.compile and cuda:
+            result["pipeline_compiled"] = pipeline_rate(loader, args.arch, args.px, out_px, batch, steps,
+                                                        warmup + 5, device, True)
+        del loader
+    result["pipeline_vs_model_fast"] = result["pipeline"] / result["model_fast"]
+    if "pipeline_compiled" in result:
+        result["pipeline_compiled_vs_model_compiled"] = result["pipeline_compiled"] / result["model_compiled"]
+    result = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    for k, v in result.items():
+        print(f"{k:>36}: {v}", file=sys.stderr)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Extraction on a Ray cluster: ``fpstore extract --engine ray [--address ADDR]``.
+
+The driver (the process that runs ``extract``) keeps the local engine's rules: the same
+cohort, resume keys, patient-pooled sampling, per-slide claims (local stores), Parquet writer
+and status files (``fpstore.extract.pipeline``). Ray replaces the process-local loop:
+
+    plan      one Ray task per slide (tissue mask + patch grid, CPU); sampling on the driver
+    read      ``_read_chunk`` tasks (CPU): up to ``read_chunk`` patches of one slide -> uint8
+              pixels in Ray's object store (shared memory on a node, no copy for numpy)
+    encode    ``_Encoder`` actors, one per GPU (or CPU actors): the model is built once by the
+              driver, shipped through the object store (worker nodes need no checkpoint file),
+              and fed one chunk per call; batches of ``batch_size`` on the device
+    write     ``_write_slide`` task (CPU): the slide's vectors -> its Parquet file, written by
+              exactly one task (temp + rename locally, one published PUT on object storage),
+              then its status JSON
+
+Why Ray Core and not Ray Data: the unit of commit, failure and resume is a slide (one file,
+one status), so a per-slide task graph maps one to one; Ray Data's streaming blocks would have
+to be regrouped by slide before writing. Fault tolerance: a task whose worker dies is re-run
+(``max_retries``), a dead encoder actor is restarted and its calls retried; a slide whose
+retries run out, or whose reader raises (a bad slide: no retry), is recorded ``failed`` and
+the run goes on. Every write goes to the slide's one deterministic key, so a retried slide
+replaces its own file and can never appear twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from fpstore.config import check_range
+from fpstore.errors import ConfigError, EncoderError, FpstoreError
+from fpstore.extract.pipeline import (
+    PARQUET_OPTIONS,
+    ExtractConfig,
+    SlideClaim,
+    SlidePlan,
+    SlideResult,
+    _write_status,
+    claim_path,
+    slide_table,
+    stored_mismatch,
+)
+from fpstore.store.featurestore import fingerprint_path
+from fpstore.store.io import write_parquet_atomic
+from fpstore.store.remote import is_remote, store_root
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where and how wide to run. ``address``: None starts a Ray instance on this machine (and
+    stops it at the end); "auto" joins the cluster ``ray start`` made here; "HOST:PORT" or
+    "ray://HOST:10001" joins a remote one."""
+
+    address: str | None = None
+    encoders: int = 0  # encoder actors; 0: one per GPU of the cluster, or 1 without GPUs
+    encoder_cpus: float = 1.0  # CPUs each encoder actor holds (its torch threads on CPU)
+    reader_cpus: float = 1.0  # CPUs each read task holds
+    read_chunk: int = 256  # patches per read task (and per encoder call)
+    max_retries: int = 2  # re-runs of a task whose worker died; restarts of an encoder actor
+    slides_in_flight: int = 0  # 0: 2 per CPU of the cluster (bounds object-store memory)
+    num_cpus: int | None = None  # a new local instance only: CPUs it may use (None: all)
+    num_gpus: int | None = None
+
+    def __post_init__(self):
+        check_range("RayConfig", "encoders", self.encoders, 0, 4096)
+        check_range("RayConfig", "encoder_cpus", self.encoder_cpus, 0.0, 1024.0)
+        check_range("RayConfig", "reader_cpus", self.reader_cpus, 0.01, 1024.0)
+        check_range("RayConfig", "read_chunk", self.read_chunk, 1, 65536)
+        check_range("RayConfig", "max_retries", self.max_retries, 0, 100)
+        check_range("RayConfig", "slides_in_flight", self.slides_in_flight, 0, 100000)
+        if self.address is None:
+            return
+        if not self.address.strip():
+            raise ConfigError("RayConfig.address is empty; give 'auto', HOST:PORT or "
+                              "ray://HOST:10001, or leave it out to start Ray here")
+        if self.num_cpus is not None or self.num_gpus is not None:
+            raise ConfigError(f"RayConfig: num_cpus/num_gpus size a new local Ray instance; the "
+                              f"cluster at {self.address!r} has its own resources")
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What the writers need of the encoder (no weights): see pipeline.slide_table."""
+
+    id: str
+    hash: str
+    weights_hash: str
+    dim: int
+    preprocessing: object
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as error:
+        raise FpstoreError("--engine ray needs Ray: pip install 'fpstore[ray]'") from error
+    return ray
+
+
+class RayEngine:
+    """Plans and extracts on Ray; pass it to ``pipeline.extract(..., engine=RayEngine())``.
+
+    Use as a context manager (or call ``close``): a Ray instance it started is stopped.
+    """
+
+    def __init__(self, config: RayConfig = RayConfig()):
+        self.config = config
+        self.ray = _import_ray()
+        self._started = False
+        if not self.ray.is_initialized():
+            kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="warning",
+                          log_to_driver=False)
+            if config.address is None:
+                kwargs.update(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
+            try:
+                self.ray.init(address=config.address, **kwargs)
+            except ConnectionError as error:
+                raise FpstoreError(f"cannot join the Ray cluster at {config.address!r}: {error}; "
+                                   "start it with `ray start --head` or leave --address out to "
+                                   "run on this machine") from error
+            self._started = True
+        resources = self.ray.cluster_resources()
+        self.cpus, self.gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+
+    def close(self) -> None:
+        if self._started and self.ray.is_initialized():
+            self.ray.shutdown()
+        self._started = False
+
+    def __enter__(self) -> RayEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the hooks pipeline.extract calls --
+    def device(self, config: ExtractConfig) -> str:
+        """The encoders' device: a cluster with GPUs encodes on them unless --device cpu."""
+        if config.device == "cuda" and not self.gpus:
+            raise EncoderError("--device cuda: the Ray cluster has no GPU; use --device cpu or "
+                               "auto, or add GPU nodes")
+        return "cuda" if self.gpus and config.device != "cpu" else "cpu"
+
+    def map(self, fn, *iterables):
+        """``map(fn, ...)`` as Ray tasks, results in order (the planning of every slide)."""
+        task = self.ray.remote(_call).options(num_cpus=self.config.reader_cpus,
+                                             max_retries=self.config.max_retries)
+        refs = [task.remote(fn, *args) for args in zip(*iterables)]
+        return (self.ray.get(ref) for ref in refs)
+
+    def run(self, store, cohort: str, encoder, key: dict, spec, config: ExtractConfig,
+            plans: list[SlidePlan], progress: bool = True) -> dict[str, SlideResult]:
+        """Extract the planned slides on the cluster; one SlideResult per slide."""
+        return _Run(self, store_root(store), cohort, encoder, key, spec, config, progress).run(plans)
+
+
+def _call(fn, *args):
+    return fn(*args)
+
+
+def _cause(error) -> str:
+    """A Ray error as the one line the local engine would record."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return f"{type(cause).__name__}: {cause}"
+    first = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {first[0] if first else ''}"
+
+
+# ---------------------------------------------------------------- worker side
+
+_OPEN: dict = {}  # a few open slides per worker process: chunks of one slide come together
+
+
+def _read_chunk(path: str, mpp: float, xy: np.ndarray, size_px: float, out_px: int) -> np.ndarray:
+    import cv2
+
+    from fpstore.extract.slides import open_slide
+
+    cv2.setNumThreads(1)  # one task per CPU: the task is the unit of parallelism
+    if path not in _OPEN:
+        if len(_OPEN) >= 4:
+            _OPEN.pop(next(iter(_OPEN))).close()
+        _OPEN[path] = open_slide(path, mpp=mpp)
+    return _OPEN[path].read_patches(xy, size_px, out_px)
+
+
+class _Encoder:
+    """One model on one device; ``encode(uint8 [N, H, W, 3]) -> float32 [N, dim]``."""
+
+    def __init__(self, encoder, device: str, config: ExtractConfig, threads: int):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.encoder = encoder.prepare(device, config.precision, config.channels_last, config.compile)
+        self.batch_size = config.resolved_batch_size(device)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        out = np.empty((len(pixels), self.encoder.dim), np.float32)
+        for start in range(0, len(pixels), self.batch_size):
+            # Object-store arrays are read-only: copy the batch once into a writable tensor.
+            batch = torch.from_numpy(np.array(pixels[start:start + self.batch_size]))
+            out[start:start + len(batch)] = self.encoder.encode(batch).cpu().numpy()
+        return out
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _write_slide(store: str, cohort: str, plan: SlidePlan, spec, info: EncoderInfo, key: dict,
+                 submitted: float, *vectors: np.ndarray) -> SlideResult:
+    store = store_root(store)
+    stack = np.concatenate(vectors) if vectors else np.zeros((0, info.dim), np.float32)
+    table, metadata = slide_table(plan, spec, info, key, cohort, stack)
+    write_parquet_atomic(table, fingerprint_path(store, info.id, cohort, plan.slide_id), metadata,
+                         **PARQUET_OPTIONS)
+    seconds = max(0.0, time.time() - submitted)
+    _write_status(store, info, cohort, plan.slide_id, "ok", n_patches=len(plan.keys), seconds=seconds)
+    return SlideResult(plan.slide_id, "ok", len(plan.keys), round(seconds, 3))
+
+
+# ---------------------------------------------------------------- driver side
+
+class _Run:
+    def __init__(self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress):
+        self.engine, self.ray, self.rc = engine, engine.ray, engine.config
+        self.store, self.cohort, self.key, self.spec, self.config = store, cohort, key, spec, config
+        self.progress = progress
+        self.encoder = encoder
+        self.info = EncoderInfo(encoder.id, encoder.hash, encoder.weights_hash, encoder.dim,
+                                encoder.preprocessing)
+        self.local = not is_remote(store)  # claims (flock) exist on local/shared folders only
+        self.results: dict[str, SlideResult] = {}
+
+    def _actors(self) -> list:
+        device = self.engine.device(self.config)
+        n = self.rc.encoders or (int(self.engine.gpus) if device == "cuda" else 1)
+        actor = self.ray.remote(_Encoder).options(
+            num_gpus=1 if device == "cuda" else 0, num_cpus=self.rc.encoder_cpus,
+            max_restarts=self.rc.max_retries, max_task_retries=self.rc.max_retries)
+        # Once, whatever the number of actors; kept referenced so that a restart can rebuild.
+        self.model = self.ray.put(self.encoder)
+        threads = max(1, int(self.rc.encoder_cpus))
+        return [actor.remote(self.model, device, self.config, threads) for _ in range(n)]
+
+    def run(self, plans: list[SlidePlan]) -> dict[str, SlideResult]:
+        from tqdm import tqdm
+
+        read = self.ray.remote(_read_chunk).options(num_cpus=self.rc.reader_cpus,
+                                                   max_retries=self.rc.max_retries)
+        write = self.ray.remote(_write_slide).options(num_cpus=0, max_retries=self.rc.max_retries)
+        in_flight = self.rc.slides_in_flight or max(4, int(2 * self.engine.cpus))
+        actors = self._actors()
+        load = [0] * len(actors)  # chunks queued per actor: the least loaded gets the next
+        running: dict = {}  # write ref -> (plan, claim, [actor index per chunk])
+        todo = deque(plans)
+        bar = tqdm(total=len(plans), desc=f"extract {self.info.id} (ray)", unit="slide",
+                   disable=not self.progress, dynamic_ncols=True)
+        encoded, t0 = 0, time.perf_counter()
+        try:
+            while todo or running:
+                while todo and len(running) < in_flight:
+                    plan = todo.popleft()
+                    claim = self._claim(plan)
+                    if claim is False:
+                        bar.update(1)
+                        continue
+                    chunks, used = [], []
+                    xy = np.stack([plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1)
+                    for start in range(0, len(xy), self.rc.read_chunk):
+                        pixels = read.remote(plan.path, plan.mpp, xy[start:start + self.rc.read_chunk],
+                                             plan.size_px, self.spec.out_px)
+                        a = load.index(min(load))
+                        load[a] += 1
+                        used.append(a)
+                        chunks.append(actors[a].encode.remote(pixels))
+                    ref = write.remote(str(self.store), self.cohort, plan, self.spec, self.info,
+                                       self.key, time.time(), *chunks)
+                    running[ref] = (plan, claim, used)
+                done, _ = self.ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    plan, claim, used = running.pop(ref)
+                    for a in used:
+                        load[a] -= 1
+                    result = self._collect(ref, plan, claim)
+                    encoded += result.n_patches
+                    bar.update(1)
+                    rate = encoded / max(1e-9, time.perf_counter() - t0)
+                    bar.set_postfix_str(f"{encoded} patches, {rate:.1f} patches/s", refresh=False)
+        finally:
+            for ref, (_, claim, _) in running.items():  # interrupted: stop the work, free claims
+                self.ray.cancel(ref, force=True)
+                if claim:
+                    claim.release()
+            for actor in actors:
+                self.ray.kill(actor)
+            bar.close()
+        return self.results
+
+    def _claim(self, plan: SlidePlan):
+        """The slide's claim (None on object storage), or False if it is done or taken."""
+        claim = None
+        if self.local:
+            claim = SlideClaim(claim_path(self.store, self.info.id, self.cohort, plan.slide_id))
+            if not claim.acquire():
+                self.results[plan.slide_id] = SlideResult(plan.slide_id, "elsewhere")
+                return False
+        # Another process may have written it since we planned: the file tells.
+        diff = stored_mismatch(fingerprint_path(self.store, self.info.id, self.cohort, plan.slide_id),
+                               self.key)
+        if diff == {} or (diff and not self.config.force):
+            if claim:
+                claim.release()
+            self.results[plan.slide_id] = SlideResult(plan.slide_id, "elsewhere")
+            return False
+        return claim
+
+    def _collect(self, ref, plan: SlidePlan, claim) -> SlideResult:
+        try:
+            result = self.ray.get(ref)
+        except self.ray.exceptions.RayError as error:
+            result = SlideResult(plan.slide_id, "failed", error=_cause(error))
+            _write_status(self.store, self.info, self.cohort, plan.slide_id, "failed", result.error)
+        finally:
+            if claim:
+                claim.release()
+        self.results[plan.slide_id] = result
+        return result
+
+
+def extract_on_ray(store, cohort: str, config: ExtractConfig = ExtractConfig(),
+                   ray_config: RayConfig = RayConfig(), progress: bool = True):
+    """``pipeline.extract`` with a RayEngine that lives for this one run."""
+    from fpstore.extract.pipeline import extract
+
+    with RayEngine(ray_config) as engine:
+        return extract(store, cohort, config, progress, engine=engine)
