@@ -186,3 +186,26 @@ def test_two_processes_share_the_work_without_duplicates(tmp_path):
     assert sorted(done_by) == ["S1", "S2", "S3"] and all(len(v) == 1 for v in done_by.values())
     assert len(fingerprint_files(store)) == 3
     assert not list(store.rglob("*.tmp"))
+
+
+def test_extraction_after_threaded_opencv_and_torch_work_does_not_hang(tmp_path):
+    # The demo trains (torch threads) and resizes (OpenCV threads) in the same process before
+    # it extracts with forked readers; a reader that reconfigures OpenCV's pool after the fork
+    # deadlocked. A fresh interpreter reproduces that state.
+    store = make_cohort(tmp_path, bad=False)
+    script = tmp_path / "after_threads.py"
+    script.write_text(TINY + (
+        "\nimport cv2, numpy as np, torch\n"
+        "cv2.setNumThreads(2)\n"
+        "for _ in range(20):\n"
+        "    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (500, 500), interpolation=cv2.INTER_AREA)\n"
+        "torch.set_num_threads(2); torch.randn(512, 512) @ torch.randn(512, 512)\n"
+        "from fpstore.extract.pipeline import ExtractConfig, extract\n"
+        "cfg = ExtractConfig(encoder='tiny', patches=8, device='cpu', num_workers=1, batch_size=8)\n"
+        f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
+        "assert not s.failed and cv2.getNumThreads() == 2\n"))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert len(fingerprint_files(store)) == 3

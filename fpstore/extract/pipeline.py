@@ -338,11 +338,9 @@ class PatchTasks(torch.utils.data.IterableDataset):
 
 
 def _worker_init(_):
-    import cv2
-
-    # Readers decode and resize; the cores belong to the model.
+    # Readers decode and resize; the cores belong to the model. (OpenCV's threads are set
+    # to one in the parent before the fork: cv2.setNumThreads in a forked child can hang.)
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
 
 
 # ---------------------------------------------------------------- the loop
@@ -449,6 +447,7 @@ class _Loop:
     def run(self, plans: list[SlidePlan]) -> dict[str, SlideResult]:
         import multiprocessing
 
+        import cv2
         from tqdm import tqdm
 
         if self.device == "cpu" and self.workers:
@@ -477,6 +476,8 @@ class _Loop:
         queued = 0
         pending_out = None
         closed = False
+        cv2_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # inherited by the forked readers (see _worker_init)
         iterator = iter(loader)
         try:
             while True:
@@ -528,6 +529,7 @@ class _Loop:
             for slot_id in list(self.slots):
                 self.slots.pop(slot_id).claim.release()
             del iterator
+            cv2.setNumThreads(cv2_threads)
             self.bar.close()
         return self.results
 

@@ -113,8 +113,8 @@ class RayEngine:
         self.ray = _import_ray()
         self._started = False
         if not self.ray.is_initialized():
-            kwargs = dict(include_dashboard=False, configure_logging=True, logging_level="warning",
-                          log_to_driver=False)
+            kwargs = {"include_dashboard": False, "configure_logging": True,
+                      "logging_level": "warning", "log_to_driver": False}
             if config.address is None:
                 kwargs.update(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
             try:
@@ -123,6 +123,14 @@ class RayEngine:
                 raise FpstoreError(f"cannot join the Ray cluster at {config.address!r}: {error}; "
                                    "start it with `ray start --head` or leave --address out to "
                                    "run on this machine") from error
+            except Exception as error:  # Ray raises a bare Exception when its node times out
+                if config.address is not None or "timed out during startup" not in str(error):
+                    raise
+                raise FpstoreError(
+                    f"Ray could not start on this machine ({error}). On a busy machine its "
+                    "dashboard agent can miss the raylet's 15 s start-up window: retry when the "
+                    "machine is quieter, or start Ray yourself (`ray start --head`) and pass "
+                    "--address auto") from error
             self._started = True
         resources = self.ray.cluster_resources()
         self.cpus, self.gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -243,6 +251,12 @@ class _Run:
     def _actors(self) -> list:
         device = self.engine.device(self.config)
         n = self.rc.encoders or (int(self.engine.gpus) if device == "cuda" else 1)
+        if n * self.rc.encoder_cpus + self.rc.reader_cpus > self.engine.cpus:
+            # Actors hold their CPUs for the whole run: readers would wait for ever.
+            raise ConfigError(
+                f"{n} encoder actor(s) of {self.rc.encoder_cpus} CPU each leave less than "
+                f"{self.rc.reader_cpus} CPU for the readers on a cluster of {self.engine.cpus:g} "
+                "CPUs; lower RayConfig.encoders or encoder_cpus, or add CPUs")
         actor = self.ray.remote(_Encoder).options(
             num_gpus=1 if device == "cuda" else 0, num_cpus=self.rc.encoder_cpus,
             max_restarts=self.rc.max_retries, max_task_retries=self.rc.max_retries)

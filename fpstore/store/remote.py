@@ -45,8 +45,7 @@ def store_root(store) -> Path | RemotePath:
     if isinstance(store, RemotePath):
         return store
     if not is_remote(store):
-        text = str(store)
-        return Path(text[len("file://"):] if text.startswith("file://") else text)
+        return Path(str(store).removeprefix("file://"))
     protocol = _URL.match(store).group(1).lower()
     try:
         import fsspec
@@ -69,7 +68,7 @@ class RemotePath:
 
     # -- names --
     def __str__(self) -> str:
-        return f"{self.protocol}://{self.path}"
+        return self.fs.unstrip_protocol(self.path)
 
     __fspath__ = __str__
 
