@@ -129,10 +129,7 @@ def main(argv=None):
     from fpstore.extract.pipeline import ExtractConfig, extract
 
     config = ExtractConfig(encoder="random-resnet34", encoder_options={"out_px": args.out_px},
-                           patches=args.patches, device=args.device,
-                           # In-process reading: the local engine's forked readers hang in
-                           # cv2.setNumThreads once planning has used OpenCV's pool here.
-                           num_workers=0)
+                           patches=args.patches, device=args.device)
     rows, overheads = [], {}
     with tempfile.TemporaryDirectory(prefix="fpstore-bench-scaling-") as tmp:
         tmp = Path(tmp)
