@@ -33,8 +33,9 @@ def demo(out, force, seed, as_json):
     click.echo(f"\nmatching game: core accuracy {m.get('core_accuracy', float('nan')):.2f} "
                f"(chance {m.get('chance_core', float('nan')):.3f}), "
                f"patient accuracy {m.get('patient_accuracy', float('nan')):.2f}")
-    click.echo("\nresults (external cohort, AUC with 95% CI)")
-    echo_table(result.results_rows())
+    click.echo("\nresults on the external cohort, all tissue pooled (AUC with 95% CI; every pool "
+               "is in the report and in `fpstore sql`)")
+    echo_table(result.results_rows(pools=("all",)))
     click.echo(f"\nstore:  {out / 'store'}\nmodel:  {out / 'model' / 'fingerprint.pt'}"
                f"\nreport: {result.report}")
 

@@ -32,10 +32,13 @@ class DemoResult:
     run_id: str = ""
     report: str = ""
 
-    def results_rows(self) -> list[dict]:
+    def results_rows(self, pools: tuple[str, ...] | None = None) -> list[dict]:
+        """One row per marker, method, encoder and pool (only ``pools`` when given)."""
         rows = []
         for marker, document in self.compare.items():
             for row in document["rows"]:
+                if pools and row.get("pool") not in pools:
+                    continue
                 rows.append({"marker": marker, **{k: row.get(k) for k in
                                                   ("method", "encoder", "pool", "auc", "ci_low",
                                                    "ci_high", "n")}})
@@ -78,14 +81,11 @@ def _prepare(out: Path, force: bool) -> None:
 
 def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False) -> DemoResult:
     """Run the whole pipeline into ``out`` and return what it measured."""
-    from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
     from fpstore.extract.cohort import add_cohort
     from fpstore.extract.pipeline import ExtractConfig, extract
     from fpstore.fingerprint.experiment import match, train_fingerprint
-    from fpstore.report.html import build_report
     from fpstore.store.io import write_json_atomic
     from fpstore.synth import synthesize
-    from fpstore.tissue.predict import predict_tissue
 
     out = Path(out)
     _prepare(out, force)
@@ -115,19 +115,31 @@ def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False)
         steps.run(f"extract fingerprints: {cohort}", extract, store, cohort, fingerprint, progress)
     steps.run("extract control features (random ResNet34): tcga + external",
               lambda: [extract(store, c, control, progress) for c in ("tcga", "external")])
+    analyse(store, out / "report", seed, steps, progress)
+    write_json_atomic(result.to_dict(), out / "demo.json")
+    return result
+
+
+def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: bool) -> None:
+    """The steps after extraction: tissue types, compare, classify ER, the report."""
+    from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
+    from fpstore.report.html import build_report
+    from fpstore.tissue.predict import predict_tissue
+
+    result = steps.result
     for cohort in ("tcga", "external"):
+        # Both encoders share the patch grid, so one typing serves both.
         steps.run(f"tissue types: {cohort}", predict_tissue, store, cohort, "rules",
-                  progress=progress)
+                  encoder="fingerprint", progress=progress)
     for marker in MARKERS:
         result.compare[marker] = steps.run(
             f"compare methods for {marker}", compare, store,
             CompareConfig(marker=marker, cohort="tcga", external="external", seed=seed,
                           methods=("mil", "logreg", "xgboost")), progress=progress)
     run = steps.run("classify ER (MIL head, fingerprints, all tissue)", classify, store,
-                    ClassifyConfig(marker="ER", cohort="tcga", encoder="fingerprint", seed=seed), progress=progress)
+                    ClassifyConfig(marker="ER", cohort="tcga", encoder="fingerprint", seed=seed),
+                    progress=progress)
     result.run_id = run["run_id"]
-    report = steps.run("HTML report", build_report, store, result.run_id, out / "report")
+    report = steps.run("HTML report", build_report, store, result.run_id, report_dir)
     result.report = str(report.index)
-    write_json_atomic(result.to_dict(), out / "demo.json")
-    return result
 
