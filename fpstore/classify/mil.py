@@ -13,7 +13,6 @@ costs two thin matrix products over them (forward and backward of the 512 x 8 la
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import asdict, dataclass
 
@@ -23,6 +22,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
 from fpstore.classify.bags import Bags
+from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
 from fpstore.config import check_choice, check_range
 from fpstore.errors import ClassifyError
@@ -173,7 +173,7 @@ class MILHead(ClassifierMixin, BaseEstimator):
             torch.manual_seed(cfg.seed)
             net = MILNet(bags.dim, cfg.hidden, self.mean_, self.std_)
         optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        best = (-np.inf, 0, copy.deepcopy(net.state_dict()))
+        best = BestEpoch(net, cfg.patience)
         self.history_ = []
         n, size = bags.n_patients, cfg.batch_bags
         for epoch in range(1, cfg.max_epochs + 1):
@@ -191,22 +191,19 @@ class MILHead(ClassifierMixin, BaseEstimator):
                 loss.backward()
                 optimiser.step()
             if eval_set is None:
-                best = (float(epoch), epoch, net.state_dict())
+                best.keep_last(epoch)
                 continue
             net.eval()
             with torch.no_grad():
                 patch = net(eval_x).numpy()
             value = _early_stopping_value(eval_bags, eval_y, patch)
             self.history_.append(value)
-            if value > best[0]:
-                best = (value, epoch, copy.deepcopy(net.state_dict()))
-            elif epoch - best[1] >= cfg.patience:
+            if best.stop_after(value, epoch):
                 break
-        net.load_state_dict(best[2])
-        net.eval()
+        best.restore()
         self.net_ = net
-        self.best_epoch_ = best[1]
-        self.es_score_ = None if eval_set is None else best[0]
+        self.best_epoch_ = best.epoch
+        self.es_score_ = None if eval_set is None else best.score
         self.classes_ = np.array([0, 1])
 
     def patch_scores(self, bags: Bags) -> np.ndarray:

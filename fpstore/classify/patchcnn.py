@@ -11,7 +11,6 @@ in practice, see ``fpstore.classify.data.cache_images``), so the estimator needs
 
 from __future__ import annotations
 
-import copy
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fpstore.classify.bags import Bags
+from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
 from fpstore.config import check_choice, check_range
 from fpstore.errors import ClassifyError
@@ -131,7 +131,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         # Weight positives so both classes count equally, as for the MIL head.
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - pos) / max(pos, 1e-6)).to(self._device()))
         optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        best = (-np.inf, 0, copy.deepcopy(net.state_dict()))
+        best = BestEpoch(net, cfg.patience)
         self.history_ = []
         for epoch in range(1, cfg.max_epochs + 1):
             net.train()
@@ -146,7 +146,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
                 loss.backward()
                 optimiser.step()
             if eval_set is None:
-                best = (float(epoch), epoch, net.state_dict())
+                best.keep_last(epoch)
                 continue
             es_bags, es_y = eval_set
             es_y = np.asarray(es_y)
@@ -154,14 +154,11 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             value = auc(es_y, scores) if len(np.unique(es_y)) == 2 else -float(
                 np.mean((scores - es_y) ** 2))
             self.history_.append(value)
-            if value > best[0]:
-                best = (value, epoch, copy.deepcopy(net.state_dict()))
-            elif epoch - best[1] >= cfg.patience:
+            if best.stop_after(value, epoch):
                 break
-        net.load_state_dict(best[2])
-        net.eval()
-        self.best_epoch_ = best[1]
-        self.es_score_ = None if eval_set is None else best[0]
+        best.restore()
+        self.best_epoch_ = best.epoch
+        self.es_score_ = None if eval_set is None else best.score
         self.classes_ = np.array([0, 1])
 
     def patch_scores(self, bags: Bags) -> np.ndarray:
