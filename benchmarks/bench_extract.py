@@ -8,7 +8,8 @@ Slides: a real-texture slide (tests/data/slides/CMU-1-Small-Region.svs tiled 4x4
 pyramidal JPEG TIFF at 0.499 um/px: ~1,270 tissue patches of 112 um) and, with --synthetic WxH,
 a synthetic 40x slide from fpstore.synth. The encoder is ResNet34 with random weights: the same
 arithmetic as ImageNet weights, which are never downloaded. Prints a table of patches/s and the
-ratios end-to-end / model-only and ours / TIAToolbox, plus the cosine agreement of bf16 vs fp32.
+ratios end-to-end / model-only and ours / TIAToolbox, plus the per-patch cosine agreement of
+bf16 (CUDA, or --bf16) and int8 (CPU) fingerprints with fp32.
 
 Imports only torch, torchvision, numpy, pyarrow, tifffile + imagecodecs, opencv, click, tqdm
 (no duckdb, lmdb or tiatoolbox unless --tiatoolbox), so it runs on a bare GPU image with the
@@ -68,7 +69,7 @@ def add_cohort_for(store: Path, slide: Path, name: str, copies: int = 1) -> None
         lines.append(f"P-{name}{i:03d},{link},Positive,Negative,Negative\n")
     labels = store.parent / f"{name}.csv"
     labels.write_text("patient_id,slide,ER,PR,Her2\n" + "".join(lines))
-    add_cohort(store, name, clinical=labels, fmt="csv")
+    add_cohort(store, name, clinical=labels, fmt="csv", force=True)  # a rerun replaces it
 
 
 def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, float]:
@@ -83,6 +84,8 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
         enc = create_encoder("random-resnet34").prepare(device, precision, channels_last, compile_)
         if not channels_last:
             enc.backbone.to(memory_format=torch.contiguous_format)
+        if precision == "int8":  # the speed does not depend on which pixels set the ranges
+            enc.calibrate(pixels)
         for _ in range(3 if device == "cuda" else 1):
             enc.encode(pixels)
         if device == "cuda":
@@ -98,8 +101,12 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
 
 def end_to_end(store: Path, cohort: str, device: str, precision: str, patches, compile_: bool,
                workers: int, batch: int) -> tuple[float, object]:
+    import shutil
+
     from fpstore.extract.pipeline import ExtractConfig, extract
 
+    for table in ("fingerprints", "status"):  # time a full extraction, not a resume
+        shutil.rmtree(store / table / "encoder=random-resnet34" / f"cohort={cohort}", ignore_errors=True)
     config = ExtractConfig(encoder="random-resnet34", patches=patches, device=device,
                            precision=precision, compile=compile_, num_workers=workers,
                            batch_size=batch, force=True)
@@ -110,7 +117,8 @@ def end_to_end(store: Path, cohort: str, device: str, precision: str, patches, c
         raise SystemExit(f"extraction failed: {summary.failed}")
     print(f"  {cohort} {precision}: {summary.n_patches} patches, wall {wall:.1f} s "
           f"({summary.n_patches / wall:.1f}/s), loop {summary.loop_seconds:.1f} s "
-          f"({summary.n_patches / max(summary.loop_seconds, 1e-9):.1f}/s)", flush=True)
+          f"({summary.n_patches / max(summary.loop_seconds, 1e-9):.1f}/s)"
+          + (f", int8 calibration {summary.int8_agreement}" if summary.int8_agreement else ""), flush=True)
     return summary.n_patches / summary.loop_seconds, summary
 
 
@@ -123,25 +131,28 @@ def read_vectors(store: Path, cohort: str) -> np.ndarray:
     return np.concatenate([column_to_numpy(pq.read_table(f).column("fingerprint")) for f in files])
 
 
-def tiatoolbox_rate(slide: Path, device: str, tmp: Path) -> float | None:
-    """TIAToolbox 2.x DeepFeatureExtractor, ResNet34, 224 px at 0.5 um/px, on the same slide."""
+def tiatoolbox_rate(slide: Path, device: str, tmp: Path, workers: int) -> float | None:
+    """TIAToolbox 2.1 DeepFeatureExtractor, ResNet34 (random weights, no download), 224 px at
+    0.5 um/px on its own tissue mask, same slide: whole-run patches/s including its mask."""
     try:
+        import zarr
         from tiatoolbox.models.architecture.vanilla import CNNBackbone
-        from tiatoolbox.models.engine.semantic_segmentor import DeepFeatureExtractor, IOSegmentorConfig
+        from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
+        from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
     except ImportError as error:
         print(f"TIAToolbox not measured: {error}")
         return None
-    io = IOSegmentorConfig(input_resolutions=[{"units": "mpp", "resolution": 0.5}],
-                           output_resolutions=[{"units": "mpp", "resolution": 0.5}],
-                           patch_input_shape=[224, 224], patch_output_shape=[224, 224],
-                           stride_shape=[224, 224], save_resolution={"units": "mpp", "resolution": 8.0})
-    extractor = DeepFeatureExtractor(model=CNNBackbone("resnet34"), batch_size=32, num_loader_workers=1)
+    io = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": 0.5}],
+                                patch_input_shape=(224, 224), stride_shape=(224, 224))
+    extractor = DeepFeatureExtractor(model=CNNBackbone("resnet34"), batch_size=32,
+                                     num_workers=workers, device=device, verbose=False)
     t0 = time.perf_counter()
-    out = extractor.predict([slide], mode="wsi", ioconfig=io, on_gpu=device == "cuda",
-                            crash_on_exception=True, save_dir=tmp / "tia")
+    out = extractor.run([slide], patch_mode=False, ioconfig=io, save_dir=tmp / "tia", overwrite=True,
+                        output_type="zarr", auto_get_mask=True)
     wall = time.perf_counter() - t0
-    n = sum(len(np.load(f"{o[1]}.position.npy")) for o in out)
-    print(f"TIAToolbox: {n} patches in {wall:.1f} s")
+    group = zarr.open(str(next(iter(out.values()))), mode="r")
+    n = max(group[k].shape[0] for k in group.array_keys() if group[k].ndim == 2 and group[k].shape[1] == 512)
+    print(f"TIAToolbox: {n} patches in {wall:.1f} s ({n / wall:.1f}/s), {workers} loader workers")
     return n / wall
 
 
@@ -152,6 +163,8 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
     parser.add_argument("--synthetic", help="also a synthetic 40x slide of WxH level-0 pixels")
     parser.add_argument("--tiatoolbox", action="store_true", help="also time TIAToolbox (slow)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also bf16 on a CPU (on by default on CUDA; emulated and ~8x slower on AVX2 CPUs)")
     parser.add_argument("--copies", type=int, default=1, help="slides per cohort (links to one file)")
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--batch", type=int, default=0)
@@ -187,14 +200,18 @@ def main(argv=None):
         cohorts["synth"] = synth
 
     patches = 64 if args.quick else None
+    use_bf16 = device == "cuda" or args.bf16
     variants = [("fp32", "fp32", False, False), ("fp32 channels_last", "fp32", True, False)]
-    variants.append(("bf16 channels_last", "bf16", True, False))
+    if use_bf16:
+        variants.append(("bf16 channels_last", "bf16", True, False))
+    if device == "cpu":
+        variants.append(("int8 (static, x86)", "int8", True, False))
     if device == "cuda" and args.compile:
         variants.append(("bf16 channels_last compiled", "bf16", True, True))
     rates = model_only(device, batch, 3.0 if args.quick else args.seconds, variants)
 
     e2e = {}
-    precisions = ["fp32", "bf16"]
+    precisions = ["fp32"] + (["bf16"] if use_bf16 else []) + (["int8"] if device == "cpu" else [])
     for name in cohorts:
         for precision in precisions:
             compile_ = device == "cuda" and args.compile and precision == "bf16"
@@ -205,9 +222,9 @@ def main(argv=None):
                 reference = vectors
             else:
                 cos = np.sum(vectors * reference, 1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
-                print(f"{name}: bf16 vs fp32 fingerprints cosine min {cos.min():.5f}, "
+                print(f"{name}: {precision} vs fp32 fingerprints cosine min {cos.min():.5f}, "
                       f"median {np.median(cos):.5f} over {len(cos)} patches")
-    tia = tiatoolbox_rate(cohorts["real"], device, work) if args.tiatoolbox else None
+    tia = tiatoolbox_rate(cohorts["real"], device, work, max(args.workers, 0) or os.cpu_count()) if args.tiatoolbox else None
 
     print("\nmodel only (ResNet34 forward, uint8 batch resident on the device):")
     for name, r in rates.items():
@@ -215,7 +232,7 @@ def main(argv=None):
     print("\nend to end (fpstore extract loop: claim + read + decode + resize + model + Parquet;"
           " the model build and tissue planning are printed above as 'wall'):")
     for (name, precision), (rate, n) in e2e.items():
-        best_model = rates["bf16 channels_last" if precision == "bf16" else "fp32 channels_last"]
+        best_model = rates[{"bf16": "bf16 channels_last", "int8": "int8 (static, x86)"}.get(precision, "fp32 channels_last")]
         line = f"  {name:6s} {precision:5s} {n:6d} patches {rate:10.1f} patches/s  = {rate / best_model:.2f} x model-only"
         if tia:
             line += f"  = {rate / tia:.2f} x TIAToolbox ({tia:.1f}/s)"

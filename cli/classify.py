@@ -68,16 +68,20 @@ def _auc_cell(m: dict) -> str:
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A classifier setting, e.g. --set max_epochs=50 (mil), --set arch=resnet34 (patch-cnn).")
 @click.option("--no-site-probe", is_flag=True, help="Skip the site-leakage probe.")
+@click.option("--permutations", type=click.IntRange(0, 100_000), default=0, show_default=True,
+              help="Rerun the CV on labels shuffled within sites N times: the AUC's null "
+                   "distribution and a p-value (e.g. 200).")
 @seed_option
 @store_option
 @json_option
 def classify_command(marker, cohort, external, folds, split, n_boot, pool, method, encoder,
-                     settings, no_site_probe, seed, store_path, as_json):
+                     settings, no_site_probe, permutations, seed, store_path, as_json):
     """Predict a receptor per patient with the paper's cross-validation protocol.
 
     \b
     fpstore classify --marker ER --cohort tcga
     fpstore classify --marker Her2 --cohort tcga --pool epithelium --split site
+    fpstore classify --marker ER --cohort tcga --permutations 200   # null AUC and p-value
     fpstore classify --marker ER --cohort tcga --external abctb --json
     Predictions and the run's config go to STORE/runs/<run_id>/.
     """
@@ -85,7 +89,8 @@ def classify_command(marker, cohort, external, folds, split, n_boot, pool, metho
 
     cfg = ClassifyConfig(marker=marker, cohort=cohort, pool=pool, method=method, encoder=encoder,
                          external=external, folds=folds, split=split, seed=seed, n_boot=n_boot,
-                         site_probe=not no_site_probe, classifier=_settings(settings))
+                         site_probe=not no_site_probe, permutations=permutations,
+                         classifier=_settings(settings))
     document = classify(store_path, cfg, progress=not as_json)
     if as_json:
         echo_json(document)
@@ -111,6 +116,8 @@ def classify_command(marker, cohort, external, folds, split, n_boot, pool, metho
     probe = document.get("site_probe")
     if probe:
         click.echo(_probe_line(probe))
+    if "permutation" in document:
+        click.echo(_permutation_line(document["permutation"]))
     click.echo(f"saved {document.get('run_path')}")
 
 
@@ -120,6 +127,13 @@ def _probe_line(probe: dict) -> str:
     return (f"site probe: fingerprints predict the site of {probe['n_patients']} patients "
             f"({probe['n_sites']} sites) with balanced accuracy {probe['balanced_accuracy']:.2f} "
             f"(chance {probe['chance_balanced_accuracy']:.2f}), macro AUC {probe['macro_auc']:.2f}")
+
+
+def _permutation_line(perm: dict) -> str:
+    skipped = f", {perm['skipped']} skipped" if perm["skipped"] else ""
+    return (f"permutation test ({perm['n_permutations']} label shuffles within "
+            f"{perm['shuffled_within']}{skipped}): null AUC {perm['null_mean']:.3f} "
+            f"[{perm['null_q025']:.3f}, {perm['null_q975']:.3f}], p = {perm['p_value']:.3g}")
 
 
 @click.command("compare")

@@ -84,9 +84,11 @@ def test_bad_options_and_precision_are_errors(r34):
         create_encoder("fingerprint")
     enc = r34
     with pytest.raises(ConfigError, match="precision"):
-        enc.prepare("cpu", "int8")
+        enc.prepare("cpu", "int4")
     with pytest.raises(EncoderError, match="CUDA"):
         enc.prepare("cpu", "fp16")
+    with pytest.raises(EncoderError, match="CPU path"):
+        enc.prepare("cpu", "int8", compile=True)
 
 
 def test_bf16_autocast_agrees_with_fp32(r34):
@@ -96,3 +98,24 @@ def test_bf16_autocast_agrees_with_fp32(r34):
     low = enc.prepare("cpu", "bf16").encode(pixels)
     assert low.dtype == torch.float32
     assert torch.nn.functional.cosine_similarity(low, reference).min() > 0.99
+
+
+def test_int8_needs_calibration_and_agrees_with_fp32_on_unseen_patches():
+    enc = create_encoder("random-resnet34", patch_um=56.0, out_px=64)
+    gen = torch.Generator().manual_seed(0)
+    # Smooth, H&E-like pixels: a pink base with blobs, not white noise.
+    base = torch.tensor([200, 120, 180], dtype=torch.float32)
+    blobs = torch.nn.functional.interpolate(torch.rand(24, 3, 8, 8, generator=gen), size=64, mode="bilinear")
+    pixels = (base.view(1, 3, 1, 1) - 120 * blobs).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    reference = enc.prepare("cpu").encode(pixels)
+    enc.prepare("cpu", "int8")
+    with pytest.raises(EncoderError, match="calibrate"):
+        enc.encode(pixels)
+    agreement = enc.calibrate(pixels[:16])
+    assert agreement["n_fit"] == 8 and agreement["n_check"] == 8
+    assert agreement["min_cosine"] > 0.99
+    low = enc.encode(pixels[16:])  # patches the calibration never saw
+    assert low.dtype == torch.float32 and low.shape == (8, 512)
+    assert torch.nn.functional.cosine_similarity(low, reference[16:]).min() > 0.99
+    with pytest.raises(EncoderError, match="at least 4"):
+        enc.prepare("cpu", "int8").calibrate(pixels[:2])

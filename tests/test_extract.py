@@ -136,6 +136,23 @@ def test_real_slide_end_to_end_with_resnet34_and_the_cli(tmp_path):
     assert sql.exit_code == 0 and sql.output.splitlines() == ["n", "8"]
 
 
+def test_int8_extraction_calibrates_on_the_cohort_and_resumes_only_with_the_same_calibration(tmp_path):
+    store = make_cohort(tmp_path, bad=False)
+    cfg = ExtractConfig(encoder="random-resnet34", patches=4, device="cpu", num_workers=0,
+                        precision="int8")
+    summary = extract(store, "c", cfg, progress=False)
+    assert summary.failed == [] and summary.n_patches > 0
+    assert summary.int8_agreement["n_check"] > 0 and summary.int8_agreement["min_cosine"] > 0.99
+    files = fingerprint_files(store, "random-resnet34")
+    meta = read_metadata(pq.read_schema(files[0]))
+    assert meta["precision"] == "int8" and len(meta["calibration"]) == 16
+    again = extract(store, "c", cfg, progress=False)  # same cohort: same calibration, all done
+    assert again.count("skipped") == len(files)
+    with pytest.raises(StoreError, match="precision"):
+        extract(store, "c", ExtractConfig(encoder="random-resnet34", patches=4, device="cpu",
+                                          num_workers=0), progress=False)
+
+
 def _run_script(tmp_path, store, name, delay):
     script = tmp_path / f"{name}.py"
     script.write_text(TINY + (

@@ -32,10 +32,12 @@ class ClassifyConfig:
     seed: int = 0
     n_boot: int = 2000
     site_probe: bool = True
+    permutations: int = 0  # label shuffles for a permutation test of the CV AUC (0: none)
     classifier: dict = field(default_factory=dict)  # overrides of the method's config
 
     def __post_init__(self):
         check_choice("classify", "marker", self.marker, MARKERS)
+        check_range("classify", "permutations", self.permutations, 0, 100_000)
         check_choice("classify", "method", self.method, METHODS)
         check_choice("classify", "split", self.split, SPLITS)
         check_range("classify", "folds", self.folds, 3, 20)
@@ -139,6 +141,12 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         predictions.append((cfg.external, "external", ext.predictions))
     if cfg.site_probe:
         document["site_probe"] = _probe(data.bags, cfg.folds, cfg.seed)
+    if cfg.permutations:
+        from fpstore.classify.permutation import permutation_test
+
+        document["permutation"] = permutation_test(
+            data.bags, data.y, cv.metrics["auc"], cfg.permutations, cfg.method, cfg.split,
+            cfg.folds, cfg.seed, cfg.classifier, images, progress)
     if save:
         run_id = new_run_id(config)
         document["run_id"] = run_id

@@ -18,12 +18,15 @@ Weights are never downloaded: a missing file is an EncoderError naming where to 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import inspect
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fpstore.config import check_choice, check_range
@@ -31,7 +34,7 @@ from fpstore.errors import EncoderError, unknown_name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -82,6 +85,7 @@ class Encoder(torch.nn.Module):
         self.register_buffer("shift", -mean / std, persistent=False)
         self.precision = "fp32"
         self._forward = self.backbone
+        self.calibration: dict | None = None  # int8 only: agreement with fp32
 
     @property
     def hash(self) -> str:
@@ -98,19 +102,60 @@ class Encoder(torch.nn.Module):
                 channels_last: bool = True, compile: bool = False) -> Encoder:
         """Move to ``device`` and choose the arithmetic; returns self.
 
-        ``precision`` bf16/fp16 runs the backbone under autocast (outputs stay float32).
+        ``precision`` bf16/fp16 runs the backbone under autocast (outputs stay float32);
+        int8 (CPU only) needs :meth:`calibrate` before the first batch.
         ``compile`` wraps the backbone in torch.compile (pays off on CUDA, for long runs).
         """
         check_choice("Encoder", "precision", precision, PRECISIONS)
         device = torch.device(device)
         if precision == "fp16" and device.type != "cuda":
             raise EncoderError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
+        if precision == "int8" and (device.type != "cpu" or compile):
+            raise EncoderError(f"precision 'int8' is a CPU path without --compile (got device "
+                               f"{device.type}, compile={compile}); on CUDA use 'bf16'")
         self.to(device)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
         self.precision = precision
         self._forward = torch.compile(self.backbone) if compile else self.backbone
+        self.calibration = None
         return self
+
+    def calibrate(self, pixels: torch.Tensor) -> dict:
+        """int8: quantize the backbone statically, with activation ranges from the even
+        patches of ``pixels`` (uint8 NHWC); returns the cosine agreement with fp32 on the odd
+        ones, which the quantized model never saw."""
+        from torch.ao.quantization import get_default_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+        if self.precision != "int8":
+            raise EncoderError(f"calibrate() is for precision 'int8', not {self.precision!r}")
+        if len(pixels) < 4:
+            raise EncoderError(f"int8 calibration needs at least 4 tissue patches, got {len(pixels)}")
+        with torch.inference_mode():
+            x = self.normalise(pixels)
+        fit, held_out = x[0::2], x[1::2]
+        # torch.ao's FX quantization warns that torchao succeeds it; the pinned torch ships it.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                observed = prepare_fx(copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format),
+                                      get_default_qconfig_mapping("x86"), (fit[:1],))
+            except Exception as error:  # FX cannot trace every backbone (timm's dynamic ones)
+                raise EncoderError(f"encoder {self.id} cannot be quantized to int8 ({error}); "
+                                   "use --precision fp32") from error
+            with torch.inference_mode():
+                for start in range(0, len(fit), 32):
+                    observed(fit[start:start + 32])
+                quantized = convert_fx(observed)
+                reference = self.backbone(held_out).float().flatten(1)
+                approx = quantized(held_out).float().flatten(1)
+        cosine = torch.nn.functional.cosine_similarity(approx, reference).numpy()
+        self._forward = quantized
+        self.calibration = {"n_fit": len(fit), "n_check": len(held_out),
+                            "min_cosine": round(float(cosine.min()), 6),
+                            "median_cosine": round(float(np.median(cosine)), 6)}
+        return self.calibration
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] normalised, channels_last strides."""
@@ -126,7 +171,9 @@ class Encoder(torch.nn.Module):
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of a uint8 NHWC batch: float32 [N, dim] on the encoder's device."""
         x = self.normalise(batch)
-        if self.precision == "fp32":
+        if self.precision == "int8" and self.calibration is None:
+            raise EncoderError("precision 'int8': call calibrate() with tissue patches first")
+        if self.precision in ("fp32", "int8"):
             out = self._forward(x)
         else:
             with torch.autocast(self.device.type, dtype=_AUTOCAST[self.precision]):

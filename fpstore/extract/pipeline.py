@@ -18,6 +18,7 @@ recorded (status ``failed`` + error) and the run goes on.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import queue as queue_module
@@ -33,13 +34,16 @@ import pyarrow.parquet as pq
 import torch
 
 from fpstore.config import PatchSpec, check_choice, check_range
-from fpstore.errors import FpstoreError, StoreError
+from fpstore.errors import ConfigError, FpstoreError, StoreError
+from fpstore.extract.encoders import PRECISIONS
 from fpstore.store.featurestore import check_partition_value, fingerprint_path, status_path
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
 from fpstore.store.remote import is_remote, store_root
 from fpstore.store.schema import SCHEMA_VERSION, file_metadata, fingerprint_schema, patch_id, read_metadata
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+# int8: activation ranges come from this many tissue patches of the cohort (half of them
+# check the agreement with fp32), taken from up to CALIBRATION_SLIDES slides.
+CALIBRATION_PATCHES, CALIBRATION_SLIDES = 64, 8
 # The metadata that must match for a stored slide to count as done.
 RESUME_KEYS = ("schema_version", "encoder", "encoder_hash", "dim", "patches", "seed",
                "min_tissue", "precision")
@@ -106,6 +110,7 @@ class ExtractSummary:
     slides: list[SlideResult]
     seconds: float
     loop_seconds: float = 0.0  # claim-read-encode-write only (no model build, no planning)
+    int8_agreement: dict | None = None  # int8: cosine with fp32 on held-out calibration patches
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.slides)
@@ -132,6 +137,7 @@ class ExtractSummary:
             "patches_per_s": round(self.patches_per_s, 2),
             "loop_seconds": round(self.loop_seconds, 3),
             "loop_patches_per_s": round(self.n_patches / self.loop_seconds, 2) if self.loop_seconds else 0.0,
+            "int8_agreement": self.int8_agreement,
             "slides": [asdict(r) for r in self.slides],
         }
 
@@ -145,6 +151,42 @@ def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
         "seed": str(config.seed), "min_tissue": str(config.min_tissue),
         "precision": config.precision,
     }
+
+
+def calibration_set(slides: list[dict], spec: PatchSpec) -> tuple[list, str]:
+    """The int8 calibration patches of a cohort: [(row, grid rows)], and their digest.
+
+    Evenly spread over the cohort's slides in slide_id order and over each slide's tissue
+    squares, so that a resumed run (or another process) calibrates on the same patches and
+    gets the same quantized model. The digest joins the resume key: a cohort that gained
+    slides calibrates differently, and its stored int8 files are then refused, not mixed.
+    """
+    def spread(n: int, k: int) -> np.ndarray:  # k indices evenly over range(n)
+        return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int)) if n else np.zeros(0, int)
+
+    rows = sorted((r for r in slides if r["patient_id"] is not None), key=lambda r: r["slide_id"])
+    picked = [rows[i] for i in spread(len(rows), CALIBRATION_SLIDES)]
+    per_slide = -(-CALIBRATION_PATCHES // max(1, len(picked)))
+    chosen, ids = [], []
+    for row in picked:
+        _, grid, error = grid_or_error(row, spec)
+        if error or not len(grid):
+            continue
+        sub = grid.take(spread(len(grid), per_slide))
+        chosen.append((row, sub))
+        ids += [f"{row['slide_id']}:{x}:{y}" for x, y in zip(sub.column("x").to_pylist(), sub.column("y").to_pylist())]
+    return chosen, hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
+
+
+def read_calibration(chosen: list, spec: PatchSpec) -> torch.Tensor:
+    from fpstore.extract.slides import open_slide
+
+    parts = []
+    for row, grid in chosen:
+        xy = np.stack([grid.column("x").to_numpy(), grid.column("y").to_numpy()], 1)
+        with open_slide(row["path"], mpp=row.get("mpp_override")) as slide:
+            parts.append(slide.read_patches(xy, float(grid.column("size_px")[0].as_py()), spec.out_px))
+    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, spec.out_px, spec.out_px, 3), dtype=torch.uint8)
 
 
 def stored_mismatch(path: Path, key: dict[str, str]) -> dict[str, tuple[str, str]] | None:
@@ -377,6 +419,11 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
     spec = PatchSpec(encoder.preprocessing.patch_um, encoder.preprocessing.out_px, config.min_tissue)
+    if config.precision == "int8":
+        if engine is not None:
+            raise ConfigError("--precision int8 runs with the local engine only; "
+                              "drop --engine ray or use --precision fp32")
+        calibration, key["calibration"] = calibration_set(slides, spec)
 
     results: dict[str, SlideResult] = {}
     pending, mismatched = [], {}
@@ -409,20 +456,22 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
             _write_status(store, encoder, cohort, slide_id, "failed", error)
     order = [plans[r["slide_id"]] for r in pending if r["slide_id"] in plans]
 
-    loop_seconds = 0.0
+    loop_seconds, agreement = 0.0, None
     if order:
         loop_started = time.perf_counter()
         if engine is not None:
             results.update(engine.run(store, cohort, encoder, key, spec, config, order, progress))
         else:
             encoder.prepare(device, config.precision, config.channels_last, config.compile)
+            if config.precision == "int8":
+                agreement = encoder.calibrate(read_calibration(calibration, spec))
             loop = _Loop(store, cohort, encoder, key, spec, config, device, progress)
             loop_started = time.perf_counter()
             results.update(loop.run(order))
         loop_seconds = time.perf_counter() - loop_started
     ordered = [results[r["slide_id"]] for r in slides if r["slide_id"] in results]
     return ExtractSummary(cohort, encoder.id, encoder.hash, device, config.precision, ordered,
-                          time.perf_counter() - started, loop_seconds)
+                          time.perf_counter() - started, loop_seconds, agreement)
 
 
 def _write_status(store, encoder, cohort, slide_id, status, error="", n_patches=0, seconds=0.0):

@@ -54,6 +54,8 @@ class SynthPreset:
         return asdict(self)
 
 
+SIX_SITES = ("A2", "BH", "E2", "AR", "A8", "D8")
+
 PRESETS: dict[str, SynthPreset] = {
     p.name: p
     for p in (
@@ -62,12 +64,14 @@ PRESETS: dict[str, SynthPreset] = {
                     tma_train=(4, 6), tma_test=(3, 5), core_um=320.0, render_mpp=1.0),
         # About two minutes on two cores: every patient has >= 30 squares of 112 um of tissue.
         # Tissue drawn at 1 um/px (0.5 um/px would take about 3x longer).
+        # Six tissue-source sites, so that `classify --split site` can hold out whole sites.
         SynthPreset("demo", tcga_patients=48, external_patients=24, slide_size=(5120, 3072),
-                    tma_train=(24, 36), tma_test=(24, 36), core_um=700.0, render_mpp=1.0),
+                    tma_train=(24, 36), tma_test=(24, 36), core_um=700.0, render_mpp=1.0,
+                    tcga_sites=SIX_SITES),
         # The paper's scale: 104 patients per array, a few hundred whole-slide patients;
         # slides of 4 x 3 mm so the set stays in tens of GB. Hours; only on request.
         SynthPreset("paper", tcga_patients=400, external_patients=120, slide_size=(16384, 12288),
-                    tma_train=(104, 207), tma_test=(104, 208), core_um=700.0),
+                    tma_train=(104, 207), tma_test=(104, 208), core_um=700.0, tcga_sites=SIX_SITES),
     )
 }
 
