@@ -29,6 +29,7 @@ class DemoResult:
     steps: list[dict] = field(default_factory=list)
     match: dict = field(default_factory=dict)
     compare: dict = field(default_factory=dict)  # marker -> compare document
+    classify: dict = field(default_factory=dict)  # the cross-validated ER run, in brief
     run_id: str = ""
     report: str = ""
 
@@ -46,7 +47,8 @@ class DemoResult:
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "steps": self.steps, "match": self.match,
-                "results": self.results_rows(), "run_id": self.run_id, "report": self.report}
+                "results": self.results_rows(), "classify": self.classify, "run_id": self.run_id,
+                "report": self.report}
 
 
 class _Steps:
@@ -136,10 +138,14 @@ def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: b
             f"compare methods for {marker}", compare, store,
             CompareConfig(marker=marker, cohort="tcga", external="external", seed=seed,
                           methods=("mil", "logreg", "xgboost")), progress=progress)
-    run = steps.run("classify ER (MIL head, fingerprints, all tissue)", classify, store,
-                    ClassifyConfig(marker="ER", cohort="tcga", encoder="fingerprint", seed=seed),
-                    progress=progress)
+    run = steps.run("classify ER (MIL head, fingerprints, 5-fold CV, 50 permutations)", classify,
+                    store, ClassifyConfig(marker="ER", cohort="tcga", encoder="fingerprint", seed=seed,
+                                          permutations=50), progress=progress)
     result.run_id = run["run_id"]
+    m, perm = run["cv"]["metrics"], run["permutation"]
+    result.classify = {"marker": "ER", "auc": m["auc"], "ci_low": m["ci_low"], "ci_high": m["ci_high"],
+                       "n": m["n"], "permutation_p": perm["p_value"], "null_mean": perm["null_mean"],
+                       "site_probe_balanced_accuracy": run["site_probe"].get("balanced_accuracy")}
     report = steps.run("HTML report", build_report, store, result.run_id, report_dir)
     result.report = str(report.index)
 
