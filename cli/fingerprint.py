@@ -24,9 +24,14 @@ device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 
 
-def _train_overrides(steps, arch, patch_px, out_px, batch_size, device, seed, workers) -> dict:
-    return {"max_steps": steps, "arch": arch, "patch_px": patch_px, "out_px": out_px,
-            "batch_size": batch_size, "device": device, "seed": seed, "num_workers": workers}
+# The train_options parameters and the TrainConfig fields they override.
+TRAIN_FIELDS = {"steps": "max_steps", "arch": "arch", "patch_px": "patch_px", "out_px": "out_px",
+                "batch_size": "batch_size", "workers": "num_workers", "eval_every": "eval_every",
+                "patience": "patience", "device": "device", "seed": "seed"}
+
+
+def _train_overrides(train: dict) -> dict:
+    return {TRAIN_FIELDS[name]: value for name, value in train.items()}
 
 
 def train_options(f):
@@ -39,6 +44,10 @@ def train_options(f):
         click.option("--out-px", type=click.IntRange(16, 1600), help="Network input side (demo 112, full 224)."),
         click.option("--batch-size", type=click.IntRange(2, 4096)),
         click.option("--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."),
+        click.option("--eval-every", type=click.IntRange(1),
+                     help="Steps between right-half evaluations (demo 40, full 500)."),
+        click.option("--patience", type=click.IntRange(1),
+                     help="Evaluations without improvement before stopping (demo 3, full 6)."),
         device_option, seed_option,
     ]):
         f = option(f)
@@ -55,18 +64,17 @@ def train_options(f):
 @cache_option
 @crop_option
 @json_option
-def train_fingerprint(tma_dir, out, stain, sections, config_name, steps, arch, patch_px, out_px, batch_size,
-                      workers, device, seed, cache, crop_px, as_json):
+def train_fingerprint(tma_dir, out, stain, sections, config_name, cache, crop_px, as_json, **train):
     """Train the fingerprint network on the training array's left core halves.
 
     \b
     fpstore train-fingerprint --tma demo/tma --out fingerprint.pt --stain cyclegan
+    fpstore train-fingerprint --tma demo/tma --out long.pt --steps 1200 --eval-every 100 --patience 4
     """
     from fpstore.fingerprint.experiment import train_fingerprint as run
 
     summary = run(tma_dir, out, config=config_name, stain=stain, cache=cache, sections=sections or None,
-                  crop_px=crop_px, progress=not as_json,
-                  **_train_overrides(steps, arch, patch_px, out_px, batch_size, device, seed, workers))
+                  crop_px=crop_px, progress=not as_json, **_train_overrides(train))
     if as_json:
         echo_json(summary)
         return
@@ -126,8 +134,8 @@ def match(model_path, tma_dir, left_section, right_section, misses, device, cach
 @cache_option
 @crop_option
 @json_option
-def fingerprint_experiment(tma_dir, out, extra_slides, per_slide, config_name, steps, arch, patch_px, out_px,
-                           batch_size, workers, device, seed, cache, crop_px, as_json):
+def fingerprint_experiment(tma_dir, out, extra_slides, per_slide, config_name, cache, crop_px, as_json,
+                           **train):
     """The paper's Table 2: small vs large training set, without vs with style transfer.
 
     \b
@@ -136,8 +144,7 @@ def fingerprint_experiment(tma_dir, out, extra_slides, per_slide, config_name, s
     from fpstore.fingerprint.experiment import run_table2
 
     result = run_table2(tma_dir, out, config=config_name, extra_slides=extra_slides, per_slide=per_slide,
-                        cache=cache, crop_px=crop_px, progress=not as_json,
-                        **_train_overrides(steps, arch, patch_px, out_px, batch_size, device, seed, workers))
+                        cache=cache, crop_px=crop_px, progress=not as_json, **_train_overrides(train))
     if as_json:
         echo_json(result)
         return

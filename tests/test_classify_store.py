@@ -155,9 +155,12 @@ def test_cli_classify_json_and_table(store):
     assert doc["marker"] == "PR" and len(doc["cv"]["folds"]) == 5
     assert doc["cv"]["metrics"]["ci_low"] < 0.5 < doc["cv"]["metrics"]["ci_high"]  # PR has no signal
     result = runner.invoke(cli, ["classify", "--store", str(store), "--marker", "ER", "--cohort", "ext",
-                                 "--method", "logreg", "--n-boot", "200", "--folds", "4"])
+                                 "--method", "logreg", "--n-boot", "200", "--folds", "4",
+                                 "--permutations", "9"])
     assert result.exit_code == 0, result.output
     assert "pooled" in result.output and "fold 3" in result.output and "site probe" in result.output
+    assert "permutation test (9 label shuffles within site): null AUC" in result.output
+    assert "p = 0.1\n" in result.output  # ER has a signal: it beats all 9 shuffles, p = 1/10
     bad = runner.invoke(cli, ["classify", "--store", str(store), "--marker", "ER", "--cohort", "ext",
                               "--pool", "tumour"])
     assert bad.exit_code == 2 and "tumour" in bad.output and "Traceback" not in bad.output
