@@ -36,6 +36,8 @@ def demo(out, force, seed, as_json):
     click.echo("\nresults on the external cohort, all tissue pooled (AUC with 95% CI; every pool "
                "is in the report and in `fpstore sql`)")
     echo_table(result.results_rows(pools=("all",)))
+    for note in result.notes:
+        click.echo(f"note: {note}")
     c = result.classify
     click.echo(f"\n5-fold CV on tcga, ER, MIL head: AUC {c['auc']:.3f} [{c['ci_low']:.3f}, "
                f"{c['ci_high']:.3f}] over {c['n']} patients; permutation p = {c['permutation_p']:.2f} "

@@ -30,6 +30,7 @@ class DemoResult:
     match: dict = field(default_factory=dict)
     compare: dict = field(default_factory=dict)  # marker -> compare document
     classify: dict = field(default_factory=dict)  # the cross-validated ER run, in brief
+    notes: list[str] = field(default_factory=list)  # what the demo adapted or skipped, and why
     run_id: str = ""
     report: str = ""
 
@@ -47,8 +48,8 @@ class DemoResult:
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "steps": self.steps, "match": self.match,
-                "results": self.results_rows(), "classify": self.classify, "run_id": self.run_id,
-                "report": self.report}
+                "results": self.results_rows(), "classify": self.classify, "notes": self.notes,
+                "run_id": self.run_id, "report": self.report}
 
 
 class _Steps:
@@ -122,6 +123,16 @@ def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False)
     return result
 
 
+def _folds(store: Path, marker: str, wanted: int = 5) -> tuple[int, int, int]:
+    """(groups, positive, negative): the paper's 5 groups, fewer when a class has fewer
+    patients with fingerprints than that (every group needs one of each)."""
+    from fpstore.classify.data import load_dataset
+
+    y = load_dataset(store, "tcga", marker, "fingerprint", "all").y
+    positive = int(y.sum())
+    return min(wanted, positive, len(y) - positive), positive, len(y) - positive
+
+
 def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: bool) -> None:
     """The steps after extraction: tissue types, compare, classify ER, the report."""
     from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
@@ -134,9 +145,18 @@ def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: b
         steps.run(f"tissue types: {cohort}", predict_tissue, store, cohort, "rules",
                   encoder="fingerprint", progress=progress)
     for marker in MARKERS:
+        folds, positive, negative = _folds(store, marker)
+        if folds < 3:
+            result.notes.append(f"{marker}: skipped, {positive} positive and {negative} negative "
+                                "TCGA-like patients are too few for 3 groups")
+            continue
+        if folds < 5:
+            result.notes.append(f"{marker}: {folds} groups instead of 5, since only "
+                                f"{min(positive, negative)} TCGA-like patients are "
+                                f"{'positive' if positive < negative else 'negative'}")
         result.compare[marker] = steps.run(
             f"compare methods for {marker}", compare, store,
-            CompareConfig(marker=marker, cohort="tcga", external="external", seed=seed,
+            CompareConfig(marker=marker, cohort="tcga", external="external", seed=seed, folds=folds,
                           methods=("mil", "logreg", "xgboost")), progress=progress)
     run = steps.run("classify ER (MIL head, fingerprints, 5-fold CV, 50 permutations)", classify,
                     store, ClassifyConfig(marker="ER", cohort="tcga", encoder="fingerprint", seed=seed,
