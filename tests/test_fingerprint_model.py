@@ -3,7 +3,6 @@ L2 normalisation, augmentation that keeps pairs aligned, checkpoints that descri
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,6 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -83,3 +84,8 @@ def write_json_atomic(document, path: Path) -> Path:
     """Write a JSON document atomically (same temp-and-rename rule as the Parquet files)."""
     data = json.dumps(document, indent=2, sort_keys=True, default=str).encode()
     return _replace_atomically(path, lambda handle: handle.write(data))
+
+
+def write_npy_atomic(array, path: Path) -> Path:
+    """Write a numpy array as .npy atomically (same temp-and-rename rule)."""
+    return _replace_atomically(path, lambda handle: np.save(handle, array))

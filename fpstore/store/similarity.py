@@ -3,8 +3,8 @@
 The vectors of an encoder (and cohort) are materialised once as one L2-normalised float32
 matrix ``cache/similarity/encoder=<id>/<cohort>/vectors.npy`` beside their norms and keys,
 rebuilt when the fingerprint files change (their names, sizes and mtimes are the manifest).
-The same matrix serves mean pooling (``FeatureStore.mean_fingerprints(materialised=True)``). A query is
-then one matrix-vector product over the memory-mapped matrix and a partial sort: on 2 cores
+The same matrix serves mean pooling (``FeatureStore.mean_fingerprints(materialised=True)``).
+A query is then one matrix-vector product over the memory-mapped matrix and a partial sort: on 2 cores
 about 10x faster than DuckDB's brute-force ``array_cosine_similarity`` over the Parquet
 files (benchmarks/bench_duckdb.py), and no index to keep in sync.
 """
@@ -12,7 +12,6 @@ files (benchmarks/bench_duckdb.py), and no index to keep in sync.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
 from fpstore.store.featurestore import FeatureStore, segment_mean
-from fpstore.store.io import write_json_atomic, write_parquet_atomic
+from fpstore.store.io import write_json_atomic, write_npy_atomic, write_parquet_atomic
 
 ALL_COHORTS = "_all"
 CACHE_LAYOUT = 2  # 2: norms.npy beside vectors.npy; an older cache is rebuilt
@@ -67,15 +66,6 @@ def _manifest(files: list[tuple[str, Path]]) -> dict:
             "files": [[cohort, str(p), p.stat().st_size, p.stat().st_mtime_ns] for cohort, p in files]}
 
 
-def _save_npy_atomic(array: np.ndarray, path: Path) -> None:
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def vector_index(store: FeatureStore, encoder: str, cohort: str | None = None) -> VectorIndex:
     """The materialised, normalised vectors of ``encoder`` (and ``cohort``), built if stale."""
     files = store.fingerprint_files(encoder, cohort)
@@ -91,8 +81,8 @@ def vector_index(store: FeatureStore, encoder: str, cohort: str | None = None) -
         norms = np.linalg.norm(fp.vectors, axis=1, keepdims=True)
         vectors = fp.vectors / np.where(norms > 0, norms, 1.0)
         folder.mkdir(parents=True, exist_ok=True)
-        _save_npy_atomic(vectors.astype(np.float32), folder / "vectors.npy")
-        _save_npy_atomic(norms.ravel().astype(np.float32), folder / "norms.npy")
+        write_npy_atomic(vectors.astype(np.float32), folder / "vectors.npy")
+        write_npy_atomic(norms.ravel().astype(np.float32), folder / "norms.npy")
         write_parquet_atomic(fp.keys, folder / "keys.parquet", {})
         # The manifest goes last: a crash before it leaves the cache stale, never wrong.
         write_json_atomic(manifest, manifest_path)
