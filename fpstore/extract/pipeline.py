@@ -44,9 +44,6 @@ from fpstore.store.schema import SCHEMA_VERSION, file_metadata, fingerprint_sche
 # int8: activation ranges come from this many tissue patches of the cohort (half of them
 # check the agreement with fp32), taken from up to CALIBRATION_SLIDES slides.
 CALIBRATION_PATCHES, CALIBRATION_SLIDES = 64, 8
-# The metadata that must match for a stored slide to count as done.
-RESUME_KEYS = ("schema_version", "encoder", "encoder_hash", "dim", "patches", "seed",
-               "min_tissue", "precision")
 # Parquet options for fingerprint files: zstd over byte-stream-split floats stores ReLU
 # features in ~70% of their raw size (benchmarks/bench_storage.py).
 PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=["patient_id", "slide_id", "site"],
@@ -145,6 +142,8 @@ class ExtractSummary:
 # ---------------------------------------------------------------- metadata and resume
 
 def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
+    """The file metadata that must match for a stored slide to count as done (int8 runs add
+    their calibration digest)."""
     return {
         "schema_version": SCHEMA_VERSION, "encoder": encoder.id, "encoder_hash": encoder.hash,
         "dim": str(encoder.dim), "patches": "all" if config.patches is None else str(config.patches),
