@@ -13,6 +13,7 @@ from fpstore.errors import ConfigError
 
 MARKERS = ("ER", "PR", "Her2")
 TISSUE_TYPES = ("background", "epithelium", "stroma", "fat")
+SYNTH_PARTS = ("tcga", "external", "tma")  # what `fpstore synth` writes, alone or together
 # One resampling method everywhere a patch is resized (reader, TMA crops, cache):
 # area averaging when shrinking (no aliasing of nuclei), bilinear when enlarging.
 RESAMPLING = "area-down/bilinear-up"

@@ -268,6 +268,20 @@ def test_morphology_follows_er_only_with_signal():
     assert labels_with == labels_without  # the negative control keeps the labels
 
 
+def test_only_tma_writes_the_same_arrays_as_a_full_synth_and_nothing_else(tmp_path, synth_small):
+    out = tmp_path / "tma-only"
+    result = CliRunner().invoke(cli, ["synth", "--preset", "small", "--only", "tma", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert not (out / "tcga").exists() and not (out / "external").exists()
+    sections = sorted(p.relative_to(out) for p in (out / "tma").rglob("*") if p.is_file())
+    assert len(sections) == 7  # 3 + 2 sections and two array maps
+    for rel in sections:
+        assert (out / rel).read_bytes() == (synth_small / rel).read_bytes(), rel
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parts"] == ["tma"] and manifest["cohorts"] == {}
+    assert set(manifest["tma"]) == {"train", "test"}
+
+
 # -- bad input ------------------------------------------------------------------------------
 
 def test_non_empty_output_is_refused_without_force_and_loses_nothing(tmp_path):
@@ -277,6 +291,12 @@ def test_non_empty_output_is_refused_without_force_and_loses_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     result = CliRunner().invoke(cli, ["synth", "--preset", "small", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "--force" in result.output
+
+
+def test_unknown_part_is_refused_with_the_valid_ones(tmp_path):
+    with pytest.raises(ConfigError, match="tcga, external, tma"):
+        synthesize("small", tmp_path / "o", only=("slides",), progress=False)
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_preset_lists_the_valid_ones(tmp_path):

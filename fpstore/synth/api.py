@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 import fpstore
-from fpstore.config import TISSUE_TYPES
+from fpstore.config import SYNTH_PARTS, TISSUE_TYPES
 from fpstore.errors import ConfigError
 from fpstore.synth import clinical
 from fpstore.synth.labels import Recorded, draw_truth, prevalence, record
@@ -236,10 +236,11 @@ def _tma(out: Path, cfg: SynthPreset, seed: int, signal: bool, array: str) -> _P
 
 def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force: bool = False,
                slide_size: tuple[int, int] | None = None, workers: int = 1,
-               progress: bool = True) -> SynthSummary:
+               progress: bool = True, only: tuple[str, ...] = SYNTH_PARTS) -> SynthSummary:
     """Write the synthetic cohorts of ``preset`` into ``out`` (see docs/ARCHITECTURE.md).
 
-    The same arguments give the same bytes (``workers`` only changes speed).
+    The same arguments give the same bytes (``workers`` only changes speed), and each part
+    in ``only`` is the same whichever other parts are written beside it.
     ``signal=False`` draws the morphology from a decoy status independent of the
     recorded labels: a negative control. Refuses a non-empty ``out`` unless ``force``.
     """
@@ -247,11 +248,18 @@ def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force
     cfg = get_preset(preset, slide_size)
     if workers < 1:
         raise ConfigError(f"workers={workers!r}; give 1 or more")
+    if not only or not set(only) <= set(SYNTH_PARTS):
+        raise ConfigError(f"only={list(only)!r}: choose one or more of {', '.join(SYNTH_PARTS)}")
     out = Path(out)
     _prepare(out, force)
-    parts = {"tcga": _tcga(out, cfg, seed, signal), "external": _external(out, cfg, seed, signal),
-             "train": _tma(out, cfg, seed, signal, "train"),
-             "test": _tma(out, cfg, seed, signal, "test")}
+    parts = {}
+    if "tcga" in only:
+        parts["tcga"] = _tcga(out, cfg, seed, signal)
+    if "external" in only:
+        parts["external"] = _external(out, cfg, seed, signal)
+    if "tma" in only:
+        parts["train"] = _tma(out, cfg, seed, signal, "train")
+        parts["test"] = _tma(out, cfg, seed, signal, "test")
     jobs = [job for part in parts.values() for job in part.jobs]
     slides = _render_all(out, jobs, workers, progress)
 
@@ -261,17 +269,18 @@ def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force
         "cores": s.get("cores", [])} for s in slides}
     _write_json(out / "truth" / "truth.json", truth)
     rows = [part.row for part in parts.values()]
-    defects = {"tcga": parts["tcga"].defects}
+    defects = {"tcga": parts["tcga"].defects} if "tcga" in parts else {}
     files = [{k: v for k, v in s.items() if k != "cores"} for s in slides]
     files += [{"path": t.as_posix(), "kind": "table"} for part in parts.values()
               for t in part.tables]
     _write_json(out / "manifest.json", {
         "fpstore_version": fpstore.__version__, "preset": cfg.name, "seed": seed,
-        "signal": signal, "config": cfg.as_dict(), "mpp": 0.25,
+        "signal": signal, "parts": [name for name in SYNTH_PARTS if name in only],
+        "config": cfg.as_dict(), "mpp": 0.25,
         "truth_downsample": TRUTH_DOWNSAMPLE, "tissue_types": list(TISSUE_TYPES),
         "counts": {r["cohort"]: {"patients": r["patients"], "slides": r["slides"]} for r in rows},
-        "cohorts": {name: parts[name].doc for name in ("tcga", "external")},
-        "tma": {name: parts[name].doc for name in ("train", "test")},
+        "cohorts": {name: parts[name].doc for name in ("tcga", "external") if name in parts},
+        "tma": {name: parts[name].doc for name in ("train", "test") if name in parts},
         "defects": defects,
         "sites": {name: SITES[name].describe() for name in sorted({j.site for j in jobs})},
         "files": files,
