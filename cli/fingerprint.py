@@ -116,6 +116,8 @@ def match(model_path, tma_dir, left_section, right_section, misses, device, cach
          "accuracy": result["patient_accuracy"], "chance": result["chance_patient"],
          "x_chance": round(result["patient_accuracy"] / result["chance_patient"], 1)},
     ])
+    click.echo(f"true right half: median rank {result['median_rank']:g} of {round(1 / result['chance_core'])}, "
+               f"top-5 accuracy {result['top5_accuracy']:.3f} (chance {min(1.0, 5 * result['chance_core']):.3f})")
     if result["misses"] and misses:
         click.echo(f"\n{len(result['misses'])} missed cores (first {min(misses, len(result['misses']))}):")
         echo_table(result["misses"][:misses], ["left", "patient", "matched", "matched_patient", "same_patient",
@@ -150,7 +152,7 @@ def fingerprint_experiment(tma_dir, out, extra_slides, per_slide, config_name, c
         return
     echo_table([r for r in result["rows"] if "experiment" in r],
                ["experiment", "training_set", "style_transfer", "network", "train_cores", "train_patients",
-                "test_cores", "cv_accuracy", "core_accuracy", "patient_accuracy", "chance_core"])
+                "test_cores", "cv_accuracy", "core_accuracy", "patient_accuracy", "top5_accuracy", "chance_core"])
     for note in (r["note"] for r in result["rows"] if "note" in r):
         click.echo(f"note: {note}")
     click.echo(f"table and checkpoints in {result['out']}")

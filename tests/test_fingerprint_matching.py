@@ -32,6 +32,20 @@ def test_scale_does_not_matter_and_misses_are_listed():
     assert result.core_correct == 1 and result.core_accuracy == pytest.approx(1 / 3, abs=1e-4)
     assert [(m["left"], m["matched"]) for m in result.misses] == [("c1", "c2"), ("c2", "c1")]
     assert all(m["rank_of_true"] == 2 and not m["same_patient"] for m in result.misses)
+    assert result.median_rank == 2 and result.top5_accuracy == 1.0  # ranks 1, 2, 2
+
+
+def test_median_rank_and_top5_on_a_known_ordering():
+    n = 10
+    left, right = np.eye(n), np.eye(n)
+    right[0] = -left[0]  # c0's right half is the farthest of all: rank 10
+    right[3, 9] = 0.5  # c3's right half drifts away from c3 (cosine 0.89) ...
+    right[4, 3] = 10.0  # ... and c4's points almost at c3 (0.995): c3's true half ranks 2nd
+    keys, patients = [f"c{i}" for i in range(n)], list("abcdefghij")
+    result = match_halves(left, keys, patients, right, keys, patients)
+    assert result.core_correct == 8
+    assert sorted((m["left"], m["rank_of_true"]) for m in result.misses) == [("c0", 10), ("c3", 2)]
+    assert result.median_rank == 1.0 and result.top5_accuracy == pytest.approx(9 / 10)
 
 
 def test_ties_earn_the_expected_credit_of_a_random_choice():

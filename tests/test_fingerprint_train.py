@@ -151,6 +151,9 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
     game = json.loads(result.output[result.output.index("{"):])
     assert game["n_cores"] == 5 and game["sections"]["left_site"] != game["sections"]["right_site"]
     assert 0 <= game["core_accuracy"] <= 1 and game["chance_core"] == pytest.approx(0.2)
+    assert 1 <= game["median_rank"] <= 5 and game["top5_accuracy"] == 1.0  # only 5 right halves
+    table = runner.invoke(cli, ["match", "--model", str(model), *common, "--device", "cpu"]).output
+    assert "x_chance" in table and "median rank" in table and "top-5 accuracy 1.000 (chance 1.000)" in table
 
     result = runner.invoke(cli, ["core-maps", "--model", str(model), *common, "--out", str(tmp_path / "maps"),
                                  "--cores", "1", "--device", "cpu", "--json"])

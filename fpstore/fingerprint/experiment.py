@@ -225,6 +225,7 @@ def table2_from_cache(folder: Path, out: Path, config: str = "demo", progress: b
             "train_cores": int(len(rows)), "train_patients": int(len(set(cores.patient_id[rows].tolist()))),
             "test_cores": game.n_cores, "cv_accuracy": result.best_accuracy,
             "core_accuracy": round(game.core_accuracy, 4), "patient_accuracy": round(game.patient_accuracy, 4),
+            "top5_accuracy": round(game.top5_accuracy, 4), "median_rank": game.median_rank,
             "chance_core": round(game.chance_core, 5), "chance_patient": round(game.chance_patient, 5),
             "steps": result.steps, "seconds": round(result.seconds, 1), "images_per_s": round(result.images_per_s),
             "sections": game.sections, "checkpoint": str(out / f"{name}.pt"),

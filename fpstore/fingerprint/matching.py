@@ -7,7 +7,9 @@ distance is nearest in cosine. A left half is correct when its nearest right hal
 physical core. Ties (several right halves at the same distance) earn the expected credit of
 breaking the tie at random: 1/k when the right core is among the k tied. The pooled patient
 accuracy (the paper's "pooled" variant) matches each patient's mean left fingerprint to the
-nearest patient's mean right fingerprint.
+nearest patient's mean right fingerprint. The rank of the true right half (1 = nearest; ties
+count in its favour) gives the median rank and the top-5 accuracy, which show progress while
+top-1 accuracy is still near chance.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class MatchResult:
     patient_accuracy: float
     chance_patient: float
     ties: int  # left halves whose nearest distance was shared by several right halves
+    median_rank: float  # of the true right half among all right halves
+    top5_accuracy: float  # share of left halves whose true right half is among the 5 nearest
     unmatchable: int  # left halves whose core has no right half in the other section
     misses: list[dict] = field(default_factory=list)
     sections: dict = field(default_factory=dict)
@@ -72,21 +76,22 @@ def match_halves(left_fp, left_key, left_patient, right_fp, right_key, right_pat
         raise TrainingError(f"the matching game needs halves on both sides (left {len(left_fp)}, right {len(right_fp)})")
     dist = _distances(left_fp, right_fp)
     playable = np.isin(left_key, right_key)
-    total, ties, misses = 0.0, 0, []
+    total, ties, misses, ranks = 0.0, 0, [], []
     for i in np.flatnonzero(playable):
         correct = right_key == left_key[i]
         credit, tied = _credit(dist[i], correct)
         total += credit
         ties += len(tied) > 1
+        true_d = dist[i][correct].min()
+        ranks.append(int((dist[i] < true_d - TIE_TOLERANCE).sum()) + 1)
         if credit < 1.0:
             chosen = tied[~correct[tied]][0]  # the wrong half it was (or could be) matched to
-            true_d = dist[i][correct].min()
             misses.append({
                 "left": left_key[i], "patient": left_patient[i],
                 "matched": right_key[chosen], "matched_patient": right_patient[chosen],
                 "same_patient": bool(right_patient[chosen] == left_patient[i]),
                 "distance_matched": round(float(dist[i, chosen]), 4), "distance_true": round(float(true_d), 4),
-                "rank_of_true": int((dist[i] < true_d - TIE_TOLERANCE).sum()) + 1, "credit": round(credit, 4),
+                "rank_of_true": ranks[-1], "credit": round(credit, 4),
             })
     n_cores = int(playable.sum())
     lp_names, lp_fp = _pool(left_fp, left_patient)
@@ -102,7 +107,9 @@ def match_halves(left_fp, left_key, left_patient, right_fp, right_key, right_pat
         n_cores=n_cores, core_correct=total, core_accuracy=total / max(1, n_cores),
         chance_core=1.0 / len(right_fp), n_patients=n_patients, patient_correct=p_total,
         patient_accuracy=p_total / max(1, n_patients), chance_patient=1.0 / len(rp_names),
-        ties=int(ties), unmatchable=int((~playable).sum()), misses=misses)
+        ties=int(ties), median_rank=float(np.median(ranks)) if ranks else float("nan"),
+        top5_accuracy=float(np.mean(np.asarray(ranks) <= 5)) if ranks else float("nan"),
+        unmatchable=int((~playable).sum()), misses=misses)
 
 
 @torch.no_grad()
