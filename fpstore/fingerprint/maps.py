@@ -4,7 +4,9 @@
   overlap), each scored by the softmax probability of its true patient (core probabilities
   summed per patient), shaded blue (0) to red (1) beside the H&E.
 - Similarity maps (Fig. 3b): per patch of one half, the cosine similarity of its
-  fingerprint to the mean fingerprint of the other half.
+  fingerprint to the mean fingerprint of the other half (the matching game's half
+  fingerprint), on a colour range fitted to the pair.
+Patches with less tissue than the matching game's crops need are left grey.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fpstore.fingerprint.data import MIN_TISSUE, TISSUE_STRIDE, tissue_grid
 from fpstore.fingerprint.model import to_input
 
 OVERLAP = 0.8
@@ -48,14 +51,25 @@ def _run(model, pre, image, corners, patch_px, device, batch_size=64, what="logi
 
 
 def paint(shape, corners, patch_px, values) -> np.ndarray:
-    """Average of the values of every patch covering each pixel (NaN where none does)."""
+    """Average of the values of every patch covering each pixel, NaN values left out (NaN where
+    no other patch covers it)."""
     total = np.zeros(shape, np.float64)
     count = np.zeros(shape, np.float64)
     for (y, x), v in zip(corners, values):
+        if np.isnan(v):
+            continue
         total[y: y + patch_px, x: x + patch_px] += v
         count[y: y + patch_px, x: x + patch_px] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan)
+
+
+def glass_patches(image: np.ndarray, corners, patch_px: int) -> np.ndarray:
+    """Per patch, True when under MIN_TISSUE of its coarse tissue-grid cells hold tissue."""
+    grid = tissue_grid(image[None])[0]
+    s = TISSUE_STRIDE
+    share = np.array([grid[y // s: (y + patch_px) // s, x // s: (x + patch_px) // s].mean() for y, x in corners])
+    return share < MIN_TISSUE
 
 
 def patient_probabilities(logits: torch.Tensor, class_patients: list[str], patient: str) -> np.ndarray:
@@ -73,20 +87,24 @@ def recognition_map(model, meta: dict, image: np.ndarray, patient: str, mpp: flo
     corners = patch_grid(image.shape[0], image.shape[1], patch_px, overlap)
     logits = _run(model, pre, image, corners, patch_px, device)
     probs = patient_probabilities(logits, meta["data"]["class_patients"], patient)
+    probs[glass_patches(image, corners, patch_px)] = np.nan
     return paint(image.shape[:2], corners, patch_px, probs)
 
 
 def similarity_map(model, meta: dict, reference: np.ndarray, image: np.ndarray, mpp: float,
                    device="cpu", overlap: float = OVERLAP) -> np.ndarray:
-    """[H, W] cosine similarity of ``image``'s patches to the mean fingerprint of ``reference``."""
+    """[H, W] cosine similarity of ``image``'s patches to the fingerprint of the half ``reference``
+    (as the matching game computes it)."""
+    from fpstore.fingerprint.matching import half_fingerprints
+
     pre = meta["preprocessing"]
     patch_px = int(round(pre["patch_um"] / mpp))
-    ref_corners = patch_grid(reference.shape[0], reference.shape[1], patch_px, overlap=0.0)
-    ref = torch.nn.functional.normalize(_run(model, pre, reference, ref_corners, patch_px, device, what="fp"), dim=1)
-    mean = torch.nn.functional.normalize(ref.mean(dim=0, keepdim=True), dim=1)
+    mean = half_fingerprints(model, pre, reference[None], tissue_grid(reference[None]), mpp, device)[0]
     corners = patch_grid(image.shape[0], image.shape[1], patch_px, overlap)
     fps = torch.nn.functional.normalize(_run(model, pre, image, corners, patch_px, device, what="fp"), dim=1)
-    return paint(image.shape[:2], corners, patch_px, (fps @ mean.T).squeeze(1).numpy())
+    sims = fps.numpy() @ mean
+    sims[glass_patches(image, corners, patch_px)] = np.nan
+    return paint(image.shape[:2], corners, patch_px, sims)
 
 
 def colourise(values: np.ndarray, low: float = 0.0, high: float = 1.0) -> np.ndarray:
@@ -152,7 +170,8 @@ def core_maps(model_path: Path, tma_dir: Path, out: Path, n_cores: int = 4, cach
         written.append(str(save_panel(out / name, [("H&E (left half trained on)", image),
                                                     ("p(true patient)", colourise(probs))],
                                       ("probability of the true patient", 0, 1),
-                                      f"{train.key[i]} patient {train.patient_id[i]}: mean p = {np.nanmean(probs):.2f}")))
+                                      f"{train.key[i]} patient {train.patient_id[i]}: mean p over tissue = "
+                                      f"{np.nanmean(probs):.2f}")))
     left_section, right_section = default_sections(test)
     keys = [k for k in dict.fromkeys(test.key[test.section == left_section].tolist())
             if k in set(test.key[test.section == right_section].tolist())][:n_cores]
@@ -160,9 +179,11 @@ def core_maps(model_path: Path, tma_dir: Path, out: Path, n_cores: int = 4, cach
         li = int(np.flatnonzero((test.key == key) & (test.section == left_section))[0])
         ri = int(np.flatnonzero((test.key == key) & (test.section == right_section))[0])
         sims = similarity_map(model, meta, np.asarray(test.left[li]), np.asarray(test.right[ri]), test.mpp, dev)
+        # Fingerprints are non-negative (ReLU), so cosines crowd into the upper range: fit the colours.
+        low, high = (float(v) for v in np.nanpercentile(sims, [2, 98])) if np.isfinite(sims).any() else (0.0, 1.0)
         name = f"similarity_{key.replace(':', '_')}.png"
         written.append(str(save_panel(out / name, [(f"left half, {left_section}", np.asarray(test.left[li])),
-                                                    ("similarity to left mean", colourise(sims, 0, 1)),
+                                                    ("similarity to left half", colourise(sims, low, high)),
                                                     (f"right half, {right_section}", np.asarray(test.right[ri]))],
-                                      ("cosine similarity", 0, 1), f"{key}")))
+                                      ("cosine similarity", low, high), f"{key}")))
     return {"out": str(out), "files": written}
