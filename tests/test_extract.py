@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import fpstore.store
-from fpstore.errors import StoreError
+from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.cohort import add_cohort
 from fpstore.extract.pipeline import ExtractConfig, extract
 from fpstore.store.schema import read_metadata
@@ -151,6 +151,9 @@ def test_int8_extraction_calibrates_on_the_cohort_and_resumes_only_with_the_same
     with pytest.raises(StoreError, match="precision"):
         extract(store, "c", ExtractConfig(encoder="random-resnet34", patches=4, device="cpu",
                                           num_workers=0), progress=False)
+    with pytest.raises(ConfigError, match="drop --compile"):  # refused before any work
+        extract(store, "c", ExtractConfig(encoder="random-resnet34", patches=4, device="cpu",
+                                          num_workers=0, precision="int8", compile=True), progress=False)
 
 
 def _run_script(tmp_path, store, name, delay):

@@ -161,6 +161,27 @@ def test_bad_slide_is_recorded_failed_and_the_others_are_written(ray_cluster, sy
     assert '"failed"' in recorded.read_text()
 
 
+@pytest.mark.slow
+def test_int8_on_ray_calibrates_every_actor_alike_and_the_local_engine_resumes_it(
+        ray_cluster, synth_small, tmp_path):
+    from dataclasses import replace
+
+    int8 = replace(CONFIG, precision="int8", encoder_options={})  # 224 px, as users run it
+    local = tcga_store(synth_small, tmp_path / "local")
+    extract(local, "tcga", int8, progress=False)
+    want = contents(local)
+    store = tcga_store(synth_small, tmp_path / "ray")
+    summary = ray_extract(store, int8, read_chunk=8, encoders=2, encoder_cpus=0.5)  # both actors encode
+    assert summary.int8_agreement["min_cosine"] > 0.99
+    got = contents(store)
+    assert sorted(got) == sorted(want)
+    for name, (rows, vectors, metadata) in want.items():
+        assert got[name][0] == rows and got[name][2] == metadata, name  # same calibration digest
+        cosine = (vectors * got[name][1]).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(got[name][1], axis=1)
+        assert cosine.min() > 0.9999, name  # the actors quantized the same model as the local run
+    assert extract(store, "tcga", int8, progress=False).count("skipped") == len(got)
+
+
 def _encoder_actor_pids() -> list[int]:
     import psutil
 

@@ -419,9 +419,10 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
     key = resume_key(encoder, config)
     spec = PatchSpec(encoder.preprocessing.patch_um, encoder.preprocessing.out_px, config.min_tissue)
     if config.precision == "int8":
-        if engine is not None:
-            raise ConfigError("--precision int8 runs with the local engine only; "
-                              "drop --engine ray or use --precision fp32")
+        if str(device) != "cpu" or config.compile:
+            raise ConfigError(f"--precision int8 is a CPU path without --compile (encoders on {device}, "
+                              f"compile {config.compile}); add --device cpu and drop --compile, or use "
+                              "--precision bf16 on GPUs")
         calibration, key["calibration"] = calibration_set(slides, spec)
 
     results: dict[str, SlideResult] = {}
@@ -458,12 +459,15 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
     loop_seconds, agreement = 0.0, None
     if order:
         loop_started = time.perf_counter()
+        pixels = read_calibration(calibration, spec) if config.precision == "int8" else None
         if engine is not None:
-            results.update(engine.run(store, cohort, encoder, key, spec, config, order, progress))
+            ray_results, agreement = engine.run(store, cohort, encoder, key, spec, config, order, progress,
+                                                calibration=pixels)
+            results.update(ray_results)
         else:
             encoder.prepare(device, config.precision, config.channels_last, config.compile)
-            if config.precision == "int8":
-                agreement = encoder.calibrate(read_calibration(calibration, spec))
+            if pixels is not None:
+                agreement = encoder.calibrate(pixels)
             loop = _Loop(store, cohort, encoder, key, spec, config, device, progress)
             loop_started = time.perf_counter()
             results.update(loop.run(order))

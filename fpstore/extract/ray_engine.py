@@ -162,9 +162,12 @@ class RayEngine:
         return (self.ray.get(ref) for ref in refs)
 
     def run(self, store, cohort: str, encoder, key: dict, spec, config: ExtractConfig,
-            plans: list[SlidePlan], progress: bool = True) -> dict[str, SlideResult]:
-        """Extract the planned slides on the cluster; one SlideResult per slide."""
-        return _Run(self, store_root(store), cohort, encoder, key, spec, config, progress).run(plans)
+            plans: list[SlidePlan], progress: bool = True, calibration=None) -> tuple[dict[str, SlideResult], dict | None]:
+        """Extract the planned slides on the cluster: (one SlideResult per slide, the int8
+        agreement with fp32). int8 actors calibrate on ``calibration`` (uint8 NHWC), the
+        same patches for every actor, so that they all build the same quantized model."""
+        run = _Run(self, store_root(store), cohort, encoder, key, spec, config, progress, calibration)
+        return run.run(plans), run.agreement
 
 
 def _call(fn, *args):
@@ -201,13 +204,18 @@ def _read_chunk(path: str, mpp: float, xy: np.ndarray, size_px: float, out_px: i
 class _Encoder:
     """One model on one device; ``encode(uint8 [N, H, W, 3]) -> float32 [N, dim]``."""
 
-    def __init__(self, encoder, device: str, config: ExtractConfig, threads: int):
+    def __init__(self, encoder, device: str, config: ExtractConfig, threads: int, calibration=None):
         import torch
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
         self.encoder = encoder.prepare(device, config.precision, config.channels_last, config.compile)
+        if calibration is not None:
+            self.encoder.calibrate(torch.from_numpy(np.array(calibration)))
         self.batch_size = config.resolved_batch_size(device)
+
+    def agreement(self) -> dict | None:
+        return self.encoder.calibration
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         import torch
@@ -238,7 +246,7 @@ def _write_slide(store: str, cohort: str, plan: SlidePlan, spec, info: EncoderIn
 # ---------------------------------------------------------------- driver side
 
 class _Run:
-    def __init__(self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress):
+    def __init__(self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress, calibration):
         self.engine, self.ray, self.rc = engine, engine.ray, engine.config
         self.store, self.cohort, self.key, self.spec, self.config = store, cohort, key, spec, config
         self.progress = progress
@@ -247,6 +255,8 @@ class _Run:
                                 encoder.preprocessing)
         self.local = not is_remote(store)  # claims (flock) exist on local/shared folders only
         self.results: dict[str, SlideResult] = {}
+        self.calibration = None if calibration is None else calibration.numpy()
+        self.agreement = None
 
     def _actors(self) -> list:
         device = self.engine.device(self.config)
@@ -262,8 +272,9 @@ class _Run:
             max_restarts=self.rc.max_retries, max_task_retries=self.rc.max_retries)
         # Once, whatever the number of actors; kept referenced so that a restart can rebuild.
         self.model = self.ray.put(self.encoder)
+        self.pixels = None if self.calibration is None else self.ray.put(self.calibration)
         threads = max(1, int(self.rc.encoder_cpus))
-        return [actor.remote(self.model, device, self.config, threads) for _ in range(n)]
+        return [actor.remote(self.model, device, self.config, threads, self.pixels) for _ in range(n)]
 
     def run(self, plans: list[SlidePlan]) -> dict[str, SlideResult]:
         from tqdm import tqdm
@@ -273,6 +284,8 @@ class _Run:
         write = self.ray.remote(_write_slide).options(num_cpus=0, max_retries=self.rc.max_retries)
         in_flight = self.rc.slides_in_flight or max(4, int(2 * self.engine.cpus))
         actors = self._actors()
+        if self.calibration is not None:
+            self.agreement = self.ray.get(actors[0].agreement.remote())
         load = [0] * len(actors)  # chunks queued per actor: the least loaded gets the next
         running: dict = {}  # write ref -> (plan, claim, [actor index per chunk])
         todo = deque(plans)
