@@ -284,8 +284,6 @@ class _Run:
         write = self.ray.remote(_write_slide).options(num_cpus=0, max_retries=self.rc.max_retries)
         in_flight = self.rc.slides_in_flight or max(4, int(2 * self.engine.cpus))
         actors = self._actors()
-        if self.calibration is not None:
-            self.agreement = self.ray.get(actors[0].agreement.remote())
         load = [0] * len(actors)  # chunks queued per actor: the least loaded gets the next
         running: dict = {}  # write ref -> (plan, claim, [actor index per chunk])
         todo = deque(plans)
@@ -293,6 +291,8 @@ class _Run:
                    disable=not self.progress, dynamic_ncols=True)
         encoded, t0 = 0, time.perf_counter()
         try:
+            if self.calibration is not None:  # inside the try: a failed calibration still frees the actors
+                self.agreement = self.ray.get(actors[0].agreement.remote())
             while todo or running:
                 while todo and len(running) < in_flight:
                     plan = todo.popleft()
