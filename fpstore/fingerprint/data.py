@@ -243,16 +243,21 @@ def fixed_crops(tissue: np.ndarray, half_shape, patch_px: int, per_half: int, se
     return out
 
 
+def on_tissue(origins: np.ndarray, corners) -> np.ndarray:
+    """Per corner (y, x) of a half, True when it is an allowed crop origin of ``crop_origins``
+    (corners snap to the coarse grid used for the tissue test)."""
+    allowed = {tuple(o) for o in origins.tolist()}
+    return np.array([(y // TISSUE_STRIDE * TISSUE_STRIDE, x // TISSUE_STRIDE * TISSUE_STRIDE) in allowed
+                     for y, x in corners], bool)
+
+
 def grid_crops(tissue: np.ndarray, half_shape, patch_px: int) -> list[tuple[int, int, int]]:
     """(item, y, x) of non-overlapping tissue crops tiling each half: for fingerprinting a half."""
     h, w = half_shape
+    tiles = [(y, x) for y in range(0, h - patch_px + 1, patch_px) for x in range(0, w - patch_px + 1, patch_px)]
     out = []
     for i, origins in enumerate(crop_origins(tissue, half_shape, patch_px)):
-        allowed = {tuple(o) for o in origins.tolist()}
-        tiles = [(y, x) for y in range(0, h - patch_px + 1, patch_px) for x in range(0, w - patch_px + 1, patch_px)]
-        # Tile corners snap to the coarse grid used for the tissue test.
-        kept = [(y, x) for y, x in tiles
-                if (y // TISSUE_STRIDE * TISSUE_STRIDE, x // TISSUE_STRIDE * TISSUE_STRIDE) in allowed]
+        kept = [tile for tile, ok in zip(tiles, on_tissue(origins, tiles)) if ok]
         out.extend((i, y, x) for y, x in (kept or tiles))
     return out
 

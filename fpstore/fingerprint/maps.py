@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpstore.fingerprint.data import MIN_TISSUE, TISSUE_STRIDE, tissue_grid
+from fpstore.fingerprint.data import crop_origins, on_tissue, tissue_grid
 from fpstore.fingerprint.model import to_input
 
 OVERLAP = 0.8
@@ -65,11 +65,8 @@ def paint(shape, corners, patch_px, values) -> np.ndarray:
 
 
 def glass_patches(image: np.ndarray, corners, patch_px: int) -> np.ndarray:
-    """Per patch, True when under MIN_TISSUE of its coarse tissue-grid cells hold tissue."""
-    grid = tissue_grid(image[None])[0]
-    s = TISSUE_STRIDE
-    share = np.array([grid[y // s: (y + patch_px) // s, x // s: (x + patch_px) // s].mean() for y, x in corners])
-    return share < MIN_TISSUE
+    """Per patch, True where the matching game would not crop (too little tissue)."""
+    return ~on_tissue(crop_origins(tissue_grid(image[None]), image.shape[:2], patch_px)[0], corners)
 
 
 def patient_probabilities(logits: torch.Tensor, class_patients: list[str], patient: str) -> np.ndarray:
