@@ -61,7 +61,7 @@ def matmul_floor(bags, epochs: int, threads: int) -> float:
     start = time.perf_counter()
     for _ in range(epochs):
         for lo in range(0, n_train, 32 * 120):
-            net(x[lo:lo + 32 * 120]).sum().backward()
+            net(x[lo : lo + 32 * 120]).sum().backward()
     return time.perf_counter() - start
 
 
@@ -75,8 +75,10 @@ def main() -> None:
 
     t = time.perf_counter()
     bags, y = make_data(args.patients, args.patches, args.dim)
-    print(f"data: {args.patients} patients x {args.patches} patches x {args.dim} "
-          f"({bags.features.nbytes / 1e6:.0f} MB float32), made in {time.perf_counter() - t:.1f} s")
+    print(
+        f"data: {args.patients} patients x {args.patches} patches x {args.dim} "
+        f"({bags.features.nbytes / 1e6:.0f} MB float32), made in {time.perf_counter() - t:.1f} s"
+    )
     import torch  # imported before timing: the first import costs seconds
 
     torch.set_num_threads(2)
@@ -84,9 +86,11 @@ def main() -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         seconds, result = run_cv(bags, y, "mil", threads)
         rows.append((threads, seconds, result))
-        print(f"MIL 5-fold CV, {threads} thread(s): {seconds:6.1f} s   pooled AUC "
-              f"{result.metrics['auc']:.3f} [{result.metrics['ci_low']:.3f}, {result.metrics['ci_high']:.3f}]"
-              f"   best epochs per fold {[f['best_epoch'] for f in result.folds]}")
+        print(
+            f"MIL 5-fold CV, {threads} thread(s): {seconds:6.1f} s   pooled AUC "
+            f"{result.metrics['auc']:.3f} [{result.metrics['ci_low']:.3f}, {result.metrics['ci_high']:.3f}]"
+            f"   best epochs per fold {[f['best_epoch'] for f in result.folds]}"
+        )
     best_threads, best_seconds, best = min(rows, key=lambda r: r[1])
     # Early stopping ran (best epoch + patience) epochs per fold, or max_epochs.
     from fpstore.classify.mil import MILConfig
@@ -100,12 +104,20 @@ def main() -> None:
     bootstrap_ci(best.predictions.labels, best.predictions.scores, n_boot=2000)
     boot = time.perf_counter() - t
     logreg_seconds, logreg = run_cv(bags, y, "logreg", None)
-    print(f"  epochs trained in all folds: {epochs}; matmul floor for them: {floor:.1f} s "
-          f"({floor / epochs * 1000:.0f} ms/epoch); ours / floor = {best_seconds / floor:.2f}")
-    print(f"  bootstrap CI (2000 resamples over {len(best.predictions.labels)} patients): {boot:.2f} s")
-    print(f"logreg on pooled means, same splits: {logreg_seconds:.1f} s, AUC {logreg.metrics['auc']:.3f}")
-    print(f"target 60 s: ours / target = {best_seconds / 60:.2f} ({'met' if best_seconds < 60 else 'NOT met'}); "
-          + ("; ".join(f"{r[0]} thread(s) {r[1]:.1f} s" for r in rows)))
+    print(
+        f"  epochs trained in all folds: {epochs}; matmul floor for them: {floor:.1f} s "
+        f"({floor / epochs * 1000:.0f} ms/epoch); ours / floor = {best_seconds / floor:.2f}"
+    )
+    print(
+        f"  bootstrap CI (2000 resamples over {len(best.predictions.labels)} patients): {boot:.2f} s"
+    )
+    print(
+        f"logreg on pooled means, same splits: {logreg_seconds:.1f} s, AUC {logreg.metrics['auc']:.3f}"
+    )
+    print(
+        f"target 60 s: ours / target = {best_seconds / 60:.2f} ({'met' if best_seconds < 60 else 'NOT met'}); "
+        + ("; ".join(f"{r[0]} thread(s) {r[1]:.1f} s" for r in rows))
+    )
 
 
 if __name__ == "__main__":

@@ -46,20 +46,48 @@ def build(root: Path, n: int) -> None:
         xs = np.arange(m, dtype=np.int64) * 224
         ids = [f"{slide}/{x}_0_224" for x in xs]
         vectors = np.maximum(rng.normal(0.2, 0.5, (m, DIM)), 0).astype(np.float32)
-        table = pa.table({
-            "patient_id": [patient] * m, "slide_id": [slide] * m, "patch_id": ids, "site": ["A"] * m,
-            "x": xs, "y": np.zeros(m, np.int64), "size_px": np.full(m, 224, np.float32),
-            "x_um": xs * 0.5, "y_um": np.zeros(m), "patch_um": np.full(m, 112, np.float32),
-            "out_px": np.full(m, 224, np.int32), "tissue_fraction": np.ones(m, np.float32),
-            "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
-        }, schema=fingerprint_schema(DIM))
-        write_parquet_atomic(table, fingerprint_path(root, "bench", "c", slide),
-                             file_metadata("fingerprints", encoder="bench"), **PARQUET_OPTIONS)
+        table = pa.table(
+            {
+                "patient_id": [patient] * m,
+                "slide_id": [slide] * m,
+                "patch_id": ids,
+                "site": ["A"] * m,
+                "x": xs,
+                "y": np.zeros(m, np.int64),
+                "size_px": np.full(m, 224, np.float32),
+                "x_um": xs * 0.5,
+                "y_um": np.zeros(m),
+                "patch_um": np.full(m, 112, np.float32),
+                "out_px": np.full(m, 224, np.int32),
+                "tissue_fraction": np.ones(m, np.float32),
+                "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
+            },
+            schema=fingerprint_schema(DIM),
+        )
+        write_parquet_atomic(
+            table,
+            fingerprint_path(root, "bench", "c", slide),
+            file_metadata("fingerprints", encoder="bench"),
+            **PARQUET_OPTIONS,
+        )
         p = np.full(m, 0.25, np.float32)
-        write_parquet_atomic(pa.table({
-            "slide_id": [slide] * m, "patch_id": ids, "tissue_type": types[rng.integers(0, 4, m)],
-            "p_background": p, "p_epithelium": p, "p_stroma": p, "p_fat": p, "method": ["rules"] * m,
-        }, schema=TISSUE), root / "tissue" / "cohort=c" / f"{slide}.parquet", file_metadata("tissue"))
+        write_parquet_atomic(
+            pa.table(
+                {
+                    "slide_id": [slide] * m,
+                    "patch_id": ids,
+                    "tissue_type": types[rng.integers(0, 4, m)],
+                    "p_background": p,
+                    "p_epithelium": p,
+                    "p_stroma": p,
+                    "p_fat": p,
+                    "method": ["rules"] * m,
+                },
+                schema=TISSUE,
+            ),
+            root / "tissue" / "cohort=c" / f"{slide}.parquet",
+            file_metadata("tissue"),
+        )
 
 
 def timed(fn, repeat=2):
@@ -72,11 +100,16 @@ def timed(fn, repeat=2):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--out", type=Path, default=None, help="reuse a store built there")
-    parser.add_argument("--skip-sql-mean", action="store_true",
-                        help="skip DuckDB's unnest mean (about 4 minutes at 1,000,000)")
+    parser.add_argument(
+        "--skip-sql-mean",
+        action="store_true",
+        help="skip DuckDB's unnest mean (about 4 minutes at 1,000,000)",
+    )
     args = parser.parse_args(argv)
 
     import fpstore.store
@@ -92,39 +125,74 @@ def main(argv=None):
     mean_sql = (
         "SELECT patient_id, list(v ORDER BY i) AS m FROM (SELECT patient_id, i, avg(fingerprint[i]) v "
         "FROM (SELECT patient_id, fingerprint, unnest(range(1, 513)) AS i FROM fingerprints) "
-        "GROUP BY patient_id, i) GROUP BY patient_id")
-    group_sql = ("SELECT t.tissue_type, count(*) AS n FROM patches p JOIN tissue t USING (slide_id, patch_id) "
-                 "GROUP BY t.tissue_type")
-    top_sql = ("SELECT patch_id, array_cosine_similarity(fingerprint, (SELECT fingerprint FROM fingerprints "
-               f"WHERE patch_id = '{query_id}')) AS s FROM fingerprints ORDER BY s DESC LIMIT 10")
+        "GROUP BY patient_id, i) GROUP BY patient_id"
+    )
+    group_sql = (
+        "SELECT t.tissue_type, count(*) AS n FROM patches p JOIN tissue t USING (slide_id, patch_id) "
+        "GROUP BY t.tissue_type"
+    )
+    top_sql = (
+        "SELECT patch_id, array_cosine_similarity(fingerprint, (SELECT fingerprint FROM fingerprints "
+        f"WHERE patch_id = '{query_id}')) AS s FROM fingerprints ORDER BY s DESC LIMIT 10"
+    )
     runs = {}  # name -> (best seconds, value)
     if not args.skip_sql_mean:
-        runs["mean per patient: DuckDB SQL (unnest)"] = timed(lambda: store.sql(mean_sql).to_arrow(), 1)
-    runs["mean per patient: numpy over Parquet (mean_fingerprints)"] = timed(lambda: store.mean_fingerprints("bench"))
+        runs["mean per patient: DuckDB SQL (unnest)"] = timed(
+            lambda: store.sql(mean_sql).to_arrow(), 1
+        )
+    runs["mean per patient: numpy over Parquet (mean_fingerprints)"] = timed(
+        lambda: store.mean_fingerprints("bench")
+    )
     runs["group-by tissue type: DuckDB"] = timed(lambda: store.sql(group_sql).rows())
-    runs["top-10 cosine: DuckDB brute force over Parquet"] = timed(lambda: store.sql(top_sql).rows())
-    t_mat, _ = timed(lambda: store.connection.execute(
-        "CREATE OR REPLACE TABLE fp_mat AS SELECT patch_id, fingerprint FROM fingerprints"), 1)
+    runs["top-10 cosine: DuckDB brute force over Parquet"] = timed(
+        lambda: store.sql(top_sql).rows()
+    )
+    t_mat, _ = timed(
+        lambda: store.connection.execute(
+            "CREATE OR REPLACE TABLE fp_mat AS SELECT patch_id, fingerprint FROM fingerprints"
+        ),
+        1,
+    )
     mat_sql = top_sql.replace("FROM fingerprints ORDER", "FROM fp_mat ORDER")
-    runs["top-10 cosine: DuckDB materialised FLOAT[512] table"] = timed(lambda: store.sql(mat_sql).rows())
+    runs["top-10 cosine: DuckDB materialised FLOAT[512] table"] = timed(
+        lambda: store.sql(mat_sql).rows()
+    )
     t_index, _ = timed(lambda: vector_index(store, "bench"), 1)  # first call builds the cache
-    runs["top-10 cosine: numpy on the materialised matrix (similar)"] = timed(lambda: similar(store, query_id, k=10))
+    runs["top-10 cosine: numpy on the materialised matrix (similar)"] = timed(
+        lambda: similar(store, query_id, k=10)
+    )
     runs["mean per patient: numpy on the materialised matrix"] = timed(
-        lambda: store.mean_fingerprints("bench", materialised=True))
+        lambda: store.mean_fingerprints("bench", materialised=True)
+    )
 
     t = {name: seconds for name, (seconds, _) in runs.items()}
-    duck_top = [r["patch_id"] for r in runs["top-10 cosine: DuckDB brute force over Parquet"][1]][1:]
-    ours = [h["patch_id"] for h in runs["top-10 cosine: numpy on the materialised matrix (similar)"][1].hits]
+    duck_top = [r["patch_id"] for r in runs["top-10 cosine: DuckDB brute force over Parquet"][1]][
+        1:
+    ]
+    ours = [
+        h["patch_id"]
+        for h in runs["top-10 cosine: numpy on the materialised matrix (similar)"][1].hits
+    ]
     print(f"one-off: materialise DuckDB table {t_mat:.2f} s; build the numpy cache {t_index:.2f} s")
-    print(f"top-10 agree (DuckDB vs numpy, query excluded): {duck_top == ours[:len(duck_top)]}\n")
+    print(f"top-10 agree (DuckDB vs numpy, query excluded): {duck_top == ours[: len(duck_top)]}\n")
     for name, seconds in t.items():
         print(f"  {name:60s} {seconds:8.3f} s")
-    top, pool = t["top-10 cosine: numpy on the materialised matrix (similar)"], t["mean per patient: numpy on the materialised matrix"]
-    print(f"\n  ratios: top-10 numpy vs DuckDB brute force {t['top-10 cosine: DuckDB brute force over Parquet'] / top:.1f}x, "
-          f"vs the materialised DuckDB table {t['top-10 cosine: DuckDB materialised FLOAT[512] table'] / top:.1f}x; "
-          f"mean pooling on the materialised matrix vs over Parquet "
-          f"{t['mean per patient: numpy over Parquet (mean_fingerprints)'] / pool:.0f}x"
-          + (f", vs DuckDB SQL {t['mean per patient: DuckDB SQL (unnest)'] / pool:.0f}x" if not args.skip_sql_mean else ""))
+    top, pool = (
+        t["top-10 cosine: numpy on the materialised matrix (similar)"],
+        t["mean per patient: numpy on the materialised matrix"],
+    )
+    print(
+        f"\n  ratios: top-10 numpy vs DuckDB brute force {t['top-10 cosine: DuckDB brute force over Parquet'] / top:.1f}x, "
+        f"vs the materialised DuckDB table {t['top-10 cosine: DuckDB materialised FLOAT[512] table'] / top:.1f}x; "
+        f"mean pooling on the materialised matrix vs over Parquet "
+        f"{t['mean per patient: numpy over Parquet (mean_fingerprints)'] / pool:.0f}x"
+        + (
+            f", vs DuckDB SQL {t['mean per patient: DuckDB SQL (unnest)'] / pool:.0f}x"
+            if not args.skip_sql_mean
+            else ""
+        )
+    )
+
 
 if __name__ == "__main__":
     main()

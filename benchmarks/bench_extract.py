@@ -46,8 +46,13 @@ def tiled_real_slide(out: Path, repeat: int) -> Path:
     with tifffile.TiffWriter(out, bigtiff=True) as tw:
         level, sub = image, 1
         while True:
-            options = dict(tile=(256, 256), compression="jpeg", photometric="rgb",
-                           resolution=(res / sub, res / sub), resolutionunit="CENTIMETER")
+            options = dict(
+                tile=(256, 256),
+                compression="jpeg",
+                photometric="rgb",
+                resolution=(res / sub, res / sub),
+                resolutionunit="CENTIMETER",
+            )
             tw.write(level, subfiletype=0 if sub == 1 else 1, **options)
             if max(level.shape[:2]) < 2048:
                 break
@@ -100,26 +105,46 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
     return rates
 
 
-def end_to_end(store: Path, cohort: str, device: str, precision: str, patches, compile_: bool,
-               workers: int, batch: int) -> tuple[float, object]:
+def end_to_end(
+    store: Path,
+    cohort: str,
+    device: str,
+    precision: str,
+    patches,
+    compile_: bool,
+    workers: int,
+    batch: int,
+) -> tuple[float, object]:
     import shutil
 
     from fpstore.extract.pipeline import ExtractConfig, extract
 
     for table in ("fingerprints", "status"):  # time a full extraction, not a resume
-        shutil.rmtree(store / table / "encoder=random-resnet34" / f"cohort={cohort}", ignore_errors=True)
-    config = ExtractConfig(encoder="random-resnet34", patches=patches, device=device,
-                           precision=precision, compile=compile_, num_workers=workers,
-                           batch_size=batch, force=True)
+        shutil.rmtree(
+            store / table / "encoder=random-resnet34" / f"cohort={cohort}", ignore_errors=True
+        )
+    config = ExtractConfig(
+        encoder="random-resnet34",
+        patches=patches,
+        device=device,
+        precision=precision,
+        compile=compile_,
+        num_workers=workers,
+        batch_size=batch,
+        force=True,
+    )
     t0 = time.perf_counter()
     summary = extract(store, cohort, config, progress=False)
     wall = time.perf_counter() - t0
     if summary.failed:
         raise SystemExit(f"extraction failed: {summary.failed}")
-    print(f"  {cohort} {precision}: {summary.n_patches} patches, wall {wall:.1f} s "
-          f"({summary.n_patches / wall:.1f}/s), loop {summary.loop_seconds:.1f} s "
-          f"({summary.n_patches / max(summary.loop_seconds, 1e-9):.1f}/s)"
-          + (f", int8 calibration {summary.int8_agreement}" if summary.int8_agreement else ""), flush=True)
+    print(
+        f"  {cohort} {precision}: {summary.n_patches} patches, wall {wall:.1f} s "
+        f"({summary.n_patches / wall:.1f}/s), loop {summary.loop_seconds:.1f} s "
+        f"({summary.n_patches / max(summary.loop_seconds, 1e-9):.1f}/s)"
+        + (f", int8 calibration {summary.int8_agreement}" if summary.int8_agreement else ""),
+        flush=True,
+    )
     return summary.n_patches / summary.loop_seconds, summary
 
 
@@ -128,7 +153,9 @@ def read_vectors(store: Path, cohort: str) -> np.ndarray:
 
     from fpstore.store.featurestore import column_to_numpy
 
-    files = sorted((store / "fingerprints" / "encoder=random-resnet34" / f"cohort={cohort}").glob("*.parquet"))
+    files = sorted(
+        (store / "fingerprints" / "encoder=random-resnet34" / f"cohort={cohort}").glob("*.parquet")
+    )
     return np.concatenate([column_to_numpy(pq.read_table(f).column("fingerprint")) for f in files])
 
 
@@ -143,30 +170,56 @@ def tiatoolbox_rate(slide: Path, device: str, tmp: Path, workers: int) -> float 
     except ImportError as error:
         print(f"TIAToolbox not measured: {error}")
         return None
-    io = IOPatchPredictorConfig(input_resolutions=[{"units": "mpp", "resolution": 0.5}],
-                                patch_input_shape=(224, 224), stride_shape=(224, 224))
-    extractor = DeepFeatureExtractor(model=CNNBackbone("resnet34"), batch_size=32,
-                                     num_workers=workers, device=device, verbose=False)
+    io = IOPatchPredictorConfig(
+        input_resolutions=[{"units": "mpp", "resolution": 0.5}],
+        patch_input_shape=(224, 224),
+        stride_shape=(224, 224),
+    )
+    extractor = DeepFeatureExtractor(
+        model=CNNBackbone("resnet34"),
+        batch_size=32,
+        num_workers=workers,
+        device=device,
+        verbose=False,
+    )
     t0 = time.perf_counter()
-    out = extractor.run([slide], patch_mode=False, ioconfig=io, save_dir=tmp / "tia", overwrite=True,
-                        output_type="zarr", auto_get_mask=True)
+    out = extractor.run(
+        [slide],
+        patch_mode=False,
+        ioconfig=io,
+        save_dir=tmp / "tia",
+        overwrite=True,
+        output_type="zarr",
+        auto_get_mask=True,
+    )
     wall = time.perf_counter() - t0
     group = zarr.open(str(next(iter(out.values()))), mode="r")
-    n = max(group[k].shape[0] for k in group.array_keys() if group[k].ndim == 2 and group[k].shape[1] == 512)
+    n = max(
+        group[k].shape[0]
+        for k in group.array_keys()
+        if group[k].ndim == 2 and group[k].shape[1] == 512
+    )
     print(f"TIAToolbox: {n} patches in {wall:.1f} s ({n / wall:.1f}/s), {workers} loader workers")
     return n / wall
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="smoke run: 2x2 tiling, 64 patches")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
     parser.add_argument("--synthetic", help="also a synthetic 40x slide of WxH level-0 pixels")
     parser.add_argument("--tiatoolbox", action="store_true", help="also time TIAToolbox (slow)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="also bf16 on a CPU (on by default on CUDA; emulated and ~8x slower on AVX2 CPUs)")
-    parser.add_argument("--copies", type=int, default=1, help="slides per cohort (links to one file)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also bf16 on a CPU (on by default on CUDA; emulated and ~8x slower on AVX2 CPUs)",
+    )
+    parser.add_argument(
+        "--copies", type=int, default=1, help="slides per cohort (links to one file)"
+    )
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=10.0, help="per model-only variant")
@@ -182,8 +235,10 @@ def main(argv=None):
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-extract-"))
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
-    print(f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else os.cpu_count()} "
-          f"{'' if device == 'cuda' else 'cores'}), torch {torch.__version__}, batch {batch}, work {work}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else os.cpu_count()} "
+        f"{'' if device == 'cuda' else 'cores'}), torch {torch.__version__}, batch {batch}, work {work}"
+    )
 
     t0 = time.perf_counter()
     slide = tiled_real_slide(work / "cmu-tiled.tiff", 2 if args.quick else 4)
@@ -198,7 +253,9 @@ def main(argv=None):
         if not synth.is_file():
             t0 = time.perf_counter()
             child_slide(w, h, 0.5, work)
-            print(f"synthetic 40x slide {w}x{h} written in {time.perf_counter() - t0:.1f} s: {synth}")
+            print(
+                f"synthetic 40x slide {w}x{h} written in {time.perf_counter() - t0:.1f} s: {synth}"
+            )
         add_cohort_for(store, synth, "synth", args.copies)
         cohorts["synth"] = synth
 
@@ -218,24 +275,40 @@ def main(argv=None):
     for name in cohorts:
         for precision in precisions:
             compile_ = device == "cuda" and args.compile and precision == "bf16"
-            rate, summary = end_to_end(store, name, device, precision, patches, compile_, args.workers, batch)
+            rate, summary = end_to_end(
+                store, name, device, precision, patches, compile_, args.workers, batch
+            )
             e2e[(name, precision)] = (rate, summary.n_patches)
             vectors = read_vectors(store, name)
             if precision == "fp32":
                 reference = vectors
             else:
-                cos = np.sum(vectors * reference, 1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1))
-                print(f"{name}: {precision} vs fp32 fingerprints cosine min {cos.min():.5f}, "
-                      f"median {np.median(cos):.5f} over {len(cos)} patches")
-    tia = tiatoolbox_rate(cohorts["real"], device, work, max(args.workers, 0) or os.cpu_count()) if args.tiatoolbox else None
+                cos = np.sum(vectors * reference, 1) / (
+                    np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
+                )
+                print(
+                    f"{name}: {precision} vs fp32 fingerprints cosine min {cos.min():.5f}, "
+                    f"median {np.median(cos):.5f} over {len(cos)} patches"
+                )
+    tia = (
+        tiatoolbox_rate(cohorts["real"], device, work, max(args.workers, 0) or os.cpu_count())
+        if args.tiatoolbox
+        else None
+    )
 
     print("\nmodel only (ResNet34 forward, uint8 batch resident on the device):")
     for name, r in rates.items():
         print(f"  {name:32s} {r:10.1f} patches/s")
-    print("\nend to end (fpstore extract loop: claim + read + decode + resize + model + Parquet;"
-          " the model build and tissue planning are printed above as 'wall'):")
+    print(
+        "\nend to end (fpstore extract loop: claim + read + decode + resize + model + Parquet;"
+        " the model build and tissue planning are printed above as 'wall'):"
+    )
     for (name, precision), (rate, n) in e2e.items():
-        best_model = rates[{"bf16": "bf16 channels_last", "int8": "int8 (static, x86)"}.get(precision, "fp32 channels_last")]
+        best_model = rates[
+            {"bf16": "bf16 channels_last", "int8": "int8 (static, x86)"}.get(
+                precision, "fp32 channels_last"
+            )
+        ]
         line = f"  {name:6s} {precision:5s} {n:6d} patches {rate:10.1f} patches/s  = {rate / best_model:.2f} x model-only"
         if tia:
             line += f"  = {rate / tia:.2f} x TIAToolbox ({tia:.1f}/s)"

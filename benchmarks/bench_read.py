@@ -80,16 +80,26 @@ def time_tiatoolbox(path: Path, xy: np.ndarray, size_px: float) -> float:
     reader = WSIReader.open(path)
     start = time.perf_counter()
     for x, y in xy:
-        reader.read_rect((int(x), int(y)), (OUT_PX, OUT_PX), resolution=PATCH_UM / OUT_PX, units="mpp")
+        reader.read_rect(
+            (int(x), int(y)), (OUT_PX, OUT_PX), resolution=PATCH_UM / OUT_PX, units="mpp"
+        )
     return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, nargs=2, default=(20, 16), metavar=("COLS", "ROWS"),
-                        help="copies of CMU-1-Small-Region across and down")
+    parser.add_argument(
+        "--reps",
+        type=int,
+        nargs=2,
+        default=(20, 16),
+        metavar=("COLS", "ROWS"),
+        help="copies of CMU-1-Small-Region across and down",
+    )
     parser.add_argument("--n", type=int, default=600, help="patches per measurement")
-    parser.add_argument("--n-tia", type=int, default=150, help="patches for the tiatoolbox baseline")
+    parser.add_argument(
+        "--n-tia", type=int, default=150, help="patches for the tiatoolbox baseline"
+    )
     parser.add_argument("--slide", type=Path, help="reuse this slide instead of building one")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -105,8 +115,10 @@ def main() -> None:
         if path is None:
             start = time.perf_counter()
             path = make_tiled_slide(Path(tmp) / "bench40x.svs", tuple(args.reps), mpp=MPP)
-            print(f"built {path.name}: {path.stat().st_size / 2**20:.0f} MiB "
-                  f"in {time.perf_counter() - start:.0f} s")
+            print(
+                f"built {path.name}: {path.stat().st_size / 2**20:.0f} MiB "
+                f"in {time.perf_counter() - start:.0f} s"
+            )
         import tifffile
 
         with tifffile.TiffFile(path) as tif:
@@ -118,8 +130,10 @@ def main() -> None:
         start_row = rng.integers(0, max(1, len(grid) - args.n))
         grid_xy = grid[start_row : start_row + args.n]
         random_xy = grid[rng.choice(len(grid), size=min(args.n, len(grid)), replace=False)]
-        print(f"slide {width} x {height} px at {MPP} um/px, {tile} px JPEG tiles; "
-              f"{PATCH_UM:g} um patches = {size_px:.0f} px -> {OUT_PX} px; one core")
+        print(
+            f"slide {width} x {height} px at {MPP} um/px, {tile} px JPEG tiles; "
+            f"{PATCH_UM:g} um patches = {size_px:.0f} px -> {OUT_PX} px; one core"
+        )
 
         tiles_s, px_s = decode_ceiling(path, 3 * args.n, rng)
         ceiling_grid = px_s / size_px**2
@@ -137,8 +151,10 @@ def main() -> None:
         ("fpstore read_patches, random order", ours_random, ours_random / ceiling_random),
         ("tiatoolbox read_rect at 0.5 um/px, grid", tia, tia / ceiling_grid),
     ]
-    print(f"raw decode: {tiles_s:.0f} tiles/s = {px_s / 1e6:.1f} Mpx/s; "
-          f"random patches touch {n_touched / len(random_xy):.2f} tiles each")
+    print(
+        f"raw decode: {tiles_s:.0f} tiles/s = {px_s / 1e6:.1f} Mpx/s; "
+        f"random patches touch {n_touched / len(random_xy):.2f} tiles each"
+    )
     print(f"{'':46s} {'patches/s':>10s} {'of ceiling':>10s}")
     for name, rate, ratio in rows:
         print(f"{name:46s} {rate:10.1f} {'' if ratio is None else f'{100 * ratio:9.0f}%':>10s}")

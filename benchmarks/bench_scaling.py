@@ -50,8 +50,11 @@ def ray_overheads(ray, chunk_patches: int, out_px: int) -> dict:
     for _ in range(reps):
         ray.get(ray.put(pixels))
     gbps = reps * pixels.nbytes / (time.perf_counter() - t) / 1e9
-    return {"noop_tasks_per_s": round(tasks_per_s, 1), "chunk_mb": round(pixels.nbytes / 1e6, 1),
-            "object_store_put_get_gb_per_s": round(gbps, 2)}
+    return {
+        "noop_tasks_per_s": round(tasks_per_s, 1),
+        "chunk_mb": round(pixels.nbytes / 1e6, 1),
+        "object_store_put_get_gb_per_s": round(gbps, 2),
+    }
 
 
 def run_ray(store: Path, cohort: str, workers: int, config, device: str) -> tuple[dict, dict]:
@@ -62,8 +65,11 @@ def run_ray(store: Path, cohort: str, workers: int, config, device: str) -> tupl
     gpu = device == "cuda"
     start_ray(ray, workers)
     try:
-        rc = RayConfig(encoders=0 if gpu else workers, encoder_cpus=0 if gpu else 0.5,
-                       reader_cpus=1.0 if gpu else 0.5)
+        rc = RayConfig(
+            encoders=0 if gpu else workers,
+            encoder_cpus=0 if gpu else 0.5,
+            reader_cpus=1.0 if gpu else 0.5,
+        )
         summary = extract_on_ray(store, cohort, config, rc, progress=False).to_dict()
         overheads = ray_overheads(ray, rc.read_chunk, config_out_px(config))
     finally:
@@ -90,8 +96,11 @@ def per_core_costs(slide: Path, patches: int, out_px: int) -> dict:
         t = time.perf_counter()
         handle.read_patches(xy, size, out_px)
         read_rate = len(xy) / (time.perf_counter() - t)
-    return {"plan_seconds_per_slide": round(plan_s, 2), "read_patches_per_s_per_core": round(read_rate, 1),
-            "tissue_patches_in_slide": len(grid)}
+    return {
+        "plan_seconds_per_slide": round(plan_s, 2),
+        "read_patches_per_s_per_core": round(read_rate, 1),
+        "tissue_patches_in_slide": len(grid),
+    }
 
 
 def start_ray(ray, cpus: int) -> None:
@@ -111,13 +120,17 @@ def config_out_px(config) -> int:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workers", default="1,2,4", help="comma-separated worker counts")
     parser.add_argument("--copies", type=int, default=8, help="slides in the cohort")
     parser.add_argument("--patches", type=int, default=120, help="patches per patient (slide)")
     parser.add_argument("--out-px", type=int, default=224, help="encoder input side (px)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 2 slides, 16 patches, 64 px")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 2 slides, 16 patches, 64 px"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     args = parser.parse_args(argv)
     if args.quick:
@@ -128,14 +141,21 @@ def main(argv=None):
 
     from fpstore.extract.pipeline import ExtractConfig, extract
 
-    config = ExtractConfig(encoder="random-resnet34", encoder_options={"out_px": args.out_px},
-                           patches=args.patches, device=args.device)
+    config = ExtractConfig(
+        encoder="random-resnet34",
+        encoder_options={"out_px": args.out_px},
+        patches=args.patches,
+        device=args.device,
+    )
     rows, overheads = [], {}
     with tempfile.TemporaryDirectory(prefix="fpstore-bench-scaling-") as tmp:
         tmp = Path(tmp)
         slide = tiled_real_slide(tmp / "tiled.tiff", 2 if args.quick else 3)
-        print(f"cohort: {args.copies} slides x {args.patches} patches of {args.out_px} px, "
-              f"random-resnet34 on {args.device}", file=sys.stderr)
+        print(
+            f"cohort: {args.copies} slides x {args.patches} patches of {args.out_px} px, "
+            f"random-resnet34 on {args.device}",
+            file=sys.stderr,
+        )
 
         def fresh_store(name: str) -> Path:
             store = tmp / name
@@ -144,43 +164,71 @@ def main(argv=None):
 
         t = time.perf_counter()
         local = extract(fresh_store("local"), "c", config, progress=False).to_dict()
-        print(f"local engine: {local['loop_patches_per_s']} patches/s "
-              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+        print(
+            f"local engine: {local['loop_patches_per_s']} patches/s "
+            f"({time.perf_counter() - t:.0f} s)",
+            file=sys.stderr,
+        )
         for workers in counts:
             t = time.perf_counter()
-            summary, overheads[workers] = run_ray(fresh_store(f"ray{workers}"), "c", workers,
-                                                  config, args.device)
+            summary, overheads[workers] = run_ray(
+                fresh_store(f"ray{workers}"), "c", workers, config, args.device
+            )
             if summary["failed"]:
                 raise SystemExit(f"{summary['failed']} slide(s) failed: {summary['slides']}")
-            rows.append({"workers": workers, "patches": summary["patches"],
-                         "loop_patches_per_s": summary["loop_patches_per_s"],
-                         "end_to_end_patches_per_s": summary["patches_per_s"],
-                         "seconds": summary["seconds"]})
-            print(f"ray {workers} worker(s): {summary['loop_patches_per_s']} patches/s "
-                  f"({time.perf_counter() - t:.0f} s with Ray start-up)", file=sys.stderr)
+            rows.append(
+                {
+                    "workers": workers,
+                    "patches": summary["patches"],
+                    "loop_patches_per_s": summary["loop_patches_per_s"],
+                    "end_to_end_patches_per_s": summary["patches_per_s"],
+                    "seconds": summary["seconds"],
+                }
+            )
+            print(
+                f"ray {workers} worker(s): {summary['loop_patches_per_s']} patches/s "
+                f"({time.perf_counter() - t:.0f} s with Ray start-up)",
+                file=sys.stderr,
+            )
         costs = per_core_costs(slide, 64 if args.quick else 256, args.out_px)
     base = rows[0]["loop_patches_per_s"] / rows[0]["workers"]
     for row in rows:
-        row["efficiency"] = round(row["loop_patches_per_s"] / (row["workers"] * base), 3) if base else 0.0
+        row["efficiency"] = (
+            round(row["loop_patches_per_s"] / (row["workers"] * base), 3) if base else 0.0
+        )
         row["ray_vs_local"] = round(row["loop_patches_per_s"] / local["loop_patches_per_s"], 3)
-    result = {"cpus": os.cpu_count(), "device": args.device, "local_engine_patches_per_s":
-              local["loop_patches_per_s"], "runs": rows, "ray_overheads": overheads[counts[-1]], "per_core": costs}
+    result = {
+        "cpus": os.cpu_count(),
+        "device": args.device,
+        "local_engine_patches_per_s": local["loop_patches_per_s"],
+        "runs": rows,
+        "ray_overheads": overheads[counts[-1]],
+        "per_core": costs,
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"\n{args.copies} slides x {args.patches} patches, {args.out_px} px, {args.device}, "
-          f"{os.cpu_count()} CPUs; local engine {local['loop_patches_per_s']} patches/s")
+    print(
+        f"\n{args.copies} slides x {args.patches} patches, {args.out_px} px, {args.device}, "
+        f"{os.cpu_count()} CPUs; local engine {local['loop_patches_per_s']} patches/s"
+    )
     print(f"{'workers':>7}  {'loop p/s':>9}  {'e2e p/s':>8}  {'efficiency':>10}  {'ray/local':>9}")
     for row in rows:
-        print(f"{row['workers']:>7}  {row['loop_patches_per_s']:>9.1f}  "
-              f"{row['end_to_end_patches_per_s']:>8.1f}  {row['efficiency']:>10.3f}  "
-              f"{row['ray_vs_local']:>9.3f}")
+        print(
+            f"{row['workers']:>7}  {row['loop_patches_per_s']:>9.1f}  "
+            f"{row['end_to_end_patches_per_s']:>8.1f}  {row['efficiency']:>10.3f}  "
+            f"{row['ray_vs_local']:>9.3f}"
+        )
     o = overheads[counts[-1]]
-    print(f"Ray: {o['noop_tasks_per_s']} no-op tasks/s; object store put+get of a "
-          f"{o['chunk_mb']} MB chunk: {o['object_store_put_get_gb_per_s']} GB/s")
-    print(f"one core: planning {costs['plan_seconds_per_slide']} s per slide "
-          f"({costs['tissue_patches_in_slide']} tissue patches); read+decode+resize "
-          f"{costs['read_patches_per_s_per_core']} patches/s")
+    print(
+        f"Ray: {o['noop_tasks_per_s']} no-op tasks/s; object store put+get of a "
+        f"{o['chunk_mb']} MB chunk: {o['object_store_put_get_gb_per_s']} GB/s"
+    )
+    print(
+        f"one core: planning {costs['plan_seconds_per_slide']} s per slide "
+        f"({costs['tissue_patches_in_slide']} tissue patches); read+decode+resize "
+        f"{costs['read_patches_per_s_per_core']} patches/s"
+    )
 
 
 if __name__ == "__main__":

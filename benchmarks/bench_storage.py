@@ -45,8 +45,12 @@ def measure_store(store: Path) -> None:
         vector += column_bytes(meta, "fingerprint")
     raw = 4 * dim
     print(f"{len(files)} files, {rows} fingerprints of {dim} float32 ({raw} raw bytes each)")
-    print(f"  whole file : {total / rows:8.1f} bytes per fingerprint = {total / rows / raw:.3f} x raw")
-    print(f"  vector only: {vector / rows:8.1f} bytes per fingerprint = {vector / rows / raw:.3f} x raw")
+    print(
+        f"  whole file : {total / rows:8.1f} bytes per fingerprint = {total / rows / raw:.3f} x raw"
+    )
+    print(
+        f"  vector only: {vector / rows:8.1f} bytes per fingerprint = {vector / rows / raw:.3f} x raw"
+    )
 
 
 def measure_settings(n: int) -> None:
@@ -55,13 +59,18 @@ def measure_settings(n: int) -> None:
     rng = np.random.default_rng(0)
     # Post-ReLU average-pooled features: non-negative, a quarter exactly zero.
     vectors = np.maximum(rng.normal(0.2, 0.5, (n, 512)), 0).astype(np.float32)
-    table = pa.table({"fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 512)})
+    table = pa.table(
+        {"fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), 512)}
+    )
     settings = {
         "none": dict(compression="none", use_dictionary=False),
         "snappy (pyarrow default)": dict(compression="snappy", use_dictionary=False),
         "zstd": dict(compression="zstd", use_dictionary=False),
         "zstd + byte_stream_split (fpstore)": dict(
-            compression="zstd", use_dictionary=False, column_encoding=PARQUET_OPTIONS["column_encoding"]),
+            compression="zstd",
+            use_dictionary=False,
+            column_encoding=PARQUET_OPTIONS["column_encoding"],
+        ),
     }
     print(f"{n} synthetic ReLU-like 512-d fingerprints, {(vectors == 0).mean():.0%} zeros:")
     for name, options in settings.items():
@@ -72,7 +81,9 @@ def measure_settings(n: int) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--store", type=Path)
     parser.add_argument("--n", type=int, default=20000)
     args = parser.parse_args(argv)

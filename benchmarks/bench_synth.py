@@ -57,8 +57,13 @@ def child_slide(width: int, height: int, render_mpp: float, out: Path) -> dict:
     start = time.perf_counter()
     written = write_slide(out / "bench.svs", renderer, out / "bench.png", {})
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_rss_mb": _rss_mb(), "rss_before_mb": before,
-            "bytes": (out / "bench.svs").stat().st_size, "levels": len(written.level_dimensions)}
+    return {
+        "seconds": seconds,
+        "peak_rss_mb": _rss_mb(),
+        "rss_before_mb": before,
+        "bytes": (out / "bench.svs").stat().st_size,
+        "levels": len(written.level_dimensions),
+    }
 
 
 def child_encode(width: int, height: int, quality: int) -> dict:
@@ -83,14 +88,19 @@ def child_preset(name: str, workers: int, out: Path) -> dict:
 
     start = time.perf_counter()
     summary = synthesize(name, out / name, seed=0, workers=workers, progress=False)
-    return {"seconds": time.perf_counter() - start, "bytes": summary.bytes, "files": summary.files,
-            "peak_rss_mb": _rss_mb()}
+    return {
+        "seconds": time.perf_counter() - start,
+        "bytes": summary.bytes,
+        "files": summary.files,
+        "peak_rss_mb": _rss_mb(),
+    }
 
 
 def _in_child(*args: str) -> dict:
     """Run this script's --child mode in a fresh interpreter; its last line is JSON."""
-    done = subprocess.run([sys.executable, __file__, "--child", *args], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], check=True, capture_output=True, text=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -119,23 +129,34 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ours = _in_child("slide", str(width), str(height), str(args.render_mpp), tmp)
         ceiling = _in_child("encode", str(width), str(height), "80")
-        print(f"slide {width}x{height} px (level 0, 0.25 um/px), tissue drawn at "
-              f"{args.render_mpp} um/px, {ours['levels']} levels, {ours['bytes'] / 2**20:.1f} MB")
-        print(f"  fpstore write_slide : {ours['seconds']:8.1f} s  "
-              f"{mpix / ours['seconds']:7.2f} Mpx/s")
-        print(f"  JPEG-encode ceiling : {ceiling['seconds']:8.1f} s  "
-              f"{mpix / ceiling['seconds']:7.2f} Mpx/s   ours/ceiling speed = "
-              f"{ceiling['seconds'] / ours['seconds']:.3f}")
+        print(
+            f"slide {width}x{height} px (level 0, 0.25 um/px), tissue drawn at "
+            f"{args.render_mpp} um/px, {ours['levels']} levels, {ours['bytes'] / 2**20:.1f} MB"
+        )
+        print(
+            f"  fpstore write_slide : {ours['seconds']:8.1f} s  {mpix / ours['seconds']:7.2f} Mpx/s"
+        )
+        print(
+            f"  JPEG-encode ceiling : {ceiling['seconds']:8.1f} s  "
+            f"{mpix / ceiling['seconds']:7.2f} Mpx/s   ours/ceiling speed = "
+            f"{ceiling['seconds'] / ours['seconds']:.3f}"
+        )
         grown = ours["peak_rss_mb"] - ours["rss_before_mb"]
-        print(f"  peak RSS {ours['peak_rss_mb']:.0f} MB = {ours['rss_before_mb']:.0f} MB before "
-              f"writing (Python, imports, texture banks) + {grown:.0f} MB while writing")
-        print(f"  raw level 0 would be {raw_mb:.0f} MB: "
-              f"peak/raw = {ours['peak_rss_mb'] / raw_mb:.3f}, growth/raw = {grown / raw_mb:.3f}")
+        print(
+            f"  peak RSS {ours['peak_rss_mb']:.0f} MB = {ours['rss_before_mb']:.0f} MB before "
+            f"writing (Python, imports, texture banks) + {grown:.0f} MB while writing"
+        )
+        print(
+            f"  raw level 0 would be {raw_mb:.0f} MB: "
+            f"peak/raw = {ours['peak_rss_mb'] / raw_mb:.3f}, growth/raw = {grown / raw_mb:.3f}"
+        )
         for name in filter(None, args.presets.split(",")):
             r = _in_child("preset", name, str(args.workers), tmp)
-            print(f"preset {name:6s}: {r['seconds']:7.1f} s with {args.workers} worker(s), "
-                  f"{r['files']} files, {r['bytes'] / 2**20:.0f} MB, parent peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB")
+            print(
+                f"preset {name:6s}: {r['seconds']:7.1f} s with {args.workers} worker(s), "
+                f"{r['files']} files, {r['bytes'] / 2**20:.0f} MB, parent peak RSS "
+                f"{r['peak_rss_mb']:.0f} MB"
+            )
 
 
 if __name__ == "__main__":

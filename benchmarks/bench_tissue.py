@@ -54,15 +54,24 @@ def build_store(root: Path, slides: int, per_slide: int, seed: int = 0):
             sample_X.append(vectors)
             sample_y.append(y)
         n = per_slide
-        table = pa.table({
-            "patient_id": [f"P{s}"] * n, "slide_id": [slide_id] * n,
-            "patch_id": [f"{slide_id}/{x}_{yy}_224" for x, yy in xy], "site": ["A"] * n,
-            "x": xy[:, 0], "y": xy[:, 1], "size_px": np.full(n, 224, np.float32),
-            "x_um": xy[:, 0] * 0.5, "y_um": xy[:, 1] * 0.5,
-            "patch_um": np.full(n, 112, np.float32), "out_px": np.full(n, 224, np.int32),
-            "tissue_fraction": np.ones(n, np.float32),
-            "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
-        }, schema=schema)
+        table = pa.table(
+            {
+                "patient_id": [f"P{s}"] * n,
+                "slide_id": [slide_id] * n,
+                "patch_id": [f"{slide_id}/{x}_{yy}_224" for x, yy in xy],
+                "site": ["A"] * n,
+                "x": xy[:, 0],
+                "y": xy[:, 1],
+                "size_px": np.full(n, 224, np.float32),
+                "x_um": xy[:, 0] * 0.5,
+                "y_um": xy[:, 1] * 0.5,
+                "patch_um": np.full(n, 112, np.float32),
+                "out_px": np.full(n, 224, np.int32),
+                "tissue_fraction": np.ones(n, np.float32),
+                "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM),
+            },
+            schema=schema,
+        )
         write_parquet_atomic(table, folder / f"{slide_id}.parquet", metadata)
     return folder, np.concatenate(sample_X), np.concatenate(sample_y)
 
@@ -95,7 +104,7 @@ def rules_rate(n_patches: int = 117) -> float:
         slide.read_patches(xy[:4], 224, 224)  # warm the reader
         start = time.perf_counter()
         for i in range(0, len(xy), 64):
-            rule_probabilities(pixel_features(slide.read_patches(xy[i:i + 64], 224, 224)))
+            rule_probabilities(pixel_features(slide.read_patches(xy[i : i + 64], 224, 224)))
         return len(xy) / (time.perf_counter() - start)
 
 
@@ -111,13 +120,19 @@ def main():
         start = time.perf_counter()
         folder, X, y = build_store(store, args.slides, args.per_slide)
         size_gb = sum(p.stat().st_size for p in folder.glob("*.parquet")) / 1e9
-        print(f"store: {n:,} patches x {DIM}-d in {args.slides} files, {size_gb:.2f} GB, "
-              f"built in {time.perf_counter() - start:.0f} s")
+        print(
+            f"store: {n:,} patches x {DIM}-d in {args.slides} files, {size_gb:.2f} GB, "
+            f"built in {time.perf_counter() - start:.0f} s"
+        )
         models = {}
         for method in ("fingerprint-logreg", "fingerprint-knn"):
             start = time.perf_counter()
-            model = fit_tissue_model(X, y, TrainConfig(method=method),
-                                     {"encoder": {"id": "bench", "hash": "h", "dim": DIM}})
+            model = fit_tissue_model(
+                X,
+                y,
+                TrainConfig(method=method),
+                {"encoder": {"id": "bench", "hash": "h", "dim": DIM}},
+            )
             models[method] = model.save(store / f"{method}.npz")
             print(f"fit {method} on {len(y):,} patches: {time.perf_counter() - start:.1f} s")
         ceiling = read_ceiling(folder)
@@ -127,12 +142,16 @@ def main():
             summary = predict_tissue(store, "bench", method, model=path, progress=False)
             assert summary.n_patches == n and not summary.failed
             rates[method] = n / summary.seconds
-            print(f"{method:19s} predict + write: {summary.seconds:.2f} s, "
-                  f"{n / summary.seconds:,.0f} patches/s, {summary.seconds / ceiling:.2f}x the read "
-                  f"ceiling; {1e6 / (n / summary.seconds):.1f} s per 1,000,000 patches")
+            print(
+                f"{method:19s} predict + write: {summary.seconds:.2f} s, "
+                f"{n / summary.seconds:,.0f} patches/s, {summary.seconds / ceiling:.2f}x the read "
+                f"ceiling; {1e6 / (n / summary.seconds):.1f} s per 1,000,000 patches"
+            )
         rate = rules_rate()
-        print(f"{'rules (pixels)':19s} read + features: {rate:,.0f} patches/s on the real CMU slide; "
-              f"{1e6 / rate / 3600:.1f} h per 1,000,000 patches")
+        print(
+            f"{'rules (pixels)':19s} read + features: {rate:,.0f} patches/s on the real CMU slide; "
+            f"{1e6 / rate / 3600:.1f} h per 1,000,000 patches"
+        )
         for method, fast in rates.items():
             print(f"ratio {method} / rules: {fast / rate:,.0f}x faster")
 

@@ -90,9 +90,14 @@ def make_cache(folder: Path, n: int, h: int, w: int, seed: int = 0) -> Path:
 
 def loader_for(path, n, tissue, px, batch, workers, pin):
     stream = CropStream(str(path), np.arange(n), np.arange(n) % 100, tissue, px, batch, seed=0)
-    return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=pin,
-                                       persistent_workers=workers > 0,
-                                       prefetch_factor=4 if workers else None)
+    return torch.utils.data.DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
 
 
 def loader_rate(loader, steps, warmup, batch) -> float:
@@ -106,8 +111,16 @@ def loader_rate(loader, steps, warmup, batch) -> float:
 
 
 def pipeline_rate(loader, arch, px, out_px, batch, steps, warmup, device, compiled) -> float:
-    cfg = TrainConfig(arch=arch, patch_px=px, out_px=out_px, batch_size=batch, num_workers=0,
-                      device=device.type, compile=compiled, warmup_steps=1)
+    cfg = TrainConfig(
+        arch=arch,
+        patch_px=px,
+        out_px=out_px,
+        batch_size=batch,
+        num_workers=0,
+        device=device.type,
+        compile=compiled,
+        warmup_steps=1,
+    )
     stepper = Stepper(FingerprintNet(100, arch), cfg, [0.7, 0.6, 0.7], [0.15, 0.15, 0.15], device)
     it = iter(loader)
     for _ in range(warmup):
@@ -131,11 +144,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--cores", type=int, default=64, help="core halves in the synthetic cache")
     ap.add_argument("--half", default="1600x800", help="half size HxW")
-    ap.add_argument("--workers", type=int, default=None, help="DataLoader workers (default cores - 2)")
+    ap.add_argument(
+        "--workers", type=int, default=None, help="DataLoader workers (default cores - 2)"
+    )
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
     args = ap.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     cuda = device.type == "cuda"
     batch = args.batch or (256 if cuda else 16)
     steps = args.steps or (30 if cuda else 3)
@@ -145,13 +163,24 @@ def main(argv=None) -> dict:
     h, w = (int(v) for v in args.half.split("x"))
     if cuda:
         torch.backends.cudnn.benchmark = True
-    result = {"device": torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()} threads",
-              "arch": args.arch, "px": args.px, "out_px": out_px, "batch": batch, "steps": steps,
-              "workers": workers, "torch": torch.__version__}
+    result = {
+        "device": torch.cuda.get_device_name()
+        if cuda
+        else f"cpu x{torch.get_num_threads()} threads",
+        "arch": args.arch,
+        "px": args.px,
+        "out_px": out_px,
+        "batch": batch,
+        "steps": steps,
+        "workers": workers,
+        "torch": torch.__version__,
+    }
     result["model_fp32"] = model_rate(args.arch, out_px, batch, steps, warmup, device, fast=False)
     result["model_fast"] = model_rate(args.arch, out_px, batch, steps, warmup, device, fast=True)
     if args.compile and cuda:
-        result["model_compiled"] = model_rate(args.arch, out_px, batch, steps, warmup + 5, device, True, True)
+        result["model_compiled"] = model_rate(
+            args.arch, out_px, batch, steps, warmup + 5, device, True, True
+        )
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         path = make_cache(Path(tmp), args.cores, h, w)
@@ -159,14 +188,19 @@ def main(argv=None) -> dict:
         result["cache_seconds"] = time.perf_counter() - t
         loader = loader_for(path, args.cores, tissue, args.px, batch, workers, cuda)
         result["loader"] = loader_rate(loader, steps * 2, warmup, batch)
-        result["pipeline"] = pipeline_rate(loader, args.arch, args.px, out_px, batch, steps, warmup, device, False)
+        result["pipeline"] = pipeline_rate(
+            loader, args.arch, args.px, out_px, batch, steps, warmup, device, False
+        )
         if args.compile and cuda:
-            result["pipeline_compiled"] = pipeline_rate(loader, args.arch, args.px, out_px, batch, steps,
-                                                        warmup + 5, device, True)
+            result["pipeline_compiled"] = pipeline_rate(
+                loader, args.arch, args.px, out_px, batch, steps, warmup + 5, device, True
+            )
         del loader
     result["pipeline_vs_model_fast"] = result["pipeline"] / result["model_fast"]
     if "pipeline_compiled" in result:
-        result["pipeline_compiled_vs_model_compiled"] = result["pipeline_compiled"] / result["model_compiled"]
+        result["pipeline_compiled_vs_model_compiled"] = (
+            result["pipeline_compiled"] / result["model_compiled"]
+        )
     result = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
     for k, v in result.items():
         print(f"{k:>36}: {v}", file=sys.stderr)

@@ -32,8 +32,8 @@ def _tiles(src: np.ndarray, width: int, height: int, tile: int):
         for x in range(0, width, tile):
             block = band[:, np.arange(x, x + tile) % src_w]
             # Past the image edge: glass, as a scanner pads its last tiles.
-            block[max(0, height - y):, :] = 255
-            block[:, max(0, width - x):] = 255
+            block[max(0, height - y) :, :] = 255
+            block[:, max(0, width - x) :] = 255
             yield block
 
 
@@ -60,10 +60,14 @@ def make_tiled_slide(
     with tifffile.TiffWriter(out, bigtiff=width * height * 3 > 2**31) as tif:
         for downsample in levels:
             w, h = math.ceil(width / downsample), math.ceil(height / downsample)
-            level_src = src if downsample == 1 else cv2.resize(
-                src,
-                (round(src.shape[1] / downsample), round(src.shape[0] / downsample)),
-                interpolation=cv2.INTER_AREA,
+            level_src = (
+                src
+                if downsample == 1
+                else cv2.resize(
+                    src,
+                    (round(src.shape[1] / downsample), round(src.shape[0] / downsample)),
+                    interpolation=cv2.INTER_AREA,
+                )
             )
             if downsample == 1:
                 description = (
@@ -87,8 +91,13 @@ def make_tiled_slide(
                 # Aperio's page 1 is a small stripped thumbnail; readers expect it there.
                 scale = 768 / max(src.shape[:2])
                 thumb = cv2.resize(src, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-                tif.write(thumb, photometric="rgb", compression="jpeg", metadata=None,
-                          description="Aperio Image Library fpstore-bench\r\nthumbnail")
+                tif.write(
+                    thumb,
+                    photometric="rgb",
+                    compression="jpeg",
+                    metadata=None,
+                    description="Aperio Image Library fpstore-bench\r\nthumbnail",
+                )
     return out
 
 

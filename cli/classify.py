@@ -37,12 +37,27 @@ common_options = [
     click.option("--marker", type=click.Choice(MARKERS), required=True, help="The receptor."),
     click.option("--cohort", required=True, help="The training cohort (cross-validated)."),
     click.option("--external", help="Train on the whole --cohort, test once on this cohort."),
-    click.option("--folds", type=click.IntRange(3, 20), default=5, show_default=True,
-                 help="Patient groups: each fold trains on k-2, early-stops on 1, tests on 1."),
-    click.option("--split", type=click.Choice(SPLITS), default="patient", show_default=True,
-                 help="site: groups are whole sites (TCGA tissue-source sites)."),
-    click.option("--n-boot", type=click.IntRange(100, 100_000), default=2000, show_default=True,
-                 help="Bootstrap resamples for the 95% CI."),
+    click.option(
+        "--folds",
+        type=click.IntRange(3, 20),
+        default=5,
+        show_default=True,
+        help="Patient groups: each fold trains on k-2, early-stops on 1, tests on 1.",
+    ),
+    click.option(
+        "--split",
+        type=click.Choice(SPLITS),
+        default="patient",
+        show_default=True,
+        help="site: groups are whole sites (TCGA tissue-source sites).",
+    ),
+    click.option(
+        "--n-boot",
+        type=click.IntRange(100, 100_000),
+        default=2000,
+        show_default=True,
+        help="Bootstrap resamples for the 95% CI.",
+    ),
 ]
 
 
@@ -51,6 +66,7 @@ def _with(options):
         for option in reversed(options):
             f = option(f)
         return f
+
     return wrap
 
 
@@ -60,22 +76,59 @@ def _auc_cell(m: dict) -> str:
 
 @click.command("classify")
 @_with(common_options)
-@click.option("--pool", default="all", show_default=True, help=f"Patches a patient's score averages: {POOLS_HELP}.")
-@click.option("--method", type=click.Choice(METHODS), default="mil", show_default=True,
-              help="mil: the paper's head; logreg/xgboost: pooled fingerprints (-tissue: mean "
-                   "per tissue type); patch-cnn: a ResNet on patch pixels (slow on CPU).")
-@click.option("--encoder", help="Fingerprints of this encoder (default: the only one in the store).")
-@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
-              help="A classifier setting, e.g. --set max_epochs=50 (mil), --set arch=resnet34 (patch-cnn).")
+@click.option(
+    "--pool",
+    default="all",
+    show_default=True,
+    help=f"Patches a patient's score averages: {POOLS_HELP}.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(METHODS),
+    default="mil",
+    show_default=True,
+    help="mil: the paper's head; logreg/xgboost: pooled fingerprints (-tissue: mean "
+    "per tissue type); patch-cnn: a ResNet on patch pixels (slow on CPU).",
+)
+@click.option(
+    "--encoder", help="Fingerprints of this encoder (default: the only one in the store)."
+)
+@click.option(
+    "--set",
+    "settings",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A classifier setting, e.g. --set max_epochs=50 (mil), --set arch=resnet34 (patch-cnn).",
+)
 @click.option("--no-site-probe", is_flag=True, help="Skip the site-leakage probe.")
-@click.option("--permutations", type=click.IntRange(0, 100_000), default=0, show_default=True,
-              help="Rerun the CV on labels shuffled within sites N times: the AUC's null "
-                   "distribution and a p-value (e.g. 200).")
+@click.option(
+    "--permutations",
+    type=click.IntRange(0, 100_000),
+    default=0,
+    show_default=True,
+    help="Rerun the CV on labels shuffled within sites N times: the AUC's null "
+    "distribution and a p-value (e.g. 200).",
+)
 @seed_option
 @store_option
 @json_option
-def classify_command(marker, cohort, external, folds, split, n_boot, pool, method, encoder,
-                     settings, no_site_probe, permutations, seed, store_path, as_json):
+def classify_command(
+    marker,
+    cohort,
+    external,
+    folds,
+    split,
+    n_boot,
+    pool,
+    method,
+    encoder,
+    settings,
+    no_site_probe,
+    permutations,
+    seed,
+    store_path,
+    as_json,
+):
     """Predict a receptor per patient with the paper's cross-validation protocol.
 
     \b
@@ -87,32 +140,60 @@ def classify_command(marker, cohort, external, folds, split, n_boot, pool, metho
     """
     from fpstore.classify.pipeline import ClassifyConfig, classify
 
-    cfg = ClassifyConfig(marker=marker, cohort=cohort, pool=pool, method=method, encoder=encoder,
-                         external=external, folds=folds, split=split, seed=seed, n_boot=n_boot,
-                         site_probe=not no_site_probe, permutations=permutations,
-                         classifier=_settings(settings))
+    cfg = ClassifyConfig(
+        marker=marker,
+        cohort=cohort,
+        pool=pool,
+        method=method,
+        encoder=encoder,
+        external=external,
+        folds=folds,
+        split=split,
+        seed=seed,
+        n_boot=n_boot,
+        site_probe=not no_site_probe,
+        permutations=permutations,
+        classifier=_settings(settings),
+    )
     document = classify(store_path, cfg, progress=not as_json)
     if as_json:
         echo_json(document)
         return
     cv = document["cv"]
-    rows = [{"test": f"fold {f['fold']}", "patients": f["n_test"], "positive": f["n_test_pos"],
-             "AUC": None if f["auc"] is None else f"{f['auc']:.3f}"} for f in cv["folds"]]
+    rows = [
+        {
+            "test": f"fold {f['fold']}",
+            "patients": f["n_test"],
+            "positive": f["n_test_pos"],
+            "AUC": None if f["auc"] is None else f"{f['auc']:.3f}",
+        }
+        for f in cv["folds"]
+    ]
     m = cv["metrics"]
     rows.append({"test": "pooled", "patients": m["n"], "positive": m["n_pos"], "AUC": _auc_cell(m)})
     if "external_validation" in document:
         e = document["external_validation"]["metrics"]
-        rows.append({"test": f"external {external}", "patients": e["n"], "positive": e["n_pos"],
-                     "AUC": _auc_cell(e)})
+        rows.append(
+            {
+                "test": f"external {external}",
+                "patients": e["n"],
+                "positive": e["n_pos"],
+                "AUC": _auc_cell(e),
+            }
+        )
     data = document["data"]
-    click.echo(f"{marker} | {method} | {document['encoder'] or 'pixels'} | pool {pool} | "
-               f"split {split} | {data['patients']} patients, {data['patches']} patches "
-               f"(excluded: {data.get('missing_label', 0)} without a label, "
-               f"{data.get('no_patches', 0)} without patches, "
-               f"{data.get('no_pool_patches', 0)} without {pool} patches)")
+    click.echo(
+        f"{marker} | {method} | {document['encoder'] or 'pixels'} | pool {pool} | "
+        f"split {split} | {data['patients']} patients, {data['patches']} patches "
+        f"(excluded: {data.get('missing_label', 0)} without a label, "
+        f"{data.get('no_patches', 0)} without patches, "
+        f"{data.get('no_pool_patches', 0)} without {pool} patches)"
+    )
     echo_table(rows, ["test", "patients", "positive", "AUC"])
-    click.echo(f"mean fold AUC {m['mean_fold_auc']:.3f} (sd {m['sd_fold_auc']:.3f}); AUC [95% CI] "
-               "by patient bootstrap")
+    click.echo(
+        f"mean fold AUC {m['mean_fold_auc']:.3f} (sd {m['sd_fold_auc']:.3f}); AUC [95% CI] "
+        "by patient bootstrap"
+    )
     probe = document.get("site_probe")
     if probe:
         click.echo(_probe_line(probe))
@@ -124,29 +205,52 @@ def classify_command(marker, cohort, external, folds, split, n_boot, pool, metho
 def _probe_line(probe: dict) -> str:
     if "skipped" in probe:
         return f"site probe: skipped ({probe['skipped']})"
-    return (f"site probe: fingerprints predict the site of {probe['n_patients']} patients "
-            f"({probe['n_sites']} sites) with balanced accuracy {probe['balanced_accuracy']:.2f} "
-            f"(chance {probe['chance_balanced_accuracy']:.2f}), macro AUC {probe['macro_auc']:.2f}")
+    return (
+        f"site probe: fingerprints predict the site of {probe['n_patients']} patients "
+        f"({probe['n_sites']} sites) with balanced accuracy {probe['balanced_accuracy']:.2f} "
+        f"(chance {probe['chance_balanced_accuracy']:.2f}), macro AUC {probe['macro_auc']:.2f}"
+    )
 
 
 def _permutation_line(perm: dict) -> str:
     skipped = f", {perm['skipped']} skipped" if perm["skipped"] else ""
-    return (f"permutation test ({perm['n_permutations']} label shuffles within "
-            f"{perm['shuffled_within']}{skipped}): null AUC {perm['null_mean']:.3f} "
-            f"[{perm['null_q025']:.3f}, {perm['null_q975']:.3f}], p = {perm['p_value']:.3g}")
+    return (
+        f"permutation test ({perm['n_permutations']} label shuffles within "
+        f"{perm['shuffled_within']}{skipped}): null AUC {perm['null_mean']:.3f} "
+        f"[{perm['null_q025']:.3f}, {perm['null_q975']:.3f}], p = {perm['p_value']:.3g}"
+    )
 
 
 @click.command("compare")
 @_with(common_options)
-@click.option("--methods", default="mil,logreg,logreg-tissue,xgboost,xgboost-tissue", show_default=True,
-              help=f"Comma-separated, from: {', '.join(METHODS)}.")
+@click.option(
+    "--methods",
+    default="mil,logreg,logreg-tissue,xgboost,xgboost-tissue",
+    show_default=True,
+    help=f"Comma-separated, from: {', '.join(METHODS)}.",
+)
 @click.option("--encoders", help="Comma-separated encoder ids (default: all with fingerprints).")
-@click.option("--pools", help=f"Comma-separated pools (default: all five if tissue types exist, else all). {POOLS_HELP}.")
+@click.option(
+    "--pools",
+    help=f"Comma-separated pools (default: all five if tissue types exist, else all). {POOLS_HELP}.",
+)
 @seed_option
 @store_option
 @json_option
-def compare_command(marker, cohort, external, folds, split, n_boot, methods, encoders, pools,
-                    seed, store_path, as_json):
+def compare_command(
+    marker,
+    cohort,
+    external,
+    folds,
+    split,
+    n_boot,
+    methods,
+    encoders,
+    pools,
+    seed,
+    store_path,
+    as_json,
+):
     """Methods x encoders x pools on identical splits, with CIs and DeLong p-values.
 
     \b
@@ -159,20 +263,39 @@ def compare_command(marker, cohort, external, folds, split, n_boot, methods, enc
 
     for m in _csv(methods) or ():
         if m not in METHODS:
-            raise click.BadParameter(f"unknown method {m!r}; choose from {', '.join(METHODS)}",
-                                     param_hint="--methods")
-    cfg = CompareConfig(marker=marker, cohort=cohort, external=external,
-                        methods=_csv(methods) or (), encoders=_csv(encoders), pools=_csv(pools),
-                        folds=folds, split=split, seed=seed, n_boot=n_boot)
+            raise click.BadParameter(
+                f"unknown method {m!r}; choose from {', '.join(METHODS)}", param_hint="--methods"
+            )
+    cfg = CompareConfig(
+        marker=marker,
+        cohort=cohort,
+        external=external,
+        methods=_csv(methods) or (),
+        encoders=_csv(encoders),
+        pools=_csv(pools),
+        folds=folds,
+        split=split,
+        seed=seed,
+        n_boot=n_boot,
+    )
     document = compare(store_path, cfg, progress=not as_json)
     if as_json:
         echo_json(document)
         return
     click.echo(f"{marker} on {document['evaluated_on']}; AUC [95% CI] by patient bootstrap")
-    echo_table([{"method": r["method"], "encoder": r["encoder"], "pool": r["pool"], "patients": r["n"],
-                 "AUC [95% CI]": _auc_cell(r),
-                 "p vs first": None if r["p_vs_first"] is None else f"{r['p_vs_first']:.3g}"}
-                for r in document["rows"]])
+    echo_table(
+        [
+            {
+                "method": r["method"],
+                "encoder": r["encoder"],
+                "pool": r["pool"],
+                "patients": r["n"],
+                "AUC [95% CI]": _auc_cell(r),
+                "p vs first": None if r["p_vs_first"] is None else f"{r['p_vs_first']:.3g}",
+            }
+            for r in document["rows"]
+        ]
+    )
     for s in document["skipped"]:
         click.echo(f"skipped {s['name']}: {s['reason']}")
     for encoder, probe in document["site_probe"].items():

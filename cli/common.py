@@ -17,8 +17,10 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 def _local_store(ctx, param, value):
     # click.Path has already folded "s3://b/p" into "s3:/b/p": catch it before a folder "s3:" is made.
     if value is not None and _URL.match(str(value)) and not str(value).startswith("file:"):
-        raise click.BadParameter(f"{value}: this command needs a local store folder; object "
-                                 "storage URLs work with `cohort`, `extract --engine ray` and `sql`")
+        raise click.BadParameter(
+            f"{value}: this command needs a local store folder; object "
+            "storage URLs work with `cohort`, `extract --engine ray` and `sql`"
+        )
     return value
 
 

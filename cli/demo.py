@@ -10,8 +10,13 @@ from fpstore.cli.common import echo_json, echo_table, json_option, seed_option
 
 
 @click.command("demo")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default="fpstore-demo",
-              show_default=True, help="Folder for the data, store, model and report.")
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default="fpstore-demo",
+    show_default=True,
+    help="Folder for the data, store, model and report.",
+)
 @click.option("--force", is_flag=True, help="Replace an earlier demo in --out.")
 @seed_option
 @json_option
@@ -30,21 +35,29 @@ def demo(out, force, seed, as_json):
     click.echo("\nsteps")
     echo_table(result.steps, ["step", "seconds"])
     m = result.match
-    click.echo(f"\nmatching game: core accuracy {m.get('core_accuracy', float('nan')):.2f} "
-               f"(chance {m.get('chance_core', float('nan')):.3f}), "
-               f"patient accuracy {m.get('patient_accuracy', float('nan')):.2f}")
-    click.echo("\nresults on the external cohort, all tissue pooled (AUC with 95% CI; every pool "
-               "is in the report and in `fpstore sql`)")
+    click.echo(
+        f"\nmatching game: core accuracy {m.get('core_accuracy', float('nan')):.2f} "
+        f"(chance {m.get('chance_core', float('nan')):.3f}), "
+        f"patient accuracy {m.get('patient_accuracy', float('nan')):.2f}"
+    )
+    click.echo(
+        "\nresults on the external cohort, all tissue pooled (AUC with 95% CI; every pool "
+        "is in the report and in `fpstore sql`)"
+    )
     echo_table(result.results_rows(pools=("all",)))
     for note in result.notes:
         click.echo(f"note: {note}")
     c = result.classify
-    click.echo(f"\n5-fold CV on tcga, ER, MIL head: AUC {c['auc']:.3f} [{c['ci_low']:.3f}, "
-               f"{c['ci_high']:.3f}] over {c['n']} patients; permutation p = {c['permutation_p']:.2f} "
-               f"(null mean {c['null_mean']:.2f}); the site probe's balanced accuracy "
-               f"{c['site_probe_balanced_accuracy']:.2f}")
-    click.echo(f"\nstore:  {out / 'store'}\nmodel:  {out / 'model' / 'fingerprint.pt'}"
-               f"\nreport: {result.report}")
+    click.echo(
+        f"\n5-fold CV on tcga, ER, MIL head: AUC {c['auc']:.3f} [{c['ci_low']:.3f}, "
+        f"{c['ci_high']:.3f}] over {c['n']} patients; permutation p = {c['permutation_p']:.2f} "
+        f"(null mean {c['null_mean']:.2f}); the site probe's balanced accuracy "
+        f"{c['site_probe_balanced_accuracy']:.2f}"
+    )
+    click.echo(
+        f"\nstore:  {out / 'store'}\nmodel:  {out / 'model' / 'fingerprint.pt'}"
+        f"\nreport: {result.report}"
+    )
 
 
 commands = [demo]

@@ -18,67 +18,138 @@ def _patches(value: str) -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise click.BadParameter(f"{value!r}: give a number of patches per patient (e.g. 120) or 'all'")
+        raise click.BadParameter(
+            f"{value!r}: give a number of patches per patient (e.g. 120) or 'all'"
+        )
     return n
 
 
 @click.command("extract")
 @click.option("--cohort", required=True, help="The cohort to extract (see `fpstore cohort list`).")
-@click.option("--encoder", default="fingerprint", show_default=True,
-              help="Encoder: fingerprint, imagenet-resnet34, random-resnet34, torchvision:ARCH, timm:ARCH.")
-@click.option("--checkpoint", type=click.Path(path_type=Path, dir_okay=False),
-              help="Fingerprint checkpoint (encoder fingerprint).")
-@click.option("--weights", type=click.Path(path_type=Path, dir_okay=False),
-              help="Local weights file (imagenet-resnet34, torchvision:ARCH, timm:ARCH); "
-                   "default: the torchvision cache. Never downloaded.")
-@click.option("--patches", default="120", show_default=True,
-              help="Patches per patient, pooled over its slides (the paper: 120), or 'all'.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "int8"]), default="fp32",
-              show_default=True,
-              help="bf16/fp16 autocast: faster on GPUs and CPUs with bf16 units. int8 (CPU): "
-                   "static quantization calibrated on 64 of the cohort's patches, ~2x fp32 on "
-                   "AVX2 CPUs; the run reports its cosine agreement with fp32. Resume treats "
-                   "each precision as a different setting.")
-@click.option("--batch-size", type=int, default=0, help="Patches per model batch (0: 32 CPU, 256 CUDA).")
-@click.option("--workers", "num_workers", type=int, default=-1,
-              help="Patch-reading processes (-1: 1 on <= 4 cores, else cores - 2).")
-@click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on CUDA).")
-@click.option("--force", is_flag=True,
-              help="Re-extract slides whose stored fingerprints were made with other settings.")
+@click.option(
+    "--encoder",
+    default="fingerprint",
+    show_default=True,
+    help="Encoder: fingerprint, imagenet-resnet34, random-resnet34, torchvision:ARCH, timm:ARCH.",
+)
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Fingerprint checkpoint (encoder fingerprint).",
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Local weights file (imagenet-resnet34, torchvision:ARCH, timm:ARCH); "
+    "default: the torchvision cache. Never downloaded.",
+)
+@click.option(
+    "--patches",
+    default="120",
+    show_default=True,
+    help="Patches per patient, pooled over its slides (the paper: 120), or 'all'.",
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16", "fp16", "int8"]),
+    default="fp32",
+    show_default=True,
+    help="bf16/fp16 autocast: faster on GPUs and CPUs with bf16 units. int8 (CPU): "
+    "static quantization calibrated on 64 of the cohort's patches, ~2x fp32 on "
+    "AVX2 CPUs; the run reports its cosine agreement with fp32. Resume treats "
+    "each precision as a different setting.",
+)
+@click.option(
+    "--batch-size", type=int, default=0, help="Patches per model batch (0: 32 CPU, 256 CUDA)."
+)
+@click.option(
+    "--workers",
+    "num_workers",
+    type=int,
+    default=-1,
+    help="Patch-reading processes (-1: 1 on <= 4 cores, else cores - 2).",
+)
+@click.option(
+    "--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on CUDA)."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Re-extract slides whose stored fingerprints were made with other settings.",
+)
 @seed_option
-@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
-              help="local: this process and its readers; ray: a Ray cluster (pip install "
-                   "'fpstore[ray]'), needed for object-storage stores. See docs/scaling.md.")
-@click.option("--address", help="--engine ray: the cluster to join ('auto', HOST:PORT, "
-                                "ray://HOST:10001); default: start Ray on this machine.")
+@click.option(
+    "--engine",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: this process and its readers; ray: a Ray cluster (pip install "
+    "'fpstore[ray]'), needed for object-storage stores. See docs/scaling.md.",
+)
+@click.option(
+    "--address",
+    help="--engine ray: the cluster to join ('auto', HOST:PORT, "
+    "ray://HOST:10001); default: start Ray on this machine.",
+)
 @store_url_option
 @json_option
-def extract(cohort, encoder, checkpoint, weights, patches, device, precision, batch_size,
-            num_workers, compile_, force, engine, address, seed, store_path, as_json):
+def extract(
+    cohort,
+    encoder,
+    checkpoint,
+    weights,
+    patches,
+    device,
+    precision,
+    batch_size,
+    num_workers,
+    compile_,
+    force,
+    engine,
+    address,
+    seed,
+    store_path,
+    as_json,
+):
     """Encode the tissue patches of a cohort's slides into fingerprints.
 
     One Parquet file per slide under STORE/fingerprints/encoder=ID/cohort=NAME/. Reruns skip
     finished slides; a slide that fails is recorded and skipped, and the command then exits
     non-zero. Example: fpstore extract --cohort tcga --encoder fingerprint --checkpoint fp.pt
     """
-    from fpstore.extract.pipeline import ExtractConfig, extract as run_extract
+    from fpstore.extract.pipeline import ExtractConfig
+    from fpstore.extract.pipeline import extract as run_extract
 
     options = {}
     if checkpoint:
         options["checkpoint"] = checkpoint
     if weights:
         options["weights"] = weights
-    config = ExtractConfig(encoder=encoder, encoder_options=options, patches=_patches(patches),
-                           device=device, precision=precision, batch_size=batch_size,
-                           num_workers=num_workers, compile=compile_, force=force, seed=seed)
+    config = ExtractConfig(
+        encoder=encoder,
+        encoder_options=options,
+        patches=_patches(patches),
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        compile=compile_,
+        force=force,
+        seed=seed,
+    )
     if engine == "ray":
         from fpstore.extract.ray_engine import RayConfig, extract_on_ray
 
-        summary = extract_on_ray(store_path, cohort, config, RayConfig(address=address),
-                                 progress=not as_json)
+        summary = extract_on_ray(
+            store_path, cohort, config, RayConfig(address=address), progress=not as_json
+        )
     elif address:
-        raise click.BadParameter("--address joins a Ray cluster: add --engine ray", param_hint="--address")
+        raise click.BadParameter(
+            "--address joins a Ray cluster: add --engine ray", param_hint="--address"
+        )
     else:
         summary = run_extract(store_path, cohort, config, progress=not as_json)
     if as_json:
@@ -96,11 +167,15 @@ def extract(cohort, encoder, checkpoint, weights, patches, device, precision, ba
         )
         if d["int8_agreement"]:
             a = d["int8_agreement"]
-            click.echo(f"int8 vs fp32 on {a['n_check']} held-out calibration patches: cosine min "
-                       f"{a['min_cosine']:.4f}, median {a['median_cosine']:.4f}")
+            click.echo(
+                f"int8 vs fp32 on {a['n_check']} held-out calibration patches: cosine min "
+                f"{a['min_cosine']:.4f}, median {a['median_cosine']:.4f}"
+            )
     if summary.failed:
-        click.echo(f"{len(summary.failed)} slide(s) failed; fix them and rerun to extract only those",
-                   err=True)
+        click.echo(
+            f"{len(summary.failed)} slide(s) failed; fix them and rerun to extract only those",
+            err=True,
+        )
         sys.exit(1)
 
 

@@ -14,16 +14,33 @@ _SHOWN = 10  # patches listed in the text summary; --json and the CSV hold them 
 @click.command("patches")
 @click.argument("slide", type=click.Path(path_type=Path, exists=True))
 @click.option("--mpp", type=float, help="Microns per pixel; overrides the slide's metadata.")
-@click.option("--patch-um", type=float, default=112.0, show_default=True,
-              help="Side of a patch in microns.")
-@click.option("--out-px", type=int, default=224, show_default=True,
-              help="Side of a patch after resizing, in pixels.")
-@click.option("--min-tissue", type=float, default=0.5, show_default=True,
-              help="Keep squares with at least this tissue fraction.")
-@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("."),
-              show_default=True, help="Folder for <slide_id>.patches.png and .patches.csv.")
-@click.option("--max-px", type=int, default=2048, show_default=True,
-              help="Longest side of the preview image.")
+@click.option(
+    "--patch-um", type=float, default=112.0, show_default=True, help="Side of a patch in microns."
+)
+@click.option(
+    "--out-px",
+    type=int,
+    default=224,
+    show_default=True,
+    help="Side of a patch after resizing, in pixels.",
+)
+@click.option(
+    "--min-tissue",
+    type=float,
+    default=0.5,
+    show_default=True,
+    help="Keep squares with at least this tissue fraction.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("."),
+    show_default=True,
+    help="Folder for <slide_id>.patches.png and .patches.csv.",
+)
+@click.option(
+    "--max-px", type=int, default=2048, show_default=True, help="Longest side of the preview image."
+)
 @json_option
 def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
     """Find the tissue of SLIDE and the patches an extraction would read from it: write the
@@ -39,8 +56,9 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
     from fpstore.extract.preview import preview_patches
 
     if max_px < 64:
-        raise click.BadParameter(f"{max_px} is too small for a preview; use 64 or more",
-                                 param_hint="--max-px")
+        raise click.BadParameter(
+            f"{max_px} is too small for a preview; use 64 or more", param_hint="--max-px"
+        )
     spec = PatchSpec(patch_um=patch_um, out_px=out_px, min_tissue=min_tissue)
     preview = preview_patches(slide, spec, mpp=mpp, out=out, max_px=max_px)
     document = preview.to_dict()

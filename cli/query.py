@@ -13,8 +13,13 @@ from fpstore.cli.common import echo_json, echo_table, json_option, store_option,
 
 @click.command("sql")
 @click.argument("query")
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
-              show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
 @store_url_option
 def sql(query, fmt, store_path):
     """Run a SQL QUERY over the store's views.
@@ -44,8 +49,13 @@ def sql(query, fmt, store_path):
 @click.option("-k", "k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--cohort", help="Search this cohort only (default: every cohort).")
 @click.option("--encoder", help="Encoder whose fingerprints to compare (default: the only one).")
-@click.option("--montage", type=click.Path(path_type=Path, dir_okay=False),
-              default=Path("similar.png"), show_default=True, help="PNG of the query and its hits.")
+@click.option(
+    "--montage",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path("similar.png"),
+    show_default=True,
+    help="PNG of the query and its hits.",
+)
 @click.option("--no-montage", is_flag=True, help="Skip the PNG (no slide reading).")
 @store_option
 @json_option

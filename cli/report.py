@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
 
 

@@ -28,7 +28,9 @@ def check_range(owner: str, name: str, value, low=None, high=None) -> None:
 
 def check_choice(owner: str, name: str, value, choices) -> None:
     if value not in choices:
-        raise ConfigError(f"{owner}.{name}={value!r}; choose one of: {', '.join(map(str, choices))}")
+        raise ConfigError(
+            f"{owner}.{name}={value!r}; choose one of: {', '.join(map(str, choices))}"
+        )
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,9 @@ from pathlib import Path
 from fpstore.config import MARKERS
 from fpstore.errors import ConfigError
 
-CONTROL_ENCODER = "random-resnet34"  # stands in for ImageNet weights, which the demo may not download
+CONTROL_ENCODER = (
+    "random-resnet34"  # stands in for ImageNet weights, which the demo may not download
+)
 
 
 @dataclass
@@ -41,15 +43,28 @@ class DemoResult:
             for row in document["rows"]:
                 if pools and row.get("pool") not in pools:
                     continue
-                rows.append({"marker": marker, **{k: row.get(k) for k in
-                                                  ("method", "encoder", "pool", "auc", "ci_low",
-                                                   "ci_high", "n")}})
+                rows.append(
+                    {
+                        "marker": marker,
+                        **{
+                            k: row.get(k)
+                            for k in ("method", "encoder", "pool", "auc", "ci_low", "ci_high", "n")
+                        },
+                    }
+                )
         return rows
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "steps": self.steps, "match": self.match,
-                "results": self.results_rows(), "classify": self.classify, "notes": self.notes,
-                "run_id": self.run_id, "report": self.report}
+        return {
+            "out": str(self.out),
+            "steps": self.steps,
+            "match": self.match,
+            "results": self.results_rows(),
+            "classify": self.classify,
+            "notes": self.notes,
+            "run_id": self.run_id,
+            "report": self.report,
+        }
 
 
 class _Steps:
@@ -76,8 +91,10 @@ def _prepare(out: Path, force: bool) -> None:
         if not force:
             raise ConfigError(f"demo folder {str(out)!r} is not empty; pass --force to replace it")
         if not (out / "demo.json").exists() and not (out / "synth").exists():
-            raise ConfigError(f"{str(out)!r} does not look like an fpstore demo folder; "
-                              "refusing to delete it even with --force: choose another --out")
+            raise ConfigError(
+                f"{str(out)!r} does not look like an fpstore demo folder; "
+                "refusing to delete it even with --force: choose another --out"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -98,26 +115,65 @@ def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False)
     result = DemoResult(out=out)
     steps = _Steps(result, total=11 + len(MARKERS), quiet=quiet)
 
-    steps.run("synthesise the demo cohorts", synthesize, "demo", data, seed=seed,
-              workers=min(4, os.cpu_count() or 1), progress=progress)
+    steps.run(
+        "synthesise the demo cohorts",
+        synthesize,
+        "demo",
+        data,
+        seed=seed,
+        workers=min(4, os.cpu_count() or 1),
+        progress=progress,
+    )
     tcga = data / "tcga"
-    steps.run("register cohort tcga", add_cohort, store, "tcga", slides=str(tcga / "slides"),
-              clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt", fmt="tcga")
-    steps.run("register cohort external", add_cohort, store, "external",
-              slides=str(data / "external" / "slides"), clinical=data / "external" / "labels.csv",
-              fmt="csv")
-    steps.run("train the fingerprint network", train_fingerprint, data / "tma", model,
-              config="demo", stain="none", cache=out / "cores", progress=progress, seed=seed)
-    result.match = steps.run("matching game on the test array", match, model, data / "tma",
-                             cache=out / "cores", progress=progress)
-    fingerprint = ExtractConfig(encoder="fingerprint", encoder_options={"checkpoint": str(model)},
-                                patches=None, seed=seed)
-    control = ExtractConfig(encoder=CONTROL_ENCODER, encoder_options={"seed": seed},
-                            patches=None, seed=seed)
+    steps.run(
+        "register cohort tcga",
+        add_cohort,
+        store,
+        "tcga",
+        slides=str(tcga / "slides"),
+        clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
+        fmt="tcga",
+    )
+    steps.run(
+        "register cohort external",
+        add_cohort,
+        store,
+        "external",
+        slides=str(data / "external" / "slides"),
+        clinical=data / "external" / "labels.csv",
+        fmt="csv",
+    )
+    steps.run(
+        "train the fingerprint network",
+        train_fingerprint,
+        data / "tma",
+        model,
+        config="demo",
+        stain="none",
+        cache=out / "cores",
+        progress=progress,
+        seed=seed,
+    )
+    result.match = steps.run(
+        "matching game on the test array",
+        match,
+        model,
+        data / "tma",
+        cache=out / "cores",
+        progress=progress,
+    )
+    fingerprint = ExtractConfig(
+        encoder="fingerprint", encoder_options={"checkpoint": str(model)}, patches=None, seed=seed
+    )
+    control = ExtractConfig(
+        encoder=CONTROL_ENCODER, encoder_options={"seed": seed}, patches=None, seed=seed
+    )
     for cohort in ("tcga", "external"):
         steps.run(f"extract fingerprints: {cohort}", extract, store, cohort, fingerprint, progress)
-    steps.run("extract control features (random ResNet34): tcga + external",
-              lambda: [extract(store, c, control, progress) for c in ("tcga", "external")])
+    steps.run(
+        "extract control features (random ResNet34): tcga + external",
+        lambda: [extract(store, c, control, progress) for c in ("tcga", "external")],
+    )
     analyse(store, out / "report", seed, steps, progress)
     write_json_atomic(result.to_dict(), out / "demo.json")
     return result
@@ -142,30 +198,63 @@ def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: b
     result = steps.result
     for cohort in ("tcga", "external"):
         # Both encoders share the patch grid, so one typing serves both.
-        steps.run(f"tissue types: {cohort}", predict_tissue, store, cohort, "rules",
-                  encoder="fingerprint", progress=progress)
+        steps.run(
+            f"tissue types: {cohort}",
+            predict_tissue,
+            store,
+            cohort,
+            "rules",
+            encoder="fingerprint",
+            progress=progress,
+        )
     for marker in MARKERS:
         folds, positive, negative = _folds(store, marker)
         if folds < 3:
-            result.notes.append(f"{marker}: skipped, {positive} positive and {negative} negative "
-                                "TCGA-like patients are too few for 3 groups")
+            result.notes.append(
+                f"{marker}: skipped, {positive} positive and {negative} negative "
+                "TCGA-like patients are too few for 3 groups"
+            )
             continue
         if folds < 5:
-            result.notes.append(f"{marker}: {folds} groups instead of 5, since only "
-                                f"{min(positive, negative)} TCGA-like patients are "
-                                f"{'positive' if positive < negative else 'negative'}")
+            result.notes.append(
+                f"{marker}: {folds} groups instead of 5, since only "
+                f"{min(positive, negative)} TCGA-like patients are "
+                f"{'positive' if positive < negative else 'negative'}"
+            )
         result.compare[marker] = steps.run(
-            f"compare methods for {marker}", compare, store,
-            CompareConfig(marker=marker, cohort="tcga", external="external", seed=seed, folds=folds,
-                          methods=("mil", "logreg", "xgboost")), progress=progress)
-    run = steps.run("classify ER (MIL head, fingerprints, 5-fold CV, 50 permutations)", classify,
-                    store, ClassifyConfig(marker="ER", cohort="tcga", encoder="fingerprint", seed=seed,
-                                          permutations=50), progress=progress)
+            f"compare methods for {marker}",
+            compare,
+            store,
+            CompareConfig(
+                marker=marker,
+                cohort="tcga",
+                external="external",
+                seed=seed,
+                folds=folds,
+                methods=("mil", "logreg", "xgboost"),
+            ),
+            progress=progress,
+        )
+    run = steps.run(
+        "classify ER (MIL head, fingerprints, 5-fold CV, 50 permutations)",
+        classify,
+        store,
+        ClassifyConfig(
+            marker="ER", cohort="tcga", encoder="fingerprint", seed=seed, permutations=50
+        ),
+        progress=progress,
+    )
     result.run_id = run["run_id"]
     m, perm = run["cv"]["metrics"], run["permutation"]
-    result.classify = {"marker": "ER", "auc": m["auc"], "ci_low": m["ci_low"], "ci_high": m["ci_high"],
-                       "n": m["n"], "permutation_p": perm["p_value"], "null_mean": perm["null_mean"],
-                       "site_probe_balanced_accuracy": run["site_probe"].get("balanced_accuracy")}
+    result.classify = {
+        "marker": "ER",
+        "auc": m["auc"],
+        "ci_low": m["ci_low"],
+        "ci_high": m["ci_high"],
+        "n": m["n"],
+        "permutation_p": perm["p_value"],
+        "null_mean": perm["null_mean"],
+        "site_probe_balanced_accuracy": run["site_probe"].get("balanced_accuracy"),
+    }
     report = steps.run("HTML report", build_report, store, result.run_id, report_dir)
     result.report = str(report.index)
-

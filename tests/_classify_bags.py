@@ -16,8 +16,17 @@ from fpstore.classify.bags import Bags
 TYPES = np.array(["epithelium", "stroma", "fat"])
 
 
-def make_bags(n_patients=100, n_patches=20, dim=32, signal=True, shift=1.0, seed=0,
-              n_sites=0, site_effect=0.0, positive_rate=0.6):
+def make_bags(
+    n_patients=100,
+    n_patches=20,
+    dim=32,
+    signal=True,
+    shift=1.0,
+    seed=0,
+    n_sites=0,
+    site_effect=0.0,
+    positive_rate=0.6,
+):
     rng = np.random.default_rng(seed)
     y = (rng.random(n_patients) < positive_rate).astype(np.int8)
     index = np.repeat(np.arange(n_patients), n_patches)
@@ -33,7 +42,13 @@ def make_bags(n_patients=100, n_patches=20, dim=32, signal=True, shift=1.0, seed
         sites = np.array([f"S{s}" for s in site_of])
         x += (site_effect * site_of[index])[:, None].astype(np.float32) * site_dir
     ids = np.array([f"P{i:04d}" for i in range(n_patients)])
-    bags = Bags(patient_ids=ids, features=x, bag_index=index, tissue=tissue,
-                patch_ids=np.array([f"{p}-slide/{k}_0_224" for p, k in zip(ids[index], range(len(index)))]),
-                slide_ids=np.array([f"{p}-slide" for p in ids[index]]), sites=sites)
+    bags = Bags(
+        patient_ids=ids,
+        features=x,
+        bag_index=index,
+        tissue=tissue,
+        patch_ids=np.array([f"{p}-slide/{k}_0_224" for p, k in zip(ids[index], range(len(index)))]),
+        slide_ids=np.array([f"{p}-slide" for p in ids[index]]),
+        sites=sites,
+    )
     return bags, y

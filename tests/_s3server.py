@@ -26,14 +26,20 @@ def s3_server(monkeypatch):
     server.start()
     try:
         # s3fs (aiobotocore), boto3 and pyarrow's S3 client all read these.
-        for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                            "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("AWS_PROFILE", raising=False)
         # moto keeps its buckets in the process, across servers: start from an empty one.
-        urllib.request.urlopen(urllib.request.Request(
-            f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=30).close()
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
+            timeout=30,
+        ).close()
         boto3.client("s3").create_bucket(Bucket=BUCKET)
         yield f"s3://{BUCKET}"
     finally:

@@ -28,7 +28,9 @@ def _keys(n):
 
 def test_png_is_lossless_and_meta_comes_back(tmp_path, real_patches):
     keys = _keys(len(real_patches))
-    meta = [{"slide_id": "CMU-1-Small-Region", "x": np.int64(i), "label": 1} for i in range(len(keys))]
+    meta = [
+        {"slide_id": "CMU-1-Small-Region", "x": np.int64(i), "label": 1} for i in range(len(keys))
+    ]
     with PatchCache(tmp_path / "c", readonly=False, codec=CacheCodec("png")) as cache:
         assert cache.put_many(keys, real_patches, meta) == 16
     cache = PatchCache(tmp_path / "c")
@@ -42,7 +44,9 @@ def test_png_is_lossless_and_meta_comes_back(tmp_path, real_patches):
 
 def test_jpeg_is_close_and_smaller(tmp_path, real_patches):
     keys = _keys(len(real_patches))
-    PatchCache(tmp_path / "j", readonly=False, codec=CacheCodec("jpeg", 90)).put_many(keys, real_patches)
+    PatchCache(tmp_path / "j", readonly=False, codec=CacheCodec("jpeg", 90)).put_many(
+        keys, real_patches
+    )
     PatchCache(tmp_path / "p", readonly=False, codec=CacheCodec("png")).put_many(keys, real_patches)
     jpeg = PatchCache(tmp_path / "j")
     for key, original in zip(keys, real_patches):
@@ -55,8 +59,9 @@ def test_map_grows_as_needed(tmp_path):
     rng = np.random.default_rng(0)
     noise = rng.integers(0, 256, (300, 48, 48, 3), dtype=np.uint8)  # ~7 KB each as PNG
     keys = [f"s/{i}_0_48" for i in range(300)]
-    cache = PatchCache(tmp_path / "g", readonly=False, codec=CacheCodec("png"),
-                       map_size=256 << 10, batch_size=64)
+    cache = PatchCache(
+        tmp_path / "g", readonly=False, codec=CacheCodec("png"), map_size=256 << 10, batch_size=64
+    )
     assert cache.put_many(keys, noise) == 300
     assert cache.map_size > 256 << 10
     cache.close()

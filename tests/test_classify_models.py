@@ -19,7 +19,12 @@ def test_mil_head_is_the_papers_architecture():
     bags, y = make_bags(n_patients=20, n_patches=5, dim=512)
     head = MILHead(MILConfig(max_epochs=1)).fit(bags, y)
     layers = list(head.net_.layers)
-    assert [type(m) for m in layers] == [torch.nn.Linear, torch.nn.ReLU, torch.nn.Linear, torch.nn.Tanh]
+    assert [type(m) for m in layers] == [
+        torch.nn.Linear,
+        torch.nn.ReLU,
+        torch.nn.Linear,
+        torch.nn.Tanh,
+    ]
     assert (layers[0].in_features, layers[0].out_features) == (512, 8)
     assert (layers[2].in_features, layers[2].out_features) == (8, 1)
 
@@ -40,7 +45,9 @@ def test_scores_lie_in_minus_one_one_and_a_patient_is_the_mean_of_its_patches():
 def test_mil_is_deterministic_by_seed_and_keeps_its_best_early_stopping_epoch():
     bags, y = make_bags(n_patients=60, n_patches=10, dim=16, seed=1)
     train, es = bags.subset(np.arange(40)), bags.subset(np.arange(40, 60))
-    fit = lambda seed: MILHead(MILConfig(seed=seed, **FAST)).fit(train, y[:40], eval_set=(es, y[40:]))
+    fit = lambda seed: MILHead(MILConfig(seed=seed, **FAST)).fit(
+        train, y[:40], eval_set=(es, y[40:])
+    )
     a, b, c = fit(0), fit(0), fit(1)
     assert np.array_equal(a.decision_function(es), b.decision_function(es))
     assert not np.array_equal(a.decision_function(es), c.decision_function(es))
@@ -60,7 +67,9 @@ def test_mil_refuses_one_class_and_bad_settings():
 def test_methods_find_a_planted_signal(method):
     kw = FAST if method == "mil" else None
     bags, y = make_bags(n_patients=120, n_patches=12, dim=16, seed=2)
-    result = cross_validate(bags, y, method=method, seed=0, n_boot=500, classifier_kw=kw, progress=False)
+    result = cross_validate(
+        bags, y, method=method, seed=0, n_boot=500, classifier_kw=kw, progress=False
+    )
     assert result.metrics["ci_low"] > 0.75
 
 
@@ -71,14 +80,17 @@ def test_methods_find_a_planted_signal(method):
 def test_methods_find_no_signal_where_there_is_none(method):
     kw = FAST if method == "mil" else None
     null_bags, null_y = make_bags(n_patients=120, n_patches=12, dim=16, seed=2, signal=False)
-    null = cross_validate(null_bags, null_y, method=method, seed=0, n_boot=500, classifier_kw=kw,
-                          progress=False)
+    null = cross_validate(
+        null_bags, null_y, method=method, seed=0, n_boot=500, classifier_kw=kw, progress=False
+    )
     assert null.metrics["ci_low"] < 0.5 < null.metrics["ci_high"]
 
 
 def test_cross_validation_tests_every_patient_once_in_its_groups_fold():
     bags, y = make_bags(n_patients=80, n_patches=6, dim=8, seed=3)
-    result = cross_validate(bags, y, method="mil", seed=5, n_boot=200, classifier_kw=FAST, progress=False)
+    result = cross_validate(
+        bags, y, method="mil", seed=5, n_boot=200, classifier_kw=FAST, progress=False
+    )
     p = result.predictions
     assert sorted(p.patient_ids) == sorted(bags.patient_ids)
     assert [result.groups[pid] for pid in p.patient_ids] == p.folds.tolist()
@@ -89,7 +101,9 @@ def test_cross_validation_tests_every_patient_once_in_its_groups_fold():
     assert len(p.patch_scores) == len(bags.bag_index)
     fold_of_patient = dict(zip(p.patient_ids, p.folds))
     patient_of_patch = {pid: bags.patient_ids[i] for pid, i in zip(bags.patch_ids, bags.bag_index)}
-    assert all(fold_of_patient[patient_of_patch[q]] == k for q, k in zip(p.patch_ids, p.patch_folds))
+    assert all(
+        fold_of_patient[patient_of_patch[q]] == k for q, k in zip(p.patch_ids, p.patch_folds)
+    )
 
 
 def test_site_split_cross_validation_keeps_sites_out_of_their_training_folds():
@@ -97,8 +111,16 @@ def test_site_split_cross_validation_keeps_sites_out_of_their_training_folds():
     result = cross_validate(bags, y, method="logreg", split="site", n_boot=200, progress=False)
     site_of = dict(zip(bags.patient_ids, bags.sites))
     for fold in range(5):
-        tested = {site_of[p] for p, f in zip(result.predictions.patient_ids, result.predictions.folds) if f == fold}
-        others = {site_of[p] for p, f in zip(result.predictions.patient_ids, result.predictions.folds) if f != fold}
+        tested = {
+            site_of[p]
+            for p, f in zip(result.predictions.patient_ids, result.predictions.folds)
+            if f == fold
+        }
+        others = {
+            site_of[p]
+            for p, f in zip(result.predictions.patient_ids, result.predictions.folds)
+            if f != fold
+        }
         assert not tested & others
 
 
@@ -118,8 +140,15 @@ def test_external_validation_tests_once_on_a_disjoint_cohort():
 def test_compare_uses_identical_splits_and_gives_paired_p_values():
     bags, y = make_bags(n_patients=100, n_patches=8, dim=8, seed=7)
     noise, _ = make_bags(n_patients=100, n_patches=8, dim=8, seed=7, signal=False)
-    out = compare([Entry("signal", bags, y, "logreg"), Entry("noise", noise, y, "logreg"),
-                   Entry("signal-xgb", bags, y, "xgboost")], n_boot=200, progress=False)
+    out = compare(
+        [
+            Entry("signal", bags, y, "logreg"),
+            Entry("noise", noise, y, "logreg"),
+            Entry("signal-xgb", bags, y, "xgboost"),
+        ],
+        n_boot=200,
+        progress=False,
+    )
     folds = [dict(zip(r.predictions.patient_ids, r.predictions.folds)) for r in out["results"]]
     assert folds[0] == folds[1] == folds[2]
     p = out["pairwise_p"]
@@ -160,8 +189,12 @@ def test_pooling_by_tissue_type_keeps_only_those_patches():
 
 
 def test_mean_per_tissue_gives_each_types_mean_and_fraction():
-    bags = Bags(["A", "B"], np.arange(10, dtype=np.float32).reshape(5, 2), [0, 0, 0, 1, 1],
-                tissue=["epithelium", "stroma", "epithelium", "fat", "fat"])
+    bags = Bags(
+        ["A", "B"],
+        np.arange(10, dtype=np.float32).reshape(5, 2),
+        [0, 0, 0, 1, 1],
+        tissue=["epithelium", "stroma", "epithelium", "fat", "fat"],
+    )
     out = bags.mean_per_tissue(("epithelium", "stroma", "fat"))
     np.testing.assert_allclose(out[0], [2, 3, 2 / 3, 2, 3, 1 / 3, 0, 0, 0])
     np.testing.assert_allclose(out[1], [0, 0, 0, 0, 0, 0, 7, 8, 1])

@@ -21,8 +21,13 @@ def _image_bags(n_patients, n_patches, px=32, seed=0):
         base[..., 0] += 40 if y[p] else -40
         base[..., 2] -= 40 if y[p] else -40
         images[pid] = np.clip(base, 0, 255).astype(np.uint8)
-    bags = Bags([f"P{i}" for i in range(n_patients)], np.zeros((len(index), 0)), index,
-                patch_ids=ids, slide_ids=[f"S{p}" for p in index])
+    bags = Bags(
+        [f"P{i}" for i in range(n_patients)],
+        np.zeros((len(index), 0)),
+        index,
+        patch_ids=ids,
+        slide_ids=[f"S{p}" for p in index],
+    )
     return bags, y, lambda keys: np.stack([images[k] for k in keys])
 
 
@@ -39,7 +44,9 @@ def test_patient_score_is_the_mean_patch_probability():
 
 def test_patch_cnn_refuses_a_bad_image_source_and_missing_weights():
     bags, y, _ = _image_bags(4, 2)
-    bad = PatchCNN(PatchCNNConfig(max_epochs=1, device="cpu"), images=lambda k: np.zeros((len(k), 8, 8)))
+    bad = PatchCNN(
+        PatchCNNConfig(max_epochs=1, device="cpu"), images=lambda k: np.zeros((len(k), 8, 8))
+    )
     with pytest.raises(ClassifyError, match="uint8"):
         bad.fit(bags, y)
     with pytest.raises(ClassifyError, match="not found"):
@@ -49,7 +56,14 @@ def test_patch_cnn_refuses_a_bad_image_source_and_missing_weights():
 @pytest.mark.slow
 def test_patch_cnn_learns_a_colour_signal_under_the_cv_protocol():
     bags, y, images = _image_bags(40, 4, seed=1)
-    result = cross_validate(bags, y, method="patch-cnn", images=images, n_boot=300, progress=False,
-                            classifier_kw={"max_epochs": 4, "patience": 2, "batch_size": 16, "device": "cpu"})
+    result = cross_validate(
+        bags,
+        y,
+        method="patch-cnn",
+        images=images,
+        n_boot=300,
+        progress=False,
+        classifier_kw={"max_epochs": 4, "patience": 2, "batch_size": 16, "device": "cpu"},
+    )
     assert result.metrics["auc"] > 0.8
     assert len(result.predictions.patch_scores) == len(bags.bag_index)

@@ -30,9 +30,14 @@ def site_confounded_bags(n_patients=120, n_sites=4, seed=0):
     x = rng.normal(size=(len(index), dim)).astype(np.float32)
     x[:, 0] += 3.0 * site_of[index]
     ids = np.array([f"P{i:04d}" for i in range(n_patients)])
-    return Bags(patient_ids=ids, features=x, bag_index=index,
-                patch_ids=np.array([f"{p}/{k}" for p, k in zip(ids[index], range(len(index)))]),
-                slide_ids=ids[index], sites=np.array([f"S{s}" for s in site_of])), y
+    return Bags(
+        patient_ids=ids,
+        features=x,
+        bag_index=index,
+        patch_ids=np.array([f"{p}/{k}" for p, k in zip(ids[index], range(len(index)))]),
+        slide_ids=ids[index],
+        sites=np.array([f"S{s}" for s in site_of]),
+    ), y
 
 
 def test_within_site_shuffles_do_not_credit_a_model_for_recognising_the_site():

@@ -14,8 +14,16 @@ from fpstore.classify.leakage import site_probe
 from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
 from fpstore.cli.main import cli
 from fpstore.errors import ClassifyError, StoreError
-from fpstore.store.schema import (LABELS, PATIENT_PREDICTIONS, PATCH_PREDICTIONS, SLIDES, TISSUE,
-                                  file_metadata, fingerprint_schema, patch_id)
+from fpstore.store.schema import (
+    LABELS,
+    PATCH_PREDICTIONS,
+    PATIENT_PREDICTIONS,
+    SLIDES,
+    TISSUE,
+    file_metadata,
+    fingerprint_schema,
+    patch_id,
+)
 from tests._classify_bags import make_bags
 
 DIM = 8
@@ -38,14 +46,31 @@ def _add_cohort(store: Path, cohort: str, n: int, seed: int, tissue: bool, encod
     tissue_types = bags.tissue.copy()
     tissue_types[bags.bag_index == 2] = "stroma"
     folder = store / "cohorts" / cohort
-    slides = [{"slide_id": f"{p}-S", "patient_id": p, "path": f"/nowhere/{p}.svs",
-               "site": s, "mpp_override": None} for p, s in zip(ids, bags.sites)]
+    slides = [
+        {
+            "slide_id": f"{p}-S",
+            "patient_id": p,
+            "path": f"/nowhere/{p}.svs",
+            "site": s,
+            "mpp_override": None,
+        }
+        for p, s in zip(ids, bags.sites)
+    ]
     _write(pa.Table.from_pylist(slides, schema=SLIDES), folder / "slides.parquet", "slides")
     labels = []
     for i, (p, s) in enumerate(zip(ids, bags.sites)):
-        labels.append({"patient_id": p, "marker": "ER", "status": None if i == 0 else int(y[i]),
-                       "raw_value": "x", "site": s})
-        labels.append({"patient_id": p, "marker": "PR", "status": int(y_null[i]), "raw_value": "x", "site": s})
+        labels.append(
+            {
+                "patient_id": p,
+                "marker": "ER",
+                "status": None if i == 0 else int(y[i]),
+                "raw_value": "x",
+                "site": s,
+            }
+        )
+        labels.append(
+            {"patient_id": p, "marker": "PR", "status": int(y_null[i]), "raw_value": "x", "site": s}
+        )
     _write(pa.Table.from_pylist(labels, schema=LABELS), folder / "labels.parquet", "labels")
     schema = fingerprint_schema(DIM)
     for e, encoder in enumerate(encoders):
@@ -55,22 +80,48 @@ def _add_cohort(store: Path, cohort: str, n: int, seed: int, tissue: bool, encod
             rows = np.flatnonzero(bags.bag_index == i)
             slide = f"{p}-S"
             pids = [patch_id(slide, 224 * k, 0, 224) for k in range(len(rows))]
-            columns = {"patient_id": [p] * len(rows), "slide_id": [slide] * len(rows), "patch_id": pids,
-                       "site": [bags.sites[i]] * len(rows), "x": [224 * k for k in range(len(rows))],
-                       "y": [0] * len(rows), "size_px": [224.0] * len(rows),
-                       "x_um": [112.0 * k for k in range(len(rows))], "y_um": [0.0] * len(rows),
-                       "patch_um": [112.0] * len(rows), "out_px": [224] * len(rows),
-                       "tissue_fraction": [1.0] * len(rows)}
+            columns = {
+                "patient_id": [p] * len(rows),
+                "slide_id": [slide] * len(rows),
+                "patch_id": pids,
+                "site": [bags.sites[i]] * len(rows),
+                "x": [224 * k for k in range(len(rows))],
+                "y": [0] * len(rows),
+                "size_px": [224.0] * len(rows),
+                "x_um": [112.0 * k for k in range(len(rows))],
+                "y_um": [0.0] * len(rows),
+                "patch_um": [112.0] * len(rows),
+                "out_px": [224] * len(rows),
+                "tissue_fraction": [1.0] * len(rows),
+            }
             vectors = bags.features[rows] * (1 + e)
-            columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), DIM)
-            _write(pa.table(columns, schema=schema),
-                   store / "fingerprints" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide}.parquet",
-                   "fingerprints")
+            columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.ravel()), DIM
+            )
+            _write(
+                pa.table(columns, schema=schema),
+                store
+                / "fingerprints"
+                / f"encoder={encoder}"
+                / f"cohort={cohort}"
+                / f"{slide}.parquet",
+                "fingerprints",
+            )
             if tissue and e == 0:
                 t = tissue_types[rows]
-                table = pa.table({"slide_id": [slide] * len(rows), "patch_id": pids, "tissue_type": t,
-                                  **{f"p_{k}": [0.25] * len(rows) for k in ("background", "epithelium", "stroma", "fat")},
-                                  "method": ["rules"] * len(rows)}, schema=TISSUE)
+                table = pa.table(
+                    {
+                        "slide_id": [slide] * len(rows),
+                        "patch_id": pids,
+                        "tissue_type": t,
+                        **{
+                            f"p_{k}": [0.25] * len(rows)
+                            for k in ("background", "epithelium", "stroma", "fat")
+                        },
+                        "method": ["rules"] * len(rows),
+                    },
+                    schema=TISSUE,
+                )
                 _write(table, store / "tissue" / f"cohort={cohort}" / f"{slide}.parquet", "tissue")
 
 
@@ -93,8 +144,9 @@ def test_dataset_excludes_and_counts_missing_labels_and_patients_without_pooled_
 
 
 def test_classify_saves_a_run_with_predictions_config_and_fold_assignment(store):
-    cfg = ClassifyConfig(marker="ER", cohort="train", encoder="enc", pool="epithelium",
-                         n_boot=300, classifier=FAST)
+    cfg = ClassifyConfig(
+        marker="ER", cohort="train", encoder="enc", pool="epithelium", n_boot=300, classifier=FAST
+    )
     doc = classify(store, cfg, progress=False)
     folder = Path(doc["run_path"])
     patients = pq.read_table(folder / "patients.parquet")
@@ -114,25 +166,49 @@ def test_classify_saves_a_run_with_predictions_config_and_fold_assignment(store)
     from fpstore.store import open as open_store
 
     with open_store(store) as fs:
-        rows = fs.sql("SELECT count(*) AS n FROM predictions WHERE run_id = ?", [doc["run_id"]]).rows()
+        rows = fs.sql(
+            "SELECT count(*) AS n FROM predictions WHERE run_id = ?", [doc["run_id"]]
+        ).rows()
     assert rows[0]["n"] == patients.num_rows
 
 
 def test_same_groups_whatever_the_pool_or_method(store):
-    a = classify(store, ClassifyConfig(marker="ER", cohort="train", encoder="enc", method="logreg",
-                                       n_boot=200), progress=False, save=False)
-    b = classify(store, ClassifyConfig(marker="ER", cohort="train", encoder="enc", pool="epithelium",
-                                       method="xgboost", n_boot=200), progress=False, save=False)
+    a = classify(
+        store,
+        ClassifyConfig(marker="ER", cohort="train", encoder="enc", method="logreg", n_boot=200),
+        progress=False,
+        save=False,
+    )
+    b = classify(
+        store,
+        ClassifyConfig(
+            marker="ER",
+            cohort="train",
+            encoder="enc",
+            pool="epithelium",
+            method="xgboost",
+            n_boot=200,
+        ),
+        progress=False,
+        save=False,
+    )
     shared = set(b["fold_assignment"])
     assert {p: a["fold_assignment"][p] for p in shared} == b["fold_assignment"]
 
 
 def test_external_validation_saves_external_predictions(store):
-    doc = classify(store, ClassifyConfig(marker="ER", cohort="train", encoder="enc", method="logreg",
-                                         external="ext", n_boot=200), progress=False)
+    doc = classify(
+        store,
+        ClassifyConfig(
+            marker="ER", cohort="train", encoder="enc", method="logreg", external="ext", n_boot=200
+        ),
+        progress=False,
+    )
     patients = pq.read_table(Path(doc["run_path"]) / "patients.parquet").to_pylist()
     external = [r for r in patients if r["role"] == "external"]
-    assert len(external) == doc["external_validation"]["metrics"]["n"] == 38  # 40 - missing - no patches
+    assert (
+        len(external) == doc["external_validation"]["metrics"]["n"] == 38
+    )  # 40 - missing - no patches
     assert all(r["cohort"] == "ext" and r["fold"] is None for r in external)
     assert doc["external_validation"]["metrics"]["auc"] > 0.8
 
@@ -148,33 +224,86 @@ def test_clear_errors_for_missing_tissue_types_and_ambiguous_encoders(store):
 
 def test_cli_classify_json_and_table(store):
     runner = CliRunner()
-    result = runner.invoke(cli, ["classify", "--store", str(store), "--marker", "PR", "--cohort", "ext",
-                                 "--method", "logreg", "--n-boot", "200", "--json"])
+    result = runner.invoke(
+        cli,
+        [
+            "classify",
+            "--store",
+            str(store),
+            "--marker",
+            "PR",
+            "--cohort",
+            "ext",
+            "--method",
+            "logreg",
+            "--n-boot",
+            "200",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
     assert doc["marker"] == "PR" and len(doc["cv"]["folds"]) == 5
-    assert doc["cv"]["metrics"]["ci_low"] < 0.5 < doc["cv"]["metrics"]["ci_high"]  # PR has no signal
-    result = runner.invoke(cli, ["classify", "--store", str(store), "--marker", "ER", "--cohort", "ext",
-                                 "--method", "logreg", "--n-boot", "200", "--folds", "4",
-                                 "--permutations", "9"])
+    assert (
+        doc["cv"]["metrics"]["ci_low"] < 0.5 < doc["cv"]["metrics"]["ci_high"]
+    )  # PR has no signal
+    result = runner.invoke(
+        cli,
+        [
+            "classify",
+            "--store",
+            str(store),
+            "--marker",
+            "ER",
+            "--cohort",
+            "ext",
+            "--method",
+            "logreg",
+            "--n-boot",
+            "200",
+            "--folds",
+            "4",
+            "--permutations",
+            "9",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "pooled" in result.output and "fold 3" in result.output and "site probe" in result.output
     assert "permutation test (9 label shuffles within site): null AUC" in result.output
     assert "p = 0.1\n" in result.output  # ER has a signal: it beats all 9 shuffles, p = 1/10
-    bad = runner.invoke(cli, ["classify", "--store", str(store), "--marker", "ER", "--cohort", "ext",
-                              "--pool", "tumour"])
+    bad = runner.invoke(
+        cli,
+        [
+            "classify",
+            "--store",
+            str(store),
+            "--marker",
+            "ER",
+            "--cohort",
+            "ext",
+            "--pool",
+            "tumour",
+        ],
+    )
     assert bad.exit_code == 2 and "tumour" in bad.output and "Traceback" not in bad.output
 
 
 def test_compare_table_on_identical_splits(store):
-    cfg = CompareConfig(marker="ER", cohort="train", methods=("logreg", "logreg-tissue", "xgboost"),
-                        pools=("all", "fat"), n_boot=200)
+    cfg = CompareConfig(
+        marker="ER",
+        cohort="train",
+        methods=("logreg", "logreg-tissue", "xgboost"),
+        pools=("all", "fat"),
+        n_boot=200,
+    )
     doc = compare(store, cfg, progress=False)
     names = [r["name"] for r in doc["rows"]]
     # logreg-tissue only where a pool has several types; both encoders; first row is the reference.
     assert "logreg-tissue | enc | fat" not in names and "logreg-tissue | enc2 | all" in names
     assert names[0] == "logreg | enc | all" and "xgboost | enc2 | fat" in names
-    assert doc["rows"][0]["p_vs_first"] is None and all(r["p_vs_first"] is not None for r in doc["rows"][1:])
+    assert doc["rows"][0]["p_vs_first"] is None and all(
+        r["p_vs_first"] is not None for r in doc["rows"][1:]
+    )
     assert all(r["ci_low"] <= r["auc"] <= r["ci_high"] for r in doc["rows"])
     assert set(doc["site_probe"]) == {"enc", "enc2"}
     compare_json = json.loads((store / "runs" / doc["compare_id"] / "compare.json").read_text())

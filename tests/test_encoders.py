@@ -93,7 +93,9 @@ def test_bad_options_and_precision_are_errors(r34):
 
 def test_bf16_autocast_agrees_with_fp32(r34):
     enc = r34.prepare("cpu")
-    pixels = torch.randint(0, 256, (2, 48, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    pixels = torch.randint(
+        0, 256, (2, 48, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
     reference = enc.encode(pixels)
     low = enc.prepare("cpu", "bf16").encode(pixels)
     assert low.dtype == torch.float32
@@ -105,8 +107,16 @@ def test_int8_needs_calibration_and_agrees_with_fp32_on_unseen_patches():
     gen = torch.Generator().manual_seed(0)
     # Smooth, H&E-like pixels: a pink base with blobs, not white noise.
     base = torch.tensor([200, 120, 180], dtype=torch.float32)
-    blobs = torch.nn.functional.interpolate(torch.rand(24, 3, 8, 8, generator=gen), size=64, mode="bilinear")
-    pixels = (base.view(1, 3, 1, 1) - 120 * blobs).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    blobs = torch.nn.functional.interpolate(
+        torch.rand(24, 3, 8, 8, generator=gen), size=64, mode="bilinear"
+    )
+    pixels = (
+        (base.view(1, 3, 1, 1) - 120 * blobs)
+        .clamp(0, 255)
+        .to(torch.uint8)
+        .permute(0, 2, 3, 1)
+        .contiguous()
+    )
     reference = enc.prepare("cpu").encode(pixels)
     enc.prepare("cpu", "int8")
     with pytest.raises(EncoderError, match="calibrate"):

@@ -23,7 +23,7 @@ CMU = DATA / "CMU-1-Small-Region.svs"
 
 # A tiny encoder (one strided conv) so that the loop, not the model, is what runs; ``delay``
 # slows each batch so that a test can kill or race a run in the middle.
-TINY = '''
+TINY = """
 import time, torch
 from fpstore.extract.encoders import Encoder, Preprocessing, register_encoder, state_dict_hash, list_encoders
 
@@ -45,7 +45,7 @@ def tiny(delay=0.0):
 
 if "tiny" not in list_encoders():
     register_encoder("tiny", tiny)
-'''
+"""
 exec(TINY)
 
 
@@ -60,9 +60,13 @@ def make_cohort(tmp_path, bad=True):
         (folder / "BAD.svs").symlink_to(DATA / "histolab-broken.svs")
         rows.append(("P3", "BAD"))
     labels = tmp_path / "labels.csv"
-    labels.write_text("patient_id,slide,ER,PR,Her2,site\n" + "".join(
-        f"{p},{folder / s}.svs,{'Positive' if p == 'P1' else 'Negative'},Negative,Negative,A\n"
-        for p, s in rows))
+    labels.write_text(
+        "patient_id,slide,ER,PR,Her2,site\n"
+        + "".join(
+            f"{p},{folder / s}.svs,{'Positive' if p == 'P1' else 'Negative'},Negative,Negative,A\n"
+            for p, s in rows
+        )
+    )
     store = tmp_path / "store"
     add_cohort(store, "c", clinical=labels, fmt="csv")
     return store
@@ -73,8 +77,17 @@ def fingerprint_files(store, encoder="tiny"):
 
 
 def config(**kw):
-    return ExtractConfig(**{"encoder": "tiny", "patches": 20, "device": "cpu", "num_workers": 0,
-                            "batch_size": 8, "chunk_size": 8, **kw})
+    return ExtractConfig(
+        **{
+            "encoder": "tiny",
+            "patches": 20,
+            "device": "cpu",
+            "num_workers": 0,
+            "batch_size": 8,
+            "chunk_size": 8,
+            **kw,
+        }
+    )
 
 
 def test_bad_slide_is_recorded_and_the_others_are_extracted(tmp_path):
@@ -89,10 +102,16 @@ def test_bad_slide_is_recorded_and_the_others_are_extracted(tmp_path):
     with fpstore.store.open(store) as fs:
         rows = fs.sql("SELECT slide_id, status, error FROM slides ORDER BY slide_id").rows()
         assert [(r["slide_id"], r["status"]) for r in rows] == [
-            ("BAD", "failed"), ("S1", "ok"), ("S2", "ok"), ("S3", "ok")]
+            ("BAD", "failed"),
+            ("S1", "ok"),
+            ("S2", "ok"),
+            ("S3", "ok"),
+        ]
         assert "BAD.svs" in rows[0]["error"]
         fp = fs.fingerprints("tiny", "c")
-        assert fp.vectors.shape == (40, 8) and len(set(fp.keys.column("patch_id").to_pylist())) == 40
+        assert (
+            fp.vectors.shape == (40, 8) and len(set(fp.keys.column("patch_id").to_pylist())) == 40
+        )
 
 
 def test_resume_skips_done_slides_refuses_other_settings_and_force_redoes_them(tmp_path):
@@ -116,12 +135,32 @@ def test_real_slide_end_to_end_with_resnet34_and_the_cli(tmp_path):
     from fpstore.cli.main import cli
 
     store = make_cohort(tmp_path)
-    result = CliRunner().invoke(cli, [
-        "extract", "--cohort", "c", "--encoder", "random-resnet34", "--patches", "4",
-        "--device", "cpu", "--workers", "1", "--store", str(store), "--json"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "extract",
+            "--cohort",
+            "c",
+            "--encoder",
+            "random-resnet34",
+            "--patches",
+            "4",
+            "--device",
+            "cpu",
+            "--workers",
+            "1",
+            "--store",
+            str(store),
+            "--json",
+        ],
+    )
     assert result.exit_code == 1, result.output  # the broken slide
     summary = json.loads(result.stdout)
-    assert (summary["ok"], summary["failed"], summary["patches"]) == (3, 1, 8)  # 4 per patient, P1 pooled over S1 and S2
+    assert (summary["ok"], summary["failed"], summary["patches"]) == (
+        3,
+        1,
+        8,
+    )  # 4 per patient, P1 pooled over S1 and S2
     table = pq.read_table(fingerprint_files(store, "random-resnet34")[-1])
     assert table.schema.field("fingerprint").type.list_size == 512
     meta = read_metadata(table.schema)
@@ -131,15 +170,20 @@ def test_real_slide_end_to_end_with_resnet34_and_the_cli(tmp_path):
     assert row["size_px"] == pytest.approx(112 / 0.499, rel=1e-4)
     assert row["x_um"] == pytest.approx(row["x"] * 0.499)
     assert row["patch_id"] == f"{row['slide_id']}/{row['x']}_{row['y']}_224"
-    sql = CliRunner().invoke(cli, ["sql", "SELECT count(*) AS n FROM fingerprints",
-                                   "--store", str(store), "--format", "csv"])
+    sql = CliRunner().invoke(
+        cli,
+        ["sql", "SELECT count(*) AS n FROM fingerprints", "--store", str(store), "--format", "csv"],
+    )
     assert sql.exit_code == 0 and sql.output.splitlines() == ["n", "8"]
 
 
-def test_int8_extraction_calibrates_on_the_cohort_and_resumes_only_with_the_same_calibration(tmp_path):
+def test_int8_extraction_calibrates_on_the_cohort_and_resumes_only_with_the_same_calibration(
+    tmp_path,
+):
     store = make_cohort(tmp_path, bad=False)
-    cfg = ExtractConfig(encoder="random-resnet34", patches=4, device="cpu", num_workers=0,
-                        precision="int8")
+    cfg = ExtractConfig(
+        encoder="random-resnet34", patches=4, device="cpu", num_workers=0, precision="int8"
+    )
     summary = extract(store, "c", cfg, progress=False)
     assert summary.failed == [] and summary.n_patches > 0
     assert summary.int8_agreement["n_check"] > 0 and summary.int8_agreement["min_cosine"] > 0.99
@@ -149,24 +193,48 @@ def test_int8_extraction_calibrates_on_the_cohort_and_resumes_only_with_the_same
     again = extract(store, "c", cfg, progress=False)  # same cohort: same calibration, all done
     assert again.count("skipped") == len(files)
     with pytest.raises(StoreError, match="precision"):
-        extract(store, "c", ExtractConfig(encoder="random-resnet34", patches=4, device="cpu",
-                                          num_workers=0), progress=False)
+        extract(
+            store,
+            "c",
+            ExtractConfig(encoder="random-resnet34", patches=4, device="cpu", num_workers=0),
+            progress=False,
+        )
     with pytest.raises(ConfigError, match="drop --compile"):  # refused before any work
-        extract(store, "c", ExtractConfig(encoder="random-resnet34", patches=4, device="cpu",
-                                          num_workers=0, precision="int8", compile=True), progress=False)
+        extract(
+            store,
+            "c",
+            ExtractConfig(
+                encoder="random-resnet34",
+                patches=4,
+                device="cpu",
+                num_workers=0,
+                precision="int8",
+                compile=True,
+            ),
+            progress=False,
+        )
 
 
 def _run_script(tmp_path, store, name, delay):
     script = tmp_path / f"{name}.py"
-    script.write_text(TINY + (
-        "\nimport json, sys\nfrom fpstore.extract.pipeline import ExtractConfig, extract\n"
-        f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, patches=None,\n"
-        "                    device='cpu', num_workers=1, batch_size=16, chunk_size=16)\n"
-        f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
-        "print(json.dumps(s.to_dict()))\n"))
+    script.write_text(
+        TINY
+        + (
+            "\nimport json, sys\nfrom fpstore.extract.pipeline import ExtractConfig, extract\n"
+            f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, patches=None,\n"
+            "                    device='cpu', num_workers=1, batch_size=16, chunk_size=16)\n"
+            f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
+            "print(json.dumps(s.to_dict()))\n"
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
@@ -184,7 +252,9 @@ def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
         table = pq.read_table(path)
         assert table.num_rows == int(read_metadata(table.schema)["n_patches"]) > 0
     with fpstore.store.open(store) as fs:
-        assert fs.sql("SELECT count(DISTINCT slide_id) AS n FROM fingerprints").rows()[0]["n"] == len(done)
+        assert fs.sql("SELECT count(DISTINCT slide_id) AS n FROM fingerprints").rows()[0][
+            "n"
+        ] == len(done)
     rerun = extract(store, "c", config(patches=None, batch_size=16), progress=False)
     status = {r.slide_id: r.status for r in rerun.slides}
     assert sorted(status.values()).count("skipped") == len(done) and "failed" not in status.values()
@@ -214,18 +284,23 @@ def test_extraction_after_threaded_opencv_and_torch_work_does_not_hang(tmp_path)
     # deadlocked. A fresh interpreter reproduces that state.
     store = make_cohort(tmp_path, bad=False)
     script = tmp_path / "after_threads.py"
-    script.write_text(TINY + (
-        "\nimport cv2, numpy as np, torch\n"
-        "cv2.setNumThreads(2)\n"
-        "for _ in range(20):\n"
-        "    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (500, 500), interpolation=cv2.INTER_AREA)\n"
-        "torch.set_num_threads(2); torch.randn(512, 512) @ torch.randn(512, 512)\n"
-        "from fpstore.extract.pipeline import ExtractConfig, extract\n"
-        "cfg = ExtractConfig(encoder='tiny', patches=8, device='cpu', num_workers=1, batch_size=8)\n"
-        f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
-        "assert not s.failed and cv2.getNumThreads() == 2\n"))
+    script.write_text(
+        TINY
+        + (
+            "\nimport cv2, numpy as np, torch\n"
+            "cv2.setNumThreads(2)\n"
+            "for _ in range(20):\n"
+            "    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (500, 500), interpolation=cv2.INTER_AREA)\n"
+            "torch.set_num_threads(2); torch.randn(512, 512) @ torch.randn(512, 512)\n"
+            "from fpstore.extract.pipeline import ExtractConfig, extract\n"
+            "cfg = ExtractConfig(encoder='tiny', patches=8, device='cpu', num_workers=1, batch_size=8)\n"
+            f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
+            "assert not s.failed and cv2.getNumThreads() == 2\n"
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
-                          timeout=180)
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=180
+    )
     assert done.returncode == 0, done.stderr
     assert len(fingerprint_files(store)) == 3

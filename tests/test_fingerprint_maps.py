@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from fpstore.fingerprint.maps import glass_patches, paint, patch_grid, recognition_map, similarity_map
+from fpstore.fingerprint.maps import (
+    glass_patches,
+    paint,
+    patch_grid,
+    recognition_map,
+    similarity_map,
+)
 from fpstore.fingerprint.model import FingerprintNet, to_input
 
 PRE = {"mean": [0.7, 0.5, 0.7], "std": [0.2, 0.2, 0.2], "patch_um": 32.0, "out_px": 32, "mpp": 0.5}
@@ -44,12 +50,15 @@ def test_maps_grey_out_glass_and_use_the_game_fingerprint():
     reference = _half_tissue(seed=1)
     sims = similarity_map(model, meta, reference, image, mpp=0.5, overlap=0.0)
     assert np.isnan(sims[:, 64:]).all() and not np.isnan(sims[:, :64]).any()
+
     # A patch's value is its cosine with the reference half's fingerprint as the matching game
     # makes it: the normalised mean of its tissue patches' normalised fingerprints (glass left out).
     def fingerprints(img, corners):
-        crops = torch.from_numpy(np.stack([img[y: y + 64, x: x + 64] for y, x in corners]))
+        crops = torch.from_numpy(np.stack([img[y : y + 64, x : x + 64] for y, x in corners]))
         with torch.no_grad():
-            return torch.nn.functional.normalize(model.features(to_input(crops, PRE["mean"], PRE["std"], 32)), dim=1)
+            return torch.nn.functional.normalize(
+                model.features(to_input(crops, PRE["mean"], PRE["std"], 32)), dim=1
+            )
 
     half = torch.nn.functional.normalize(fingerprints(reference, [(0, 0), (64, 0)]).mean(0), dim=0)
     assert sims[0, 0] == pytest.approx(float(fingerprints(image, [(0, 0)])[0] @ half), abs=1e-4)

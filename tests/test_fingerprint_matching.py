@@ -28,7 +28,9 @@ def test_scale_does_not_matter_and_misses_are_listed():
     left = _fp([[1, 0, 0], [0, 1, 0], [0, 0, 1]])
     # c1's right half looks like c2's left half, and the other way round.
     right = _fp([[5, 0, 0], [0, 0, 2], [0, 3, 0]])
-    result = match_halves(left, ["c0", "c1", "c2"], ["a", "b", "c"], right, ["c0", "c1", "c2"], ["a", "b", "c"])
+    result = match_halves(
+        left, ["c0", "c1", "c2"], ["a", "b", "c"], right, ["c0", "c1", "c2"], ["a", "b", "c"]
+    )
     assert result.core_correct == 1 and result.core_accuracy == pytest.approx(1 / 3, abs=1e-4)
     assert [(m["left"], m["matched"]) for m in result.misses] == [("c1", "c2"), ("c2", "c1")]
     assert all(m["rank_of_true"] == 2 and not m["same_patient"] for m in result.misses)

@@ -52,7 +52,9 @@ def test_shapes_and_input_normalisation():
         assert fp.shape == (3, 512) and logits.shape == (3, 5)
         assert torch.allclose(model.features(x), fp) and torch.allclose(model(x), logits)
     assert torch.nn.functional.normalize(fp, dim=1).norm(dim=1).sub(1).abs().max() < 1e-5
-    flat = to_input(torch.full((1, 8, 8, 3), 128, dtype=torch.uint8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    flat = to_input(
+        torch.full((1, 8, 8, 3), 128, dtype=torch.uint8), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    )
     assert torch.allclose(flat, torch.full_like(flat, (128 / 255 - 0.5) / 0.25), atol=1e-6)
     with pytest.raises(ConfigError, match="resnet18"):
         FingerprintNet(3, "resnet50")
@@ -76,15 +78,24 @@ def test_photometric_augmentation_stays_in_range_and_varies():
     img = torch.rand(4, 3, 8, 8)
     out, _ = augment_pair(img, None, cfg, torch.Generator().manual_seed(0))
     assert out.min() >= 0 and out.max() <= 1
-    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])  # grayscale
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(
+        out[:, 1], out[:, 2]
+    )  # grayscale
     with pytest.raises(ConfigError, match="grayscale_p"):
         AugmentConfig(grayscale_p=1.5)
 
 
 def _meta():
-    return {"preprocessing": {"mean": [0.8, 0.6, 0.7], "std": [0.1, 0.2, 0.1], "patch_um": 112.0,
-                              "out_px": 224, "mpp": 0.5},
-            "data": {"classes": ["t:1", "t:2", "t:3"], "class_patients": ["p1", "p1", "p2"]}}
+    return {
+        "preprocessing": {
+            "mean": [0.8, 0.6, 0.7],
+            "std": [0.1, 0.2, 0.1],
+            "patch_um": 112.0,
+            "out_px": 224,
+            "mpp": 0.5,
+        },
+        "data": {"classes": ["t:1", "t:2", "t:3"], "class_patients": ["p1", "p1", "p2"]},
+    }
 
 
 def test_checkpoint_round_trip_and_encoder(tmp_path):

@@ -26,29 +26,54 @@ def _cores(n_classes=4, sections=1, size=64, seed=0, restyled=False) -> CoreSet:
     for s in range(sections):
         for c in range(n_classes):
             stripes = ((xx * (c + 1) + yy * (3 - c)) // 6 % 2)[..., None] * 40
-            img = np.clip(COLOURS[c].astype(int) - stripes + rng.integers(-15, 15, (size, size, 3)), 0, 255)
+            img = np.clip(
+                COLOURS[c].astype(int) - stripes + rng.integers(-15, 15, (size, size, 3)), 0, 255
+            )
             imgs.append(img.astype(np.uint8))
             keys.append(f"t:{c}")
             sects.append(f"section{s + 1}")
     imgs = np.stack(imgs)
     n = len(imgs)
-    cores = CoreSet(left=imgs[:, :, : size // 2], right=imgs[:, :, size // 2:], key=np.array(keys, object),
-                    patient_id=np.array([f"p{int(k[2:]) // 2}" for k in keys], object),
-                    section=np.array(sects, object), site=np.array(["A"] * n, object), core_index=np.arange(n))
+    cores = CoreSet(
+        left=imgs[:, :, : size // 2],
+        right=imgs[:, :, size // 2 :],
+        key=np.array(keys, object),
+        patient_id=np.array([f"p{int(k[2:]) // 2}" for k in keys], object),
+        section=np.array(sects, object),
+        site=np.array(["A"] * n, object),
+        core_index=np.arange(n),
+    )
     if restyled:
         cores.restyled["swap"] = np.stack([cores.left[:, :, :, ::-1], cores.left], axis=1).copy()
     return cores
 
 
 def _tiny(**kw) -> TrainConfig:
-    base = dict(arch="resnet18", patch_px=24, out_px=24, batch_size=16, max_steps=12, eval_every=4,
-                patience=5, warmup_steps=2, lr=2e-3, eval_per_half=4, num_workers=0, device="cpu")
+    base = dict(
+        arch="resnet18",
+        patch_px=24,
+        out_px=24,
+        batch_size=16,
+        max_steps=12,
+        eval_every=4,
+        patience=5,
+        warmup_steps=2,
+        lr=2e-3,
+        eval_per_half=4,
+        num_workers=0,
+        device="cpu",
+    )
     return TrainConfig(**{**base, **kw})
 
 
 def _mean_ce(model, pre, cores, patch_px):
     crops = fixed_crops(cores.tissue_right, cores.half_shape, patch_px, 4, seed=5)
-    x = to_input(torch.from_numpy(gather(cores.right, crops, patch_px)), pre["mean"], pre["std"], pre["out_px"])
+    x = to_input(
+        torch.from_numpy(gather(cores.right, crops, patch_px)),
+        pre["mean"],
+        pre["std"],
+        pre["out_px"],
+    )
     y = torch.tensor([int(cores.key[i][2:]) for i, _, _ in crops])
     with torch.no_grad():
         return torch.nn.functional.cross_entropy(model.eval()(x), y).item()
@@ -90,11 +115,20 @@ def test_training_refuses_bad_settings():
 def test_crops_come_from_tissue():
     half = np.full((1, 128, 64, 3), 245, np.uint8)
     half[0, 64:] = 120  # tissue only in the lower half
-    cores = CoreSet(left=half, right=half.copy(), key=np.array(["a"], object), patient_id=np.array(["p"], object),
-                    section=np.array(["s"], object), site=np.array(["A"], object), core_index=np.array([1]))
+    cores = CoreSet(
+        left=half,
+        right=half.copy(),
+        key=np.array(["a"], object),
+        patient_id=np.array(["p"], object),
+        section=np.array(["s"], object),
+        site=np.array(["A"], object),
+        core_index=np.array([1]),
+    )
     origins = crop_origins(cores.tissue_left, cores.half_shape, 32)[0]
     assert origins[:, 0].min() >= 48  # at least half of every 32 px crop is tissue
-    batch = next(iter(CropStream(cores.left, np.array([0]), np.array([3]), cores.tissue_left, 32, 8, seed=1)))
+    batch = next(
+        iter(CropStream(cores.left, np.array([0]), np.array([3]), cores.tissue_left, 32, 8, seed=1))
+    )
     assert batch["x1"].shape == (8, 32, 32, 3) and batch["x1"].dtype == torch.uint8
     assert batch["y"].tolist() == [3] * 8
     tissue_share = (batch["x1"].numpy().min(axis=3) < 220).mean(axis=(1, 2))
@@ -112,7 +146,9 @@ def test_cyclegan_learns_a_colour_mapping():
         while True:
             yield torch.from_numpy(images[r.integers(0, len(images), 2)])
 
-    cfg = CycleGANConfig(ngf=8, ndf=8, n_blocks=1, crop_px=32, batch_size=2, steps=40, lr=2e-3, pool_size=4)
+    cfg = CycleGANConfig(
+        ngf=8, ndf=8, n_blocks=1, crop_px=32, batch_size=2, steps=40, lr=2e-3, pool_size=4
+    )
     gan = train_cyclegan(stream(base), stream(site_b), cfg, device="cpu", progress=False)
     assert gan.history[-1]["cycle"] < gan.history[0]["cycle"]
     out = restyle(gan.g_ab, base[:3, :30, :30])  # sides not a multiple of 4 are padded
@@ -123,10 +159,22 @@ def test_commands_explain_a_bad_tma_folder(tmp_path):
     from fpstore.cli.main import cli
 
     (tmp_path / "train").mkdir()
-    result = CliRunner().invoke(cli, ["train-fingerprint", "--tma", str(tmp_path), "--out", str(tmp_path / "m.pt")])
+    result = CliRunner().invoke(
+        cli, ["train-fingerprint", "--tma", str(tmp_path), "--out", str(tmp_path / "m.pt")]
+    )
     assert result.exit_code == 2 and "array_map.csv is missing" in result.output
-    result = CliRunner().invoke(cli, ["train-fingerprint", "--tma", str(tmp_path), "--out", str(tmp_path / "m.pt"),
-                                      "--stain", "sepia"])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "train-fingerprint",
+            "--tma",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "m.pt"),
+            "--stain",
+            "sepia",
+        ],
+    )
     assert result.exit_code == 2 and "sepia" in result.output
     assert not (tmp_path / "m.pt").exists()
 
@@ -138,25 +186,68 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
     tma, cache, model = synth_small / "tma", tmp_path / "cache", tmp_path / "fp.pt"
     common = ["--tma", str(tma), "--cache", str(cache), "--crop-px", "512"]
     runner = CliRunner()
-    result = runner.invoke(cli, ["train-fingerprint", *common, "--out", str(model), "--stain", "reinhard",
-                                 "--steps", "6", "--patch-px", "64", "--out-px", "32", "--batch-size", "8",
-                                 "--device", "cpu", "--json"])
+    result = runner.invoke(
+        cli,
+        [
+            "train-fingerprint",
+            *common,
+            "--out",
+            str(model),
+            "--stain",
+            "reinhard",
+            "--steps",
+            "6",
+            "--patch-px",
+            "64",
+            "--out-px",
+            "32",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
-    assert summary["train_cores"] == 18 and summary["n_classes"] == 6 and summary["stain"] == "reinhard"
+    summary = json.loads(result.output[result.output.index("{") :])
+    assert (
+        summary["train_cores"] == 18
+        and summary["n_classes"] == 6
+        and summary["stain"] == "reinhard"
+    )
     assert (cache / "train" / "restyled" / "reinhard" / "left.npy").is_file()
 
-    result = runner.invoke(cli, ["match", "--model", str(model), *common, "--device", "cpu", "--json"])
+    result = runner.invoke(
+        cli, ["match", "--model", str(model), *common, "--device", "cpu", "--json"]
+    )
     assert result.exit_code == 0, result.output
-    game = json.loads(result.output[result.output.index("{"):])
+    game = json.loads(result.output[result.output.index("{") :])
     assert game["n_cores"] == 5 and game["sections"]["left_site"] != game["sections"]["right_site"]
     assert 0 <= game["core_accuracy"] <= 1 and game["chance_core"] == pytest.approx(0.2)
     assert 1 <= game["median_rank"] <= 5 and game["top5_accuracy"] == 1.0  # only 5 right halves
     table = runner.invoke(cli, ["match", "--model", str(model), *common, "--device", "cpu"]).output
-    assert "x_chance" in table and "median rank" in table and "top-5 accuracy 1.000 (chance 1.000)" in table
+    assert (
+        "x_chance" in table
+        and "median rank" in table
+        and "top-5 accuracy 1.000 (chance 1.000)" in table
+    )
 
-    result = runner.invoke(cli, ["core-maps", "--model", str(model), *common, "--out", str(tmp_path / "maps"),
-                                 "--cores", "1", "--device", "cpu", "--json"])
+    result = runner.invoke(
+        cli,
+        [
+            "core-maps",
+            "--model",
+            str(model),
+            *common,
+            "--out",
+            str(tmp_path / "maps"),
+            "--cores",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    files = json.loads(result.output[result.output.index("{"):])["files"]
+    files = json.loads(result.output[result.output.index("{") :])["files"]
     assert len(files) == 2 and all(f.endswith(".png") for f in files)

@@ -122,7 +122,11 @@ def test_cmu_grid_of_112um_patches(cmu, cmu_mask):
     x, y = grid.column("x").to_numpy(), grid.column("y").to_numpy()
     size = grid.column("size_px").to_numpy()
     assert size == pytest.approx(224.45, abs=0.01)
-    assert (x >= 0).all() and (x + size <= cmu.info.width).all() and (y + size <= cmu.info.height).all()
+    assert (
+        (x >= 0).all()
+        and (x + size <= cmu.info.width).all()
+        and (y + size <= cmu.info.height).all()
+    )
     assert (grid.column("tissue_fraction").to_numpy() >= 0.5).all()
     # Non-overlapping: every corner on the 224.45 px lattice.
     assert np.abs(x / 224.45 - np.round(x / 224.45)).max() < 0.01
@@ -146,8 +150,14 @@ def test_blank_image_has_no_patches(tmp_path):
 
 
 def _grid(n: int, offset: int = 0) -> pa.Table:
-    return pa.table({"x": np.arange(n) * 10 + offset, "y": np.zeros(n, int),
-                     "size_px": np.full(n, 10.0, np.float32), "tissue_fraction": np.ones(n, np.float32)})
+    return pa.table(
+        {
+            "x": np.arange(n) * 10 + offset,
+            "y": np.zeros(n, int),
+            "size_px": np.full(n, 10.0, np.float32),
+            "tissue_fraction": np.ones(n, np.float32),
+        }
+    )
 
 
 def test_sampling_pools_a_patients_slides_and_is_reproducible():

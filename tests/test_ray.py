@@ -27,13 +27,24 @@ from tests._s3server import s3_server
 BROKEN = Path(__file__).parent / "data" / "slides" / "histolab-broken.svs"
 # A registry encoder (workers build nothing: the driver ships the model), small inputs so that
 # the scheduling, not the model, is what runs.
-CONFIG = ExtractConfig(encoder="random-resnet34", encoder_options={"out_px": 32}, patches=20,
-                       device="cpu", num_workers=0, batch_size=16)
+CONFIG = ExtractConfig(
+    encoder="random-resnet34",
+    encoder_options={"out_px": 32},
+    patches=20,
+    device="cpu",
+    num_workers=0,
+    batch_size=16,
+)
 
 
 def tcga_store(synth: Path, store: Path) -> Path:
-    add_cohort(store, "tcga", slides=str(synth / "tcga" / "slides"), fmt="tcga",
-               clinical=synth / "tcga" / "nationwidechildrens.org_clinical_patient_brca.txt")
+    add_cohort(
+        store,
+        "tcga",
+        slides=str(synth / "tcga" / "slides"),
+        fmt="tcga",
+        clinical=synth / "tcga" / "nationwidechildrens.org_clinical_patient_brca.txt",
+    )
     return store
 
 
@@ -42,9 +53,11 @@ def contents(store: Path) -> dict:
     out = {}
     for path in sorted((store / "fingerprints").glob("encoder=*/cohort=*/*")):
         table = pq.read_table(path)
-        out[str(path.relative_to(store))] = (table.drop(["fingerprint"]).to_pylist(),
-                                             column_to_numpy(table.column("fingerprint")),
-                                             read_metadata(table.schema))
+        out[str(path.relative_to(store))] = (
+            table.drop(["fingerprint"]).to_pylist(),
+            column_to_numpy(table.column("fingerprint")),
+            read_metadata(table.schema),
+        )
     return out
 
 
@@ -66,13 +79,15 @@ def test_ray_config_is_validated():
 def test_address_without_the_ray_engine_is_refused(tmp_path):
     from fpstore.cli.main import cli
 
-    result = CliRunner().invoke(cli, ["extract", "--cohort", "c", "--address", "auto",
-                                      "--store", str(tmp_path)])
+    result = CliRunner().invoke(
+        cli, ["extract", "--cohort", "c", "--address", "auto", "--store", str(tmp_path)]
+    )
     assert result.exit_code != 0
     assert "--engine ray" in result.output
 
 
 # ---------------------------------------------------------------- on a real cluster
+
 
 @pytest.fixture(scope="module")
 def s3_url():
@@ -91,15 +106,25 @@ def ray_cluster(s3_url):
     """A 2-CPU Ray instance on 127.0.0.1, stopped (all its processes) at the end."""
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fpstore[ray]'")
     # Loopback only (Ray's single-machine mode), no token file, and patience with a busy machine.
-    os.environ.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-                      RAY_raylet_start_wait_time_s="120")
+    os.environ.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_raylet_start_wait_time_s="120",
+    )
     import ray._private.utils as ray_utils
 
     # The minimal dashboard agent starts in half the time; the tests need no metrics.
     if hasattr(ray_utils, "get_dashboard_dependency_error"):
-        ray_utils.get_dashboard_dependency_error = lambda: ImportError("fpstore tests: minimal agent")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-             configure_logging=False, log_to_driver=False)
+        ray_utils.get_dashboard_dependency_error = lambda: ImportError(
+            "fpstore tests: minimal agent"
+        )
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        configure_logging=False,
+        log_to_driver=False,
+    )
     try:
         yield ray
     finally:
@@ -112,9 +137,12 @@ def reference(synth_small, tmp_path_factory):
     store = tcga_store(synth_small, tmp_path_factory.mktemp("local") / "store")
     summary = extract(store, "tcga", CONFIG, progress=False)
     # The synthetic set has one slide without a patient in the clinical table, on purpose.
-    assert summary.count("ok") >= 4 and [r.error for r in summary.failed] == [(
-        "no patient for this slide in the clinical table; fix the cohort "
-        "(`fpstore cohort add ... --force`)")]
+    assert summary.count("ok") >= 4 and [r.error for r in summary.failed] == [
+        (
+            "no patient for this slide in the clinical table; fix the cohort "
+            "(`fpstore cohort add ... --force`)"
+        )
+    ]
     return store, contents(store)
 
 
@@ -126,7 +154,8 @@ def ray_extract(store, config=CONFIG, **ray_config):
 
 @pytest.mark.slow
 def test_ray_store_equals_the_local_engine_and_either_engine_resumes_it(
-        ray_cluster, reference, synth_small, tmp_path):
+    ray_cluster, reference, synth_small, tmp_path
+):
     store = tcga_store(synth_small, tmp_path / "store")
     summary = ray_extract(store, read_chunk=8)  # several chunks per slide, spread over actors
     n_ok = len(reference[1])
@@ -143,12 +172,16 @@ def test_ray_store_equals_the_local_engine_and_either_engine_resumes_it(
 
 
 @pytest.mark.slow
-def test_bad_slide_is_recorded_failed_and_the_others_are_written(ray_cluster, synth_small, tmp_path):
+def test_bad_slide_is_recorded_failed_and_the_others_are_written(
+    ray_cluster, synth_small, tmp_path
+):
     slides = sorted((synth_small / "external" / "slides").iterdir())[:2]
     labels = tmp_path / "labels.csv"
     rows = [(f"P{i}", s) for i, s in enumerate(slides)] + [("PBAD", BROKEN)]
-    labels.write_text("patient_id,slide,ER,PR,Her2,site\n" + "".join(
-        f"{p},{s},Positive,Negative,Negative,A\n" for p, s in rows))
+    labels.write_text(
+        "patient_id,slide,ER,PR,Her2,site\n"
+        + "".join(f"{p},{s},Positive,Negative,Negative,A\n" for p, s in rows)
+    )
     store = tmp_path / "store"
     add_cohort(store, "tcga", clinical=labels, fmt="csv")
     summary = ray_extract(store)
@@ -157,13 +190,14 @@ def test_bad_slide_is_recorded_failed_and_the_others_are_written(ray_cluster, sy
     assert summary.count("ok") == 2
     folder = store / "fingerprints" / "encoder=random-resnet34" / "cohort=tcga"
     assert sorted(p.stem for p in folder.glob("*.parquet")) == sorted(s.stem for s in slides)
-    recorded = (store / "status" / "encoder=random-resnet34" / "cohort=tcga" / "histolab-broken.json")
+    recorded = store / "status" / "encoder=random-resnet34" / "cohort=tcga" / "histolab-broken.json"
     assert '"failed"' in recorded.read_text()
 
 
 @pytest.mark.slow
 def test_int8_on_ray_calibrates_every_actor_alike_and_the_local_engine_resumes_it(
-        ray_cluster, synth_small, tmp_path):
+    ray_cluster, synth_small, tmp_path
+):
     from dataclasses import replace
 
     int8 = replace(CONFIG, precision="int8", encoder_options={})  # 224 px, as users run it
@@ -171,13 +205,19 @@ def test_int8_on_ray_calibrates_every_actor_alike_and_the_local_engine_resumes_i
     extract(local, "tcga", int8, progress=False)
     want = contents(local)
     store = tcga_store(synth_small, tmp_path / "ray")
-    summary = ray_extract(store, int8, read_chunk=8, encoders=2, encoder_cpus=0.5)  # both actors encode
+    summary = ray_extract(
+        store, int8, read_chunk=8, encoders=2, encoder_cpus=0.5
+    )  # both actors encode
     assert summary.int8_agreement["min_cosine"] > 0.99
     got = contents(store)
     assert sorted(got) == sorted(want)
     for name, (rows, vectors, metadata) in want.items():
         assert got[name][0] == rows and got[name][2] == metadata, name  # same calibration digest
-        cosine = (vectors * got[name][1]).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(got[name][1], axis=1)
+        cosine = (
+            (vectors * got[name][1]).sum(1)
+            / np.linalg.norm(vectors, axis=1)
+            / np.linalg.norm(got[name][1], axis=1)
+        )
         assert cosine.min() > 0.9999, name  # the actors quantized the same model as the local run
     assert extract(store, "tcga", int8, progress=False).count("skipped") == len(got)
 
@@ -194,14 +234,16 @@ def _encoder_actor_pids() -> list[int]:
 
 
 @pytest.mark.slow
-def test_a_killed_encoder_worker_loses_and_duplicates_no_slide(ray_cluster, reference, synth_small,
-                                                               tmp_path):
+def test_a_killed_encoder_worker_loses_and_duplicates_no_slide(
+    ray_cluster, reference, synth_small, tmp_path
+):
     store = tcga_store(synth_small, tmp_path / "store")
     folder = store / "fingerprints" / "encoder=random-resnet34" / "cohort=tcga"
     outcome = {}
     # One slide at a time, so that the run is still going when the first file lands.
-    run = threading.Thread(target=lambda: outcome.update(summary=ray_extract(
-        store, slides_in_flight=1, max_retries=3)))
+    run = threading.Thread(
+        target=lambda: outcome.update(summary=ray_extract(store, slides_in_flight=1, max_retries=3))
+    )
     run.start()
     killed, deadline = [], time.monotonic() + 300
     while run.is_alive() and not killed and time.monotonic() < deadline:
@@ -221,10 +263,10 @@ def test_a_killed_encoder_worker_loses_and_duplicates_no_slide(ray_cluster, refe
     assert killed[0][0] not in _encoder_actor_pids()
 
 
-
 @pytest.mark.slow
-def test_ray_extracts_into_an_s3_store_and_duckdb_queries_it(ray_cluster, s3_url, reference,
-                                                             synth_small, tmp_path):
+def test_ray_extracts_into_an_s3_store_and_duckdb_queries_it(
+    ray_cluster, s3_url, reference, synth_small, tmp_path
+):
     if s3_url is None:
         pytest.skip("needs moto's S3 server: pip install 'fpstore[test]'")
     import fpstore.store

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from _report_store import N_COLS, N_ROWS, STEP, build_store, s00_score, s00_type
 from click.testing import CliRunner
-from fpstore.cli.main import cli
 from PIL import Image
 
+from fpstore.cli.main import cli
 from fpstore.errors import ConfigError, StoreError
 from fpstore.report.geojson import patches_geojson
 from fpstore.report.heatmap import (

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from _report_store import build_store
 from click.testing import CliRunner
-from fpstore.cli.main import cli
 
+from fpstore.cli.main import cli
 from fpstore.errors import StoreError
 from fpstore.report.embed import EmbedConfig
 from fpstore.report.html import build_report

@@ -24,8 +24,14 @@ pytest.importorskip("moto.server", reason="needs moto's S3 server: pip install '
 boto3 = pytest.importorskip("boto3")
 
 CMU = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
-CONFIG = ExtractConfig(encoder="random-resnet34", encoder_options={"out_px": 32}, patches=12,
-                       device="cpu", num_workers=0, batch_size=16)
+CONFIG = ExtractConfig(
+    encoder="random-resnet34",
+    encoder_options={"out_px": 32},
+    patches=12,
+    device="cpu",
+    num_workers=0,
+    batch_size=16,
+)
 
 
 @pytest.fixture
@@ -47,8 +53,10 @@ def csv_cohort(tmp_path: Path) -> Path:
     for _, name in rows:
         (folder / f"{name}.svs").symlink_to(CMU)
     labels = tmp_path / "labels.csv"
-    labels.write_text("patient_id,slide,ER,PR,Her2,site\n" + "".join(
-        f"{p},{folder / s}.svs,Positive,Negative,Negative,A\n" for p, s in rows))
+    labels.write_text(
+        "patient_id,slide,ER,PR,Her2,site\n"
+        + "".join(f"{p},{folder / s}.svs,Positive,Negative,Negative,A\n" for p, s in rows)
+    )
     return labels
 
 
@@ -87,10 +95,13 @@ def test_cohort_add_list_and_load_on_s3(s3, tmp_path):
     local = add_cohort(tmp_path / "store", "c", clinical=labels, fmt="csv")
     remote = add_cohort(f"{s3}/store", "c", clinical=labels, fmt="csv")
     assert remote.n_slides == local.n_slides == 3
-    assert keys("store/cohorts/") == [f"store/cohorts/c/{n}" for n in
-                                      ("cohort.json", "labels.parquet", "slides.parquet")]
+    assert keys("store/cohorts/") == [
+        f"store/cohorts/c/{n}" for n in ("cohort.json", "labels.parquet", "slides.parquet")
+    ]
     assert [row["name"] for row in list_cohorts(f"{s3}/store")] == ["c"]
-    assert load_cohort(f"{s3}/store", "c").slides.equals(load_cohort(tmp_path / "store", "c").slides)
+    assert load_cohort(f"{s3}/store", "c").slides.equals(
+        load_cohort(tmp_path / "store", "c").slides
+    )
 
 
 def test_queries_on_an_s3_store_equal_the_local_ones(s3, tmp_path):
@@ -101,20 +112,27 @@ def test_queries_on_an_s3_store_equal_the_local_ones(s3, tmp_path):
     assert extract(store, "c", CONFIG, progress=False).count("ok") == 3
     # Every file but the local engine's hidden per-slide lock files.
     files = [p for p in store.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    assert copy_tree(store, f"{s3}/store") == len(files) and not keys("store/status/encoder=random-resnet34/cohort=c/.")
+    assert copy_tree(store, f"{s3}/store") == len(files) and not keys(
+        "store/status/encoder=random-resnet34/cohort=c/."
+    )
 
-    query = ("SELECT slide_id, count(*) AS n, sum(fingerprint[1]) AS s FROM fingerprints "
-             "GROUP BY slide_id ORDER BY slide_id")
+    query = (
+        "SELECT slide_id, count(*) AS n, sum(fingerprint[1]) AS s FROM fingerprints "
+        "GROUP BY slide_id ORDER BY slide_id"
+    )
     with fpstore.store.open(store) as here, fpstore.store.open(f"{s3}/store") as there:
         assert there.sql(query).rows() == here.sql(query).rows()
-        assert there.sql("SELECT slide_id, status FROM slides ORDER BY slide_id").rows() == \
-            [{"slide_id": s, "status": "ok"} for s in ("S1", "S2", "S3")]
+        assert there.sql("SELECT slide_id, status FROM slides ORDER BY slide_id").rows() == [
+            {"slide_id": s, "status": "ok"} for s in ("S1", "S2", "S3")
+        ]
         want, got = here.fingerprints("random-resnet34"), there.fingerprints("random-resnet34")
         np.testing.assert_array_equal(got.vectors, want.vectors)
         assert got.keys.equals(want.keys)
 
-    result = CliRunner().invoke(cli, ["sql", "SELECT count(*) AS n FROM patches", "--format", "csv",
-                                      "--store", f"{s3}/store"])
+    result = CliRunner().invoke(
+        cli,
+        ["sql", "SELECT count(*) AS n FROM patches", "--format", "csv", "--store", f"{s3}/store"],
+    )
     assert result.exit_code == 0, result.output
     assert result.output.split() == ["n", str(len(want.vectors))]
 

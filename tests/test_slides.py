@@ -148,13 +148,23 @@ def test_plain_images_need_an_mpp(tmp_path):
 def test_flat_and_ome_tiffs_carry_their_mpp(tmp_path):
     pixels = tifffile.imread(CMU)[:512, :512]
     flat = tmp_path / "flat.tif"
-    tifffile.imwrite(flat, pixels, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5),
-                     resolutionunit="CENTIMETER")
+    tifffile.imwrite(
+        flat,
+        pixels,
+        photometric="rgb",
+        resolution=(1e4 / 0.5, 1e4 / 0.5),
+        resolutionunit="CENTIMETER",
+    )
     with open_slide(flat) as slide:
         assert slide.info.backend == "image" and slide.info.mpp == pytest.approx(0.5)
     ome = tmp_path / "scan.ome.tiff"
-    tifffile.imwrite(ome, pixels, tile=(128, 128), photometric="rgb",
-                     metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm"})
+    tifffile.imwrite(
+        ome,
+        pixels,
+        tile=(128, 128),
+        photometric="rgb",
+        metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeXUnit": "µm"},
+    )
     with open_slide(ome) as slide:
         assert slide.info.slide_id == "scan" and slide.info.vendor == "ome"
         assert slide.info.mpp == pytest.approx(0.25) and slide.info.backend == "tifffile"
@@ -168,7 +178,9 @@ def _read_in_child(slide):
 def test_slide_pickles_and_reopens_in_forked_workers(cmu):
     expected = cmu.read_patch(1000, 2000, 224.45, 64)
     clone = pickle.loads(pickle.dumps(cmu))
-    assert clone.info == cmu.info and np.array_equal(clone.read_patch(1000, 2000, 224.45, 64), expected)
+    assert clone.info == cmu.info and np.array_equal(
+        clone.read_patch(1000, 2000, 224.45, 64), expected
+    )
     with multiprocessing.get_context("fork").Pool(2) as pool:
         for result in pool.map(_read_in_child, [cmu, cmu]):
             assert np.array_equal(result, expected)

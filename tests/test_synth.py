@@ -41,6 +41,7 @@ def _sha(path: Path) -> str:
 
 # -- the files ------------------------------------------------------------------------------
 
+
 def test_every_slide_opens_in_openslide_and_tiatoolbox_with_declared_mpp_and_levels(synth_small):
     from tiatoolbox.wsicore.wsireader import WSIReader
 
@@ -54,8 +55,9 @@ def test_every_slide_opens_in_openslide_and_tiatoolbox_with_declared_mpp_and_lev
             assert float(s.properties["openslide.objective-power"]) == 40
             assert [list(d) for d in s.level_dimensions] == f["level_dimensions"]
             assert s.level_count >= 3, "tests need a pyramid"
-            assert np.allclose(s.level_downsamples, [4.0**k for k in range(s.level_count)],
-                               rtol=0.02)
+            assert np.allclose(
+                s.level_downsamples, [4.0**k for k in range(s.level_count)], rtol=0.02
+            )
         info = WSIReader.open(path).info.as_dict()
         assert tuple(float(m) for m in info["mpp"]) == (0.25, 0.25), f["path"]
         assert [list(d) for d in info["level_dimensions"]] == f["level_dimensions"], f["path"]
@@ -71,8 +73,14 @@ def test_layout_names_and_tables_follow_the_contract(synth_small):
     ours_head = biotab.read_text().splitlines()[:3]
     assert ours_head == real.read_text().splitlines()[:3]  # the three GDC header rows
     table = pd.read_csv(biotab, sep="\t", skiprows=[1, 2])
-    allowed = {"Positive", "Negative", "Equivocal", "Indeterminate", "[Not Evaluated]",
-               "[Not Available]"}
+    allowed = {
+        "Positive",
+        "Negative",
+        "Equivocal",
+        "Indeterminate",
+        "[Not Evaluated]",
+        "[Not Available]",
+    }
     for column in ("er_status_by_ihc", "pr_status_by_ihc", "her2_status_by_ihc"):
         assert set(table[column]) <= allowed
     assert table["bcr_patient_barcode"].str.match(r"^TCGA-[A-Z0-9]{2}-[A-Z0-9]{4}$").all()
@@ -86,7 +94,8 @@ def test_layout_names_and_tables_follow_the_contract(synth_small):
     for array, sections in (("train", 3), ("test", 2)):
         folder = synth_small / "tma" / array
         assert sorted(p.name for p in folder.glob("section*.tiff")) == [
-            f"section{i}.tiff" for i in range(1, sections + 1)]
+            f"section{i}.tiff" for i in range(1, sections + 1)
+        ]
         with open(folder / "array_map.csv") as f:
             rows = list(csv.DictReader(f))
         assert list(rows[0]) == ["row", "column", "core_index", "patient_id"]
@@ -97,8 +106,11 @@ def test_layout_names_and_tables_follow_the_contract(synth_small):
     train = {r["patient_id"] for r in csv.DictReader(open(synth_small / "tma/train/array_map.csv"))}
     test = {r["patient_id"] for r in csv.DictReader(open(synth_small / "tma/test/array_map.csv"))}
     assert train.isdisjoint(test)
-    sites = {s["path"]: s["site"] for a in ("train", "test")
-             for s in _manifest(synth_small)["tma"][a]["sections"]}
+    sites = {
+        s["path"]: s["site"]
+        for a in ("train", "test")
+        for s in _manifest(synth_small)["tma"][a]["sections"]
+    }
     assert [sites[f"tma/train/section{i}.tiff"] for i in (1, 2, 3)] == ["A", "B", "B"]
     assert [sites[f"tma/test/section{i}.tiff"] for i in (1, 2)] == ["A", "B"]
 
@@ -107,8 +119,11 @@ def test_tcga_cohort_has_the_documented_defects(synth_small):
     import pandas as pd
 
     defects = _manifest(synth_small)["defects"]["tcga"]
-    table = pd.read_csv(synth_small / "tcga" / "nationwidechildrens.org_clinical_patient_brca.txt",
-                        sep="\t", skiprows=[1, 2])
+    table = pd.read_csv(
+        synth_small / "tcga" / "nationwidechildrens.org_clinical_patient_brca.txt",
+        sep="\t",
+        skiprows=[1, 2],
+    )
     barcodes = set(table["bcr_patient_barcode"])
     slide_patients = {n[:12] for n in (p.name for p in (synth_small / "tcga/slides").iterdir())}
     assert defects["patient_without_slide"] in barcodes - slide_patients
@@ -119,13 +134,14 @@ def test_tcga_cohort_has_the_documented_defects(synth_small):
 
 # -- truth ----------------------------------------------------------------------------------
 
+
 def _pixel_tissue(path: Path, shape) -> np.ndarray:
     """A plain tissue mask from the pixels: stained (not glass-coloured) at 1/16 of level 0."""
     with openslide.OpenSlide(str(path)) as s:
         level = s.get_best_level_for_downsample(TRUTH_DOWNSAMPLE + 0.1)
         assert round(s.level_downsamples[level]) == TRUTH_DOWNSAMPLE
         rgb = np.asarray(s.read_region((0, 0), level, s.level_dimensions[level]).convert("RGB"))
-    rgb = rgb[:shape[0], :shape[1]].astype(np.int16)
+    rgb = rgb[: shape[0], : shape[1]].astype(np.int16)
     return (rgb.max(axis=2) - rgb.min(axis=2) > 18) | (rgb.min(axis=2) < 200)
 
 
@@ -158,7 +174,7 @@ def test_tma_core_centres_are_tissue_and_serial_sections_show_the_same_tissue(sy
 
     def core_patch(mask, core, r):
         x, y = int(core["x"] / 16), int(core["y"] / 16)
-        return mask[y - r:y + r, x - r:x + r]
+        return mask[y - r : y + r, x - r : x + r]
 
     r = int(sections[0]["cores"][0]["diameter_px"] / 16 * 0.3)
     same, other = [], []
@@ -174,6 +190,7 @@ def test_tma_core_centres_are_tissue_and_serial_sections_show_the_same_tissue(sy
 
 # -- rendering ------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def scene():
     patient = draw_patient(7, "P-1", "tcga", get_preset("small"), signal=True)
@@ -187,7 +204,7 @@ def test_chunks_are_seamless_whatever_their_size(scene):
     for ty in (0, 1):
         for tx in (0, 1):
             tile = small.render(tx, ty)[0]
-            part = big[ty * 512:(ty + 1) * 512, tx * 512:(tx + 1) * 512]
+            part = big[ty * 512 : (ty + 1) * 512, tx * 512 : (tx + 1) * 512]
             assert np.abs(tile.astype(int) - part).max() <= 1
 
 
@@ -229,11 +246,16 @@ def test_large_slides_keep_level1_on_disk_with_the_same_bytes(tmp_path, scene, m
     monkeypatch.setattr(wsi, "LEVEL1_IN_MEMORY", 0)  # as for a 40,000 x 30,000 px slide
     write_slide(tmp_path / "disk.svs", renderer, tmp_path / "d.png", {})
     assert _sha(tmp_path / "memory.svs") == _sha(tmp_path / "disk.svs")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "disk.svs", "m.png",
-                                                          "memory.svs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "d.png",
+        "disk.svs",
+        "m.png",
+        "memory.svs",
+    ]
 
 
 # -- labels ---------------------------------------------------------------------------------
+
 
 def test_label_shares_follow_tcga():
     rng = np.random.default_rng(0)
@@ -270,7 +292,9 @@ def test_morphology_follows_er_only_with_signal():
 
 def test_only_tma_writes_the_same_arrays_as_a_full_synth_and_nothing_else(tmp_path, synth_small):
     out = tmp_path / "tma-only"
-    result = CliRunner().invoke(cli, ["synth", "--preset", "small", "--only", "tma", "--out", str(out)])
+    result = CliRunner().invoke(
+        cli, ["synth", "--preset", "small", "--only", "tma", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert not (out / "tcga").exists() and not (out / "external").exists()
     sections = sorted(p.relative_to(out) for p in (out / "tma").rglob("*") if p.is_file())
@@ -283,6 +307,7 @@ def test_only_tma_writes_the_same_arrays_as_a_full_synth_and_nothing_else(tmp_pa
 
 
 # -- bad input ------------------------------------------------------------------------------
+
 
 def test_non_empty_output_is_refused_without_force_and_loses_nothing(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
@@ -310,15 +335,18 @@ def test_unknown_preset_lists_the_valid_ones(tmp_path):
 
 
 @pytest.mark.slow
-def test_force_replaces_its_own_output_keeps_other_files_and_reproduces_bytes(tmp_path,
-                                                                               synth_small):
+def test_force_replaces_its_own_output_keeps_other_files_and_reproduces_bytes(
+    tmp_path, synth_small
+):
     out = tmp_path / "again"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     (out / "tma").mkdir()
     (out / "tma" / "stale.tiff").write_text("old")
-    result = CliRunner().invoke(cli, ["synth", "--preset", "small", "--out", str(out), "--force",
-                                      "--json", "--workers", "2"])
+    result = CliRunner().invoke(
+        cli,
+        ["synth", "--preset", "small", "--out", str(out), "--force", "--json", "--workers", "2"],
+    )
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output)
     assert summary["preset"] == "small" and summary["files"] > 20

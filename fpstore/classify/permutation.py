@@ -21,7 +21,9 @@ from fpstore.classify.bags import Bags
 from fpstore.errors import ClassifyError
 
 
-def shuffle_within(y: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator) -> np.ndarray:
+def shuffle_within(
+    y: np.ndarray, strata: np.ndarray | None, rng: np.random.Generator
+) -> np.ndarray:
     """``y`` permuted inside each stratum (all of ``y`` at once when ``strata`` is None)."""
     y = np.asarray(y)
     if strata is None:
@@ -40,9 +42,19 @@ def _strata(bags: Bags) -> np.ndarray | None:
     return None if np.isin(sites, ("", "None")).any() else sites
 
 
-def permutation_test(bags: Bags, y, observed_auc: float, n_permutations: int,
-                     method: str = "mil", split: str = "patient", n_folds: int = 5, seed: int = 0,
-                     classifier_kw: dict | None = None, images=None, progress: bool = True) -> dict:
+def permutation_test(
+    bags: Bags,
+    y,
+    observed_auc: float,
+    n_permutations: int,
+    method: str = "mil",
+    split: str = "patient",
+    n_folds: int = 5,
+    seed: int = 0,
+    classifier_kw: dict | None = None,
+    images=None,
+    progress: bool = True,
+) -> dict:
     """Null distribution of the CV AUC under shuffled labels and the one-sided p-value.
 
     Each permutation reruns the protocol end to end (new label-stratified groups for the
@@ -58,27 +70,42 @@ def permutation_test(bags: Bags, y, observed_auc: float, n_permutations: int,
     strata = _strata(bags)
     rng = np.random.default_rng([seed, 7919])
     null, skipped = [], 0
-    for _ in tqdm(range(n_permutations), desc=f"{method} permutations", file=sys.stderr,
-                  disable=not progress):
+    for _ in tqdm(
+        range(n_permutations), desc=f"{method} permutations", file=sys.stderr, disable=not progress
+    ):
         shuffled = shuffle_within(y, strata, rng)
         try:
-            result = cross_validate(bags, shuffled, method, n_folds=n_folds, split=split, seed=seed,
-                                    n_boot=100, classifier_kw=classifier_kw, images=images,
-                                    progress=False)
+            result = cross_validate(
+                bags,
+                shuffled,
+                method,
+                n_folds=n_folds,
+                split=split,
+                seed=seed,
+                n_boot=100,
+                classifier_kw=classifier_kw,
+                images=images,
+                progress=False,
+            )
         except ClassifyError:
             skipped += 1
             continue
         null.append(result.metrics["auc"])
     if not null:
-        raise ClassifyError(f"all {n_permutations} label shuffles left a fold with one class; "
-                            "lower --folds or use --split patient")
+        raise ClassifyError(
+            f"all {n_permutations} label shuffles left a fold with one class; "
+            "lower --folds or use --split patient"
+        )
     null = np.asarray(null)
     return {
-        "n_permutations": len(null), "skipped": skipped,
+        "n_permutations": len(null),
+        "skipped": skipped,
         "shuffled_within": "site" if strata is not None else "cohort",
         "observed_auc": float(observed_auc),
-        "null_mean": float(null.mean()), "null_sd": float(null.std()),
-        "null_q025": float(np.quantile(null, 0.025)), "null_q975": float(np.quantile(null, 0.975)),
+        "null_mean": float(null.mean()),
+        "null_sd": float(null.std()),
+        "null_q025": float(np.quantile(null, 0.025)),
+        "null_q975": float(np.quantile(null, 0.975)),
         # (1 + #null >= observed) / (1 + n): never 0, exact under exchangeability.
         "p_value": float((1 + np.sum(null >= observed_auc)) / (1 + len(null))),
         "null_aucs": null.round(4).tolist(),

@@ -44,7 +44,9 @@ class ClassifyConfig:
         check_range("classify", "n_boot", self.n_boot, 100, 100_000)
         parse_pool(self.pool)
         if self.external is not None and self.external == self.cohort:
-            raise ConfigError(f"--external {self.external!r} is the training cohort; name another cohort")
+            raise ConfigError(
+                f"--external {self.external!r} is the training cohort; name another cohort"
+            )
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,9 @@ def score_range(method: str, predictions) -> list[float]:
     if method == "mil":
         return [-1.0, 1.0]
     if method.startswith("logreg"):
-        values = [predictions.scores] + ([] if predictions.patch_scores is None else [predictions.patch_scores])
+        values = [predictions.scores] + (
+            [] if predictions.patch_scores is None else [predictions.patch_scores]
+        )
         bound = float(max(np.abs(v).max() for v in values)) or 1.0
         return [-bound, bound]
     return [0.0, 1.0]
@@ -121,22 +125,40 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
     data = load_dataset(store, cfg.cohort, cfg.marker, encoder, cfg.pool)
     groups = _groups(data, cfg.split, cfg.folds, cfg.seed)
     images = _images(store, cfg.cohort, data.bags, cfg.method)
-    common = dict(method=cfg.method, groups=groups, n_folds=cfg.folds, seed=cfg.seed,
-                  n_boot=cfg.n_boot, classifier_kw=cfg.classifier, images=images)
+    common = dict(
+        method=cfg.method,
+        groups=groups,
+        n_folds=cfg.folds,
+        seed=cfg.seed,
+        n_boot=cfg.n_boot,
+        classifier_kw=cfg.classifier,
+        images=images,
+    )
     cv = cross_validate(data.bags, data.y, progress=progress, **common)
     config = {**asdict(cfg), "encoder": encoder}
-    document = {**config, "config": config, "kind": "classify",
-                "score_range": score_range(cfg.method, cv.predictions),
-                "data": data.summary(), "cv": cv.to_dict(), "classifier": cv.classifier,
-                "fold_assignment": groups}
+    document = {
+        **config,
+        "config": config,
+        "kind": "classify",
+        "score_range": score_range(cfg.method, cv.predictions),
+        "data": data.summary(),
+        "cv": cv.to_dict(),
+        "classifier": cv.classifier,
+        "fold_assignment": groups,
+    }
     predictions = [(cfg.cohort, "test", cv.predictions)]
     if cfg.external is not None:
         if encoder is not None:
             resolve_encoder(store, cfg.external, encoder)
         ext_data = load_dataset(store, cfg.external, cfg.marker, encoder, cfg.pool)
         ext = external_validate(
-            data.bags, data.y, ext_data.bags, ext_data.y,
-            test_images=_images(store, cfg.external, ext_data.bags, cfg.method), **common)
+            data.bags,
+            data.y,
+            ext_data.bags,
+            ext_data.y,
+            test_images=_images(store, cfg.external, ext_data.bags, cfg.method),
+            **common,
+        )
         document["external_validation"] = {**ext.to_dict(), "data": ext_data.summary()}
         predictions.append((cfg.external, "external", ext.predictions))
     if cfg.site_probe:
@@ -145,8 +167,18 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         from fpstore.classify.permutation import permutation_test
 
         document["permutation"] = permutation_test(
-            data.bags, data.y, cv.metrics["auc"], cfg.permutations, cfg.method, cfg.split,
-            cfg.folds, cfg.seed, cfg.classifier, images, progress)
+            data.bags,
+            data.y,
+            cv.metrics["auc"],
+            cfg.permutations,
+            cfg.method,
+            cfg.split,
+            cfg.folds,
+            cfg.seed,
+            cfg.classifier,
+            images,
+            progress,
+        )
     if save:
         run_id = new_run_id(config)
         document["run_id"] = run_id
@@ -168,7 +200,8 @@ def _pool_types(pool: str) -> int:
 def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool = True) -> dict:
     """methods x encoders x pools on identical splits, with CIs and DeLong p-values."""
     from fpstore.classify.data import available_encoders, cohort_table, load_bags, load_dataset
-    from fpstore.classify.protocol import Entry, compare as run_compare
+    from fpstore.classify.protocol import Entry
+    from fpstore.classify.protocol import compare as run_compare
     from fpstore.classify.runs import new_run_id, save_run
     from fpstore.store.io import write_json_atomic
 
@@ -178,7 +211,9 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
     encoders = cfg.encoders or tuple(available_encoders(store, cfg.cohort))
     feature_methods = [m for m in cfg.methods if m in FEATURE_METHODS]
     if feature_methods and not encoders:
-        raise ClassifyError(f"cohort {cfg.cohort!r} has no fingerprints; run `fpstore extract` first")
+        raise ClassifyError(
+            f"cohort {cfg.cohort!r} has no fingerprints; run `fpstore extract` first"
+        )
     pools = cfg.pools or _default_pools(store, cfg.cohort)
     entries, skipped, probes, basis = [], [], {}, {}
     sources = [(e, m) for e in encoders for m in feature_methods]
@@ -189,61 +224,116 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
         if encoder not in loaded:
             loaded[encoder] = [load_bags(store, cfg.cohort, encoder, tissue_required=False)]
             if cfg.external:
-                loaded[encoder].append(load_bags(store, cfg.external, encoder, tissue_required=False))
+                loaded[encoder].append(
+                    load_bags(store, cfg.external, encoder, tissue_required=False)
+                )
         for pool in pools:
             name = f"{method} | {encoder or 'pixels'} | {pool}"
             if method.endswith("-tissue") and _pool_types(pool) < 2:
                 continue  # one tissue type: the per-type mean is the plain mean
             if method.endswith("-tissue") and loaded[encoder][0][0].tissue is None:
-                skipped.append({"name": name, "reason": "no tissue types; run `fpstore tissue predict`"})
+                skipped.append(
+                    {"name": name, "reason": "no tissue types; run `fpstore tissue predict`"}
+                )
                 continue
             try:
-                data = load_dataset(store, cfg.cohort, cfg.marker, encoder, pool, *loaded[encoder][0])
-                ext = (load_dataset(store, cfg.external, cfg.marker, encoder, pool, *loaded[encoder][1])
-                       if cfg.external else None)
+                data = load_dataset(
+                    store, cfg.cohort, cfg.marker, encoder, pool, *loaded[encoder][0]
+                )
+                ext = (
+                    load_dataset(
+                        store, cfg.external, cfg.marker, encoder, pool, *loaded[encoder][1]
+                    )
+                    if cfg.external
+                    else None
+                )
             except ClassifyError as error:  # e.g. no patient with fat patches: say so, go on
                 skipped.append({"name": name, "reason": str(error)})
                 continue
             for pid, label, site in zip(*data.split_basis):
                 basis[pid] = (label, site)
-            entries.append(Entry(
-                name=name, bags=data.bags, y=data.y, method=method,
-                test_bags=ext.bags if ext else None, test_y=ext.y if ext else None,
-                classifier_kw=cfg.classifier.get(method),
-                images=_images(store, cfg.cohort, data.bags, method),
-                test_images=_images(store, cfg.external, ext.bags, method) if ext else None))
+            entries.append(
+                Entry(
+                    name=name,
+                    bags=data.bags,
+                    y=data.y,
+                    method=method,
+                    test_bags=ext.bags if ext else None,
+                    test_y=ext.y if ext else None,
+                    classifier_kw=cfg.classifier.get(method),
+                    images=_images(store, cfg.cohort, data.bags, method),
+                    test_images=_images(store, cfg.external, ext.bags, method) if ext else None,
+                )
+            )
             if pool == "all" and encoder is not None and encoder not in probes:
                 probes[encoder] = _probe(data.bags, cfg.folds, cfg.seed)
     if not entries:
-        raise ClassifyError(f"nothing to compare: {'; '.join(s['reason'] for s in skipped) or 'no entries'}")
+        raise ClassifyError(
+            f"nothing to compare: {'; '.join(s['reason'] for s in skipped) or 'no entries'}"
+        )
     from fpstore.classify.protocol import assign_groups
 
     ids = sorted(basis)
-    groups = assign_groups(ids, [basis[p][0] for p in ids], cfg.split,
-                           np.array([basis[p][1] for p in ids], dtype=object), cfg.folds, cfg.seed)
-    result = run_compare(entries, n_folds=cfg.folds, split=cfg.split, seed=cfg.seed,
-                         n_boot=cfg.n_boot, progress=progress, groups=groups)
+    groups = assign_groups(
+        ids,
+        [basis[p][0] for p in ids],
+        cfg.split,
+        np.array([basis[p][1] for p in ids], dtype=object),
+        cfg.folds,
+        cfg.seed,
+    )
+    result = run_compare(
+        entries,
+        n_folds=cfg.folds,
+        split=cfg.split,
+        seed=cfg.seed,
+        n_boot=cfg.n_boot,
+        progress=progress,
+        groups=groups,
+    )
     config = {**asdict(cfg), "encoders": list(encoders), "pools": list(pools)}
     compare_id = new_run_id({**config, "method": "compare"})
     for i, (row, entry, res) in enumerate(zip(result["rows"], entries, result["results"])):
         method, encoder, pool = entry.name.split(" | ")
         row.update({"encoder": encoder, "pool": pool})
         if save:
-            run_config = {"marker": cfg.marker, "cohort": cfg.cohort, "external": cfg.external,
-                          "method": method, "encoder": None if encoder == "pixels" else encoder,
-                          "pool": pool, "folds": cfg.folds, "split": cfg.split, "seed": cfg.seed,
-                          "n_boot": cfg.n_boot, "classifier": res.classifier}
+            run_config = {
+                "marker": cfg.marker,
+                "cohort": cfg.cohort,
+                "external": cfg.external,
+                "method": method,
+                "encoder": None if encoder == "pixels" else encoder,
+                "pool": pool,
+                "folds": cfg.folds,
+                "split": cfg.split,
+                "seed": cfg.seed,
+                "n_boot": cfg.n_boot,
+                "classifier": res.classifier,
+            }
             run_id = f"{compare_id}-{i:02d}"
-            doc = {**run_config, "config": run_config, "kind": res.kind, "compare_id": compare_id,
-                   "score_range": score_range(method, res.predictions),
-                   res.kind: res.to_dict(), "fold_assignment": result["groups"]}
+            doc = {
+                **run_config,
+                "config": run_config,
+                "kind": res.kind,
+                "compare_id": compare_id,
+                "score_range": score_range(method, res.predictions),
+                res.kind: res.to_dict(),
+                "fold_assignment": result["groups"],
+            }
             block = (cfg.external or cfg.cohort, "external" if res.kind == "external" else "test")
             save_run(store, run_id, doc, [(*block, res.predictions)])
             row["run_id"] = run_id
-    document = {"kind": "compare", "compare_id": compare_id, "config": config,
-                "evaluated_on": cfg.external or f"{cfg.cohort} ({cfg.folds}-fold CV)",
-                "rows": result["rows"], "names": result["names"],
-                "pairwise_p": result["pairwise_p"], "site_probe": probes, "skipped": skipped}
+    document = {
+        "kind": "compare",
+        "compare_id": compare_id,
+        "config": config,
+        "evaluated_on": cfg.external or f"{cfg.cohort} ({cfg.folds}-fold CV)",
+        "rows": result["rows"],
+        "names": result["names"],
+        "pairwise_p": result["pairwise_p"],
+        "site_probe": probes,
+        "skipped": skipped,
+    }
     if save:
         write_json_atomic(document, store / "runs" / compare_id / "compare.json")
     return document

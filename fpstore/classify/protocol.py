@@ -50,20 +50,31 @@ class ValidationResult:
     groups: dict = field(default_factory=dict)  # patient_id -> group of the training cohort
 
     def to_dict(self, roc: bool = True) -> dict:
-        out = {"kind": self.kind, "method": self.method, "metrics": self.metrics,
-               "folds": self.folds, "classifier": self.classifier}
+        out = {
+            "kind": self.kind,
+            "method": self.method,
+            "metrics": self.metrics,
+            "folds": self.folds,
+            "classifier": self.classifier,
+        }
         if roc:
             out["roc"] = self.roc
         return out
 
 
-def assign_groups(patient_ids, y, split: str = "patient", sites=None, n_folds: int = 5,
-                  seed: int = 0) -> dict[str, int]:
+def assign_groups(
+    patient_ids, y, split: str = "patient", sites=None, n_folds: int = 5, seed: int = 0
+) -> dict[str, int]:
     """patient_id -> group; sorted ids first, so the same patients always get the same groups."""
     patient_ids = np.asarray(patient_ids).astype(str)
     order = np.argsort(patient_ids)
-    groups = make_groups(np.asarray(y)[order], split,
-                         None if sites is None else np.asarray(sites)[order], n_folds, seed)
+    groups = make_groups(
+        np.asarray(y)[order],
+        split,
+        None if sites is None else np.asarray(sites)[order],
+        n_folds,
+        seed,
+    )
     return dict(zip(patient_ids[order].tolist(), groups.tolist()))
 
 
@@ -81,8 +92,9 @@ def _fit(method, bags: Bags, y, fold: Fold, seed: int, images, classifier_kw):
             "too few patients of the other class for this pool and split"
         )
     model = create_classifier(method, seed=seed, images=images, **(classifier_kw or {}))
-    return model.fit(bags.subset(fold.train), y[fold.train],
-                     eval_set=(bags.subset(fold.es), y[fold.es]))
+    return model.fit(
+        bags.subset(fold.train), y[fold.train], eval_set=(bags.subset(fold.es), y[fold.es])
+    )
 
 
 def _score(model, bags: Bags) -> tuple[np.ndarray, np.ndarray | None]:
@@ -99,10 +111,19 @@ def _metrics(y, scores, n_boot: int, seed: int) -> tuple[dict, dict]:
     return summarize(y, scores, n_boot=n_boot, seed=seed), roc_points(y, scores)
 
 
-def cross_validate(bags: Bags, y, method: str = "mil", groups: dict[str, int] | None = None,
-                   n_folds: int = 5, split: str = "patient", seed: int = 0, n_boot: int = 2000,
-                   classifier_kw: dict | None = None, images=None,
-                   progress: bool = True) -> ValidationResult:
+def cross_validate(
+    bags: Bags,
+    y,
+    method: str = "mil",
+    groups: dict[str, int] | None = None,
+    n_folds: int = 5,
+    split: str = "patient",
+    seed: int = 0,
+    n_boot: int = 2000,
+    classifier_kw: dict | None = None,
+    images=None,
+    progress: bool = True,
+) -> ValidationResult:
     """The paper's k-fold protocol; every patient of ``bags`` is tested exactly once."""
     y = np.asarray(y)
     if groups is None:
@@ -121,38 +142,70 @@ def cross_validate(bags: Bags, y, method: str = "mil", groups: dict[str, int] | 
             patch_parts.append((test, fold.index, patch))
         classifier = classifier or model.describe()
         yt = y[fold.test]
-        fold_rows.append({
-            "fold": fold.index, "n_train": len(fold.train), "n_es": len(fold.es),
-            "n_test": len(fold.test), "n_test_pos": int(yt.sum()),
-            "auc": auc(yt, scores[fold.test]) if len(np.unique(yt)) == 2 else None,
-            "es_score": getattr(model, "es_score_", None),
-            "best_epoch": getattr(model, "best_epoch_", getattr(model, "best_iteration_", None)),
-        })
+        fold_rows.append(
+            {
+                "fold": fold.index,
+                "n_train": len(fold.train),
+                "n_es": len(fold.es),
+                "n_test": len(fold.test),
+                "n_test_pos": int(yt.sum()),
+                "auc": auc(yt, scores[fold.test]) if len(np.unique(yt)) == 2 else None,
+                "es_score": getattr(model, "es_score_", None),
+                "best_epoch": getattr(
+                    model, "best_epoch_", getattr(model, "best_iteration_", None)
+                ),
+            }
+        )
     metrics, roc = _metrics(y, scores, n_boot, seed)
     fold_aucs = [f["auc"] for f in fold_rows if f["auc"] is not None]
     metrics["mean_fold_auc"] = float(np.mean(fold_aucs)) if fold_aucs else None
     metrics["sd_fold_auc"] = float(np.std(fold_aucs)) if fold_aucs else None
-    predictions = Predictions(bags.patient_ids, y, scores, fold_of, bags.n_patches(),
-                              *_patch_columns(patch_parts))
-    return ValidationResult("cv", method, classifier, predictions, metrics, roc, fold_rows,
-                            {p: int(v) for p, v in zip(bags.patient_ids, g)})
+    predictions = Predictions(
+        bags.patient_ids, y, scores, fold_of, bags.n_patches(), *_patch_columns(patch_parts)
+    )
+    return ValidationResult(
+        "cv",
+        method,
+        classifier,
+        predictions,
+        metrics,
+        roc,
+        fold_rows,
+        {p: int(v) for p, v in zip(bags.patient_ids, g)},
+    )
 
 
 def _patch_columns(parts) -> tuple:
     if not parts:
         return None, None, None, None
     ids = [t.patch_ids if t.patch_ids is not None else np.array([""] * len(s)) for t, _, s in parts]
-    slides = [t.slide_ids if t.slide_ids is not None else np.array([""] * len(s)) for t, _, s in parts]
+    slides = [
+        t.slide_ids if t.slide_ids is not None else np.array([""] * len(s)) for t, _, s in parts
+    ]
     folds = [np.full(len(s), k) for _, k, s in parts]
-    return (np.concatenate(ids), np.concatenate(slides), np.concatenate(folds),
-            np.concatenate([s for _, _, s in parts]).astype(np.float32))
+    return (
+        np.concatenate(ids),
+        np.concatenate(slides),
+        np.concatenate(folds),
+        np.concatenate([s for _, _, s in parts]).astype(np.float32),
+    )
 
 
-def external_validate(train_bags: Bags, train_y, test_bags: Bags, test_y, method: str = "mil",
-                      groups: dict[str, int] | None = None, n_folds: int = 5,
-                      split: str = "patient", seed: int = 0, n_boot: int = 2000,
-                      classifier_kw: dict | None = None, images=None,
-                      test_images=None) -> ValidationResult:
+def external_validate(
+    train_bags: Bags,
+    train_y,
+    test_bags: Bags,
+    test_y,
+    method: str = "mil",
+    groups: dict[str, int] | None = None,
+    n_folds: int = 5,
+    split: str = "patient",
+    seed: int = 0,
+    n_boot: int = 2000,
+    classifier_kw: dict | None = None,
+    images=None,
+    test_images=None,
+) -> ValidationResult:
     """Train the final model on the whole training cohort, then test once on the other."""
     train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     overlap = set(train_bags.patient_ids) & set(test_bags.patient_ids)
@@ -162,7 +215,9 @@ def external_validate(train_bags: Bags, train_y, test_bags: Bags, test_y, method
             f"{sorted(overlap)[0]!r}; an external test must be disjoint"
         )
     if groups is None:
-        groups = assign_groups(train_bags.patient_ids, train_y, split, train_bags.sites, n_folds, seed)
+        groups = assign_groups(
+            train_bags.patient_ids, train_y, split, train_bags.sites, n_folds, seed
+        )
     fold = final_fold(_group_array(train_bags, groups))
     model = _fit(method, train_bags, train_y, fold, seed, images, classifier_kw)
     if test_images is not None:
@@ -170,15 +225,27 @@ def external_validate(train_bags: Bags, train_y, test_bags: Bags, test_y, method
     scores, patch = _score(model, test_bags)
     metrics, roc = _metrics(test_y, scores, n_boot, seed)
     parts = [] if patch is None else [(test_bags, -1, patch)]
-    predictions = Predictions(test_bags.patient_ids, test_y, scores,
-                              np.full(test_bags.n_patients, -1), test_bags.n_patches(),
-                              *_patch_columns(parts))
-    info = {"fold": None, "n_train": len(fold.train), "n_es": len(fold.es),
-            "n_test": test_bags.n_patients, "n_test_pos": int(test_y.sum()),
-            "auc": metrics["auc"], "es_score": getattr(model, "es_score_", None),
-            "best_epoch": getattr(model, "best_epoch_", getattr(model, "best_iteration_", None))}
-    return ValidationResult("external", method, model.describe(), predictions, metrics, roc,
-                            [info], dict(groups))
+    predictions = Predictions(
+        test_bags.patient_ids,
+        test_y,
+        scores,
+        np.full(test_bags.n_patients, -1),
+        test_bags.n_patches(),
+        *_patch_columns(parts),
+    )
+    info = {
+        "fold": None,
+        "n_train": len(fold.train),
+        "n_es": len(fold.es),
+        "n_test": test_bags.n_patients,
+        "n_test_pos": int(test_y.sum()),
+        "auc": metrics["auc"],
+        "es_score": getattr(model, "es_score_", None),
+        "best_epoch": getattr(model, "best_epoch_", getattr(model, "best_iteration_", None)),
+    }
+    return ValidationResult(
+        "external", method, model.describe(), predictions, metrics, roc, [info], dict(groups)
+    )
 
 
 @dataclass
@@ -196,8 +263,15 @@ class Entry:
     test_images: object = None
 
 
-def compare(entries: list[Entry], n_folds: int = 5, split: str = "patient", seed: int = 0,
-            n_boot: int = 2000, progress: bool = True, groups: dict | None = None) -> dict:
+def compare(
+    entries: list[Entry],
+    n_folds: int = 5,
+    split: str = "patient",
+    seed: int = 0,
+    n_boot: int = 2000,
+    progress: bool = True,
+    groups: dict | None = None,
+) -> dict:
     """Run every entry on the same groups; DeLong p-values pairwise on shared patients.
 
     Without ``groups`` they come from the union of the entries' patients (a pool can drop
@@ -210,22 +284,46 @@ def compare(entries: list[Entry], n_folds: int = 5, split: str = "patient", seed
         groups = _union_groups(entries, n_folds, split, seed)
     results = []
     for e in tqdm(entries, desc="compare", file=sys.stderr, disable=not progress):
-        common = dict(method=e.method, groups=groups, n_folds=n_folds, seed=seed,
-                      n_boot=n_boot, classifier_kw=e.classifier_kw, images=e.images)
+        common = dict(
+            method=e.method,
+            groups=groups,
+            n_folds=n_folds,
+            seed=seed,
+            n_boot=n_boot,
+            classifier_kw=e.classifier_kw,
+            images=e.images,
+        )
         if e.test_bags is None:
             results.append(cross_validate(e.bags, e.y, progress=False, **common))
         else:
-            results.append(external_validate(e.bags, e.y, e.test_bags, e.test_y,
-                                             test_images=e.test_images, **common))
+            results.append(
+                external_validate(
+                    e.bags, e.y, e.test_bags, e.test_y, test_images=e.test_images, **common
+                )
+            )
     pvalues = [[_paired_p(a, b) for b in results] for a in results]
     rows = []
     for e, r, p in zip(entries, results, pvalues):
         m = r.metrics
-        rows.append({"name": e.name, "method": e.method, "n": m["n"], "auc": m["auc"],
-                     "ci_low": m["ci_low"], "ci_high": m["ci_high"],
-                     "mean_fold_auc": m.get("mean_fold_auc"), "p_vs_first": p[0]})
-    return {"rows": rows, "pairwise_p": pvalues, "names": [e.name for e in entries],
-            "results": results, "groups": groups}
+        rows.append(
+            {
+                "name": e.name,
+                "method": e.method,
+                "n": m["n"],
+                "auc": m["auc"],
+                "ci_low": m["ci_low"],
+                "ci_high": m["ci_high"],
+                "mean_fold_auc": m.get("mean_fold_auc"),
+                "p_vs_first": p[0],
+            }
+        )
+    return {
+        "rows": rows,
+        "pairwise_p": pvalues,
+        "names": [e.name for e in entries],
+        "results": results,
+        "groups": groups,
+    }
 
 
 def _union_groups(entries: list[Entry], n_folds: int, split: str, seed: int) -> dict:

@@ -31,12 +31,19 @@ def new_run_id(config: dict) -> str:
 def patient_table(run_id: str, cohort: str, role: str, p: Predictions) -> pa.Table:
     folds = [None if f < 0 else int(f) for f in p.folds]
     n = len(p.patient_ids)
-    return pa.table({
-        "run_id": [run_id] * n, "cohort": [cohort] * n, "patient_id": p.patient_ids.tolist(),
-        "fold": pa.array(folds, pa.int16()), "role": [role] * n,
-        "label": pa.array(p.labels.astype(np.int8)), "score": pa.array(p.scores.astype(np.float32)),
-        "n_patches": pa.array(p.n_patches.astype(np.int32)),
-    }, schema=PATIENT_PREDICTIONS)
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "cohort": [cohort] * n,
+            "patient_id": p.patient_ids.tolist(),
+            "fold": pa.array(folds, pa.int16()),
+            "role": [role] * n,
+            "label": pa.array(p.labels.astype(np.int8)),
+            "score": pa.array(p.scores.astype(np.float32)),
+            "n_patches": pa.array(p.n_patches.astype(np.int32)),
+        },
+        schema=PATIENT_PREDICTIONS,
+    )
 
 
 def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
@@ -44,15 +51,22 @@ def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
         return None
     n = len(p.patch_scores)
     folds = [None if f < 0 else int(f) for f in p.patch_folds]
-    return pa.table({
-        "run_id": [run_id] * n, "cohort": [cohort] * n, "slide_id": p.slide_ids.tolist(),
-        "patch_id": p.patch_ids.tolist(), "fold": pa.array(folds, pa.int16()),
-        "score": pa.array(p.patch_scores.astype(np.float32)),
-    }, schema=PATCH_PREDICTIONS)
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "cohort": [cohort] * n,
+            "slide_id": p.slide_ids.tolist(),
+            "patch_id": p.patch_ids.tolist(),
+            "fold": pa.array(folds, pa.int16()),
+            "score": pa.array(p.patch_scores.astype(np.float32)),
+        },
+        schema=PATCH_PREDICTIONS,
+    )
 
 
-def save_run(store: Path, run_id: str, document: dict,
-             predictions: list[tuple[str, str, Predictions]]) -> Path:
+def save_run(
+    store: Path, run_id: str, document: dict, predictions: list[tuple[str, str, Predictions]]
+) -> Path:
     """Write one run; ``predictions`` lists (cohort, role, Predictions) blocks (test, external)."""
     folder = Path(store) / "runs" / run_id
     metadata = file_metadata("predictions", run_id=run_id)
@@ -60,9 +74,16 @@ def save_run(store: Path, run_id: str, document: dict,
     write_parquet_atomic(pa.concat_tables(patients), folder / "patients.parquet", metadata)
     patches = [t for c, _, p in predictions if (t := patch_table(run_id, c, p)) is not None]
     if patches:
-        write_parquet_atomic(pa.concat_tables(patches), folder / "patches.parquet",
-                             file_metadata("patch_predictions", run_id=run_id))
-    document = {**document, "run_id": run_id, "fpstore_version": fpstore.__version__,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        write_parquet_atomic(
+            pa.concat_tables(patches),
+            folder / "patches.parquet",
+            file_metadata("patch_predictions", run_id=run_id),
+        )
+    document = {
+        **document,
+        "run_id": run_id,
+        "fpstore_version": fpstore.__version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
     write_json_atomic(document, folder / "run.json")
     return folder

@@ -102,17 +102,23 @@ def cv_folds(groups) -> list[Fold]:
     folds = []
     for k in range(n):
         es = (k + 1) % n
-        folds.append(Fold(
-            index=k,
-            train=np.flatnonzero((groups != k) & (groups != es)),
-            es=np.flatnonzero(groups == es),
-            test=np.flatnonzero(groups == k),
-        ))
+        folds.append(
+            Fold(
+                index=k,
+                train=np.flatnonzero((groups != k) & (groups != es)),
+                es=np.flatnonzero(groups == es),
+                test=np.flatnonzero(groups == k),
+            )
+        )
     return folds
 
 
 def final_fold(groups) -> Fold:
     """The final model for external validation: train on all groups but one, early-stop on it."""
     groups = np.asarray(groups)
-    return Fold(index=-1, train=np.flatnonzero(groups != 0), es=np.flatnonzero(groups == 0),
-                test=np.zeros(0, dtype=np.int64))
+    return Fold(
+        index=-1,
+        train=np.flatnonzero(groups != 0),
+        es=np.flatnonzero(groups == 0),
+        test=np.zeros(0, dtype=np.int64),
+    )

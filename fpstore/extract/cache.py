@@ -127,8 +127,14 @@ class PatchCache:
         import lmdb
 
         if self.readonly:
-            env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                            max_readers=512, max_dbs=2)
+            env = lmdb.open(
+                str(self.path),
+                readonly=True,
+                lock=False,
+                readahead=False,
+                max_readers=512,
+                max_dbs=2,
+            )
         else:
             self.path.mkdir(parents=True, exist_ok=True)
             env = lmdb.open(str(self.path), map_size=self.map_size, readahead=False, max_dbs=2)
@@ -181,7 +187,9 @@ class PatchCache:
         Existing keys are overwritten. Returns the number of patches written.
         """
         if self.readonly:
-            raise StoreError(f"patch cache {self.path} is open read-only; open it with readonly=False")
+            raise StoreError(
+                f"patch cache {self.path} is open read-only; open it with readonly=False"
+            )
         keys = list(keys)
         meta = [{}] * len(keys) if meta is None else list(meta)
         if len(meta) != len(keys):

@@ -70,7 +70,7 @@ class CohortSummary:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "CohortSummary":
+    def from_dict(cls, data: dict) -> CohortSummary:
         data = dict(data)
         for key in ("markers", "markers_with_slides"):
             data[key] = {m: MarkerCounts(**c) for m, c in data[key].items()}
@@ -382,7 +382,9 @@ def _write(target: Path, slides: pa.Table, labels: pa.Table, document: dict) -> 
         # No folder rename on object storage: publish the tables, then cohort.json (the key
         # load_cohort looks for) last.
         for table, kind in ((slides, "slides"), (labels, "labels")):
-            write_parquet_atomic(table, target / f"{kind}.parquet", file_metadata(kind, cohort=target.name))
+            write_parquet_atomic(
+                table, target / f"{kind}.parquet", file_metadata(kind, cohort=target.name)
+            )
         (target / "cohort.json").write_bytes(json.dumps(document, indent=2).encode())
         return
     target.parent.mkdir(parents=True, exist_ok=True)

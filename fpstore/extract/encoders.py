@@ -51,7 +51,9 @@ class Preprocessing:
         object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
         object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if len(self.mean) != 3 or len(self.std) != 3:
-            raise EncoderError(f"preprocessing needs 3 channel means and stds, got {self.mean}, {self.std}")
+            raise EncoderError(
+                f"preprocessing needs 3 channel means and stds, got {self.mean}, {self.std}"
+            )
         for s in self.std:
             check_range("Preprocessing", "std", s, 1e-6)
         check_range("Preprocessing", "patch_um", self.patch_um, 1.0, 10_000.0)
@@ -69,8 +71,15 @@ class Encoder(torch.nn.Module):
     batch is already channels_last in memory, which the convolutions prefer.
     """
 
-    def __init__(self, id: str, backbone: torch.nn.Module, dim: int,
-                 preprocessing: Preprocessing, weights_hash: str, description: str = ""):
+    def __init__(
+        self,
+        id: str,
+        backbone: torch.nn.Module,
+        dim: int,
+        preprocessing: Preprocessing,
+        weights_hash: str,
+        description: str = "",
+    ):
         super().__init__()
         self.id = id
         self.backbone = backbone.eval()
@@ -90,16 +99,22 @@ class Encoder(torch.nn.Module):
     @property
     def hash(self) -> str:
         """Weights and preprocessing together: what makes two extractions comparable."""
-        text = json.dumps({"weights": self.weights_hash, "pre": self.preprocessing.to_dict()},
-                          sort_keys=True)
+        text = json.dumps(
+            {"weights": self.weights_hash, "pre": self.preprocessing.to_dict()}, sort_keys=True
+        )
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     @property
     def device(self) -> torch.device:
         return self.scale.device
 
-    def prepare(self, device: str | torch.device = "cpu", precision: str = "fp32",
-                channels_last: bool = True, compile: bool = False) -> Encoder:
+    def prepare(
+        self,
+        device: str | torch.device = "cpu",
+        precision: str = "fp32",
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> Encoder:
         """Move to ``device`` and choose the arithmetic; returns self.
 
         ``precision`` bf16/fp16 runs the backbone under autocast (outputs stay float32);
@@ -111,8 +126,10 @@ class Encoder(torch.nn.Module):
         if precision == "fp16" and device.type != "cuda":
             raise EncoderError("precision 'fp16' needs a CUDA device; on CPU use 'bf16' or 'fp32'")
         if precision == "int8" and (device.type != "cpu" or compile):
-            raise EncoderError(f"precision 'int8' is a CPU path without --compile (got device "
-                               f"{device.type}, compile={compile}); on CUDA use 'bf16'")
+            raise EncoderError(
+                f"precision 'int8' is a CPU path without --compile (got device "
+                f"{device.type}, compile={compile}); on CUDA use 'bf16'"
+            )
         self.to(device)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -131,7 +148,9 @@ class Encoder(torch.nn.Module):
         if self.precision != "int8":
             raise EncoderError(f"calibrate() is for precision 'int8', not {self.precision!r}")
         if len(pixels) < 4:
-            raise EncoderError(f"int8 calibration needs at least 4 tissue patches, got {len(pixels)}")
+            raise EncoderError(
+                f"int8 calibration needs at least 4 tissue patches, got {len(pixels)}"
+            )
         with torch.inference_mode():
             x = self.normalise(pixels)
         fit, held_out = x[0::2], x[1::2]
@@ -139,22 +158,29 @@ class Encoder(torch.nn.Module):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                observed = prepare_fx(copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format),
-                                      get_default_qconfig_mapping("x86"), (fit[:1],))
+                observed = prepare_fx(
+                    copy.deepcopy(self.backbone).to(memory_format=torch.contiguous_format),
+                    get_default_qconfig_mapping("x86"),
+                    (fit[:1],),
+                )
             except Exception as error:  # FX cannot trace every backbone (timm's dynamic ones)
-                raise EncoderError(f"encoder {self.id} cannot be quantized to int8 ({error}); "
-                                   "use --precision fp32") from error
+                raise EncoderError(
+                    f"encoder {self.id} cannot be quantized to int8 ({error}); use --precision fp32"
+                ) from error
             with torch.inference_mode():
                 for start in range(0, len(fit), 32):
-                    observed(fit[start:start + 32])
+                    observed(fit[start : start + 32])
                 quantized = convert_fx(observed)
                 reference = self.backbone(held_out).float().flatten(1)
                 approx = quantized(held_out).float().flatten(1)
         cosine = torch.nn.functional.cosine_similarity(approx, reference).numpy()
         self._forward = quantized
-        self.calibration = {"n_fit": len(fit), "n_check": len(held_out),
-                            "min_cosine": round(float(cosine.min()), 6),
-                            "median_cosine": round(float(np.median(cosine)), 6)}
+        self.calibration = {
+            "n_fit": len(fit),
+            "n_check": len(held_out),
+            "min_cosine": round(float(cosine.min()), 6),
+            "median_cosine": round(float(np.median(cosine)), 6),
+        }
         return self.calibration
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
@@ -184,8 +210,14 @@ class Encoder(torch.nn.Module):
         return self.encode(batch)
 
     def describe(self) -> dict:
-        return {"id": self.id, "dim": self.dim, "hash": self.hash, "weights_hash": self.weights_hash,
-                "preprocessing": self.preprocessing.to_dict(), "description": self.description}
+        return {
+            "id": self.id,
+            "dim": self.dim,
+            "hash": self.hash,
+            "weights_hash": self.weights_hash,
+            "preprocessing": self.preprocessing.to_dict(),
+            "description": self.description,
+        }
 
 
 def state_dict_hash(module: torch.nn.Module) -> str:
@@ -243,8 +275,10 @@ def _strip_head(model: torch.nn.Module, arch: str) -> int:
                 dim = head[linears[-1]].in_features
                 head[linears[-1]] = torch.nn.Identity()
                 return dim
-    raise EncoderError(f"torchvision:{arch}: no classification head found to remove; "
-                       "use a classification backbone (resnet*, densenet*, efficientnet_*, ...)")
+    raise EncoderError(
+        f"torchvision:{arch}: no classification head found to remove; "
+        "use a classification backbone (resnet*, densenet*, efficientnet_*, ...)"
+    )
 
 
 def torchvision_cache_file(arch: str) -> Path | None:
@@ -258,13 +292,22 @@ def torchvision_cache_file(arch: str) -> Path | None:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def _torchvision(arch: str, weights: str | Path | None = None, *, encoder_id: str | None = None,
-                 patch_um: float = 112.0, out_px: int = 224) -> Encoder:
+def _torchvision(
+    arch: str,
+    weights: str | Path | None = None,
+    *,
+    encoder_id: str | None = None,
+    patch_um: float = 112.0,
+    out_px: int = 224,
+) -> Encoder:
     import torchvision
 
     if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise unknown_name("torchvision classification model", arch,
-                           torchvision.models.list_models(module=torchvision.models))
+        raise unknown_name(
+            "torchvision classification model",
+            arch,
+            torchvision.models.list_models(module=torchvision.models),
+        )
     if weights is None:
         weights = torchvision_cache_file(arch)
         if weights is None or not weights.is_file():
@@ -277,9 +320,14 @@ def _torchvision(arch: str, weights: str | Path | None = None, *, encoder_id: st
     _load_into(model, weights, arch)
     digest = state_dict_hash(model)
     dim = _strip_head(model, arch)
-    return Encoder(encoder_id or f"torchvision-{arch}", model, dim,
-                   Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px), digest,
-                   f"torchvision {arch}, ImageNet weights from {weights}")
+    return Encoder(
+        encoder_id or f"torchvision-{arch}",
+        model,
+        dim,
+        Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px),
+        digest,
+        f"torchvision {arch}, ImageNet weights from {weights}",
+    )
 
 
 def _imagenet_resnet34(weights: str | Path | None = None, **kw) -> Encoder:
@@ -293,9 +341,14 @@ def _random_resnet34(seed: int = 0, patch_um: float = 112.0, out_px: int = 224) 
         torch.manual_seed(seed)
         model = torchvision.models.resnet34(weights=None)
     model.fc = torch.nn.Identity()
-    return Encoder("random-resnet34", model, 512,
-                   Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px),
-                   state_dict_hash(model), f"ResNet34 with random weights (seed {seed})")
+    return Encoder(
+        "random-resnet34",
+        model,
+        512,
+        Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px),
+        state_dict_hash(model),
+        f"ResNet34 with random weights (seed {seed})",
+    )
 
 
 def _timm(arch: str, weights: str | Path | None = None) -> Encoder:
@@ -313,10 +366,20 @@ def _timm(arch: str, weights: str | Path | None = None) -> Encoder:
     digest = state_dict_hash(model)
     model.reset_classifier(0)
     cfg = model.pretrained_cfg or {}
-    pre = Preprocessing(cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD), 112.0,
-                        int(cfg.get("input_size", (3, 224, 224))[-1]))
-    return Encoder(f"timm-{arch}", model, model.num_features, pre, digest,
-                   f"timm {arch}, weights from {weights}")
+    pre = Preprocessing(
+        cfg.get("mean", IMAGENET_MEAN),
+        cfg.get("std", IMAGENET_STD),
+        112.0,
+        int(cfg.get("input_size", (3, 224, 224))[-1]),
+    )
+    return Encoder(
+        f"timm-{arch}",
+        model,
+        model.num_features,
+        pre,
+        digest,
+        f"timm {arch}, weights from {weights}",
+    )
 
 
 class _FeaturesOnly(torch.nn.Module):
@@ -332,18 +395,30 @@ class _FeaturesOnly(torch.nn.Module):
 
 def _fingerprint(checkpoint: str | Path | None = None) -> Encoder:
     if checkpoint is None:
-        raise EncoderError("encoder 'fingerprint' needs checkpoint=PATH "
-                           "(a file written by `fpstore train-fingerprint`)")
+        raise EncoderError(
+            "encoder 'fingerprint' needs checkpoint=PATH "
+            "(a file written by `fpstore train-fingerprint`)"
+        )
     from fpstore.fingerprint.checkpoint import load_checkpoint
 
     model, meta = load_checkpoint(Path(checkpoint))
     pre = meta.get("preprocessing") or {}
-    preprocessing = Preprocessing(pre.get("mean", IMAGENET_MEAN), pre.get("std", IMAGENET_STD),
-                                  pre.get("patch_um", 112.0), pre.get("out_px", 224))
+    preprocessing = Preprocessing(
+        pre.get("mean", IMAGENET_MEAN),
+        pre.get("std", IMAGENET_STD),
+        pre.get("patch_um", 112.0),
+        pre.get("out_px", 224),
+    )
     digest = meta.get("content_hash") or meta.get("hash") or state_dict_hash(model)
     dim = int(meta.get("dim", getattr(model, "feature_dim", 512)))
-    return Encoder("fingerprint", _FeaturesOnly(model), dim, preprocessing, str(digest),
-                   f"fingerprint network from {checkpoint}")
+    return Encoder(
+        "fingerprint",
+        _FeaturesOnly(model),
+        dim,
+        preprocessing,
+        str(digest),
+        f"fingerprint network from {checkpoint}",
+    )
 
 
 _REGISTRY = {

@@ -39,15 +39,24 @@ from fpstore.extract.encoders import PRECISIONS
 from fpstore.store.featurestore import check_partition_value, fingerprint_path, status_path
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
 from fpstore.store.remote import is_remote, store_root
-from fpstore.store.schema import SCHEMA_VERSION, file_metadata, fingerprint_schema, patch_id, read_metadata
+from fpstore.store.schema import (
+    SCHEMA_VERSION,
+    file_metadata,
+    fingerprint_schema,
+    patch_id,
+    read_metadata,
+)
 
 # int8: activation ranges come from this many tissue patches of the cohort (half of them
 # check the agreement with fp32), taken from up to CALIBRATION_SLIDES slides.
 CALIBRATION_PATCHES, CALIBRATION_SLIDES = 64, 8
 # Parquet options for fingerprint files: zstd over byte-stream-split floats stores ReLU
 # features in ~70% of their raw size (benchmarks/bench_storage.py).
-PARQUET_OPTIONS = dict(compression="zstd", use_dictionary=["patient_id", "slide_id", "site"],
-                       column_encoding={"fingerprint.list.element": "BYTE_STREAM_SPLIT"})
+PARQUET_OPTIONS = dict(
+    compression="zstd",
+    use_dictionary=["patient_id", "slide_id", "site"],
+    column_encoding={"fingerprint.list.element": "BYTE_STREAM_SPLIT"},
+)
 
 
 @dataclass(frozen=True)
@@ -126,14 +135,22 @@ class ExtractSummary:
 
     def to_dict(self) -> dict:
         return {
-            "cohort": self.cohort, "encoder": self.encoder, "encoder_hash": self.encoder_hash,
-            "device": self.device, "precision": self.precision,
-            "ok": self.count("ok"), "skipped": self.count("skipped"),
-            "elsewhere": self.count("elsewhere"), "failed": self.count("failed"),
-            "patches": self.n_patches, "seconds": round(self.seconds, 3),
+            "cohort": self.cohort,
+            "encoder": self.encoder,
+            "encoder_hash": self.encoder_hash,
+            "device": self.device,
+            "precision": self.precision,
+            "ok": self.count("ok"),
+            "skipped": self.count("skipped"),
+            "elsewhere": self.count("elsewhere"),
+            "failed": self.count("failed"),
+            "patches": self.n_patches,
+            "seconds": round(self.seconds, 3),
             "patches_per_s": round(self.patches_per_s, 2),
             "loop_seconds": round(self.loop_seconds, 3),
-            "loop_patches_per_s": round(self.n_patches / self.loop_seconds, 2) if self.loop_seconds else 0.0,
+            "loop_patches_per_s": round(self.n_patches / self.loop_seconds, 2)
+            if self.loop_seconds
+            else 0.0,
             "int8_agreement": self.int8_agreement,
             "slides": [asdict(r) for r in self.slides],
         }
@@ -141,13 +158,18 @@ class ExtractSummary:
 
 # ---------------------------------------------------------------- metadata and resume
 
+
 def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
     """The file metadata that must match for a stored slide to count as done (int8 runs add
     their calibration digest)."""
     return {
-        "schema_version": SCHEMA_VERSION, "encoder": encoder.id, "encoder_hash": encoder.hash,
-        "dim": str(encoder.dim), "patches": "all" if config.patches is None else str(config.patches),
-        "seed": str(config.seed), "min_tissue": str(config.min_tissue),
+        "schema_version": SCHEMA_VERSION,
+        "encoder": encoder.id,
+        "encoder_hash": encoder.hash,
+        "dim": str(encoder.dim),
+        "patches": "all" if config.patches is None else str(config.patches),
+        "seed": str(config.seed),
+        "min_tissue": str(config.min_tissue),
         "precision": config.precision,
     }
 
@@ -160,8 +182,13 @@ def calibration_set(slides: list[dict], spec: PatchSpec) -> tuple[list, str]:
     gets the same quantized model. The digest joins the resume key: a cohort that gained
     slides calibrates differently, and its stored int8 files are then refused, not mixed.
     """
+
     def spread(n: int, k: int) -> np.ndarray:  # k indices evenly over range(n)
-        return np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int)) if n else np.zeros(0, int)
+        return (
+            np.unique(np.linspace(0, n - 1, min(k, n)).round().astype(int))
+            if n
+            else np.zeros(0, int)
+        )
 
     rows = sorted((r for r in slides if r["patient_id"] is not None), key=lambda r: r["slide_id"])
     picked = [rows[i] for i in spread(len(rows), CALIBRATION_SLIDES)]
@@ -173,7 +200,10 @@ def calibration_set(slides: list[dict], spec: PatchSpec) -> tuple[list, str]:
             continue
         sub = grid.take(spread(len(grid), per_slide))
         chosen.append((row, sub))
-        ids += [f"{row['slide_id']}:{x}:{y}" for x, y in zip(sub.column("x").to_pylist(), sub.column("y").to_pylist())]
+        ids += [
+            f"{row['slide_id']}:{x}:{y}"
+            for x, y in zip(sub.column("x").to_pylist(), sub.column("y").to_pylist())
+        ]
     return chosen, hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]
 
 
@@ -184,8 +214,14 @@ def read_calibration(chosen: list, spec: PatchSpec) -> torch.Tensor:
     for row, grid in chosen:
         xy = np.stack([grid.column("x").to_numpy(), grid.column("y").to_numpy()], 1)
         with open_slide(row["path"], mpp=row.get("mpp_override")) as slide:
-            parts.append(slide.read_patches(xy, float(grid.column("size_px")[0].as_py()), spec.out_px))
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty((0, spec.out_px, spec.out_px, 3), dtype=torch.uint8)
+            parts.append(
+                slide.read_patches(xy, float(grid.column("size_px")[0].as_py()), spec.out_px)
+            )
+    return (
+        torch.from_numpy(np.concatenate(parts))
+        if parts
+        else torch.empty((0, spec.out_px, spec.out_px, 3), dtype=torch.uint8)
+    )
 
 
 def stored_mismatch(path: Path, key: dict[str, str]) -> dict[str, tuple[str, str]] | None:
@@ -210,6 +246,7 @@ def _explain_mismatch(store: Path, mismatched: dict[str, dict]) -> str:
 
 
 # ---------------------------------------------------------------- claims
+
 
 class SlideClaim:
     """An exclusive, non-blocking flock on ``.<slide>.lock``; released on close or death."""
@@ -244,6 +281,7 @@ def claim_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
 
 # ---------------------------------------------------------------- planning
 
+
 @dataclass
 class SlidePlan:
     slide_id: str
@@ -273,8 +311,15 @@ def grid_or_error(row: dict, spec: PatchSpec):
         return None, None, str(error)
 
 
-def plan_slides(rows: list[dict], spec: PatchSpec, n: int | None, seed: int,
-                failed: dict[str, str], progress: bool = True, map_fn=map) -> dict[str, SlidePlan]:
+def plan_slides(
+    rows: list[dict],
+    spec: PatchSpec,
+    n: int | None,
+    seed: int,
+    failed: dict[str, str],
+    progress: bool = True,
+    map_fn=map,
+) -> dict[str, SlidePlan]:
     """Tissue patches of each slide, n sampled per patient (pooled over its slides).
 
     ``map_fn(grid_or_error, rows, specs)`` yields one grid per row in order: the builtin map
@@ -286,8 +331,14 @@ def plan_slides(rows: list[dict], spec: PatchSpec, n: int | None, seed: int,
 
     infos, grids = {}, {}
     mapped = map_fn(grid_or_error, rows, [spec] * len(rows))
-    for row, (info, grid, error) in tqdm(zip(rows, mapped), total=len(rows), desc="planning",
-                                         unit="slide", disable=not progress, leave=False):
+    for row, (info, grid, error) in tqdm(
+        zip(rows, mapped),
+        total=len(rows),
+        desc="planning",
+        unit="slide",
+        disable=not progress,
+        leave=False,
+    ):
         if error:
             failed[row["slide_id"]] = error
         else:
@@ -299,13 +350,15 @@ def plan_slides(rows: list[dict], spec: PatchSpec, n: int | None, seed: int,
     for slide_id, table in sampled.items():
         info, row = infos[slide_id], by_id[slide_id]
         size = float(table.column("size_px")[0].as_py()) if len(table) else spec.patch_um / info.mpp
-        plans[slide_id] = SlidePlan(slide_id, row["patient_id"], row.get("site"), row["path"],
-                                    info.mpp, size, table)
+        plans[slide_id] = SlidePlan(
+            slide_id, row["patient_id"], row.get("site"), row["path"], info.mpp, size, table
+        )
     return plans
 
 
-def slide_table(plan: SlidePlan, spec: PatchSpec, encoder, key: dict, cohort: str,
-                vectors: np.ndarray) -> tuple[pa.Table, dict]:
+def slide_table(
+    plan: SlidePlan, spec: PatchSpec, encoder, key: dict, cohort: str, vectors: np.ndarray
+) -> tuple[pa.Table, dict]:
     """(table, file metadata) of one slide's fingerprint file; ``encoder`` needs only id, dim,
     weights_hash and preprocessing (the Ray writers get a light copy without the model)."""
     if not np.isfinite(vectors).all():
@@ -314,9 +367,16 @@ def slide_table(plan: SlidePlan, spec: PatchSpec, encoder, key: dict, cohort: st
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), encoder.dim)
     table = keys.append_column(fingerprint_schema(encoder.dim).field("fingerprint"), column)
     metadata = file_metadata(
-        "fingerprints", **key, cohort=cohort, slide_id=plan.slide_id,
-        weights_hash=encoder.weights_hash, patch_um=spec.patch_um, out_px=spec.out_px,
-        n_patches=len(plan.keys), preprocessing=json.dumps(encoder.preprocessing.to_dict()))
+        "fingerprints",
+        **key,
+        cohort=cohort,
+        slide_id=plan.slide_id,
+        weights_hash=encoder.weights_hash,
+        patch_um=spec.patch_um,
+        out_px=spec.out_px,
+        n_patches=len(plan.keys),
+        preprocessing=json.dumps(encoder.preprocessing.to_dict()),
+    )
     return table, metadata
 
 
@@ -324,22 +384,30 @@ def _keys_table(plan: SlidePlan, spec: PatchSpec) -> pa.Table:
     x = plan.keys.column("x").to_numpy().astype(np.int64)
     y = plan.keys.column("y").to_numpy().astype(np.int64)
     n = len(x)
-    return pa.table({
-        "patient_id": pa.array([plan.patient_id] * n, pa.string()),
-        "slide_id": pa.array([plan.slide_id] * n, pa.string()),
-        "patch_id": pa.array([patch_id(plan.slide_id, a, b, plan.size_px) for a, b in zip(x, y)],
-                             pa.string()),
-        "site": pa.array([plan.site] * n, pa.string()),
-        "x": x, "y": y,
-        "size_px": pa.array(np.full(n, plan.size_px, np.float32)),
-        "x_um": x * plan.mpp, "y_um": y * plan.mpp,
-        "patch_um": pa.array(np.full(n, spec.patch_um, np.float32)),
-        "out_px": pa.array(np.full(n, spec.out_px, np.int32)),
-        "tissue_fraction": pa.array(plan.keys.column("tissue_fraction").to_numpy().astype(np.float32)),
-    })
+    return pa.table(
+        {
+            "patient_id": pa.array([plan.patient_id] * n, pa.string()),
+            "slide_id": pa.array([plan.slide_id] * n, pa.string()),
+            "patch_id": pa.array(
+                [patch_id(plan.slide_id, a, b, plan.size_px) for a, b in zip(x, y)], pa.string()
+            ),
+            "site": pa.array([plan.site] * n, pa.string()),
+            "x": x,
+            "y": y,
+            "size_px": pa.array(np.full(n, plan.size_px, np.float32)),
+            "x_um": x * plan.mpp,
+            "y_um": y * plan.mpp,
+            "patch_um": pa.array(np.full(n, spec.patch_um, np.float32)),
+            "out_px": pa.array(np.full(n, spec.out_px, np.int32)),
+            "tissue_fraction": pa.array(
+                plan.keys.column("tissue_fraction").to_numpy().astype(np.float32)
+            ),
+        }
+    )
 
 
 # ---------------------------------------------------------------- reading (workers)
+
 
 class PatchTasks(torch.utils.data.IterableDataset):
     """An iterable dataset over a task queue: each task is one chunk of one slide.
@@ -374,7 +442,10 @@ class PatchTasks(torch.utils.data.IterableDataset):
                 pixels = torch.from_numpy(self._open(path, mpp).read_patches(xy, size_px, out_px))
                 error = ""
             except Exception as exc:  # any reader failure marks this slide failed, not the run
-                pixels, error = torch.empty((0, out_px, out_px, 3), dtype=torch.uint8), f"{type(exc).__name__}: {exc}"
+                pixels, error = (
+                    torch.empty((0, out_px, out_px, 3), dtype=torch.uint8),
+                    f"{type(exc).__name__}: {exc}",
+                )
             yield {"slot": slot, "start": start, "pixels": pixels, "error": error}
 
 
@@ -386,6 +457,7 @@ def _worker_init(_):
 
 # ---------------------------------------------------------------- the loop
 
+
 @dataclass
 class _Slot:
     plan: SlidePlan
@@ -396,8 +468,13 @@ class _Slot:
     error: str = ""
 
 
-def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
-            progress: bool = True, engine=None) -> ExtractSummary:
+def extract(
+    store: Path,
+    cohort: str,
+    config: ExtractConfig = ExtractConfig(),
+    progress: bool = True,
+    engine=None,
+) -> ExtractSummary:
     """Extract the fingerprints of every slide of ``cohort`` not yet in the store.
 
     ``engine``: None runs the loop below in this process; a ``RayEngine``
@@ -410,28 +487,39 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
     started = time.perf_counter()
     store = store_root(store)
     if engine is None and is_remote(store):
-        raise StoreError(f"store {str(store)!r}: the local engine's per-slide locks need a local "
-                         "folder; extract to object storage with --engine ray")
+        raise StoreError(
+            f"store {str(store)!r}: the local engine's per-slide locks need a local "
+            "folder; extract to object storage with --engine ray"
+        )
     slides = load_cohort(store, cohort).slides.to_pylist()
     device = engine.device(config) if engine else resolve_device(config.device)
     encoder = create_encoder(config.encoder, **config.encoder_options)
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
-    spec = PatchSpec(encoder.preprocessing.patch_um, encoder.preprocessing.out_px, config.min_tissue)
+    spec = PatchSpec(
+        encoder.preprocessing.patch_um, encoder.preprocessing.out_px, config.min_tissue
+    )
     if config.precision == "int8":
         if str(device) != "cpu" or config.compile:
-            raise ConfigError(f"--precision int8 is a CPU path without --compile (encoders on {device}, "
-                              f"compile {config.compile}); add --device cpu and drop --compile, or use "
-                              "--precision bf16 on GPUs")
+            raise ConfigError(
+                f"--precision int8 is a CPU path without --compile (encoders on {device}, "
+                f"compile {config.compile}); add --device cpu and drop --compile, or use "
+                "--precision bf16 on GPUs"
+            )
         calibration, key["calibration"] = calibration_set(slides, spec)
 
     results: dict[str, SlideResult] = {}
     pending, mismatched = [], {}
     for row in slides:
         if row["patient_id"] is None:
-            results[row["slide_id"]] = SlideResult(row["slide_id"], "failed", error=(
-                "no patient for this slide in the clinical table; fix the cohort "
-                "(`fpstore cohort add ... --force`)"))
+            results[row["slide_id"]] = SlideResult(
+                row["slide_id"],
+                "failed",
+                error=(
+                    "no patient for this slide in the clinical table; fix the cohort "
+                    "(`fpstore cohort add ... --force`)"
+                ),
+            )
             continue
         diff = stored_mismatch(fingerprint_path(store, encoder.id, cohort, row["slide_id"]), key)
         if diff is None or (diff and config.force):
@@ -447,8 +535,19 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
     todo_patients = {r["patient_id"] for r in pending}
     plan_rows = [r for r in slides if r["patient_id"] in todo_patients]
     failed: dict[str, str] = {}
-    plans = plan_slides(plan_rows, spec, config.patches, config.seed, failed, progress,
-                        engine.map if engine else map) if plan_rows else {}
+    plans = (
+        plan_slides(
+            plan_rows,
+            spec,
+            config.patches,
+            config.seed,
+            failed,
+            progress,
+            engine.map if engine else map,
+        )
+        if plan_rows
+        else {}
+    )
     pending_ids = {r["slide_id"] for r in pending}
     for slide_id, error in failed.items():
         if slide_id in pending_ids:
@@ -461,8 +560,9 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
         loop_started = time.perf_counter()
         pixels = read_calibration(calibration, spec) if config.precision == "int8" else None
         if engine is not None:
-            ray_results, agreement = engine.run(store, cohort, encoder, key, spec, config, order, progress,
-                                                calibration=pixels)
+            ray_results, agreement = engine.run(
+                store, cohort, encoder, key, spec, config, order, progress, calibration=pixels
+            )
             results.update(ray_results)
         else:
             encoder.prepare(device, config.precision, config.channels_last, config.compile)
@@ -473,16 +573,33 @@ def extract(store: Path, cohort: str, config: ExtractConfig = ExtractConfig(),
             results.update(loop.run(order))
         loop_seconds = time.perf_counter() - loop_started
     ordered = [results[r["slide_id"]] for r in slides if r["slide_id"] in results]
-    return ExtractSummary(cohort, encoder.id, encoder.hash, device, config.precision, ordered,
-                          time.perf_counter() - started, loop_seconds, agreement)
+    return ExtractSummary(
+        cohort,
+        encoder.id,
+        encoder.hash,
+        device,
+        config.precision,
+        ordered,
+        time.perf_counter() - started,
+        loop_seconds,
+        agreement,
+    )
 
 
 def _write_status(store, encoder, cohort, slide_id, status, error="", n_patches=0, seconds=0.0):
-    write_json_atomic({
-        "slide_id": slide_id, "status": status, "error": error, "n_patches": n_patches,
-        "seconds": round(seconds, 3), "encoder_hash": encoder.hash, "pid": os.getpid(),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    }, status_path(store, encoder.id, cohort, slide_id))
+    write_json_atomic(
+        {
+            "slide_id": slide_id,
+            "status": status,
+            "error": error,
+            "n_patches": n_patches,
+            "seconds": round(seconds, 3),
+            "encoder_hash": encoder.hash,
+            "pid": os.getpid(),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        status_path(store, encoder.id, cohort, slide_id),
+    )
 
 
 class _Loop:
@@ -504,15 +621,20 @@ class _Loop:
 
         if self.device == "cpu" and self.workers:
             # The readers are light; leave the model all but one core only when it has many.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - (1 if (os.cpu_count() or 1) > 4 else 0)))
+            torch.set_num_threads(
+                max(1, (os.cpu_count() or 1) - (1 if (os.cpu_count() or 1) > 4 else 0))
+            )
         context = multiprocessing.get_context("fork" if self.workers else None)
         tasks = context.Queue() if self.workers else queue_module.Queue()
         prefetch = 2
         loader = torch.utils.data.DataLoader(
-            PatchTasks(tasks), batch_size=None, num_workers=self.workers,
+            PatchTasks(tasks),
+            batch_size=None,
+            num_workers=self.workers,
             worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=prefetch if self.workers else None,
-            pin_memory=self.device == "cuda", multiprocessing_context=context if self.workers else None,
+            pin_memory=self.device == "cuda",
+            multiprocessing_context=context if self.workers else None,
         )
         # Enough queued tasks that no worker waits on an empty queue while the main process
         # waits on that worker (the loader returns results in request order).
@@ -520,8 +642,13 @@ class _Loop:
         todo = deque(plans)
         put = received = 0
         next_slot = 0
-        self.bar = tqdm(total=len(plans), desc=f"extract {self.encoder.id}", unit="slide",
-                        disable=not self.progress, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=len(plans),
+            desc=f"extract {self.encoder.id}",
+            unit="slide",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         self.encoded = 0
         self.t0 = time.perf_counter()
         batch: deque = deque()  # (slot, start, pixels) waiting for the model
@@ -539,10 +666,21 @@ class _Loop:
                     if slot is None:
                         continue
                     next_slot += 1
-                    xy = np.stack([plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1)
+                    xy = np.stack(
+                        [plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1
+                    )
                     for start in range(0, len(xy), self.config.chunk_size):
-                        tasks.put((slot, plan.path, plan.mpp, xy[start:start + self.config.chunk_size],
-                                   plan.size_px, self.spec.out_px, start))
+                        tasks.put(
+                            (
+                                slot,
+                                plan.path,
+                                plan.mpp,
+                                xy[start : start + self.config.chunk_size],
+                                plan.size_px,
+                                self.spec.out_px,
+                                start,
+                            )
+                        )
                         put += 1
                     if len(xy) == 0:
                         self._finish(slot)
@@ -592,16 +730,18 @@ class _Loop:
             self.bar.update(1)
             return None
         # Another process may have written it since we planned: the file tells.
-        diff = stored_mismatch(fingerprint_path(self.store, self.encoder.id, self.cohort,
-                                                plan.slide_id), self.key)
+        diff = stored_mismatch(
+            fingerprint_path(self.store, self.encoder.id, self.cohort, plan.slide_id), self.key
+        )
         if diff == {} or (diff and not self.config.force):
             claim.release()
             self.results[plan.slide_id] = SlideResult(plan.slide_id, "elsewhere")
             self.bar.update(1)
             return None
         n = len(plan.keys)
-        self.slots[slot_id] = _Slot(plan, claim, np.zeros((n, self.encoder.dim), np.float32), n,
-                                    time.perf_counter())
+        self.slots[slot_id] = _Slot(
+            plan, claim, np.zeros((n, self.encoder.dim), np.float32), n, time.perf_counter()
+        )
         return slot_id
 
     def _take(self, batch: deque, n: int):
@@ -643,7 +783,7 @@ class _Loop:
         for slot_id, start, count in rows:
             slot = self.slots.get(slot_id)
             if slot is not None and not slot.error:
-                slot.vectors[start:start + count] = vectors[offset:offset + count]
+                slot.vectors[start : start + count] = vectors[offset : offset + count]
                 slot.remaining -= count
                 if slot.remaining == 0:
                     self._finish(slot_id)
@@ -656,17 +796,33 @@ class _Loop:
         slot = self.slots.pop(slot_id)
         plan = slot.plan
         try:
-            table, metadata = slide_table(plan, self.spec, self.encoder, self.key, self.cohort,
-                                          slot.vectors)
+            table, metadata = slide_table(
+                plan, self.spec, self.encoder, self.key, self.cohort, slot.vectors
+            )
             seconds = time.perf_counter() - slot.started
-            write_parquet_atomic(table, fingerprint_path(self.store, self.encoder.id, self.cohort,
-                                                         plan.slide_id), metadata, **PARQUET_OPTIONS)
-            _write_status(self.store, self.encoder, self.cohort, plan.slide_id, "ok",
-                          n_patches=len(plan.keys), seconds=seconds)
-            self.results[plan.slide_id] = SlideResult(plan.slide_id, "ok", len(plan.keys), round(seconds, 3))
+            write_parquet_atomic(
+                table,
+                fingerprint_path(self.store, self.encoder.id, self.cohort, plan.slide_id),
+                metadata,
+                **PARQUET_OPTIONS,
+            )
+            _write_status(
+                self.store,
+                self.encoder,
+                self.cohort,
+                plan.slide_id,
+                "ok",
+                n_patches=len(plan.keys),
+                seconds=seconds,
+            )
+            self.results[plan.slide_id] = SlideResult(
+                plan.slide_id, "ok", len(plan.keys), round(seconds, 3)
+            )
         except (FpstoreError, OSError) as error:
             self.results[plan.slide_id] = SlideResult(plan.slide_id, "failed", error=str(error))
-            _write_status(self.store, self.encoder, self.cohort, plan.slide_id, "failed", str(error))
+            _write_status(
+                self.store, self.encoder, self.cohort, plan.slide_id, "failed", str(error)
+            )
         finally:
             slot.claim.release()
             self.bar.update(1)

@@ -72,7 +72,9 @@ def draw_preview(thumb: np.ndarray, downsample: float, mask, grid: pa.Table) -> 
     import cv2
 
     height, width = thumb.shape[:2]
-    tissue = cv2.resize(mask.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST)
+    tissue = cv2.resize(
+        mask.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST
+    )
     image = thumb.astype(np.float32)
     glass = tissue == 0
     image[glass] = image[glass] * 0.55 + _GLASS_TINT * 0.45

@@ -76,11 +76,15 @@ class RayConfig:
         if self.address is None:
             return
         if not self.address.strip():
-            raise ConfigError("RayConfig.address is empty; give 'auto', HOST:PORT or "
-                              "ray://HOST:10001, or leave it out to start Ray here")
+            raise ConfigError(
+                "RayConfig.address is empty; give 'auto', HOST:PORT or "
+                "ray://HOST:10001, or leave it out to start Ray here"
+            )
         if self.num_cpus is not None or self.num_gpus is not None:
-            raise ConfigError(f"RayConfig: num_cpus/num_gpus size a new local Ray instance; the "
-                              f"cluster at {self.address!r} has its own resources")
+            raise ConfigError(
+                f"RayConfig: num_cpus/num_gpus size a new local Ray instance; the "
+                f"cluster at {self.address!r} has its own resources"
+            )
 
 
 @dataclass(frozen=True)
@@ -113,16 +117,22 @@ class RayEngine:
         self.ray = _import_ray()
         self._started = False
         if not self.ray.is_initialized():
-            kwargs = {"include_dashboard": False, "configure_logging": True,
-                      "logging_level": "warning", "log_to_driver": False}
+            kwargs = {
+                "include_dashboard": False,
+                "configure_logging": True,
+                "logging_level": "warning",
+                "log_to_driver": False,
+            }
             if config.address is None:
                 kwargs.update(num_cpus=config.num_cpus, num_gpus=config.num_gpus)
             try:
                 self.ray.init(address=config.address, **kwargs)
             except ConnectionError as error:
-                raise FpstoreError(f"cannot join the Ray cluster at {config.address!r}: {error}; "
-                                   "start it with `ray start --head` or leave --address out to "
-                                   "run on this machine") from error
+                raise FpstoreError(
+                    f"cannot join the Ray cluster at {config.address!r}: {error}; "
+                    "start it with `ray start --head` or leave --address out to "
+                    "run on this machine"
+                ) from error
             except Exception as error:  # Ray raises a bare Exception when its node times out
                 if config.address is not None or "timed out during startup" not in str(error):
                     raise
@@ -130,7 +140,8 @@ class RayEngine:
                     f"Ray could not start on this machine ({error}). On a busy machine its "
                     "dashboard agent can miss the raylet's 15 s start-up window: retry when the "
                     "machine is quieter, or start Ray yourself (`ray start --head`) and pass "
-                    "--address auto") from error
+                    "--address auto"
+                ) from error
             self._started = True
         resources = self.ray.cluster_resources()
         self.cpus, self.gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
@@ -150,23 +161,38 @@ class RayEngine:
     def device(self, config: ExtractConfig) -> str:
         """The encoders' device: a cluster with GPUs encodes on them unless --device cpu."""
         if config.device == "cuda" and not self.gpus:
-            raise EncoderError("--device cuda: the Ray cluster has no GPU; use --device cpu or "
-                               "auto, or add GPU nodes")
+            raise EncoderError(
+                "--device cuda: the Ray cluster has no GPU; use --device cpu or "
+                "auto, or add GPU nodes"
+            )
         return "cuda" if self.gpus and config.device != "cpu" else "cpu"
 
     def map(self, fn, *iterables):
         """``map(fn, ...)`` as Ray tasks, results in order (the planning of every slide)."""
-        task = self.ray.remote(_call).options(num_cpus=self.config.reader_cpus,
-                                             max_retries=self.config.max_retries)
+        task = self.ray.remote(_call).options(
+            num_cpus=self.config.reader_cpus, max_retries=self.config.max_retries
+        )
         refs = [task.remote(fn, *args) for args in zip(*iterables)]
         return (self.ray.get(ref) for ref in refs)
 
-    def run(self, store, cohort: str, encoder, key: dict, spec, config: ExtractConfig,
-            plans: list[SlidePlan], progress: bool = True, calibration=None) -> tuple[dict[str, SlideResult], dict | None]:
+    def run(
+        self,
+        store,
+        cohort: str,
+        encoder,
+        key: dict,
+        spec,
+        config: ExtractConfig,
+        plans: list[SlidePlan],
+        progress: bool = True,
+        calibration=None,
+    ) -> tuple[dict[str, SlideResult], dict | None]:
         """Extract the planned slides on the cluster: (one SlideResult per slide, the int8
         agreement with fp32). int8 actors calibrate on ``calibration`` (uint8 NHWC), the
         same patches for every actor, so that they all build the same quantized model."""
-        run = _Run(self, store_root(store), cohort, encoder, key, spec, config, progress, calibration)
+        run = _Run(
+            self, store_root(store), cohort, encoder, key, spec, config, progress, calibration
+        )
         return run.run(plans), run.agreement
 
 
@@ -209,7 +235,9 @@ class _Encoder:
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
-        self.encoder = encoder.prepare(device, config.precision, config.channels_last, config.compile)
+        self.encoder = encoder.prepare(
+            device, config.precision, config.channels_last, config.compile
+        )
         if calibration is not None:
             self.encoder.calibrate(torch.from_numpy(np.array(calibration)))
         self.batch_size = config.resolved_batch_size(device)
@@ -223,36 +251,51 @@ class _Encoder:
         out = np.empty((len(pixels), self.encoder.dim), np.float32)
         for start in range(0, len(pixels), self.batch_size):
             # Object-store arrays are read-only: copy the batch once into a writable tensor.
-            batch = torch.from_numpy(np.array(pixels[start:start + self.batch_size]))
-            out[start:start + len(batch)] = self.encoder.encode(batch).cpu().numpy()
+            batch = torch.from_numpy(np.array(pixels[start : start + self.batch_size]))
+            out[start : start + len(batch)] = self.encoder.encode(batch).cpu().numpy()
         return out
 
     def pid(self) -> int:
         return os.getpid()
 
 
-def _write_slide(store: str, cohort: str, plan: SlidePlan, spec, info: EncoderInfo, key: dict,
-                 submitted: float, *vectors: np.ndarray) -> SlideResult:
+def _write_slide(
+    store: str,
+    cohort: str,
+    plan: SlidePlan,
+    spec,
+    info: EncoderInfo,
+    key: dict,
+    submitted: float,
+    *vectors: np.ndarray,
+) -> SlideResult:
     store = store_root(store)
     stack = np.concatenate(vectors) if vectors else np.zeros((0, info.dim), np.float32)
     table, metadata = slide_table(plan, spec, info, key, cohort, stack)
-    write_parquet_atomic(table, fingerprint_path(store, info.id, cohort, plan.slide_id), metadata,
-                         **PARQUET_OPTIONS)
+    write_parquet_atomic(
+        table, fingerprint_path(store, info.id, cohort, plan.slide_id), metadata, **PARQUET_OPTIONS
+    )
     seconds = max(0.0, time.time() - submitted)
-    _write_status(store, info, cohort, plan.slide_id, "ok", n_patches=len(plan.keys), seconds=seconds)
+    _write_status(
+        store, info, cohort, plan.slide_id, "ok", n_patches=len(plan.keys), seconds=seconds
+    )
     return SlideResult(plan.slide_id, "ok", len(plan.keys), round(seconds, 3))
 
 
 # ---------------------------------------------------------------- driver side
 
+
 class _Run:
-    def __init__(self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress, calibration):
+    def __init__(
+        self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress, calibration
+    ):
         self.engine, self.ray, self.rc = engine, engine.ray, engine.config
         self.store, self.cohort, self.key, self.spec, self.config = store, cohort, key, spec, config
         self.progress = progress
         self.encoder = encoder
-        self.info = EncoderInfo(encoder.id, encoder.hash, encoder.weights_hash, encoder.dim,
-                                encoder.preprocessing)
+        self.info = EncoderInfo(
+            encoder.id, encoder.hash, encoder.weights_hash, encoder.dim, encoder.preprocessing
+        )
         self.local = not is_remote(store)  # claims (flock) exist on local/shared folders only
         self.results: dict[str, SlideResult] = {}
         self.calibration = None if calibration is None else calibration.numpy()
@@ -266,32 +309,46 @@ class _Run:
             raise ConfigError(
                 f"{n} encoder actor(s) of {self.rc.encoder_cpus} CPU each leave less than "
                 f"{self.rc.reader_cpus} CPU for the readers on a cluster of {self.engine.cpus:g} "
-                "CPUs; lower RayConfig.encoders or encoder_cpus, or add CPUs")
+                "CPUs; lower RayConfig.encoders or encoder_cpus, or add CPUs"
+            )
         actor = self.ray.remote(_Encoder).options(
-            num_gpus=1 if device == "cuda" else 0, num_cpus=self.rc.encoder_cpus,
-            max_restarts=self.rc.max_retries, max_task_retries=self.rc.max_retries)
+            num_gpus=1 if device == "cuda" else 0,
+            num_cpus=self.rc.encoder_cpus,
+            max_restarts=self.rc.max_retries,
+            max_task_retries=self.rc.max_retries,
+        )
         # Once, whatever the number of actors; kept referenced so that a restart can rebuild.
         self.model = self.ray.put(self.encoder)
         self.pixels = None if self.calibration is None else self.ray.put(self.calibration)
         threads = max(1, int(self.rc.encoder_cpus))
-        return [actor.remote(self.model, device, self.config, threads, self.pixels) for _ in range(n)]
+        return [
+            actor.remote(self.model, device, self.config, threads, self.pixels) for _ in range(n)
+        ]
 
     def run(self, plans: list[SlidePlan]) -> dict[str, SlideResult]:
         from tqdm import tqdm
 
-        read = self.ray.remote(_read_chunk).options(num_cpus=self.rc.reader_cpus,
-                                                   max_retries=self.rc.max_retries)
+        read = self.ray.remote(_read_chunk).options(
+            num_cpus=self.rc.reader_cpus, max_retries=self.rc.max_retries
+        )
         write = self.ray.remote(_write_slide).options(num_cpus=0, max_retries=self.rc.max_retries)
         in_flight = self.rc.slides_in_flight or max(4, int(2 * self.engine.cpus))
         actors = self._actors()
         load = [0] * len(actors)  # chunks queued per actor: the least loaded gets the next
         running: dict = {}  # write ref -> (plan, claim, [actor index per chunk])
         todo = deque(plans)
-        bar = tqdm(total=len(plans), desc=f"extract {self.info.id} (ray)", unit="slide",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=len(plans),
+            desc=f"extract {self.info.id} (ray)",
+            unit="slide",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         encoded, t0 = 0, time.perf_counter()
         try:
-            if self.calibration is not None:  # inside the try: a failed calibration still frees the actors
+            if (
+                self.calibration is not None
+            ):  # inside the try: a failed calibration still frees the actors
                 self.agreement = self.ray.get(actors[0].agreement.remote())
             while todo or running:
                 while todo and len(running) < in_flight:
@@ -301,16 +358,31 @@ class _Run:
                         bar.update(1)
                         continue
                     chunks, used = [], []
-                    xy = np.stack([plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1)
+                    xy = np.stack(
+                        [plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1
+                    )
                     for start in range(0, len(xy), self.rc.read_chunk):
-                        pixels = read.remote(plan.path, plan.mpp, xy[start:start + self.rc.read_chunk],
-                                             plan.size_px, self.spec.out_px)
+                        pixels = read.remote(
+                            plan.path,
+                            plan.mpp,
+                            xy[start : start + self.rc.read_chunk],
+                            plan.size_px,
+                            self.spec.out_px,
+                        )
                         a = load.index(min(load))
                         load[a] += 1
                         used.append(a)
                         chunks.append(actors[a].encode.remote(pixels))
-                    ref = write.remote(str(self.store), self.cohort, plan, self.spec, self.info,
-                                       self.key, time.time(), *chunks)
+                    ref = write.remote(
+                        str(self.store),
+                        self.cohort,
+                        plan,
+                        self.spec,
+                        self.info,
+                        self.key,
+                        time.time(),
+                        *chunks,
+                    )
                     running[ref] = (plan, claim, used)
                 done, _ = self.ray.wait(list(running), num_returns=1)
                 for ref in done:
@@ -341,8 +413,9 @@ class _Run:
                 self.results[plan.slide_id] = SlideResult(plan.slide_id, "elsewhere")
                 return False
         # Another process may have written it since we planned: the file tells.
-        diff = stored_mismatch(fingerprint_path(self.store, self.info.id, self.cohort, plan.slide_id),
-                               self.key)
+        diff = stored_mismatch(
+            fingerprint_path(self.store, self.info.id, self.cohort, plan.slide_id), self.key
+        )
         if diff == {} or (diff and not self.config.force):
             if claim:
                 claim.release()
@@ -363,8 +436,13 @@ class _Run:
         return result
 
 
-def extract_on_ray(store, cohort: str, config: ExtractConfig = ExtractConfig(),
-                   ray_config: RayConfig = RayConfig(), progress: bool = True):
+def extract_on_ray(
+    store,
+    cohort: str,
+    config: ExtractConfig = ExtractConfig(),
+    ray_config: RayConfig = RayConfig(),
+    progress: bool = True,
+):
     """``pipeline.extract`` with a RayEngine that lives for this one run."""
     from fpstore.extract.pipeline import extract
 

@@ -165,7 +165,9 @@ class TiffBackend:
             # As OpenSlide reads Aperio: every tiled page is a level, the others are
             # associated images (tifffile assumes page 1 is a thumbnail, not always true).
             pages = [page for page in tif.pages if page.is_tiled]
-            pages = [p for i, p in enumerate(pages) if i == 0 or p.imagewidth < pages[i - 1].imagewidth]
+            pages = [
+                p for i, p in enumerate(pages) if i == 0 or p.imagewidth < pages[i - 1].imagewidth
+            ]
         else:
             pages = [level.keyframe for level in series.levels]
         for page in pages:

@@ -38,8 +38,24 @@ from fpstore.errors import ConfigError, MppMissingError, SlideError
 LEVEL_TOLERANCE = 0.02
 # Multi-part extensions first; a TCGA name keeps its dotted UUID (only these are stripped).
 SLIDE_SUFFIXES = (
-    ".ome.tiff", ".ome.tif", ".svs", ".tiff", ".tif", ".btf", ".ndpi", ".mrxs", ".scn",
-    ".bif", ".vms", ".vmu", ".svslide", ".dcm", ".jpg", ".jpeg", ".png", ".bmp",
+    ".ome.tiff",
+    ".ome.tif",
+    ".svs",
+    ".tiff",
+    ".tif",
+    ".btf",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".dcm",
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
 )
 # Reading a whole level (thumbnails, tissue masks) goes in bands of at most this many pixels.
 _BAND_PIXELS = 32 << 20
@@ -142,7 +158,9 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
 
     path = Path(path)
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ConfigError(f"mpp={mpp!r} for slide {path}; give a positive number of microns per pixel")
+        raise ConfigError(
+            f"mpp={mpp!r} for slide {path}; give a positive number of microns per pixel"
+        )
     if not path.exists():
         raise SlideError(f"slide {path} does not exist")
     try:

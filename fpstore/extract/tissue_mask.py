@@ -40,7 +40,9 @@ class TissueMaskSpec:
     def __post_init__(self):
         check_range("TissueMaskSpec", "mpp", self.mpp, 0.1, 200.0)
         check_range("TissueMaskSpec", "min_saturation", self.min_saturation, 0, 255)
-        check_range("TissueMaskSpec", "max_saturation", self.max_saturation, self.min_saturation, 255)
+        check_range(
+            "TissueMaskSpec", "max_saturation", self.max_saturation, self.min_saturation, 255
+        )
         check_range("TissueMaskSpec", "pen_saturation", self.pen_saturation, 0, 255)
         check_range("TissueMaskSpec", "pen_hue[0]", self.pen_hue[0], 0, 179)
         check_range("TissueMaskSpec", "pen_hue[1]", self.pen_hue[1], self.pen_hue[0], 179)
@@ -75,8 +77,10 @@ class TissueMask:
         side = size_px / self.downsample
         x1, y1 = x0 + side, y0 + side
         area = (
-            _sample(table, x1, y1) - _sample(table, x0, y1)
-            - _sample(table, x1, y0) + _sample(table, x0, y0)
+            _sample(table, x1, y1)
+            - _sample(table, x0, y1)
+            - _sample(table, x1, y0)
+            + _sample(table, x0, y0)
         )
         return np.clip(area / (side * side), 0.0, 1.0)
 

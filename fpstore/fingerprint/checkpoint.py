@@ -30,8 +30,11 @@ def weights_hash(state_dict: dict) -> str:
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16
-                      else tensor.view(torch.int16).numpy().tobytes())
+        digest.update(
+            tensor.numpy().tobytes()
+            if tensor.dtype != torch.bfloat16
+            else tensor.view(torch.int16).numpy().tobytes()
+        )
     return digest.hexdigest()
 
 
@@ -42,8 +45,14 @@ def save_checkpoint(path: Path, model: FingerprintNet, meta: dict) -> dict:
     if missing:
         raise EncoderError(f"checkpoint meta lacks {missing}; the encoder needs them to extract")
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    full = {**meta, "arch": model.arch, "dim": model.dim, "n_classes": model.n_classes,
-            "content_hash": weights_hash(state), "fpstore_version": fpstore.__version__}
+    full = {
+        **meta,
+        "arch": model.arch,
+        "dim": model.dim,
+        "n_classes": model.n_classes,
+        "content_hash": weights_hash(state),
+        "fpstore_version": fpstore.__version__,
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -52,18 +61,24 @@ def save_checkpoint(path: Path, model: FingerprintNet, meta: dict) -> dict:
     return full
 
 
-def load_checkpoint(path: Path, map_location="cpu", verify: bool = True) -> tuple[FingerprintNet, dict]:
+def load_checkpoint(
+    path: Path, map_location="cpu", verify: bool = True
+) -> tuple[FingerprintNet, dict]:
     """(FingerprintNet in eval mode, meta) from a file written by ``save_checkpoint``."""
     path = Path(path)
     if not path.is_file():
-        raise EncoderError(f"fingerprint checkpoint {path} does not exist; train one with "
-                           f"`fpstore train-fingerprint --out {path}`")
+        raise EncoderError(
+            f"fingerprint checkpoint {path} does not exist; train one with "
+            f"`fpstore train-fingerprint --out {path}`"
+        )
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
         raise EncoderError(f"cannot read {path} as a fingerprint checkpoint: {error}") from error
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise EncoderError(f"{path} is not an fpstore fingerprint checkpoint (format {FORMAT} expected)")
+        raise EncoderError(
+            f"{path} is not an fpstore fingerprint checkpoint (format {FORMAT} expected)"
+        )
     meta = blob["meta"]
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:

@@ -60,8 +60,14 @@ class ResnetBlock(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch), nn.ReLU(True),
-            nn.ReflectionPad2d(1), nn.Conv2d(ch, ch, 3), nn.InstanceNorm2d(ch))
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(ch, ch, 3),
+            nn.InstanceNorm2d(ch),
+            nn.ReLU(True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(ch, ch, 3),
+            nn.InstanceNorm2d(ch),
+        )
 
     def forward(self, x):
         return x + self.body(x)
@@ -73,14 +79,27 @@ class ResnetGenerator(nn.Module):
 
     def __init__(self, ngf: int = 64, n_blocks: int = 9):
         super().__init__()
-        layers = [nn.ReflectionPad2d(3), nn.Conv2d(3, ngf, 7), nn.InstanceNorm2d(ngf), nn.ReLU(True)]
+        layers = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(3, ngf, 7),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(True),
+        ]
         for mult in (1, 2):
-            layers += [nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1),
-                       nn.InstanceNorm2d(ngf * mult * 2), nn.ReLU(True)]
+            layers += [
+                nn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1),
+                nn.InstanceNorm2d(ngf * mult * 2),
+                nn.ReLU(True),
+            ]
         layers += [ResnetBlock(ngf * 4) for _ in range(n_blocks)]
         for mult in (4, 2):
-            layers += [nn.ConvTranspose2d(ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.InstanceNorm2d(ngf * mult // 2), nn.ReLU(True)]
+            layers += [
+                nn.ConvTranspose2d(
+                    ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1
+                ),
+                nn.InstanceNorm2d(ngf * mult // 2),
+                nn.ReLU(True),
+            ]
         layers += [nn.ReflectionPad2d(3), nn.Conv2d(ngf, 3, 7), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -96,10 +115,13 @@ class PatchDiscriminator(nn.Module):
         layers = [nn.Conv2d(3, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1),
-                       nn.InstanceNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1),
+                nn.InstanceNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
         layers += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
         self.net = nn.Sequential(*layers)
 
@@ -149,8 +171,13 @@ class CycleGAN:
     sites: tuple[str, str]
 
     def state(self) -> dict:
-        return {"g_ab": self.g_ab.state_dict(), "g_ba": self.g_ba.state_dict(),
-                "config": self.config.to_dict(), "history": self.history, "sites": list(self.sites)}
+        return {
+            "g_ab": self.g_ab.state_dict(),
+            "g_ba": self.g_ba.state_dict(),
+            "config": self.config.to_dict(),
+            "history": self.history,
+            "sites": list(self.sites),
+        }
 
     def save(self, path) -> None:
         torch.save(self.state(), path)
@@ -167,16 +194,24 @@ class CycleGAN:
         return CycleGAN(gens[0], gens[1], cfg, blob["history"], tuple(blob["sites"]))
 
 
-def train_cyclegan(stream_a, stream_b, cfg: CycleGANConfig, sites=("A", "B"), device="cpu",
-                   progress: bool = True) -> CycleGAN:
+def train_cyclegan(
+    stream_a, stream_b, cfg: CycleGANConfig, sites=("A", "B"), device="cpu", progress: bool = True
+) -> CycleGAN:
     """Train on two iterators of uint8 NHWC crops (site A, site B); returns the generators."""
     torch.manual_seed(cfg.seed)
     device = torch.device(device)
-    g_ab, g_ba = ResnetGenerator(cfg.ngf, cfg.n_blocks).to(device), ResnetGenerator(cfg.ngf, cfg.n_blocks).to(device)
+    g_ab, g_ba = (
+        ResnetGenerator(cfg.ngf, cfg.n_blocks).to(device),
+        ResnetGenerator(cfg.ngf, cfg.n_blocks).to(device),
+    )
     d_a, d_b = PatchDiscriminator(cfg.ndf).to(device), PatchDiscriminator(cfg.ndf).to(device)
     betas = (0.5, 0.999)
-    opt_g = torch.optim.Adam(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr, betas=betas)
-    opt_d = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), lr=cfg.lr, betas=betas)
+    opt_g = torch.optim.Adam(
+        list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr, betas=betas
+    )
+    opt_d = torch.optim.Adam(
+        list(d_a.parameters()) + list(d_b.parameters()), lr=cfg.lr, betas=betas
+    )
     # The original schedule: constant, then linear decay to zero over the second half.
     decay = torch.optim.lr_scheduler.LambdaLR
     sched = [decay(o, lambda s: min(1.0, 2.0 * (1 - s / cfg.steps))) for o in (opt_g, opt_d)]
@@ -186,8 +221,13 @@ def train_cyclegan(stream_a, stream_b, cfg: CycleGANConfig, sites=("A", "B"), de
     lam, lam_id = cfg.lambda_cycle, cfg.lambda_cycle * cfg.lambda_identity
     history = []
     start = time.perf_counter()
-    for step in tqdm(range(1, cfg.steps + 1), desc="train cyclegan", unit="step", file=sys.stderr,
-                     disable=not progress):
+    for step in tqdm(
+        range(1, cfg.steps + 1),
+        desc="train cyclegan",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
+    ):
         real_a = to_unit(next(stream_a).to(device))
         real_b = to_unit(next(stream_b).to(device))
         fake_b, fake_a = g_ab(real_a), g_ba(real_b)
@@ -196,7 +236,11 @@ def train_cyclegan(stream_a, stream_b, cfg: CycleGANConfig, sites=("A", "B"), de
         pred_fb, pred_fa = d_b(fake_b), d_a(fake_a)
         loss_gan = mse(pred_fb, torch.ones_like(pred_fb)) + mse(pred_fa, torch.ones_like(pred_fa))
         loss_cycle = l1(g_ba(fake_b), real_a) + l1(g_ab(fake_a), real_b)
-        loss_id = l1(g_ab(real_b), real_b) + l1(g_ba(real_a), real_a) if lam_id else torch.zeros((), device=device)
+        loss_id = (
+            l1(g_ab(real_b), real_b) + l1(g_ba(real_a), real_a)
+            if lam_id
+            else torch.zeros((), device=device)
+        )
         loss_g = loss_gan + lam * loss_cycle + lam_id * loss_id
         opt_g.zero_grad(set_to_none=True)
         loss_g.backward()
@@ -204,7 +248,10 @@ def train_cyclegan(stream_a, stream_b, cfg: CycleGANConfig, sites=("A", "B"), de
         for d in (d_a, d_b):
             d.requires_grad_(True)
         loss_d = 0.0
-        for d, real, fake in ((d_b, real_b, pool_b.query(fake_b)), (d_a, real_a, pool_a.query(fake_a))):
+        for d, real, fake in (
+            (d_b, real_b, pool_b.query(fake_b)),
+            (d_a, real_a, pool_a.query(fake_a)),
+        ):
             pr, pf = d(real), d(fake.detach())
             loss_d = loss_d + 0.5 * (mse(pr, torch.ones_like(pr)) + mse(pf, torch.zeros_like(pf)))
         opt_d.zero_grad(set_to_none=True)
@@ -213,16 +260,25 @@ def train_cyclegan(stream_a, stream_b, cfg: CycleGANConfig, sites=("A", "B"), de
         for s in sched:
             s.step()
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
-            history.append({"step": step, "gan": round(loss_gan.item(), 4), "cycle": round(loss_cycle.item(), 4),
-                            "identity": round(loss_id.item(), 4), "d": round(loss_d.item(), 4),
-                            "seconds": round(time.perf_counter() - start, 1)})
+            history.append(
+                {
+                    "step": step,
+                    "gan": round(loss_gan.item(), 4),
+                    "cycle": round(loss_cycle.item(), 4),
+                    "identity": round(loss_id.item(), 4),
+                    "d": round(loss_d.item(), 4),
+                    "seconds": round(time.perf_counter() - start, 1),
+                }
+            )
     if not history:
         raise TrainingError("CycleGAN training ran no steps")
     return CycleGAN(g_ab.eval().cpu(), g_ba.eval().cpu(), cfg, history, tuple(sites))
 
 
 @torch.no_grad()
-def restyle(generator: ResnetGenerator, images: np.ndarray, device="cpu", batch_size: int = 4) -> np.ndarray:
+def restyle(
+    generator: ResnetGenerator, images: np.ndarray, device="cpu", batch_size: int = 4
+) -> np.ndarray:
     """Apply a generator to uint8 images [n, H, W, 3] (sides padded to a multiple of 4)."""
     device = torch.device(device)
     generator = generator.to(device).eval()
@@ -230,10 +286,10 @@ def restyle(generator: ResnetGenerator, images: np.ndarray, device="cpu", batch_
     ph, pw = (-h) % 4, (-w) % 4
     out = np.empty_like(images)
     for start in range(0, n, batch_size):
-        x = to_unit(torch.from_numpy(np.array(images[start: start + batch_size])).to(device))
+        x = to_unit(torch.from_numpy(np.array(images[start : start + batch_size])).to(device))
         if ph or pw:
             x = nn.functional.pad(x, (0, pw, 0, ph), mode="reflect")
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             y = generator(x).float()
-        out[start: start + batch_size] = from_unit(y[:, :, :h, :w]).cpu().numpy()
+        out[start : start + batch_size] = from_unit(y[:, :, :h, :w]).cpu().numpy()
     return out

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 import torch
 
 from fpstore.errors import ConfigError, TrainingError
@@ -63,9 +62,13 @@ class CoreSet:
         n = len(self.left)
         for name in ("right", "key", "patient_id", "section", "site", "core_index"):
             if len(getattr(self, name)) != n:
-                raise ConfigError(f"CoreSet.{name} has {len(getattr(self, name))} items, left has {n}")
+                raise ConfigError(
+                    f"CoreSet.{name} has {len(getattr(self, name))} items, left has {n}"
+                )
         if self.left.ndim != 4 or self.left.shape[-1] != 3 or self.left.dtype != np.uint8:
-            raise ConfigError(f"CoreSet.left must be uint8 [n, H, W, 3], got {self.left.dtype} {self.left.shape}")
+            raise ConfigError(
+                f"CoreSet.left must be uint8 [n, H, W, 3], got {self.left.dtype} {self.left.shape}"
+            )
         if self.tissue_left is None:
             self.tissue_left = tissue_grid(self.left)
         if self.tissue_right is None:
@@ -80,18 +83,32 @@ class CoreSet:
 
     def items(self) -> list[dict]:
         return [
-            {"key": str(k), "patient_id": str(p), "section": str(s), "site": str(t), "core_index": int(c)}
-            for k, p, s, t, c in zip(self.key, self.patient_id, self.section, self.site, self.core_index)
+            {
+                "key": str(k),
+                "patient_id": str(p),
+                "section": str(s),
+                "site": str(t),
+                "core_index": int(c),
+            }
+            for k, p, s, t, c in zip(
+                self.key, self.patient_id, self.section, self.site, self.core_index
+            )
         ]
 
     def select(self, mask) -> CoreSet:
         """The items where ``mask`` (bool or indices) holds; arrays are copied into memory."""
         idx = np.flatnonzero(mask) if np.asarray(mask).dtype == bool else np.asarray(mask, int)
         return CoreSet(
-            left=np.asarray(self.left[idx]), right=np.asarray(self.right[idx]),
-            key=self.key[idx], patient_id=self.patient_id[idx], section=self.section[idx],
-            site=self.site[idx], core_index=self.core_index[idx], mpp=self.mpp,
-            tissue_left=self.tissue_left[idx], tissue_right=self.tissue_right[idx],
+            left=np.asarray(self.left[idx]),
+            right=np.asarray(self.right[idx]),
+            key=self.key[idx],
+            patient_id=self.patient_id[idx],
+            section=self.section[idx],
+            site=self.site[idx],
+            core_index=self.core_index[idx],
+            mpp=self.mpp,
+            tissue_left=self.tissue_left[idx],
+            tissue_right=self.tissue_right[idx],
             restyled={k: np.asarray(v[idx]) for k, v in self.restyled.items()},
         )
 
@@ -101,14 +118,20 @@ class CoreSet:
             raise TrainingError("no cores to combine")
         shapes = {p.half_shape for p in parts}
         if len(shapes) > 1:
-            raise ConfigError(f"core sets have different half sizes {sorted(shapes)}; prepare them with one --size")
+            raise ConfigError(
+                f"core sets have different half sizes {sorted(shapes)}; prepare them with one --size"
+            )
         names = set.intersection(*(set(p.restyled) for p in parts))
         cat = np.concatenate
         return CoreSet(
-            left=cat([p.left for p in parts]), right=cat([p.right for p in parts]),
-            key=cat([p.key for p in parts]), patient_id=cat([p.patient_id for p in parts]),
-            section=cat([p.section for p in parts]), site=cat([p.site for p in parts]),
-            core_index=cat([p.core_index for p in parts]), mpp=parts[0].mpp,
+            left=cat([p.left for p in parts]),
+            right=cat([p.right for p in parts]),
+            key=cat([p.key for p in parts]),
+            patient_id=cat([p.patient_id for p in parts]),
+            section=cat([p.section for p in parts]),
+            site=cat([p.site for p in parts]),
+            core_index=cat([p.core_index for p in parts]),
+            mpp=parts[0].mpp,
             tissue_left=cat([p.tissue_left for p in parts]),
             tissue_right=cat([p.tissue_right for p in parts]),
             restyled={k: cat([p.restyled[k] for p in parts]) for k in names},
@@ -133,7 +156,9 @@ def new_folder(folder: Path) -> Path:
     return tmp
 
 
-def commit_folder(tmp: Path, folder: Path, items: list[dict], mpp: float, extra: dict | None = None) -> Path:
+def commit_folder(
+    tmp: Path, folder: Path, items: list[dict], mpp: float, extra: dict | None = None
+) -> Path:
     """Write cores.json into ``tmp`` and rename it to ``folder`` (a cache that exists is whole)."""
     doc = {"version": CACHE_VERSION, "mpp": mpp, "items": items, **(extra or {})}
     (Path(tmp) / "cores.json").write_text(json.dumps(doc, indent=1))
@@ -158,10 +183,14 @@ def write_coreset(cores: CoreSet, folder: Path, extra: dict | None = None) -> Pa
 def read_meta(folder: Path) -> dict:
     path = Path(folder) / "cores.json"
     if not path.is_file():
-        raise ConfigError(f"{folder} holds no prepared cores (cores.json); run prepare_cores on the TMA folder first")
+        raise ConfigError(
+            f"{folder} holds no prepared cores (cores.json); run prepare_cores on the TMA folder first"
+        )
     doc = json.loads(path.read_text())
     if doc.get("version") != CACHE_VERSION:
-        raise ConfigError(f"{folder}: core cache version {doc.get('version')} != {CACHE_VERSION}; delete it to rebuild")
+        raise ConfigError(
+            f"{folder}: core cache version {doc.get('version')} != {CACHE_VERSION}; delete it to rebuild"
+        )
     return doc
 
 
@@ -181,10 +210,16 @@ def load_coreset(folder: Path, mmap: bool = True) -> CoreSet:
             if (sub / "left.npy").is_file():
                 restyled[sub.name] = np.load(sub / "left.npy", mmap_mode=mode)
     return CoreSet(
-        left=np.load(folder / "left.npy", mmap_mode=mode), right=np.load(folder / "right.npy", mmap_mode=mode),
-        key=column("key"), patient_id=column("patient_id"), section=column("section"),
-        site=column("site"), core_index=column("core_index", np.int64), mpp=float(doc["mpp"]),
-        tissue_left=np.load(folder / "tissue_left.npy"), tissue_right=np.load(folder / "tissue_right.npy"),
+        left=np.load(folder / "left.npy", mmap_mode=mode),
+        right=np.load(folder / "right.npy", mmap_mode=mode),
+        key=column("key"),
+        patient_id=column("patient_id"),
+        section=column("section"),
+        site=column("site"),
+        core_index=column("core_index", np.int64),
+        mpp=float(doc["mpp"]),
+        tissue_left=np.load(folder / "tissue_left.npy"),
+        tissue_right=np.load(folder / "tissue_right.npy"),
         restyled=restyled,
     )
 
@@ -201,8 +236,9 @@ def save_restyled(folder: Path, name: str, copies: np.ndarray) -> None:
 # --- crop positions and the crop stream ------------------------------------------------------
 
 
-def crop_origins(tissue: np.ndarray, half_shape: tuple[int, int], patch_px: int,
-                 min_tissue: float = MIN_TISSUE) -> list[np.ndarray]:
+def crop_origins(
+    tissue: np.ndarray, half_shape: tuple[int, int], patch_px: int, min_tissue: float = MIN_TISSUE
+) -> list[np.ndarray]:
     """Per half, the allowed top-left corners (y, x) on the coarse grid for a ``patch_px`` crop.
 
     A corner is allowed when at least ``min_tissue`` of the cells under the crop are tissue;
@@ -210,8 +246,10 @@ def crop_origins(tissue: np.ndarray, half_shape: tuple[int, int], patch_px: int,
     """
     h, w = half_shape
     if patch_px > min(h, w):
-        raise ConfigError(f"patch of {patch_px} px does not fit in core halves of {h}x{w} px; "
-                          f"use a smaller --patch-px or prepare larger crops")
+        raise ConfigError(
+            f"patch of {patch_px} px does not fit in core halves of {h}x{w} px; "
+            f"use a smaller --patch-px or prepare larger crops"
+        )
     cells = max(1, patch_px // TISSUE_STRIDE)
     ys = np.arange(0, h - patch_px + 1, TISSUE_STRIDE)
     xs = np.arange(0, w - patch_px + 1, TISSUE_STRIDE)
@@ -233,7 +271,9 @@ def crop_origins(tissue: np.ndarray, half_shape: tuple[int, int], patch_px: int,
     return out
 
 
-def fixed_crops(tissue: np.ndarray, half_shape, patch_px: int, per_half: int, seed: int) -> list[tuple[int, int, int]]:
+def fixed_crops(
+    tissue: np.ndarray, half_shape, patch_px: int, per_half: int, seed: int
+) -> list[tuple[int, int, int]]:
     """(item, y, x) of ``per_half`` reproducible crops per half: the monitoring set."""
     rng = np.random.default_rng(seed)
     out = []
@@ -247,14 +287,23 @@ def on_tissue(origins: np.ndarray, corners) -> np.ndarray:
     """Per corner (y, x) of a half, True when it is an allowed crop origin of ``crop_origins``
     (corners snap to the coarse grid used for the tissue test)."""
     allowed = {tuple(o) for o in origins.tolist()}
-    return np.array([(y // TISSUE_STRIDE * TISSUE_STRIDE, x // TISSUE_STRIDE * TISSUE_STRIDE) in allowed
-                     for y, x in corners], bool)
+    return np.array(
+        [
+            (y // TISSUE_STRIDE * TISSUE_STRIDE, x // TISSUE_STRIDE * TISSUE_STRIDE) in allowed
+            for y, x in corners
+        ],
+        bool,
+    )
 
 
 def grid_crops(tissue: np.ndarray, half_shape, patch_px: int) -> list[tuple[int, int, int]]:
     """(item, y, x) of non-overlapping tissue crops tiling each half: for fingerprinting a half."""
     h, w = half_shape
-    tiles = [(y, x) for y in range(0, h - patch_px + 1, patch_px) for x in range(0, w - patch_px + 1, patch_px)]
+    tiles = [
+        (y, x)
+        for y in range(0, h - patch_px + 1, patch_px)
+        for x in range(0, w - patch_px + 1, patch_px)
+    ]
     out = []
     for i, origins in enumerate(crop_origins(tissue, half_shape, patch_px)):
         kept = [tile for tile, ok in zip(tiles, on_tissue(origins, tiles)) if ok]
@@ -266,7 +315,7 @@ def gather(halves: np.ndarray, crops, patch_px: int) -> np.ndarray:
     """uint8 [len(crops), p, p, 3] from (item, y, x) triples."""
     out = np.empty((len(crops), patch_px, patch_px, 3), np.uint8)
     for j, (i, y, x) in enumerate(crops):
-        out[j] = halves[i, y: y + patch_px, x: x + patch_px]
+        out[j] = halves[i, y : y + patch_px, x : x + patch_px]
     return out
 
 
@@ -280,15 +329,30 @@ class CropStream(torch.utils.data.IterableDataset):
     different crops.
     """
 
-    def __init__(self, left, rows: np.ndarray, labels: np.ndarray, tissue: np.ndarray,
-                 patch_px: int, batch_size: int, seed: int = 0, restyled=None):
+    def __init__(
+        self,
+        left,
+        rows: np.ndarray,
+        labels: np.ndarray,
+        tissue: np.ndarray,
+        patch_px: int,
+        batch_size: int,
+        seed: int = 0,
+        restyled=None,
+    ):
         super().__init__()
         self._left, self._restyled = left, restyled
         self.rows = np.asarray(rows, np.int64)
         self.labels = np.asarray(labels, np.int64)
-        if len(self.rows) == 0 or len(self.labels) != len(self.rows) or len(tissue) != len(self.rows):
-            raise TrainingError(f"crop stream needs matching rows, labels and tissue masks "
-                                f"(got {len(self.rows)}, {len(self.labels)}, {len(tissue)})")
+        if (
+            len(self.rows) == 0
+            or len(self.labels) != len(self.rows)
+            or len(tissue) != len(self.rows)
+        ):
+            raise TrainingError(
+                f"crop stream needs matching rows, labels and tissue masks "
+                f"(got {len(self.rows)}, {len(self.labels)}, {len(tissue)})"
+            )
         self.patch_px, self.batch_size, self.seed = patch_px, batch_size, seed
         shape = _open(left).shape
         self.origins = crop_origins(tissue, shape[1:3], patch_px)
@@ -311,13 +375,15 @@ class CropStream(torch.utils.data.IterableDataset):
                 y = int(min(self.max_y, y + rng.integers(TISSUE_STRIDE)))
                 x = int(min(self.max_x, x + rng.integers(TISSUE_STRIDE)))
                 crops.append((int(self.rows[k]), y, x))
-            batch = {"x1": torch.from_numpy(gather(left, crops, p)),
-                     "y": torch.from_numpy(self.labels[picks])}
+            batch = {
+                "x1": torch.from_numpy(gather(left, crops, p)),
+                "y": torch.from_numpy(self.labels[picks]),
+            }
             if restyled is not None:
                 copy = rng.integers(0, restyled.shape[1], self.batch_size)
                 twin = np.empty((self.batch_size, p, p, 3), np.uint8)
                 for j, (i, y, x) in enumerate(crops):
-                    twin[j] = restyled[i, copy[j], y: y + p, x: x + p]
+                    twin[j] = restyled[i, copy[j], y : y + p, x : x + p]
                 batch["x2"] = torch.from_numpy(twin)
             yield batch
 

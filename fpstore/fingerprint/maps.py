@@ -41,8 +41,8 @@ def _run(model, pre, image, corners, patch_px, device, batch_size=64, what="logi
     device = torch.device(device)
     model = model.to(device).eval()
     for start in range(0, len(corners), batch_size):
-        chunk = corners[start: start + batch_size]
-        crops = np.stack([image[y: y + patch_px, x: x + patch_px] for y, x in chunk])
+        chunk = corners[start : start + batch_size]
+        crops = np.stack([image[y : y + patch_px, x : x + patch_px] for y, x in chunk])
         x = to_input(torch.from_numpy(crops).to(device), pre["mean"], pre["std"], pre["out_px"])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             out = model(x) if what == "logits" else model.features(x)
@@ -58,8 +58,8 @@ def paint(shape, corners, patch_px, values) -> np.ndarray:
     for (y, x), v in zip(corners, values):
         if np.isnan(v):
             continue
-        total[y: y + patch_px, x: x + patch_px] += v
-        count[y: y + patch_px, x: x + patch_px] += 1
+        total[y : y + patch_px, x : x + patch_px] += v
+        count[y : y + patch_px, x : x + patch_px] += 1
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, total / count, np.nan)
 
@@ -69,15 +69,24 @@ def glass_patches(image: np.ndarray, corners, patch_px: int) -> np.ndarray:
     return ~on_tissue(crop_origins(tissue_grid(image[None]), image.shape[:2], patch_px)[0], corners)
 
 
-def patient_probabilities(logits: torch.Tensor, class_patients: list[str], patient: str) -> np.ndarray:
+def patient_probabilities(
+    logits: torch.Tensor, class_patients: list[str], patient: str
+) -> np.ndarray:
     """Per patch, the summed softmax probability of the classes (cores) of ``patient``."""
     probs = torch.softmax(logits, dim=1).numpy()
     mine = np.array([p == patient for p in class_patients])
     return probs[:, mine].sum(axis=1)
 
 
-def recognition_map(model, meta: dict, image: np.ndarray, patient: str, mpp: float,
-                    device="cpu", overlap: float = OVERLAP) -> np.ndarray:
+def recognition_map(
+    model,
+    meta: dict,
+    image: np.ndarray,
+    patient: str,
+    mpp: float,
+    device="cpu",
+    overlap: float = OVERLAP,
+) -> np.ndarray:
     """[H, W] probability of ``patient`` for a core image (uint8 [H, W, 3] at ``mpp``)."""
     pre = meta["preprocessing"]
     patch_px = int(round(pre["patch_um"] / mpp))
@@ -88,17 +97,28 @@ def recognition_map(model, meta: dict, image: np.ndarray, patient: str, mpp: flo
     return paint(image.shape[:2], corners, patch_px, probs)
 
 
-def similarity_map(model, meta: dict, reference: np.ndarray, image: np.ndarray, mpp: float,
-                   device="cpu", overlap: float = OVERLAP) -> np.ndarray:
+def similarity_map(
+    model,
+    meta: dict,
+    reference: np.ndarray,
+    image: np.ndarray,
+    mpp: float,
+    device="cpu",
+    overlap: float = OVERLAP,
+) -> np.ndarray:
     """[H, W] cosine similarity of ``image``'s patches to the fingerprint of the half ``reference``
     (as the matching game computes it)."""
     from fpstore.fingerprint.matching import half_fingerprints
 
     pre = meta["preprocessing"]
     patch_px = int(round(pre["patch_um"] / mpp))
-    mean = half_fingerprints(model, pre, reference[None], tissue_grid(reference[None]), mpp, device)[0]
+    mean = half_fingerprints(
+        model, pre, reference[None], tissue_grid(reference[None]), mpp, device
+    )[0]
     corners = patch_grid(image.shape[0], image.shape[1], patch_px, overlap)
-    fps = torch.nn.functional.normalize(_run(model, pre, image, corners, patch_px, device, what="fp"), dim=1)
+    fps = torch.nn.functional.normalize(
+        _run(model, pre, image, corners, patch_px, device, what="fp"), dim=1
+    )
     sims = fps.numpy() @ mean
     sims[glass_patches(image, corners, patch_px)] = np.nan
     return paint(image.shape[:2], corners, patch_px, sims)
@@ -114,8 +134,12 @@ def colourise(values: np.ndarray, low: float = 0.0, high: float = 1.0) -> np.nda
     return (rgb * 255).round().astype(np.uint8)
 
 
-def save_panel(path: Path, panels: list[tuple[str, np.ndarray]], colourbar: tuple[str, float, float] | None = None,
-               title: str = "") -> Path:
+def save_panel(
+    path: Path,
+    panels: list[tuple[str, np.ndarray]],
+    colourbar: tuple[str, float, float] | None = None,
+    title: str = "",
+) -> Path:
     """Images side by side with titles (and a blue-red colour bar) as a PNG."""
     import matplotlib
 
@@ -140,8 +164,16 @@ def save_panel(path: Path, panels: list[tuple[str, np.ndarray]], colourbar: tupl
     return path
 
 
-def core_maps(model_path: Path, tma_dir: Path, out: Path, n_cores: int = 4, cache: Path | None = None,
-              device: str = "auto", crop_px: int = 1600, progress: bool = True) -> dict:
+def core_maps(
+    model_path: Path,
+    tma_dir: Path,
+    out: Path,
+    n_cores: int = 4,
+    cache: Path | None = None,
+    device: str = "auto",
+    crop_px: int = 1600,
+    progress: bool = True,
+) -> dict:
     """Recognition maps of ``n_cores`` training cores (a section the network saw, whole core:
     the left half it trained on and the right half it did not) and similarity maps of
     ``n_cores`` test-array left/right pairs across sites. Writes PNGs to ``out``."""
@@ -164,23 +196,48 @@ def core_maps(model_path: Path, tma_dir: Path, out: Path, n_cores: int = 4, cach
         image = np.concatenate([train.left[i], train.right[i]], axis=1)
         probs = recognition_map(model, meta, image, str(train.patient_id[i]), train.mpp, dev)
         name = f"recognition_{train.section[i]}_core{int(train.core_index[i]):03d}.png"
-        written.append(str(save_panel(out / name, [("H&E (left half trained on)", image),
-                                                    ("p(true patient)", colourise(probs))],
-                                      ("probability of the true patient", 0, 1),
-                                      f"{train.key[i]} patient {train.patient_id[i]}: mean p over tissue = "
-                                      f"{np.nanmean(probs):.2f}")))
+        written.append(
+            str(
+                save_panel(
+                    out / name,
+                    [("H&E (left half trained on)", image), ("p(true patient)", colourise(probs))],
+                    ("probability of the true patient", 0, 1),
+                    f"{train.key[i]} patient {train.patient_id[i]}: mean p over tissue = "
+                    f"{np.nanmean(probs):.2f}",
+                )
+            )
+        )
     left_section, right_section = default_sections(test)
-    keys = [k for k in dict.fromkeys(test.key[test.section == left_section].tolist())
-            if k in set(test.key[test.section == right_section].tolist())][:n_cores]
+    keys = [
+        k
+        for k in dict.fromkeys(test.key[test.section == left_section].tolist())
+        if k in set(test.key[test.section == right_section].tolist())
+    ][:n_cores]
     for key in tqdm(keys, desc="similarity maps", unit="pair", disable=not progress):
         li = int(np.flatnonzero((test.key == key) & (test.section == left_section))[0])
         ri = int(np.flatnonzero((test.key == key) & (test.section == right_section))[0])
-        sims = similarity_map(model, meta, np.asarray(test.left[li]), np.asarray(test.right[ri]), test.mpp, dev)
+        sims = similarity_map(
+            model, meta, np.asarray(test.left[li]), np.asarray(test.right[ri]), test.mpp, dev
+        )
         # Fingerprints are non-negative (ReLU), so cosines crowd into the upper range: fit the colours.
-        low, high = (float(v) for v in np.nanpercentile(sims, [2, 98])) if np.isfinite(sims).any() else (0.0, 1.0)
+        low, high = (
+            (float(v) for v in np.nanpercentile(sims, [2, 98]))
+            if np.isfinite(sims).any()
+            else (0.0, 1.0)
+        )
         name = f"similarity_{key.replace(':', '_')}.png"
-        written.append(str(save_panel(out / name, [(f"left half, {left_section}", np.asarray(test.left[li])),
-                                                    ("similarity to left half", colourise(sims, low, high)),
-                                                    (f"right half, {right_section}", np.asarray(test.right[ri]))],
-                                      ("cosine similarity", low, high), f"{key}")))
+        written.append(
+            str(
+                save_panel(
+                    out / name,
+                    [
+                        (f"left half, {left_section}", np.asarray(test.left[li])),
+                        ("similarity to left half", colourise(sims, low, high)),
+                        (f"right half, {right_section}", np.asarray(test.right[ri])),
+                    ],
+                    ("cosine similarity", low, high),
+                    f"{key}",
+                )
+            )
+        )
     return {"out": str(out), "files": written}

@@ -66,14 +66,21 @@ def _pool(fp: np.ndarray, groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return names, normalise(np.stack([fp[groups == g].mean(axis=0) for g in names]))
 
 
-def match_halves(left_fp, left_key, left_patient, right_fp, right_key, right_patient) -> MatchResult:
+def match_halves(
+    left_fp, left_key, left_patient, right_fp, right_key, right_patient
+) -> MatchResult:
     """Play the game on given fingerprints: ``left_*`` [n], ``right_*`` [m]; keys name the
     physical core (the same key on both sides means a correct match)."""
     left_fp, right_fp = normalise(left_fp), normalise(right_fp)
     left_key, right_key = np.asarray(left_key).astype(str), np.asarray(right_key).astype(str)
-    left_patient, right_patient = np.asarray(left_patient).astype(str), np.asarray(right_patient).astype(str)
+    left_patient, right_patient = (
+        np.asarray(left_patient).astype(str),
+        np.asarray(right_patient).astype(str),
+    )
     if len(left_fp) == 0 or len(right_fp) == 0:
-        raise TrainingError(f"the matching game needs halves on both sides (left {len(left_fp)}, right {len(right_fp)})")
+        raise TrainingError(
+            f"the matching game needs halves on both sides (left {len(left_fp)}, right {len(right_fp)})"
+        )
     dist = _distances(left_fp, right_fp)
     playable = np.isin(left_key, right_key)
     total, ties, misses, ranks = 0.0, 0, [], []
@@ -86,13 +93,19 @@ def match_halves(left_fp, left_key, left_patient, right_fp, right_key, right_pat
         ranks.append(int((dist[i] < true_d - TIE_TOLERANCE).sum()) + 1)
         if credit < 1.0:
             chosen = tied[~correct[tied]][0]  # the wrong half it was (or could be) matched to
-            misses.append({
-                "left": left_key[i], "patient": left_patient[i],
-                "matched": right_key[chosen], "matched_patient": right_patient[chosen],
-                "same_patient": bool(right_patient[chosen] == left_patient[i]),
-                "distance_matched": round(float(dist[i, chosen]), 4), "distance_true": round(float(true_d), 4),
-                "rank_of_true": ranks[-1], "credit": round(credit, 4),
-            })
+            misses.append(
+                {
+                    "left": left_key[i],
+                    "patient": left_patient[i],
+                    "matched": right_key[chosen],
+                    "matched_patient": right_patient[chosen],
+                    "same_patient": bool(right_patient[chosen] == left_patient[i]),
+                    "distance_matched": round(float(dist[i, chosen]), 4),
+                    "distance_true": round(float(true_d), 4),
+                    "rank_of_true": ranks[-1],
+                    "credit": round(credit, 4),
+                }
+            )
     n_cores = int(playable.sum())
     lp_names, lp_fp = _pool(left_fp, left_patient)
     rp_names, rp_fp = _pool(right_fp, right_patient)
@@ -104,17 +117,33 @@ def match_halves(left_fp, left_key, left_patient, right_fp, right_key, right_pat
             p_total += _credit(pdist[i], correct)[0]
             n_patients += 1
     return MatchResult(
-        n_cores=n_cores, core_correct=total, core_accuracy=total / max(1, n_cores),
-        chance_core=1.0 / len(right_fp), n_patients=n_patients, patient_correct=p_total,
-        patient_accuracy=p_total / max(1, n_patients), chance_patient=1.0 / len(rp_names),
-        ties=int(ties), median_rank=float(np.median(ranks)) if ranks else float("nan"),
+        n_cores=n_cores,
+        core_correct=total,
+        core_accuracy=total / max(1, n_cores),
+        chance_core=1.0 / len(right_fp),
+        n_patients=n_patients,
+        patient_correct=p_total,
+        patient_accuracy=p_total / max(1, n_patients),
+        chance_patient=1.0 / len(rp_names),
+        ties=int(ties),
+        median_rank=float(np.median(ranks)) if ranks else float("nan"),
         top5_accuracy=float(np.mean(np.asarray(ranks) <= 5)) if ranks else float("nan"),
-        unmatchable=int((~playable).sum()), misses=misses)
+        unmatchable=int((~playable).sum()),
+        misses=misses,
+    )
 
 
 @torch.no_grad()
-def half_fingerprints(model, pre: dict, halves: np.ndarray, tissue: np.ndarray, mpp: float,
-                      device="cpu", batch_size: int = 64, progress: bool = False) -> np.ndarray:
+def half_fingerprints(
+    model,
+    pre: dict,
+    halves: np.ndarray,
+    tissue: np.ndarray,
+    mpp: float,
+    device="cpu",
+    batch_size: int = 64,
+    progress: bool = False,
+) -> np.ndarray:
     """[n, dim]: per half, the normalised mean of its tiled tissue patches' fingerprints."""
     from tqdm import tqdm
 
@@ -127,13 +156,22 @@ def half_fingerprints(model, pre: dict, halves: np.ndarray, tissue: np.ndarray, 
     device = torch.device(device)
     model = model.to(device).eval()
     feats = np.empty((len(crops), model.dim), np.float32)
-    for start in tqdm(range(0, len(crops), batch_size), desc="fingerprints", unit="batch", disable=not progress):
-        chunk = crops[start: start + batch_size]
-        x = to_input(torch.from_numpy(gather(halves, chunk, patch_px)).to(device), pre["mean"], pre["std"], pre["out_px"])
+    for start in tqdm(
+        range(0, len(crops), batch_size), desc="fingerprints", unit="batch", disable=not progress
+    ):
+        chunk = crops[start : start + batch_size]
+        x = to_input(
+            torch.from_numpy(gather(halves, chunk, patch_px)).to(device),
+            pre["mean"],
+            pre["std"],
+            pre["out_px"],
+        )
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats[start: start + len(chunk)] = model.features(x).float().cpu().numpy()
+            feats[start : start + len(chunk)] = model.features(x).float().cpu().numpy()
     feats = normalise(feats)
-    return normalise(np.stack([feats[owner == i].mean(axis=0) for i in range(len(halves))])).astype(np.float32)
+    return normalise(np.stack([feats[owner == i].mean(axis=0) for i in range(len(halves))])).astype(
+        np.float32
+    )
 
 
 def default_sections(cores) -> tuple[str, str]:
@@ -141,13 +179,22 @@ def default_sections(cores) -> tuple[str, str]:
     sections = list(dict.fromkeys(cores.section.tolist()))
     site = dict(zip(cores.section.tolist(), cores.site.tolist()))
     if len(sections) < 2:
-        raise ConfigError(f"the matching game needs two sections of the test array, found {sections}")
+        raise ConfigError(
+            f"the matching game needs two sections of the test array, found {sections}"
+        )
     other = [s for s in sections[1:] if site[s] != site[sections[0]]]
     return sections[0], (other or sections[1:])[0]
 
 
-def play(model, pre: dict, cores, left_section: str | None = None, right_section: str | None = None,
-         device="cpu", progress: bool = False) -> MatchResult:
+def play(
+    model,
+    pre: dict,
+    cores,
+    left_section: str | None = None,
+    right_section: str | None = None,
+    device="cpu",
+    progress: bool = False,
+) -> MatchResult:
     """Left halves of ``left_section`` against right halves of ``right_section`` of a CoreSet."""
     if left_section is None or right_section is None:
         d_left, d_right = default_sections(cores)
@@ -155,14 +202,42 @@ def play(model, pre: dict, cores, left_section: str | None = None, right_section
     known = sorted(set(cores.section.tolist()))
     for name in (left_section, right_section):
         if name not in known:
-            raise ConfigError(f"section {name!r} is not in the test array; sections: {', '.join(known)}")
+            raise ConfigError(
+                f"section {name!r} is not in the test array; sections: {', '.join(known)}"
+            )
     lrows = np.flatnonzero(cores.section == left_section)
     rrows = np.flatnonzero(cores.section == right_section)
-    left_fp = half_fingerprints(model, pre, np.asarray(cores.left[lrows]), cores.tissue_left[lrows], cores.mpp, device, progress=progress)
-    right_fp = half_fingerprints(model, pre, np.asarray(cores.right[rrows]), cores.tissue_right[rrows], cores.mpp, device, progress=progress)
-    result = match_halves(left_fp, cores.key[lrows], cores.patient_id[lrows],
-                          right_fp, cores.key[rrows], cores.patient_id[rrows])
+    left_fp = half_fingerprints(
+        model,
+        pre,
+        np.asarray(cores.left[lrows]),
+        cores.tissue_left[lrows],
+        cores.mpp,
+        device,
+        progress=progress,
+    )
+    right_fp = half_fingerprints(
+        model,
+        pre,
+        np.asarray(cores.right[rrows]),
+        cores.tissue_right[rrows],
+        cores.mpp,
+        device,
+        progress=progress,
+    )
+    result = match_halves(
+        left_fp,
+        cores.key[lrows],
+        cores.patient_id[lrows],
+        right_fp,
+        cores.key[rrows],
+        cores.patient_id[rrows],
+    )
     site = dict(zip(cores.section.tolist(), cores.site.tolist()))
-    result.sections = {"left": left_section, "left_site": site[left_section],
-                       "right": right_section, "right_site": site[right_section]}
+    result.sections = {
+        "left": left_section,
+        "left_site": site[left_section],
+        "right": right_section,
+        "right_site": site[right_section],
+    }
     return result

@@ -61,8 +61,9 @@ def to_input(
     else:
         x = batch
     if out_px is not None and x.shape[-1] != out_px:
-        x = nn.functional.interpolate(x, size=(out_px, out_px), mode="bilinear",
-                                      antialias=True, align_corners=False)
+        x = nn.functional.interpolate(
+            x, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False
+        )
     mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     x = (x - mean_t) / std_t

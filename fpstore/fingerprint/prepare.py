@@ -17,7 +17,14 @@ import numpy as np
 from tqdm import tqdm
 
 from fpstore.errors import ConfigError, SlideError
-from fpstore.fingerprint.data import CoreSet, commit_folder, load_coreset, new_folder, read_meta, tissue_grid
+from fpstore.fingerprint.data import (
+    CoreSet,
+    commit_folder,
+    load_coreset,
+    new_folder,
+    read_meta,
+    tissue_grid,
+)
 
 ARRAYS = ("train", "test")
 _TABLE1_SITES = {"train": ("A", "B", "B"), "test": ("A", "B")}
@@ -25,9 +32,13 @@ SECTION_SUFFIXES = (".tiff", ".tif", ".svs")
 
 
 def section_files(array_dir: Path) -> list[Path]:
-    files = sorted(p for p in Path(array_dir).glob("section*") if p.suffix.lower() in SECTION_SUFFIXES)
+    files = sorted(
+        p for p in Path(array_dir).glob("section*") if p.suffix.lower() in SECTION_SUFFIXES
+    )
     if not files:
-        raise ConfigError(f"no section*.tiff slides in {array_dir}; expected the layout of `fpstore synth`")
+        raise ConfigError(
+            f"no section*.tiff slides in {array_dir}; expected the layout of `fpstore synth`"
+        )
     return files
 
 
@@ -42,7 +53,11 @@ def _manifest_sites(tma_dir: Path, array: str) -> dict[str, str]:
         return {}
     sites = {}
     for entry in doc.get("files", []) if isinstance(doc.get("files"), list) else []:
-        if isinstance(entry, dict) and entry.get("site") and f"tma/{array}/" in str(entry.get("path", "")):
+        if (
+            isinstance(entry, dict)
+            and entry.get("site")
+            and f"tma/{array}/" in str(entry.get("path", ""))
+        ):
             sites[Path(entry["path"]).name.split(".")[0]] = str(entry["site"])
     return sites
 
@@ -58,12 +73,16 @@ def section_sites(tma_dir: Path, array: str, sections: list[Path]) -> list[str]:
 
 
 def _signature(files: list[Path], mpp: float, size: int) -> dict:
-    return {"mpp": mpp, "size": size,
-            "files": {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+    return {
+        "mpp": mpp,
+        "size": size,
+        "files": {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+    }
 
 
-def prepare_array(tma_dir: Path, array: str, out: Path, mpp: float = 0.5, size: int = 1600,
-                  force: bool = False) -> dict:
+def prepare_array(
+    tma_dir: Path, array: str, out: Path, mpp: float = 0.5, size: int = 1600, force: bool = False
+) -> dict:
     """Cache the cores of one array (all its sections) in ``out/<array>``; reuse a cache made
     from the same files with the same settings."""
     from fpstore.extract.slides import open_slide
@@ -79,8 +98,13 @@ def prepare_array(tma_dir: Path, array: str, out: Path, mpp: float = 0.5, size: 
     if not force and (folder / "cores.json").is_file():
         meta = read_meta(folder)
         if meta.get("source") == signature:
-            return {"array": array, "cached": True, "n": len(meta["items"]), "folder": str(folder),
-                    "skipped": meta.get("skipped", [])}
+            return {
+                "array": array,
+                "cached": True,
+                "n": len(meta["items"]),
+                "folder": str(folder),
+                "skipped": meta.get("skipped", []),
+            }
     sites = section_sites(tma_dir, array, sections)
     found, skipped = [], []
     for path, site in zip(sections, sites):  # dearray first: the cache size must be known
@@ -94,7 +118,9 @@ def prepare_array(tma_dir: Path, array: str, out: Path, mpp: float = 0.5, size: 
             raise SlideError(f"no cores found in {path}; is it a tissue microarray section?")
         for core in cores:
             if core.core_index is None:
-                skipped.append({"section": section, "core": core.name, "why": "not in the array map"})
+                skipped.append(
+                    {"section": section, "core": core.name, "why": "not in the array map"}
+                )
             else:
                 found.append((path, section, site, core))
     if not found:
@@ -105,14 +131,23 @@ def prepare_array(tma_dir: Path, array: str, out: Path, mpp: float = 0.5, size: 
     right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (len(found), *half))
     items, slide, open_path = [], None, None
     try:
-        for j, (path, section, site, core) in enumerate(tqdm(found, desc=f"crop {array}", unit="core")):
+        for j, (path, section, site, core) in enumerate(
+            tqdm(found, desc=f"crop {array}", unit="core")
+        ):
             if path != open_path:
                 if slide is not None:
                     slide.close()
                 slide, open_path = open_slide(path), path
             left[j], right[j] = split_halves(crop_core(slide, core, mpp=mpp, size=size))
-            items.append({"key": f"{array}:{core.core_index}", "patient_id": core.patient_id,
-                          "section": section, "site": site, "core_index": core.core_index})
+            items.append(
+                {
+                    "key": f"{array}:{core.core_index}",
+                    "patient_id": core.patient_id,
+                    "section": section,
+                    "site": site,
+                    "core_index": core.core_index,
+                }
+            )
     finally:
         if slide is not None:
             slide.close()
@@ -121,18 +156,32 @@ def prepare_array(tma_dir: Path, array: str, out: Path, mpp: float = 0.5, size: 
     left.flush(), right.flush()
     del left, right
     commit_folder(tmp, folder, items, mpp, {"source": signature, "skipped": skipped, "size": size})
-    return {"array": array, "cached": False, "n": len(items), "folder": str(folder), "skipped": skipped}
+    return {
+        "array": array,
+        "cached": False,
+        "n": len(items),
+        "folder": str(folder),
+        "skipped": skipped,
+    }
 
 
-def prepare_cores(tma_dir: Path, out: Path | None = None, mpp: float = 0.5, size: int = 1600,
-                  force: bool = False, arrays=ARRAYS) -> dict[str, CoreSet]:
+def prepare_cores(
+    tma_dir: Path,
+    out: Path | None = None,
+    mpp: float = 0.5,
+    size: int = 1600,
+    force: bool = False,
+    arrays=ARRAYS,
+) -> dict[str, CoreSet]:
     """Dearray, crop and cache the ``train`` and ``test`` arrays of ``tma_dir``.
 
     The cache goes to ``out`` (default ``TMA/cores``); returns the memory-mapped CoreSets.
     """
     tma_dir = Path(tma_dir)
     if not tma_dir.is_dir():
-        raise ConfigError(f"--tma {tma_dir} is not a folder; give the tma/ folder that `fpstore synth` wrote")
+        raise ConfigError(
+            f"--tma {tma_dir} is not a folder; give the tma/ folder that `fpstore synth` wrote"
+        )
     out = Path(out) if out is not None else tma_dir / "cores"
     result = {}
     for array in arrays:

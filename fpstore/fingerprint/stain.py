@@ -19,7 +19,13 @@ import numpy as np
 from tqdm import tqdm
 
 from fpstore.errors import TrainingError, unknown_name
-from fpstore.fingerprint.cyclegan import CYCLEGAN_CONFIGS, CycleGAN, CycleGANConfig, restyle, train_cyclegan
+from fpstore.fingerprint.cyclegan import (
+    CYCLEGAN_CONFIGS,
+    CycleGAN,
+    CycleGANConfig,
+    restyle,
+    train_cyclegan,
+)
 from fpstore.fingerprint.data import CoreSet, CropStream, save_restyled
 
 CLASSICAL = ("macenko", "reinhard", "vahadane")
@@ -47,12 +53,13 @@ def site_targets(cores: CoreSet, rows: np.ndarray) -> dict[str, np.ndarray]:
     for site in sorted(set(cores.site[rows].tolist())):
         candidates = rows[cores.site[rows] == site]
         best = candidates[np.argmax(cores.tissue_left[candidates].sum(axis=(1, 2)))]
-        targets[site] = np.ascontiguousarray(cores.left[best, y0: y0 + side, x0: x0 + side])
+        targets[site] = np.ascontiguousarray(cores.left[best, y0 : y0 + side, x0 : x0 + side])
     return targets
 
 
-def classical_copies(cores: CoreSet, method: str, targets: dict[str, np.ndarray],
-                     progress: bool = True) -> tuple[np.ndarray, int]:
+def classical_copies(
+    cores: CoreSet, method: str, targets: dict[str, np.ndarray], progress: bool = True
+) -> tuple[np.ndarray, int]:
     """([n, n_sites, H, W, 3] copies normalised to each site's target, failures).
 
     A half whose stains cannot be estimated (too little tissue) keeps its pixels in that copy.
@@ -77,35 +84,59 @@ def classical_copies(cores: CoreSet, method: str, targets: dict[str, np.ndarray]
     return out, failures
 
 
-def fit_site_cyclegan(cores: CoreSet, rows: np.ndarray, cfg: CycleGANConfig, device="cpu",
-                      progress: bool = True) -> CycleGAN:
+def fit_site_cyclegan(
+    cores: CoreSet, rows: np.ndarray, cfg: CycleGANConfig, device="cpu", progress: bool = True
+) -> CycleGAN:
     """A CycleGAN between the two largest sites among ``rows`` (left halves' crops)."""
     sites = site_order(cores, rows)
     if len(sites) < 2:
-        raise TrainingError(f"style transfer needs sections from two sites; the training cores are all "
-                            f"from site {sites[0]!r}")
+        raise TrainingError(
+            f"style transfer needs sections from two sites; the training cores are all "
+            f"from site {sites[0]!r}"
+        )
     streams = []
     for site in sites[:2]:
         sel = rows[cores.site[rows] == site]
-        stream = CropStream(cores.left, sel, np.zeros(len(sel)), cores.tissue_left[sel], cfg.crop_px,
-                            cfg.batch_size, seed=cfg.seed + len(streams))
+        stream = CropStream(
+            cores.left,
+            sel,
+            np.zeros(len(sel)),
+            cores.tissue_left[sel],
+            cfg.crop_px,
+            cfg.batch_size,
+            seed=cfg.seed + len(streams),
+        )
         streams.append(b["x1"] for b in stream)
-    return train_cyclegan(streams[0], streams[1], cfg, sites=tuple(sites[:2]), device=device, progress=progress)
+    return train_cyclegan(
+        streams[0], streams[1], cfg, sites=tuple(sites[:2]), device=device, progress=progress
+    )
 
 
-def cyclegan_copies(cores: CoreSet, gan: CycleGAN, device="cpu", progress: bool = True) -> np.ndarray:
+def cyclegan_copies(
+    cores: CoreSet, gan: CycleGAN, device="cpu", progress: bool = True
+) -> np.ndarray:
     """[n, 2, H, W, 3]: each left half in site A style (g_ba) and site B style (g_ab)."""
     out = np.empty((len(cores), 2, *cores.left.shape[1:]), np.uint8)
     batch = 4
-    for start in tqdm(range(0, len(cores), batch), desc="cyclegan restyle", unit="batch", disable=not progress):
-        images = np.asarray(cores.left[start: start + batch])
-        out[start: start + batch, 0] = restyle(gan.g_ba, images, device)
-        out[start: start + batch, 1] = restyle(gan.g_ab, images, device)
+    for start in tqdm(
+        range(0, len(cores), batch), desc="cyclegan restyle", unit="batch", disable=not progress
+    ):
+        images = np.asarray(cores.left[start : start + batch])
+        out[start : start + batch, 0] = restyle(gan.g_ba, images, device)
+        out[start : start + batch, 1] = restyle(gan.g_ab, images, device)
     return out
 
 
-def add_restyled(folder: Path, cores: CoreSet, method: str, *, targets=None, gan: CycleGAN | None = None,
-                 device="cpu", progress: bool = True) -> dict:
+def add_restyled(
+    folder: Path,
+    cores: CoreSet,
+    method: str,
+    *,
+    targets=None,
+    gan: CycleGAN | None = None,
+    device="cpu",
+    progress: bool = True,
+) -> dict:
     """Compute and cache the copies ``method`` for a cached CoreSet (reused when the same
     targets or generator made them before); returns a summary."""
     check_stain(method)
@@ -115,14 +146,27 @@ def add_restyled(folder: Path, cores: CoreSet, method: str, *, targets=None, gan
             raise TrainingError("cyclegan copies need a trained CycleGAN")
         from fpstore.fingerprint.checkpoint import weights_hash
 
-        signature = {"method": method, "g_ab": weights_hash(gan.g_ab.state_dict()),
-                     "g_ba": weights_hash(gan.g_ba.state_dict()), "n": len(cores)}
+        signature = {
+            "method": method,
+            "g_ab": weights_hash(gan.g_ab.state_dict()),
+            "g_ba": weights_hash(gan.g_ba.state_dict()),
+            "n": len(cores),
+        }
     else:
         digest = [int(np.asarray(t, np.int64).sum()) for _, t in sorted(targets.items())]
-        signature = {"method": method, "targets": sorted(targets), "target_sums": digest, "n": len(cores)}
+        signature = {
+            "method": method,
+            "targets": sorted(targets),
+            "target_sums": digest,
+            "n": len(cores),
+        }
     meta_path = folder / "restyled" / method / "meta.json"
     if meta_path.is_file() and json.loads(meta_path.read_text()).get("signature") == signature:
-        return {"method": method, "cached": True, "failures": json.loads(meta_path.read_text()).get("failures", 0)}
+        return {
+            "method": method,
+            "cached": True,
+            "failures": json.loads(meta_path.read_text()).get("failures", 0),
+        }
     failures = 0
     if method == "cyclegan":
         copies = cyclegan_copies(cores, gan, device, progress)
@@ -140,4 +184,3 @@ def cyclegan_config(name: str, **overrides) -> CycleGANConfig:
     if name not in CYCLEGAN_CONFIGS:
         raise unknown_name("cyclegan config", name, CYCLEGAN_CONFIGS)
     return replace(CYCLEGAN_CONFIGS[name], **{k: v for k, v in overrides.items() if v is not None})
-

@@ -76,8 +76,18 @@ class TrainConfig:
 # demo: minutes on 2 CPU cores (resnet18, 112 um crops seen at 112 px = 1 um/px);
 # full: the paper's setting for a GPU (resnet34, 224 px at 0.5 um/px).
 CONFIGS = {
-    "demo": TrainConfig(arch="resnet18", patch_px=224, out_px=112, batch_size=32, max_steps=240,
-                        eval_every=40, patience=3, warmup_steps=20, eval_per_half=2, num_workers=0),
+    "demo": TrainConfig(
+        arch="resnet18",
+        patch_px=224,
+        out_px=112,
+        batch_size=32,
+        max_steps=240,
+        eval_every=40,
+        patience=3,
+        warmup_steps=20,
+        eval_per_half=2,
+        num_workers=0,
+    ),
     "full": TrainConfig(eval_per_half=4),
 }
 
@@ -113,9 +123,15 @@ class TrainResult:
     history: list[dict]
 
     def summary(self) -> dict:
-        return {"best_right_half_accuracy": self.best_accuracy, "best_step": self.best_step,
-                "steps": self.steps, "stopped": self.stopped, "seconds": round(self.seconds, 1),
-                "images_per_s": round(self.images_per_s, 1), "n_classes": len(self.classes)}
+        return {
+            "best_right_half_accuracy": self.best_accuracy,
+            "best_step": self.best_step,
+            "steps": self.steps,
+            "stopped": self.stopped,
+            "seconds": round(self.seconds, 1),
+            "images_per_s": round(self.images_per_s, 1),
+            "n_classes": len(self.classes),
+        }
 
 
 def _source(array):
@@ -125,8 +141,14 @@ def _source(array):
     return array
 
 
-def channel_stats(left: np.ndarray, tissue: np.ndarray, rows: np.ndarray, patch_px: int,
-                  n: int = 256, seed: int = 0) -> tuple[list[float], list[float]]:
+def channel_stats(
+    left: np.ndarray,
+    tissue: np.ndarray,
+    rows: np.ndarray,
+    patch_px: int,
+    n: int = 256,
+    seed: int = 0,
+) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of random training crops (the network's normalisation)."""
     stream = CropStream(left, rows, np.zeros(len(rows)), tissue[rows], patch_px, n, seed=seed)
     x = next(iter(stream))["x1"].numpy().reshape(-1, 3).astype(np.float64) / 255.0
@@ -141,23 +163,35 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def evaluate(model, images: np.ndarray, labels: np.ndarray, pre: dict, device, channels_last: bool,
-             batch_size: int = 128) -> float:
+def evaluate(
+    model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    pre: dict,
+    device,
+    channels_last: bool,
+    batch_size: int = 128,
+) -> float:
     """Patch accuracy of predicting the core class from uint8 crops."""
     model.eval()
     correct = 0
     for start in range(0, len(images), batch_size):
-        batch = torch.from_numpy(images[start: start + batch_size]).to(device)
+        batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         x = to_input(batch, pre["mean"], pre["std"], pre["out_px"], channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             pred = model(x).argmax(dim=1).cpu().numpy()
-        correct += int((pred == labels[start: start + batch_size]).sum())
+        correct += int((pred == labels[start : start + batch_size]).sum())
     model.train()
     return correct / max(1, len(images))
 
 
-def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = None,
-                  style: str | None = None, progress: bool = True) -> TrainResult:
+def train_network(
+    cores: CoreSet,
+    cfg: TrainConfig,
+    rows: np.ndarray | None = None,
+    style: str | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train a FingerprintNet on ``cores`` (the items ``rows``, default all).
 
     ``style`` names the restyled copies in ``cores.restyled`` to pair with the originals
@@ -169,7 +203,9 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
     if len(rows) == 0:
         raise TrainingError("no training cores selected")
     if style is not None and style not in cores.restyled:
-        raise TrainingError(f"no restyled copies {style!r} in the cores (have: {sorted(cores.restyled) or 'none'})")
+        raise TrainingError(
+            f"no restyled copies {style!r} in the cores (have: {sorted(cores.restyled) or 'none'})"
+        )
     labels, classes = class_ids(cores.key[rows])
     if len(classes) < 2:
         raise TrainingError(f"training needs at least 2 cores to tell apart, got {len(classes)}")
@@ -178,27 +214,57 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
     cuda = device.type == "cuda"
     torch.manual_seed(cfg.seed)
 
-    mean, std = channel_stats(_source(cores.left), cores.tissue_left, rows, cfg.patch_px, seed=cfg.seed)
+    mean, std = channel_stats(
+        _source(cores.left), cores.tissue_left, rows, cfg.patch_px, seed=cfg.seed
+    )
     mpp = float(cores.mpp) * cfg.patch_px / cfg.out_px
-    pre = {"mean": mean, "std": std, "patch_um": float(cores.mpp) * cfg.patch_px, "out_px": cfg.out_px, "mpp": mpp}
+    pre = {
+        "mean": mean,
+        "std": std,
+        "patch_um": float(cores.mpp) * cfg.patch_px,
+        "out_px": cfg.out_px,
+        "mpp": mpp,
+    }
 
-    eval_crops = fixed_crops(cores.tissue_right[rows], cores.half_shape, cfg.patch_px, cfg.eval_per_half, cfg.seed)
-    eval_images = gather(cores.right, [(int(rows[i]), y, x) for i, y, x in eval_crops], cfg.patch_px)
+    eval_crops = fixed_crops(
+        cores.tissue_right[rows], cores.half_shape, cfg.patch_px, cfg.eval_per_half, cfg.seed
+    )
+    eval_images = gather(
+        cores.right, [(int(rows[i]), y, x) for i, y, x in eval_crops], cfg.patch_px
+    )
     eval_labels = labels[[i for i, _, _ in eval_crops]]
 
-    stream = CropStream(_source(cores.left), rows, labels, cores.tissue_left[rows], cfg.patch_px,
-                        cfg.batch_size, seed=cfg.seed,
-                        restyled=_source(cores.restyled[style]) if style else None)
+    stream = CropStream(
+        _source(cores.left),
+        rows,
+        labels,
+        cores.tissue_left[rows],
+        cfg.patch_px,
+        cfg.batch_size,
+        seed=cfg.seed,
+        restyled=_source(cores.restyled[style]) if style else None,
+    )
     loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.num_workers, pin_memory=cuda,
-        persistent_workers=cfg.num_workers > 0, prefetch_factor=4 if cfg.num_workers else None)
+        stream,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=cuda,
+        persistent_workers=cfg.num_workers > 0,
+        prefetch_factor=4 if cfg.num_workers else None,
+    )
 
     model = FingerprintNet(len(classes), cfg.arch)
     stepper = Stepper(model, cfg, mean, std, device)
     history, best = [], {"acc": -1.0, "step": 0, "state": None}
     since_best, stopped, seen = 0, "max_steps", 0
-    bar = tqdm(total=cfg.max_steps, desc="train fingerprint", unit="step", file=sys.stderr,
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=cfg.max_steps,
+        desc="train fingerprint",
+        unit="step",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     start = time.perf_counter()
     window = (start, 0)
     batches = iter(loader)
@@ -213,15 +279,25 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
             now = time.perf_counter()
             rate = (seen - window[1]) / max(1e-9, now - window[0])
             acc = evaluate(model, eval_images, eval_labels, pre, device, cuda)
-            record = {"step": step, "loss": round(parts.total.item(), 4), "ce": round(parts.ce1.item(), 4),
-                      "se": None if parts.se is None else round(parts.se.item(), 4),
-                      "right_half_accuracy": round(acc, 4), "images_per_s": round(rate, 1),
-                      "lr": float(stepper.scheduler.get_last_lr()[0])}
+            record = {
+                "step": step,
+                "loss": round(parts.total.item(), 4),
+                "ce": round(parts.ce1.item(), 4),
+                "se": None if parts.se is None else round(parts.se.item(), 4),
+                "right_half_accuracy": round(acc, 4),
+                "images_per_s": round(rate, 1),
+                "lr": float(stepper.scheduler.get_last_lr()[0]),
+            }
             history.append(record)
             bar.set_postfix(loss=record["loss"], acc=f"{acc:.3f}", img_s=f"{rate:.0f}")
             if acc > best["acc"] + cfg.min_delta or best["state"] is None:
-                best = {"acc": acc, "step": step,
-                        "state": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+                best = {
+                    "acc": acc,
+                    "step": step,
+                    "state": {
+                        k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()
+                    },
+                }
                 since_best = 0
             else:
                 since_best += 1
@@ -236,10 +312,18 @@ def train_network(cores: CoreSet, cfg: TrainConfig, rows: np.ndarray | None = No
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     rates = [h["images_per_s"] for h in history]
     return TrainResult(
-        model=model, preprocessing=pre, classes=[str(c) for c in classes],
-        class_patients=[patients[str(c)] for c in classes], best_accuracy=round(best["acc"], 4),
-        best_step=best["step"], steps=step, stopped=stopped, seconds=seconds,
-        images_per_s=float(np.median(rates)) if rates else 0.0, history=history)
+        model=model,
+        preprocessing=pre,
+        classes=[str(c) for c in classes],
+        class_patients=[patients[str(c)] for c in classes],
+        best_accuracy=round(best["acc"], 4),
+        best_step=best["step"],
+        steps=step,
+        stopped=stopped,
+        seconds=seconds,
+        images_per_s=float(np.median(rates)) if rates else 0.0,
+        history=history,
+    )
 
 
 class Stepper:
@@ -255,8 +339,12 @@ class Stepper:
         self.forward = _Both(self.model)
         if cfg.compile and self.cuda:
             self.forward = torch.compile(self.forward)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: _lr_factor(s, cfg))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: _lr_factor(s, cfg)
+        )
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def _upload(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,7 +361,9 @@ class Stepper:
             fp, logits = self.forward(x)
         if x2 is not None:
             n = len(y)
-            parts = fingerprint_loss(logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=self.cfg.gamma)
+            parts = fingerprint_loss(
+                logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=self.cfg.gamma
+            )
         else:
             parts = fingerprint_loss(logits, y)
         self.optimizer.zero_grad(set_to_none=True)

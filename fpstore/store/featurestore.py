@@ -43,19 +43,42 @@ from fpstore.store.schema import (
 
 KEY_COLUMNS = [f.name for f in PATCH_KEY_FIELDS]
 STATUS_COLUMNS = {
-    "slide_id": "VARCHAR", "status": "VARCHAR", "error": "VARCHAR", "n_patches": "BIGINT",
-    "seconds": "DOUBLE", "finished_at": "VARCHAR",
+    "slide_id": "VARCHAR",
+    "status": "VARCHAR",
+    "error": "VARCHAR",
+    "n_patches": "BIGINT",
+    "seconds": "DOUBLE",
+    "finished_at": "VARCHAR",
 }
-VIEWS = ("fingerprints", "patches", "slides", "labels", "tissue", "predictions",
-         "patch_predictions")
+VIEWS = (
+    "fingerprints",
+    "patches",
+    "slides",
+    "labels",
+    "tissue",
+    "predictions",
+    "patch_predictions",
+)
 
 
 def fingerprint_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
-    return store_root(store) / "fingerprints" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.parquet"
+    return (
+        store_root(store)
+        / "fingerprints"
+        / f"encoder={encoder}"
+        / f"cohort={cohort}"
+        / f"{slide_id}.parquet"
+    )
 
 
 def status_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
-    return store_root(store) / "status" / f"encoder={encoder}" / f"cohort={cohort}" / f"{slide_id}.json"
+    return (
+        store_root(store)
+        / "status"
+        / f"encoder={encoder}"
+        / f"cohort={cohort}"
+        / f"{slide_id}.json"
+    )
 
 
 def _partitions(folder: Path, key: str) -> dict[str, Path]:
@@ -63,8 +86,11 @@ def _partitions(folder: Path, key: str) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     prefix = f"{key}="
-    return {p.name[len(prefix):]: p for p in sorted(folder.iterdir())
-            if p.is_dir() and p.name.startswith(prefix)}
+    return {
+        p.name[len(prefix) :]: p
+        for p in sorted(folder.iterdir())
+        if p.is_dir() and p.name.startswith(prefix)
+    }
 
 
 def _files(folder: Path, pattern: str = "*.parquet") -> list[Path]:
@@ -126,8 +152,10 @@ def column_to_numpy(column: pa.ChunkedArray) -> np.ndarray:
         dim = column.type.list_size
         if column.num_chunks == 0 or len(column) == 0:
             return np.zeros((0, dim), np.float32)
-        parts = [chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
-                 for chunk in column.chunks]
+        parts = [
+            chunk.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            for chunk in column.chunks
+        ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
     return column.to_numpy(zero_copy_only=False)
 
@@ -153,8 +181,10 @@ class FeatureStore:
 
         self.path = store_root(path)  # a Path, or a RemotePath for s3://... (fpstore.store.remote)
         if not self.path.is_dir():
-            raise StoreError(f"store {str(self.path)!r} does not exist; create it with "
-                             "`fpstore cohort add --store DIR ...` or pass --store")
+            raise StoreError(
+                f"store {str(self.path)!r} does not exist; create it with "
+                "`fpstore cohort add --store DIR ...` or pass --store"
+            )
         self.connection = duckdb.connect()
         register_with_duckdb(self.connection, self.path)
         self.dims: dict[str, int] = {}
@@ -175,8 +205,12 @@ class FeatureStore:
         self._fingerprint_views()
         self._cohort_views()
         self._parquet_view("tissue", self.path / "tissue", "cohort=*/*.parquet", TISSUE, hive=True)
-        self._parquet_view("predictions", self.path / "runs", "*/patients.parquet", PATIENT_PREDICTIONS)
-        self._parquet_view("patch_predictions", self.path / "runs", "*/patches.parquet", PATCH_PREDICTIONS)
+        self._parquet_view(
+            "predictions", self.path / "runs", "*/patients.parquet", PATIENT_PREDICTIONS
+        )
+        self._parquet_view(
+            "patch_predictions", self.path / "runs", "*/patches.parquet", PATCH_PREDICTIONS
+        )
 
     def _view(self, name: str, select: str) -> None:
         self.connection.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
@@ -205,50 +239,84 @@ class FeatureStore:
         # dimensions can only share a view as variable-length FLOAT[] lists.
         dims = set(self.dims.values())
         vector = f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"
-        self._view("fingerprints", " UNION ALL ".join(
-            f"SELECT {_literal(e)} AS encoder, cohort, {keys}, fingerprint::{vector} AS fingerprint "
-            f"FROM read_parquet({_literal(glob)}, hive_partitioning = true)"
-            for e, glob in selects))
+        self._view(
+            "fingerprints",
+            " UNION ALL ".join(
+                f"SELECT {_literal(e)} AS encoder, cohort, {keys}, fingerprint::{vector} AS fingerprint "
+                f"FROM read_parquet({_literal(glob)}, hive_partitioning = true)"
+                for e, glob in selects
+            ),
+        )
         # Coordinates are shared by every encoder: a patch is one row whatever encoded it.
-        self._view("patches", " UNION ".join(
-            f"SELECT cohort, {keys} FROM read_parquet({_literal(glob)}, hive_partitioning = true)"
-            for _, glob in selects))
+        self._view(
+            "patches",
+            " UNION ".join(
+                f"SELECT cohort, {keys} FROM read_parquet({_literal(glob)}, hive_partitioning = true)"
+                for _, glob in selects
+            ),
+        )
 
     def _cohort_views(self) -> None:
-        cohorts = {p.name: p for p in sorted((self.path / "cohorts").glob("*"))
-                   if p.is_dir() and not p.name.startswith(".") and (p / "slides.parquet").is_file()}
+        cohorts = {
+            p.name: p
+            for p in sorted((self.path / "cohorts").glob("*"))
+            if p.is_dir() and not p.name.startswith(".") and (p / "slides.parquet").is_file()
+        }
         for name, schema in (("cohort_slides", SLIDES), ("labels", LABELS)):
             files = [p / f"{name.removeprefix('cohort_')}.parquet" for p in cohorts.values()]
             if not files:
                 self._empty(name, pa.schema([pa.field("cohort", pa.string())] + list(schema)))
                 continue
-            self._view(name, " UNION ALL ".join(
-                f"SELECT {_literal(c)} AS cohort, * FROM read_parquet({_literal(f)})"
-                for c, f in zip(cohorts, files)))
+            self._view(
+                name,
+                " UNION ALL ".join(
+                    f"SELECT {_literal(c)} AS cohort, * FROM read_parquet({_literal(f)})"
+                    for c, f in zip(cohorts, files)
+                ),
+            )
         status_files = list((self.path / "status").glob("encoder=*/cohort=*/*.json"))
         if status_files:
-            columns = "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in STATUS_COLUMNS.items()) + "}"
-            self._view("extraction_status", (
-                f"SELECT * FROM read_json({_literal(self.path / 'status/encoder=*/cohort=*/*.json')}, "
-                f"columns = {columns}, hive_partitioning = true, format = 'auto')"))
+            columns = (
+                "{"
+                + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in STATUS_COLUMNS.items())
+                + "}"
+            )
+            self._view(
+                "extraction_status",
+                (
+                    f"SELECT * FROM read_json({_literal(self.path / 'status/encoder=*/cohort=*/*.json')}, "
+                    f"columns = {columns}, hive_partitioning = true, format = 'auto')"
+                ),
+            )
         else:
-            fields = [pa.field(k, pa.string()) for k in ("encoder", "cohort", "slide_id", "status",
-                                                         "error", "finished_at")]
+            fields = [
+                pa.field(k, pa.string())
+                for k in ("encoder", "cohort", "slide_id", "status", "error", "finished_at")
+            ]
             fields += [pa.field("n_patches", pa.int64()), pa.field("seconds", pa.float64())]
             self._empty("extraction_status", pa.schema(fields))
-        self._view("slides", (
-            "SELECT s.*, x.encoder, x.status, x.error, x.n_patches, x.seconds, x.finished_at "
-            "FROM cohort_slides s LEFT JOIN extraction_status x "
-            "ON s.cohort = x.cohort AND s.slide_id = x.slide_id"))
+        self._view(
+            "slides",
+            (
+                "SELECT s.*, x.encoder, x.status, x.error, x.n_patches, x.seconds, x.finished_at "
+                "FROM cohort_slides s LEFT JOIN extraction_status x "
+                "ON s.cohort = x.cohort AND s.slide_id = x.slide_id"
+            ),
+        )
 
-    def _parquet_view(self, name, folder: Path, pattern: str, schema: pa.Schema, hive=False) -> None:
+    def _parquet_view(
+        self, name, folder: Path, pattern: str, schema: pa.Schema, hive=False
+    ) -> None:
         files = _files(folder, pattern) if folder.is_dir() else []
         if not files:
             fields = ([pa.field("cohort", pa.string())] if hive else []) + list(schema)
             self._empty(name, pa.schema(fields))
             return
-        self._view(name, f"SELECT * FROM read_parquet({_file_list(files)}, "
-                         f"hive_partitioning = {str(hive).lower()})")
+        self._view(
+            name,
+            f"SELECT * FROM read_parquet({_file_list(files)}, "
+            f"hive_partitioning = {str(hive).lower()})",
+        )
 
     # -- queries --
     def sql(self, text: str, params: list | None = None) -> Query:
@@ -293,19 +361,28 @@ class FeatureStore:
             if not files:
                 continue
             schema = pq.read_schema(files[0])
-            rows.append({"encoder": encoder, "dim": schema.field("fingerprint").type.list_size,
-                         "cohorts": sorted(c for c, fs in cohorts.items() if fs),
-                         "files": len(files), "metadata": read_metadata(schema)})
+            rows.append(
+                {
+                    "encoder": encoder,
+                    "dim": schema.field("fingerprint").type.list_size,
+                    "cohorts": sorted(c for c, fs in cohorts.items() if fs),
+                    "files": len(files),
+                    "metadata": read_metadata(schema),
+                }
+            )
         return rows
 
-    def fingerprint_files(self, encoder: str, cohort: str | None = None,
-                          slide_ids=None) -> list[tuple[str, Path]]:
+    def fingerprint_files(
+        self, encoder: str, cohort: str | None = None, slide_ids=None
+    ) -> list[tuple[str, Path]]:
         """(cohort, file) of every slide's fingerprints for ``encoder`` (and cohort, slides)."""
         folder = self.path / "fingerprints" / f"encoder={encoder}"
         if not folder.is_dir():
             known = [row["encoder"] for row in self.encoders()]
-            raise StoreError(f"no fingerprints for encoder {encoder!r} in {str(self.path)!r}; "
-                             f"encoders with fingerprints: {', '.join(known) or 'none, run `fpstore extract`'}")
+            raise StoreError(
+                f"no fingerprints for encoder {encoder!r} in {str(self.path)!r}; "
+                f"encoders with fingerprints: {', '.join(known) or 'none, run `fpstore extract`'}"
+            )
         wanted = None if slide_ids is None else set(slide_ids)
         out = []
         for name, sub in _partitions(folder, "cohort").items():
@@ -322,8 +399,10 @@ class FeatureStore:
             table = pq.read_table(path)
             metadata = read_metadata(table.schema)
             if metadata.get("schema_version") != SCHEMA_VERSION:
-                raise StoreError(f"{path} has schema version {metadata.get('schema_version')!r}, "
-                                 f"this fpstore reads {SCHEMA_VERSION!r}; re-extract with --force")
+                raise StoreError(
+                    f"{path} has schema version {metadata.get('schema_version')!r}, "
+                    f"this fpstore reads {SCHEMA_VERSION!r}; re-extract with --force"
+                )
             vectors.append(column_to_numpy(table.column("fingerprint")))
             k = table.select(KEY_COLUMNS)
             keys.append(k.append_column("cohort", pa.array([name] * len(k), pa.string())))
@@ -332,10 +411,17 @@ class FeatureStore:
         return Fingerprints(
             keys=pa.concat_tables(keys) if keys else schema.empty_table(),
             vectors=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
-            encoder=encoder, metadata=metadata)
+            encoder=encoder,
+            metadata=metadata,
+        )
 
-    def mean_fingerprints(self, encoder: str, cohort: str | None = None,
-                          by: str = "patient_id", materialised: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def mean_fingerprints(
+        self,
+        encoder: str,
+        cohort: str | None = None,
+        by: str = "patient_id",
+        materialised: bool = False,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (G, dim) means) pooled over ``by`` (patient_id or slide_id).
 
         numpy over the pyarrow matrix: a segment sum, several times faster than any SQL
@@ -351,12 +437,15 @@ class FeatureStore:
 
             return vector_index(self, encoder, cohort).pooled_means(by)
         fp = self.fingerprints(encoder, cohort)
-        ids, index = np.unique(fp.keys.column(by).to_numpy(zero_copy_only=False).astype(str),
-                               return_inverse=True)
+        ids, index = np.unique(
+            fp.keys.column(by).to_numpy(zero_copy_only=False).astype(str), return_inverse=True
+        )
         return ids, segment_mean(fp.vectors, index, len(ids))
 
 
-def segment_mean(vectors: np.ndarray, index: np.ndarray, n: int, scale: np.ndarray | None = None) -> np.ndarray:
+def segment_mean(
+    vectors: np.ndarray, index: np.ndarray, n: int, scale: np.ndarray | None = None
+) -> np.ndarray:
     """Mean of the rows of ``vectors`` (times ``scale`` per row, if given) grouped by ``index``
     (0..n-1), without copying them."""
     from scipy.sparse import csr_matrix
@@ -379,6 +468,7 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
 def check_partition_value(kind: str, value: str) -> str:
     """An encoder id or cohort name must be a safe folder name (it becomes ``kind=value``)."""
     if not _SAFE_ID.match(value or "") or "/" in value:
-        raise StoreError(f"{kind} {value!r} cannot name a partition folder; use letters, digits "
-                         "and _ . : + -")
+        raise StoreError(
+            f"{kind} {value!r} cannot name a partition folder; use letters, digits and _ . : + -"
+        )
     return value

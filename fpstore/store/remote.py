@@ -55,8 +55,10 @@ def store_root(store) -> Path | RemotePath:
         # No listing cache: a store is listed to build views, and must see files written since.
         fs, path = fsspec.core.url_to_fs(store, use_listings_cache=False, skip_instance_cache=True)
     except (ImportError, ValueError) as error:
-        raise StoreError(f"store {store!r}: no filesystem for {protocol}:// ({error}); for S3 "
-                         "install the s3 extra: pip install fpstore[s3]") from error
+        raise StoreError(
+            f"store {store!r}: no filesystem for {protocol}:// ({error}); for S3 "
+            "install the s3 extra: pip install fpstore[s3]"
+        ) from error
     return RemotePath(fs, path.rstrip("/"), protocol)
 
 
@@ -122,15 +124,21 @@ class RemotePath:
     def iterdir(self):
         if not self.is_dir():
             return iter(())
-        return iter(self._sibling(p.rstrip("/")) for p in sorted(self.fs.ls(self.path, detail=False))
-                    if p.rstrip("/") != self.path)
+        return iter(
+            self._sibling(p.rstrip("/"))
+            for p in sorted(self.fs.ls(self.path, detail=False))
+            if p.rstrip("/") != self.path
+        )
 
     def glob(self, pattern: str):
         """Keys under this prefix matching ``pattern`` ('*' stays within one level, as in pathlib)."""
         found = self.fs.glob(posixpath.join(self.path, pattern))
         full = posixpath.join(self.path, pattern)
-        return iter(self._sibling(p) for p in sorted(found)
-                    if fnmatch.fnmatchcase(p, full) and p.count("/") == full.count("/"))
+        return iter(
+            self._sibling(p)
+            for p in sorted(found)
+            if fnmatch.fnmatchcase(p, full) and p.count("/") == full.count("/")
+        )
 
     def read_bytes(self) -> bytes:
         return self.fs.cat_file(self.path)
@@ -185,4 +193,4 @@ def _walk(root):
 
 
 def _relative(path, root) -> str:
-    return str(path)[len(str(root)):].lstrip("/")
+    return str(path)[len(str(root)) :].lstrip("/")

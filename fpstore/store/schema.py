@@ -49,8 +49,7 @@ def patch_id(slide_id: str, x: int, y: int, size_px: float) -> str:
 def fingerprint_schema(dim: int) -> pa.Schema:
     """One row per patch: keys, coordinates and the fingerprint vector."""
     return pa.schema(
-        PATCH_KEY_FIELDS
-        + [pa.field("fingerprint", pa.list_(pa.float32(), dim), nullable=False)]
+        PATCH_KEY_FIELDS + [pa.field("fingerprint", pa.list_(pa.float32(), dim), nullable=False)]
     )
 
 
@@ -114,7 +113,11 @@ PATCH_PREDICTIONS = pa.schema(
 
 def file_metadata(table: str, **extra: str) -> dict[bytes, bytes]:
     """Key-value metadata every fpstore Parquet file carries."""
-    values = {"table": table, "schema_version": SCHEMA_VERSION, "fpstore_version": fpstore.__version__}
+    values = {
+        "table": table,
+        "schema_version": SCHEMA_VERSION,
+        "fpstore_version": fpstore.__version__,
+    }
     values.update({k: str(v) for k, v in extra.items()})
     return {(METADATA_PREFIX + k).encode(): v.encode() for k, v in values.items()}
 
@@ -123,7 +126,7 @@ def read_metadata(schema: pa.Schema) -> dict[str, str]:
     """The fpstore.* metadata of a Parquet schema, prefix stripped."""
     raw = schema.metadata or {}
     return {
-        k.decode()[len(METADATA_PREFIX):]: v.decode()
+        k.decode()[len(METADATA_PREFIX) :]: v.decode()
         for k, v in raw.items()
         if k.decode().startswith(METADATA_PREFIX)
     }

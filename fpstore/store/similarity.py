@@ -37,8 +37,9 @@ class VectorIndex:
 
     def pooled_means(self, by: str = "patient_id") -> tuple[np.ndarray, np.ndarray]:
         """(ids, (G, dim) means of the original vectors) grouped by the key column ``by``."""
-        ids, index = np.unique(self.keys.column(by).to_numpy(zero_copy_only=False).astype(str),
-                               return_inverse=True)
+        ids, index = np.unique(
+            self.keys.column(by).to_numpy(zero_copy_only=False).astype(str), return_inverse=True
+        )
         return ids, segment_mean(self.vectors, index, len(ids), scale=self.norms)
 
     def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -55,23 +56,30 @@ class VectorIndex:
         ids = self.keys.column("patch_id").to_numpy(zero_copy_only=False)
         rows = np.flatnonzero(ids == patch_id)
         if not len(rows):
-            raise StoreError(f"no patch {patch_id!r} among the fingerprints searched; patch ids "
-                             f"look like {ids[0] if len(ids) else '<slide_id>/<x>_<y>_<size>'} "
-                             "(see `fpstore sql \"SELECT patch_id FROM patches LIMIT 5\"`)")
+            raise StoreError(
+                f"no patch {patch_id!r} among the fingerprints searched; patch ids "
+                f"look like {ids[0] if len(ids) else '<slide_id>/<x>_<y>_<size>'} "
+                '(see `fpstore sql "SELECT patch_id FROM patches LIMIT 5"`)'
+            )
         return int(rows[0])
 
 
 def _manifest(files: list[tuple[str, Path]]) -> dict:
-    return {"layout": CACHE_LAYOUT,
-            "files": [[cohort, str(p), p.stat().st_size, p.stat().st_mtime_ns] for cohort, p in files]}
+    return {
+        "layout": CACHE_LAYOUT,
+        "files": [[cohort, str(p), p.stat().st_size, p.stat().st_mtime_ns] for cohort, p in files],
+    }
 
 
 def vector_index(store: FeatureStore, encoder: str, cohort: str | None = None) -> VectorIndex:
     """The materialised, normalised vectors of ``encoder`` (and ``cohort``), built if stale."""
     files = store.fingerprint_files(encoder, cohort)
     if not files:
-        raise StoreError(f"no fingerprints of encoder {encoder!r}"
-                         + (f" in cohort {cohort!r}" if cohort else "") + "; run `fpstore extract`")
+        raise StoreError(
+            f"no fingerprints of encoder {encoder!r}"
+            + (f" in cohort {cohort!r}" if cohort else "")
+            + "; run `fpstore extract`"
+        )
     folder = store.path / "cache" / "similarity" / f"encoder={encoder}" / (cohort or ALL_COHORTS)
     manifest = _manifest(files)
     manifest_path = folder / "manifest.json"
@@ -86,15 +94,20 @@ def vector_index(store: FeatureStore, encoder: str, cohort: str | None = None) -
         write_parquet_atomic(fp.keys, folder / "keys.parquet", {})
         # The manifest goes last: a crash before it leaves the cache stale, never wrong.
         write_json_atomic(manifest, manifest_path)
-    return VectorIndex(np.load(folder / "vectors.npy", mmap_mode="r"), np.load(folder / "norms.npy"),
-                       pq.read_table(folder / "keys.parquet"))
+    return VectorIndex(
+        np.load(folder / "vectors.npy", mmap_mode="r"),
+        np.load(folder / "norms.npy"),
+        pq.read_table(folder / "keys.parquet"),
+    )
 
 
 def _only_encoder(store: FeatureStore) -> str:
     encoders = [row["encoder"] for row in store.encoders()]
     if len(encoders) != 1:
-        raise StoreError("pass --encoder: the store has fingerprints of "
-                         + (", ".join(encoders) if encoders else "no encoder yet (run `fpstore extract`)"))
+        raise StoreError(
+            "pass --encoder: the store has fingerprints of "
+            + (", ".join(encoders) if encoders else "no encoder yet (run `fpstore extract`)")
+        )
     return encoders[0]
 
 
@@ -106,12 +119,22 @@ class SimilarResult:
     montage: str | None = None
 
     def to_dict(self) -> dict:
-        return {"encoder": self.encoder, "query": self.query, "hits": self.hits,
-                "montage": self.montage}
+        return {
+            "encoder": self.encoder,
+            "query": self.query,
+            "hits": self.hits,
+            "montage": self.montage,
+        }
 
 
-def similar(store: FeatureStore, patch_id: str, k: int = 10, encoder: str | None = None,
-            cohort: str | None = None, montage: Path | None = None) -> SimilarResult:
+def similar(
+    store: FeatureStore,
+    patch_id: str,
+    k: int = 10,
+    encoder: str | None = None,
+    cohort: str | None = None,
+    montage: Path | None = None,
+) -> SimilarResult:
     """The ``k`` patches most similar to ``patch_id`` (itself excluded); optional montage PNG."""
     if k < 1:
         raise StoreError(f"k={k}; ask for at least one neighbour")
@@ -122,8 +145,11 @@ def similar(store: FeatureStore, patch_id: str, k: int = 10, encoder: str | None
     query = np.asarray(source.vectors[query_row])
     index = source if cohort is None else vector_index(store, encoder, cohort)
     rows, scores = index.search(query, k + 1)
-    keep = [(r, s) for r, s in zip(rows, scores)
-            if index.keys.column("patch_id")[int(r)].as_py() != patch_id][:k]
+    keep = [
+        (r, s)
+        for r, s in zip(rows, scores)
+        if index.keys.column("patch_id")[int(r)].as_py() != patch_id
+    ][:k]
     columns = ["cohort", "patient_id", "slide_id", "patch_id", "site", "x", "y", "size_px"]
     hits = []
     for rank, (row, score) in enumerate(keep, start=1):
@@ -136,15 +162,20 @@ def similar(store: FeatureStore, patch_id: str, k: int = 10, encoder: str | None
     return result
 
 
-def write_montage(store: FeatureStore, query: dict, hits: list[dict], out: Path,
-                  tile_px: int = 160) -> Path:
+def write_montage(
+    store: FeatureStore, query: dict, hits: list[dict], out: Path, tile_px: int = 160
+) -> Path:
     """A PNG: the query patch (red frame) then the hits, captioned with rank and similarity."""
     from PIL import Image, ImageDraw
 
     from fpstore.extract.slides import open_slide
 
-    slides = {row["slide_id"]: row for row in store.sql(
-        "SELECT DISTINCT cohort, slide_id, path, mpp_override FROM slides").rows()}
+    slides = {
+        row["slide_id"]: row
+        for row in store.sql(
+            "SELECT DISTINCT cohort, slide_id, path, mpp_override FROM slides"
+        ).rows()
+    }
     items = [(query, "query")] + [(h, f"#{h['rank']} {h['similarity']:.3f}") for h in hits]
     columns = min(6, len(items))
     rows = -(-len(items) // columns)
@@ -156,11 +187,15 @@ def write_montage(store: FeatureStore, query: dict, hits: list[dict], out: Path,
         for i, (patch, label) in enumerate(items):
             row = slides.get(patch["slide_id"])
             if row is None:
-                raise StoreError(f"slide {patch['slide_id']!r} is not in any cohort of the store; "
-                                 "cannot draw its patch")
+                raise StoreError(
+                    f"slide {patch['slide_id']!r} is not in any cohort of the store; "
+                    "cannot draw its patch"
+                )
             if row["slide_id"] not in opened:
                 opened[row["slide_id"]] = open_slide(row["path"], mpp=row["mpp_override"])
-            pixels = opened[row["slide_id"]].read_patch(patch["x"], patch["y"], patch["size_px"], tile_px)
+            pixels = opened[row["slide_id"]].read_patch(
+                patch["x"], patch["y"], patch["size_px"], tile_px
+            )
             x0, y0 = (i % columns) * tile_px, (i // columns) * (tile_px + caption)
             sheet.paste(Image.fromarray(pixels), (x0, y0))
             if i == 0:

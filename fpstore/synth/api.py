@@ -46,9 +46,17 @@ class SynthSummary:
     defects: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "preset": self.preset, "seed": self.seed,
-                "signal": self.signal, "cohorts": self.cohorts, "files": self.files,
-                "bytes": self.bytes, "seconds": round(self.seconds, 2), "defects": self.defects}
+        return {
+            "out": str(self.out),
+            "preset": self.preset,
+            "seed": self.seed,
+            "signal": self.signal,
+            "cohorts": self.cohorts,
+            "files": self.files,
+            "bytes": self.bytes,
+            "seconds": round(self.seconds, 2),
+            "defects": self.defects,
+        }
 
 
 @dataclass
@@ -60,8 +68,12 @@ class Patient:
     morph: Morphology
 
     def describe(self) -> dict:
-        return {"patient_id": self.patient_id, "recorded": self.recorded.as_dict(),
-                "truth": self.truth, "morphology": self.morph.as_dict()}
+        return {
+            "patient_id": self.patient_id,
+            "recorded": self.recorded.as_dict(),
+            "truth": self.truth,
+            "morphology": self.morph.as_dict(),
+        }
 
 
 @dataclass
@@ -79,8 +91,10 @@ def _prepare(out: Path, force: bool) -> None:
         raise ConfigError(f"output {out} is a file; give a folder for --out")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise ConfigError(f"output folder {out} is not empty; pass --force to replace "
-                              f"what fpstore synth writes there ({', '.join(OWNED)})")
+            raise ConfigError(
+                f"output folder {out} is not empty; pass --force to replace "
+                f"what fpstore synth writes there ({', '.join(OWNED)})"
+            )
         for name in OWNED:
             target = out / name
             if target.is_dir():
@@ -96,10 +110,12 @@ def draw_patient(seed: int, pid: str, cohort: str, cfg: SynthPreset, signal: boo
     truth = draw_truth(rng)
     decoy = draw_truth(rng)  # shapes the tissue instead of the truth under --no-signal
     recorded = record(truth, rng, cfg.label_noise, complete=cohort != "tcga")
-    morph = draw_morphology(rng, truth if signal else decoy, cfg.effect,
-                            seed_of(seed, "tissue", pid))
-    return Patient(pid, cohort, recorded, {"ER": truth.er, "PR": truth.pr, "Her2": truth.her2},
-                    morph)
+    morph = draw_morphology(
+        rng, truth if signal else decoy, cfg.effect, seed_of(seed, "tissue", pid)
+    )
+    return Patient(
+        pid, cohort, recorded, {"ER": truth.er, "PR": truth.pr, "Her2": truth.her2}, morph
+    )
 
 
 def wsi_scene(seed: int, name: str, morph: Morphology, size: tuple[int, int]) -> Scene:
@@ -107,11 +123,16 @@ def wsi_scene(seed: int, name: str, morph: Morphology, size: tuple[int, int]) ->
     w, h = size
     wum, hum = w * 0.25, h * 0.25
     rng = np.random.default_rng(seed_of(seed, "placement", name))
-    region = Region(morph=morph, bbox=(0.0, 0.0, wum, hum),
-                    section_seed=seed_of(seed, "section", name), centre=(wum / 2, hum / 2),
-                    radius=math.hypot(wum, hum) / 2, core=False,
-                    offset=(float(rng.uniform(0, 2e4)), float(rng.uniform(0, 2e4))),
-                    outline_seed=seed_of(seed, "outline", name))
+    region = Region(
+        morph=morph,
+        bbox=(0.0, 0.0, wum, hum),
+        section_seed=seed_of(seed, "section", name),
+        centre=(wum / 2, hum / 2),
+        radius=math.hypot(wum, hum) / 2,
+        core=False,
+        offset=(float(rng.uniform(0, 2e4)), float(rng.uniform(0, 2e4))),
+        outline_seed=seed_of(seed, "outline", name),
+    )
     return Scene(w, h, [region], seed=seed_of(seed, "cells", name))
 
 
@@ -121,13 +142,22 @@ def _chunks(job: _Job) -> int:
 
 def _run(out: Path, job: _Job, progress=None) -> dict:
     renderer = TileRenderer(job.scene, get_site(job.site), job.render_mpp, chunk_px(job.render_mpp))
-    extra = {"Site": job.site, "Patient": job.info.get("patient_id", "array"),
-             "Synthetic": f"fpstore {fpstore.__version__}"}
+    extra = {
+        "Site": job.site,
+        "Patient": job.info.get("patient_id", "array"),
+        "Synthetic": f"fpstore {fpstore.__version__}",
+    }
     written = write_slide(out / job.path, renderer, out / job.truth, extra, progress)
-    return {**job.info, "path": job.path.as_posix(), "site": job.site,
-            "width": written.width, "height": written.height, "mpp": written.mpp,
-            "level_dimensions": [list(d) for d in written.level_dimensions],
-            "truth": job.truth.as_posix()}
+    return {
+        **job.info,
+        "path": job.path.as_posix(),
+        "site": job.site,
+        "width": written.width,
+        "height": written.height,
+        "mpp": written.mpp,
+        "level_dimensions": [list(d) for d in written.level_dimensions],
+        "truth": job.truth.as_posix(),
+    }
 
 
 def _cohort_row(name: str, patients: list[Patient], slides: int) -> dict:
@@ -167,76 +197,134 @@ def _tcga(out: Path, cfg: SynthPreset, seed: int, signal: bool) -> _Part:
         name = clinical.dx_slide_name(p.patient_id, rng)
         slide_of[p.patient_id] = name
         tss = p.patient_id.split("-")[1]  # the site code is the barcode's second field
-        jobs.append(_Job(Path("tcga/slides") / name,
-                         wsi_scene(seed, name, p.morph, cfg.slide_size), tss,
-                         Path("truth") / (Path(name).stem + ".png"), cfg.render_mpp,
-                         {"kind": "wsi", "cohort": "tcga", "patient_id": p.patient_id}))
+        jobs.append(
+            _Job(
+                Path("tcga/slides") / name,
+                wsi_scene(seed, name, p.morph, cfg.slide_size),
+                tss,
+                Path("truth") / (Path(name).stem + ".png"),
+                cfg.render_mpp,
+                {"kind": "wsi", "cohort": "tcga", "patient_id": p.patient_id},
+            )
+        )
     table = Path("tcga") / clinical.BIOTAB_NAME
     (out / "tcga").mkdir(parents=True, exist_ok=True)
-    clinical.write_biotab(out / table, [clinical.biotab_row(p.patient_id, p.recorded, rng)
-                                        for p in patients if p is not no_record])
+    clinical.write_biotab(
+        out / table,
+        [
+            clinical.biotab_row(p.patient_id, p.recorded, rng)
+            for p in patients
+            if p is not no_record
+        ],
+    )
     in_table = [p for p in patients if p is not no_record]
-    doc = {"clinical": table.as_posix(),
-           "patients": [dict(p.describe(), slide=slide_of.get(p.patient_id),
-                             in_table=p is not no_record) for p in patients]}
-    defects = {"patient_without_slide": no_slide.patient_id,
-               "slide_without_patient": slide_of[no_record.patient_id],
-               "slide_without_patient_barcode": no_record.patient_id}
+    doc = {
+        "clinical": table.as_posix(),
+        "patients": [
+            dict(p.describe(), slide=slide_of.get(p.patient_id), in_table=p is not no_record)
+            for p in patients
+        ],
+    }
+    defects = {
+        "patient_without_slide": no_slide.patient_id,
+        "slide_without_patient": slide_of[no_record.patient_id],
+        "slide_without_patient_barcode": no_record.patient_id,
+    }
     return _Part(jobs, [table], _cohort_row("tcga", in_table, len(jobs)), doc, defects)
 
 
 def _external(out: Path, cfg: SynthPreset, seed: int, signal: bool) -> _Part:
     """Other sites, plain CSV labels (patient_id, slide, ER, PR, Her2, site)."""
-    patients = [draw_patient(seed, f"EXT-{i + 1:04d}", "external", cfg, signal)
-                for i in range(cfg.external_patients)]
+    patients = [
+        draw_patient(seed, f"EXT-{i + 1:04d}", "external", cfg, signal)
+        for i in range(cfg.external_patients)
+    ]
     jobs, rows = [], []
     for i, p in enumerate(patients):
         site = cfg.external_sites[i % len(cfg.external_sites)]
         name = f"{p.patient_id}.tiff"
-        jobs.append(_Job(Path("external/slides") / name,
-                         wsi_scene(seed, name, p.morph, cfg.slide_size), site,
-                         Path("truth") / f"{p.patient_id}.png", cfg.render_mpp,
-                         {"kind": "wsi", "cohort": "external", "patient_id": p.patient_id}))
-        rows.append({"patient_id": p.patient_id, "slide": name, **p.recorded.as_dict(),
-                     "site": site})
+        jobs.append(
+            _Job(
+                Path("external/slides") / name,
+                wsi_scene(seed, name, p.morph, cfg.slide_size),
+                site,
+                Path("truth") / f"{p.patient_id}.png",
+                cfg.render_mpp,
+                {"kind": "wsi", "cohort": "external", "patient_id": p.patient_id},
+            )
+        )
+        rows.append(
+            {"patient_id": p.patient_id, "slide": name, **p.recorded.as_dict(), "site": site}
+        )
     table = Path("external/labels.csv")
     (out / "external").mkdir(parents=True, exist_ok=True)
     clinical.write_csv(out / table, rows, ["patient_id", "slide", "ER", "PR", "Her2", "site"])
-    doc = {"clinical": table.as_posix(),
-           "patients": [dict(p.describe(), slide=f"{p.patient_id}.tiff") for p in patients]}
+    doc = {
+        "clinical": table.as_posix(),
+        "patients": [dict(p.describe(), slide=f"{p.patient_id}.tiff") for p in patients],
+    }
     return _Part(jobs, [table], _cohort_row("external", patients, len(jobs)), doc)
 
 
 def _tma(out: Path, cfg: SynthPreset, seed: int, signal: bool, array: str) -> _Part:
     """A tissue microarray (own patients) cut in serial sections stained at TMA_SECTIONS."""
     n_patients, n_cores = cfg.tma_train if array == "train" else cfg.tma_test
-    patients = [draw_patient(seed, f"{array.upper()}-{i + 1:03d}", f"tma-{array}", cfg, signal)
-                for i in range(n_patients)]
-    layout = layout_array(array, [p.patient_id for p in patients], n_cores, cfg.core_um,
-                          np.random.default_rng(seed_of(seed, "array", array)))
+    patients = [
+        draw_patient(seed, f"{array.upper()}-{i + 1:03d}", f"tma-{array}", cfg, signal)
+        for i in range(n_patients)
+    ]
+    layout = layout_array(
+        array,
+        [p.patient_id for p in patients],
+        n_cores,
+        cfg.core_um,
+        np.random.default_rng(seed_of(seed, "array", array)),
+    )
     morphs = {p.patient_id: p.morph for p in patients}
     jobs = []
     for s, site in enumerate(TMA_SECTIONS[array], start=1):
         scene = section_scene(layout, morphs, s, seed)
-        jobs.append(_Job(Path(f"tma/{array}/section{s}.tiff"), scene, site,
-                         Path(f"truth/tma-{array}-section{s}.png"), cfg.render_mpp,
-                         {"kind": "tma", "cohort": f"tma-{array}", "section": s,
-                          "cores": scene.cores}))
+        jobs.append(
+            _Job(
+                Path(f"tma/{array}/section{s}.tiff"),
+                scene,
+                site,
+                Path(f"truth/tma-{array}-section{s}.png"),
+                cfg.render_mpp,
+                {"kind": "tma", "cohort": f"tma-{array}", "section": s, "cores": scene.cores},
+            )
+        )
     table = Path(f"tma/{array}/array_map.csv")
     (out / table).parent.mkdir(parents=True, exist_ok=True)
-    clinical.write_csv(out / table, [spot.__dict__ for spot in layout.spots],
-                       ["row", "column", "core_index", "patient_id"])
-    doc = {"array_map": table.as_posix(), "core_um": cfg.core_um,
-           "core_diameter_px": cfg.core_um / 0.25, "rows": layout.rows,
-           "columns": layout.columns, "cores": len(layout.spots),
-           "sections": [{"path": j.path.as_posix(), "site": j.site} for j in jobs],
-           "patients": [p.describe() for p in patients]}
+    clinical.write_csv(
+        out / table,
+        [spot.__dict__ for spot in layout.spots],
+        ["row", "column", "core_index", "patient_id"],
+    )
+    doc = {
+        "array_map": table.as_posix(),
+        "core_um": cfg.core_um,
+        "core_diameter_px": cfg.core_um / 0.25,
+        "rows": layout.rows,
+        "columns": layout.columns,
+        "cores": len(layout.spots),
+        "sections": [{"path": j.path.as_posix(), "site": j.site} for j in jobs],
+        "patients": [p.describe() for p in patients],
+    }
     return _Part(jobs, [table], _cohort_row(f"tma-{array}", patients, len(jobs)), doc)
 
 
-def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force: bool = False,
-               slide_size: tuple[int, int] | None = None, workers: int = 1,
-               progress: bool = True, only: tuple[str, ...] = SYNTH_PARTS) -> SynthSummary:
+def synthesize(
+    preset: str,
+    out: Path,
+    seed: int = 0,
+    signal: bool = True,
+    force: bool = False,
+    slide_size: tuple[int, int] | None = None,
+    workers: int = 1,
+    progress: bool = True,
+    only: tuple[str, ...] = SYNTH_PARTS,
+) -> SynthSummary:
     """Write the synthetic cohorts of ``preset`` into ``out`` (see docs/ARCHITECTURE.md).
 
     The same arguments give the same bytes (``workers`` only changes speed), and each part
@@ -263,40 +351,69 @@ def synthesize(preset: str, out: Path, seed: int = 0, signal: bool = True, force
     jobs = [job for part in parts.values() for job in part.jobs]
     slides = _render_all(out, jobs, workers, progress)
 
-    truth = {Path(s["truth"]).stem: {
-        "slide": s["path"], "mask": s["truth"], "downsample": TRUTH_DOWNSAMPLE,
-        "width": s["width"], "height": s["height"], "classes": list(TISSUE_TYPES),
-        "cores": s.get("cores", [])} for s in slides}
+    truth = {
+        Path(s["truth"]).stem: {
+            "slide": s["path"],
+            "mask": s["truth"],
+            "downsample": TRUTH_DOWNSAMPLE,
+            "width": s["width"],
+            "height": s["height"],
+            "classes": list(TISSUE_TYPES),
+            "cores": s.get("cores", []),
+        }
+        for s in slides
+    }
     _write_json(out / "truth" / "truth.json", truth)
     rows = [part.row for part in parts.values()]
     defects = {"tcga": parts["tcga"].defects} if "tcga" in parts else {}
     files = [{k: v for k, v in s.items() if k != "cores"} for s in slides]
-    files += [{"path": t.as_posix(), "kind": "table"} for part in parts.values()
-              for t in part.tables]
-    _write_json(out / "manifest.json", {
-        "fpstore_version": fpstore.__version__, "preset": cfg.name, "seed": seed,
-        "signal": signal, "parts": [name for name in SYNTH_PARTS if name in only],
-        "config": cfg.as_dict(), "mpp": 0.25,
-        "truth_downsample": TRUTH_DOWNSAMPLE, "tissue_types": list(TISSUE_TYPES),
-        "counts": {r["cohort"]: {"patients": r["patients"], "slides": r["slides"]} for r in rows},
-        "cohorts": {name: parts[name].doc for name in ("tcga", "external") if name in parts},
-        "tma": {name: parts[name].doc for name in ("train", "test") if name in parts},
-        "defects": defects,
-        "sites": {name: SITES[name].describe() for name in sorted({j.site for j in jobs})},
-        "files": files,
-    })
+    files += [
+        {"path": t.as_posix(), "kind": "table"} for part in parts.values() for t in part.tables
+    ]
+    _write_json(
+        out / "manifest.json",
+        {
+            "fpstore_version": fpstore.__version__,
+            "preset": cfg.name,
+            "seed": seed,
+            "signal": signal,
+            "parts": [name for name in SYNTH_PARTS if name in only],
+            "config": cfg.as_dict(),
+            "mpp": 0.25,
+            "truth_downsample": TRUTH_DOWNSAMPLE,
+            "tissue_types": list(TISSUE_TYPES),
+            "counts": {
+                r["cohort"]: {"patients": r["patients"], "slides": r["slides"]} for r in rows
+            },
+            "cohorts": {name: parts[name].doc for name in ("tcga", "external") if name in parts},
+            "tma": {name: parts[name].doc for name in ("train", "test") if name in parts},
+            "defects": defects,
+            "sites": {name: SITES[name].describe() for name in sorted({j.site for j in jobs})},
+            "files": files,
+        },
+    )
     written = [f["path"] for f in files] + [s["truth"] for s in slides]
     written += ["manifest.json", "truth/truth.json"]
     size = sum((out / p).stat().st_size for p in written)
-    return SynthSummary(out, cfg.name, seed, signal, rows, len(written), size,
-                        time.perf_counter() - started, defects)
+    return SynthSummary(
+        out,
+        cfg.name,
+        seed,
+        signal,
+        rows,
+        len(written),
+        size,
+        time.perf_counter() - started,
+        defects,
+    )
 
 
 def _render_all(out: Path, jobs: list[_Job], workers: int, progress: bool) -> list[dict]:
     from tqdm import tqdm
 
-    bar = tqdm(total=sum(_chunks(j) for j in jobs), unit="chunk", desc="synth",
-               disable=not progress)
+    bar = tqdm(
+        total=sum(_chunks(j) for j in jobs), unit="chunk", desc="synth", disable=not progress
+    )
     try:
         if workers == 1:
             results = []

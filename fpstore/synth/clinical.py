@@ -38,25 +38,35 @@ def biotab_row(barcode: str, recorded: Recorded, rng: np.random.Generator) -> di
     """One patient of the Biotab table; columns the synthesis does not model are [Not Available]."""
     age = int(rng.normal(58, 13))
     row = {c: NOT_AVAILABLE for c in biotab.COLUMNS}
-    row.update({
-        "bcr_patient_uuid": new_uuid(rng),
-        "bcr_patient_barcode": barcode,
-        "form_completion_date":
-            f"20{rng.integers(10, 15)}-{rng.integers(1, 13)}-{rng.integers(1, 29)}",
-        "prospective_collection": "NO",
-        "retrospective_collection": "YES",
-        "birth_days_to": str(-age * 365 - int(rng.integers(0, 365))),
-        "gender": "FEMALE" if rng.random() > 0.011 else "MALE",
-        "race": _choice(rng, [("WHITE", 758), ("BLACK OR AFRICAN AMERICAN", 183),
-                              (NOT_AVAILABLE, 93), ("ASIAN", 61)]),
-        "ethnicity": _choice(rng, [("NOT HISPANIC OR LATINO", 880), ("HISPANIC OR LATINO", 39),
-                                   (NOT_AVAILABLE, 180)]),
-        "vital_status": "Dead" if rng.random() < 0.095 else "Alive",
-        "age_at_diagnosis": str(age),
-        "er_status_by_ihc": recorded.ER,
-        "pr_status_by_ihc": recorded.PR,
-        "her2_status_by_ihc": recorded.Her2,
-    })
+    row.update(
+        {
+            "bcr_patient_uuid": new_uuid(rng),
+            "bcr_patient_barcode": barcode,
+            "form_completion_date": f"20{rng.integers(10, 15)}-{rng.integers(1, 13)}-{rng.integers(1, 29)}",
+            "prospective_collection": "NO",
+            "retrospective_collection": "YES",
+            "birth_days_to": str(-age * 365 - int(rng.integers(0, 365))),
+            "gender": "FEMALE" if rng.random() > 0.011 else "MALE",
+            "race": _choice(
+                rng,
+                [
+                    ("WHITE", 758),
+                    ("BLACK OR AFRICAN AMERICAN", 183),
+                    (NOT_AVAILABLE, 93),
+                    ("ASIAN", 61),
+                ],
+            ),
+            "ethnicity": _choice(
+                rng,
+                [("NOT HISPANIC OR LATINO", 880), ("HISPANIC OR LATINO", 39), (NOT_AVAILABLE, 180)],
+            ),
+            "vital_status": "Dead" if rng.random() < 0.095 else "Alive",
+            "age_at_diagnosis": str(age),
+            "er_status_by_ihc": recorded.ER,
+            "pr_status_by_ihc": recorded.PR,
+            "her2_status_by_ihc": recorded.Her2,
+        }
+    )
     return row
 
 

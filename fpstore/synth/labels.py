@@ -53,8 +53,9 @@ def _record(value: bool, rng, noise: float, missing: float, indeterminate: float
     return POSITIVE if flipped else NEGATIVE
 
 
-def record(truth: TrueStatus, rng: np.random.Generator, label_noise: float,
-           complete: bool = False) -> Recorded:
+def record(
+    truth: TrueStatus, rng: np.random.Generator, label_noise: float, complete: bool = False
+) -> Recorded:
     """The clinical record of one patient; ``complete`` drops the missing values (external CSV)."""
     miss = 0.0 if complete else 1.0
     er = _record(truth.er, rng, label_noise, 0.045 * miss, 0.004 * miss)

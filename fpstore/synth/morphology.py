@@ -56,8 +56,9 @@ class Morphology:
         }
 
 
-def draw_morphology(rng: np.random.Generator, status: TrueStatus, effect: float,
-                    seed: int) -> Morphology:
+def draw_morphology(
+    rng: np.random.Generator, status: TrueStatus, effect: float, seed: int
+) -> Morphology:
     """A patient's morphology given the (true or decoy) status that shapes it."""
     er_neg = effect * (0.0 if status.er else 1.0)
     her2 = effect * (1.0 if status.her2 else 0.0)

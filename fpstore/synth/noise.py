@@ -95,8 +95,7 @@ def fbm_many(u: np.ndarray, v: np.ndarray, specs) -> list[np.ndarray]:
             owner.append(k)
     shape = (len(scales),) + (1,) * u.ndim
     inv = (1.0 / np.asarray(scales)).reshape(shape)
-    layers = _value_noise(u[None] * inv, v[None] * inv,
-                          np.asarray(seeds, np.uint64).reshape(shape))
+    layers = _value_noise(u[None] * inv, v[None] * inv, np.asarray(seeds, np.uint64).reshape(shape))
     layers *= np.asarray(weights, np.float32).reshape(shape)
     out = [np.zeros(u.shape, np.float32) for _ in specs]
     for k, layer in zip(owner, layers):
@@ -202,8 +201,9 @@ def fibres(x0: int, y0: int, n: int, seed: int, length: int) -> np.ndarray:
     return _bank_window(fibre_bank(length), x0, y0, n, seed)
 
 
-def jitter_points(x0: float, y0: float, x1: float, y1: float, cell: float, seed: int,
-                  jitter: float = 0.8):
+def jitter_points(
+    x0: float, y0: float, x1: float, y1: float, cell: float, seed: int, jitter: float = 0.8
+):
     """One candidate point per grid cell overlapping the box, jittered inside its cell.
 
     Returns (x, y, ix, iy, r) with r a per-point uniform draw for keep/size decisions;
@@ -239,8 +239,9 @@ def nearest_two(u: np.ndarray, v: np.ndarray, cell: float, seed: int, jitter: fl
             cx, cy = gx + dx, gy + dy
             seeds = np.array([seed, seed + 1], np.uint64).reshape((2,) + (1,) * u.ndim)
             h = hash_uniform(np.stack((cx, cx)), np.stack((cy, cy)), seeds)
-            d = np.hypot(u - (cx + base + jitter * h[0]) * cell,
-                         v - (cy + base + jitter * h[1]) * cell).astype(np.float32)
+            d = np.hypot(
+                u - (cx + base + jitter * h[0]) * cell, v - (cy + base + jitter * h[1]) * cell
+            ).astype(np.float32)
             closer = d < d1
             d2 = np.minimum(d2, np.maximum(d1, d))
             d1 = np.minimum(d1, d)

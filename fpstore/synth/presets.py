@@ -42,8 +42,10 @@ class SynthPreset:
         check_range(owner, "slide width", w, 512, 200_000)
         check_range(owner, "slide height", h, 512, 200_000)
         if self.render_mpp not in RENDER_MPPS:
-            raise ConfigError(f"{owner}.render_mpp={self.render_mpp!r}; choose one of: "
-                              f"{', '.join(map(str, RENDER_MPPS))}")
+            raise ConfigError(
+                f"{owner}.render_mpp={self.render_mpp!r}; choose one of: "
+                f"{', '.join(map(str, RENDER_MPPS))}"
+            )
         for s in self.tcga_sites + self.external_sites:
             if s not in SITES:
                 raise unknown_name("site", s, SITES)
@@ -60,18 +62,42 @@ PRESETS: dict[str, SynthPreset] = {
     p.name: p
     for p in (
         # Seconds: for tests. Tissue drawn at 1 um/px; TMA cores smaller than real ones.
-        SynthPreset("small", tcga_patients=8, external_patients=4, slide_size=(3072, 2048),
-                    tma_train=(4, 6), tma_test=(3, 5), core_um=320.0, render_mpp=1.0),
+        SynthPreset(
+            "small",
+            tcga_patients=8,
+            external_patients=4,
+            slide_size=(3072, 2048),
+            tma_train=(4, 6),
+            tma_test=(3, 5),
+            core_um=320.0,
+            render_mpp=1.0,
+        ),
         # About two minutes on two cores: every patient has >= 30 squares of 112 um of tissue.
         # Tissue drawn at 1 um/px (0.5 um/px would take about 3x longer).
         # Six tissue-source sites, so that `classify --split site` can hold out whole sites.
-        SynthPreset("demo", tcga_patients=48, external_patients=24, slide_size=(5120, 3072),
-                    tma_train=(24, 36), tma_test=(24, 36), core_um=700.0, render_mpp=1.0,
-                    tcga_sites=SIX_SITES),
+        SynthPreset(
+            "demo",
+            tcga_patients=48,
+            external_patients=24,
+            slide_size=(5120, 3072),
+            tma_train=(24, 36),
+            tma_test=(24, 36),
+            core_um=700.0,
+            render_mpp=1.0,
+            tcga_sites=SIX_SITES,
+        ),
         # The paper's scale: 104 patients per array, a few hundred whole-slide patients;
         # slides of 4 x 3 mm so the set stays in tens of GB. Hours; only on request.
-        SynthPreset("paper", tcga_patients=400, external_patients=120, slide_size=(16384, 12288),
-                    tma_train=(104, 207), tma_test=(104, 208), core_um=700.0, tcga_sites=SIX_SITES),
+        SynthPreset(
+            "paper",
+            tcga_patients=400,
+            external_patients=120,
+            slide_size=(16384, 12288),
+            tma_train=(104, 207),
+            tma_test=(104, 208),
+            core_um=700.0,
+            tcga_sites=SIX_SITES,
+        ),
     )
 }
 

@@ -17,8 +17,15 @@ import cv2
 import numpy as np
 
 from fpstore.synth.noise import fibres, hash_uniform, jitter_points, white
-from fpstore.synth.scene import (CELLS, CELLS_FAR, SMOOTH, Scene, fat_fields, gland_fields,
-                                 smooth_fields)
+from fpstore.synth.scene import (
+    CELLS,
+    CELLS_FAR,
+    SMOOTH,
+    Scene,
+    fat_fields,
+    gland_fields,
+    smooth_fields,
+)
 from fpstore.synth.sites import Site
 
 BACKGROUND, EPITHELIUM, STROMA, FAT = 0, 1, 2, 3
@@ -34,6 +41,8 @@ def chunk_px(render_mpp: float) -> int:
     """Level-0 size of the square chunks the renderer draws at once (whole TIFF tiles):
     large enough to amortise per-call overhead, small enough to stay light in memory."""
     return 512 if render_mpp < 0.5 else 1024
+
+
 FIBRE_WEIGHTS = ("w0", "w45", "w90", "w135")  # how much each fibre texture shows, per pixel
 _FIELDS = SMOOTH + FIBRE_WEIGHTS + CELLS
 _I = {name: i for i, name in enumerate(_FIELDS)}
@@ -43,9 +52,10 @@ def _upsample(coarse: np.ndarray, n: int) -> np.ndarray:
     """Bilinear upsampling of a square [h, h, c] stack to [n, n, c] (cv2: <= 4 channels)."""
     out = np.empty((n, n, coarse.shape[-1]), np.float32)
     for c0 in range(0, coarse.shape[-1], 4):
-        up = cv2.resize(np.ascontiguousarray(coarse[..., c0:c0 + 4]), (n, n),
-                        interpolation=cv2.INTER_LINEAR)
-        out[..., c0:c0 + 4] = up.reshape(n, n, -1)
+        up = cv2.resize(
+            np.ascontiguousarray(coarse[..., c0 : c0 + 4]), (n, n), interpolation=cv2.INTER_LINEAR
+        )
+        out[..., c0 : c0 + 4] = up.reshape(n, n, -1)
     return out
 
 
@@ -62,8 +72,12 @@ def classify(g) -> dict[str, np.ndarray]:
     lumen = gland & (g[..., _I["lumen"]] > 0)
     necrotic = solid & (g[..., _I["necrosis"]] > 0)
     return {
-        "tissue": tissue, "epithelium": epithelium, "lumen": lumen, "necrotic": necrotic,
-        "stroma": tissue & ~fat & ~epithelium, "fat": fat,
+        "tissue": tissue,
+        "epithelium": epithelium,
+        "lumen": lumen,
+        "necrotic": necrotic,
+        "stroma": tissue & ~fat & ~epithelium,
+        "fat": fat,
     }
 
 
@@ -138,11 +152,16 @@ class TileRenderer:
                 cells[sel, 2:] = fat_fields(region, xc[sel], yc[sel])
         # Fibre texture weights follow the (smooth) fibre direction: cheaper on the grid.
         cos2, sin2 = smooth[..., SMOOTH.index("cos2")], smooth[..., SMOOTH.index("sin2")]
-        weights = np.stack([np.maximum(0, cos2 * np.cos(k * np.pi / 2)
-                                       + sin2 * np.sin(k * np.pi / 2)) ** 2 for k in range(4)],
-                           axis=-1)
-        fine = np.concatenate((_upsample(smooth, n), _upsample(weights, n), _upsample(cells, n)),
-                              axis=-1)
+        weights = np.stack(
+            [
+                np.maximum(0, cos2 * np.cos(k * np.pi / 2) + sin2 * np.sin(k * np.pi / 2)) ** 2
+                for k in range(4)
+            ],
+            axis=-1,
+        )
+        fine = np.concatenate(
+            (_upsample(smooth, n), _upsample(weights, n), _upsample(cells, n)), axis=-1
+        )
         return fine, cv2.resize(rid, (n, n), interpolation=cv2.INTER_NEAREST)
 
     # -- rendering ------------------------------------------------------------------
@@ -154,8 +173,9 @@ class TileRenderer:
             return None
         n, um, seed = self.n, self.rmpp, self.scene.seed
         masks = classify(fine)
-        tissue, epithelium, stroma, fat = (masks[k] for k in ("tissue", "epithelium", "stroma",
-                                                               "fat"))
+        tissue, epithelium, stroma, fat = (
+            masks[k] for k in ("tissue", "epithelium", "stroma", "fat")
+        )
         lumen, necrotic = masks["lumen"], masks["necrotic"]
         g = {name: fine[..., i] for i, name in enumerate(_FIELDS)}
         morphs = [r.morph for r in self.scene.regions]
@@ -202,21 +222,27 @@ class TileRenderer:
         m, f = self.m, self.factor
         if f > 1:
             rgb = cv2.resize(rgb, (n * f, n * f), interpolation=cv2.INTER_LINEAR)
-        rgb = rgb[m * f:m * f + self.tile, m * f:m * f + self.tile]
+        rgb = rgb[m * f : m * f + self.tile, m * f : m * f + self.tile]
         classes = np.zeros((n, n), np.uint8)
         classes[epithelium] = EPITHELIUM
         classes[stroma] = STROMA
         classes[fat] = FAT
         ds = TRUTH_DOWNSAMPLE // f
-        truth = classes[m + ds // 2:m + self.t:ds, m + ds // 2:m + self.t:ds]
+        truth = classes[m + ds // 2 : m + self.t : ds, m + ds // 2 : m + self.t : ds]
         return np.ascontiguousarray(rgb), np.ascontiguousarray(truth)
 
     # -- cells ----------------------------------------------------------------------
     def _candidates(self, x0, y0, cell_um, salt):
         """Jittered-grid points whose centre lies within ``reach`` of the tile (canvas px)."""
         um, lo, hi = self.rmpp, self.m - self.reach, self.m + self.t + self.reach
-        px, py, gx, gy = jitter_points((x0 + lo) * um, (y0 + lo) * um, (x0 + hi) * um,
-                                       (y0 + hi) * um, cell_um, self.scene.seed + salt)
+        px, py, gx, gy = jitter_points(
+            (x0 + lo) * um,
+            (y0 + lo) * um,
+            (x0 + hi) * um,
+            (y0 + hi) * um,
+            cell_um,
+            self.scene.seed + salt,
+        )
         cx = px / um - x0 - 0.5
         cy = py / um - y0 - 0.5
         inside = (cx >= lo) & (cy >= lo) & (cx < hi) & (cy < hi)
@@ -247,8 +273,9 @@ class TileRenderer:
         length = (3.5 + 2.5 * self._attr(gx[keep], gy[keep], 402)) / um * s
         width = int(1.0 / um * s)
         for x, y, L, a in zip(cx[keep] * s, cy[keep] * s, length, angle):
-            cv2.ellipse(canvas, (int(x), int(y)), (int(L), width), float(a), 0, 360, 1.15, -1,
-                        cv2.LINE_8, 4)
+            cv2.ellipse(
+                canvas, (int(x), int(y)), (int(L), width), float(a), 0, 360, 1.15, -1, cv2.LINE_8, 4
+            )
 
         if necrotic.any():
             cx, cy, gx, gy = self._candidates(x0, y0, 5.0, 500)

@@ -20,8 +20,18 @@ from fpstore.synth.noise import fbm_many, nearest_two, value_noise
 
 # Structure channels ("margins": > 0 means inside). Smooth ones are evaluated on an
 # 8 um grid, cell-scale ones (glands, adipocytes) on a 2 um grid; both are upsampled.
-SMOOTH = ("outline", "epi", "fat", "gland", "solid", "lymph", "necrosis", "cos2", "sin2",
-          "thickness")
+SMOOTH = (
+    "outline",
+    "epi",
+    "fat",
+    "gland",
+    "solid",
+    "lymph",
+    "necrosis",
+    "cos2",
+    "sin2",
+    "thickness",
+)
 CELLS = ("gdist", "lumen", "membrane")
 
 
@@ -48,8 +58,9 @@ class Region:
         u = c * dx - s * dy + self.offset[0]
         v = s * dx + c * dy + self.offset[1]
         if self.warp_um:
-            wu, wv = fbm_many(u, v, [(250.0, self.section_seed + 11, 1),
-                                     (250.0, self.section_seed + 12, 1)])
+            wu, wv = fbm_many(
+                u, v, [(250.0, self.section_seed + 11, 1), (250.0, self.section_seed + 12, 1)]
+            )
             u = u + 0.5 * self.warp_um * wu
             v = v + 0.5 * self.warp_um * wv
         return u, v
@@ -74,6 +85,7 @@ class Region:
         edge = np.minimum(np.minimum(rx + 0.97, 0.97 - rx), np.minimum(ry + 0.97, 0.97 - ry))
         return np.minimum((blob + 0.55 * noise[0]) * 3 + holes, edge * 40)
 
+
 def smooth_fields(region: Region, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """SMOOTH channels at slide microns x, y -> float32 [..., len(SMOOTH)]."""
     m = region.morph
@@ -84,10 +96,19 @@ def smooth_fields(region: Region, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     n_out = len(specs)
     # one batch for all layers (coordinates differ: slide for outline/thickness, patient else)
     glass = fbm_many(x, y, specs + [(400.0, sect + 31, 2)])
-    epi, epi_sect, fat, arch, lymph, necro, theta = fbm_many(u, v, [
-        (m.structure_um, seed + 1, 3), (60.0, sect + 21, 2), (1.3 * m.structure_um, seed + 2, 3),
-        (0.8 * m.structure_um, seed + 3, 2), (140.0, seed + 7, 2),
-        (0.45 * m.structure_um, seed + 8, 2), (160.0, seed + 9, 1)])
+    epi, epi_sect, fat, arch, lymph, necro, theta = fbm_many(
+        u,
+        v,
+        [
+            (m.structure_um, seed + 1, 3),
+            (60.0, sect + 21, 2),
+            (1.3 * m.structure_um, seed + 2, 3),
+            (0.8 * m.structure_um, seed + 3, 2),
+            (140.0, seed + 7, 2),
+            (0.45 * m.structure_um, seed + 8, 2),
+            (160.0, seed + 9, 1),
+        ],
+    )
     theta = np.pi * 0.43 * theta
     fields = (
         region.outline(x, y, glass[:n_out]),
@@ -123,6 +144,7 @@ def fat_fields(region: Region, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 # Values of CELLS where a field is not needed (far from any gland or membrane).
 CELLS_FAR = (9.0, -9.0, 99.0)
+
 
 @dataclass
 class Scene:

@@ -42,8 +42,13 @@ class Site:
     def to_rgb(self, h: np.ndarray, e: np.ndarray) -> np.ndarray:
         """Stain concentration maps (float32, H x W) to an RGB float32 image in [0, 255]."""
         # -OD per channel = -(h * H + e * E), as one 2->3 channel matrix product, then exp.
-        m = -np.stack((np.float32(self.h_gain) * np.asarray(self.hematoxylin, np.float32),
-                       np.float32(self.e_gain) * np.asarray(self.eosin, np.float32)), axis=1)
+        m = -np.stack(
+            (
+                np.float32(self.h_gain) * np.asarray(self.hematoxylin, np.float32),
+                np.float32(self.e_gain) * np.asarray(self.eosin, np.float32),
+            ),
+            axis=1,
+        )
         neg_od = cv2.transform(cv2.merge((h.astype(np.float32), e.astype(np.float32))), m)
         rgb = cv2.exp(neg_od)
         rgb *= np.asarray(self.light, np.float32)
@@ -59,9 +64,15 @@ class Site:
 
     def describe(self) -> dict:
         return {
-            "name": self.name, "hematoxylin": self.hematoxylin, "eosin": self.eosin,
-            "h_gain": self.h_gain, "e_gain": self.e_gain, "light": self.light,
-            "blur_um": self.blur_um, "jpeg_quality": self.jpeg_quality, "scanner": self.scanner,
+            "name": self.name,
+            "hematoxylin": self.hematoxylin,
+            "eosin": self.eosin,
+            "h_gain": self.h_gain,
+            "e_gain": self.e_gain,
+            "light": self.light,
+            "blur_um": self.blur_um,
+            "jpeg_quality": self.jpeg_quality,
+            "scanner": self.scanner,
         }
 
 
@@ -78,28 +89,121 @@ SITES: dict[str, Site] = {
     s.name: s
     for s in (
         # tcga-like tissue source sites (TSS codes)
-        Site("A2", _drift(_H, (0, 0, 0)), _drift(_E, (0, 0, 0)), 1.0, 1.0, (243, 241, 245),
-             0.35, 1.5, 80),
-        Site("BH", _drift(_H, (-0.06, 0.04, 0.05)), _drift(_E, (0.08, 0.0, -0.12)), 1.15, 0.85,
-             (238, 236, 242), 0.45, 2.0, 75),
-        Site("E2", _drift(_H, (0.08, -0.03, -0.06)), _drift(_E, (-0.06, 0.05, 0.08)), 0.85, 1.25,
-             (246, 242, 240), 0.30, 1.2, 85),
-        Site("AR", _drift(_H, (-0.1, 0.02, 0.12)), _drift(_E, (0.1, -0.08, 0.05)), 1.05, 0.95,
-             (240, 240, 240), 0.55, 2.0, 70),
-        Site("A8", _drift(_H, (0.04, 0.06, -0.1)), _drift(_E, (-0.1, -0.04, 0.06)), 0.9, 1.05,
-             (242, 238, 243), 0.40, 1.6, 82),
-        Site("D8", _drift(_H, (-0.08, -0.05, 0.02)), _drift(_E, (0.05, 0.08, -0.06)), 1.1, 1.2,
-             (237, 241, 239), 0.50, 1.4, 76),
+        Site(
+            "A2",
+            _drift(_H, (0, 0, 0)),
+            _drift(_E, (0, 0, 0)),
+            1.0,
+            1.0,
+            (243, 241, 245),
+            0.35,
+            1.5,
+            80,
+        ),
+        Site(
+            "BH",
+            _drift(_H, (-0.06, 0.04, 0.05)),
+            _drift(_E, (0.08, 0.0, -0.12)),
+            1.15,
+            0.85,
+            (238, 236, 242),
+            0.45,
+            2.0,
+            75,
+        ),
+        Site(
+            "E2",
+            _drift(_H, (0.08, -0.03, -0.06)),
+            _drift(_E, (-0.06, 0.05, 0.08)),
+            0.85,
+            1.25,
+            (246, 242, 240),
+            0.30,
+            1.2,
+            85,
+        ),
+        Site(
+            "AR",
+            _drift(_H, (-0.1, 0.02, 0.12)),
+            _drift(_E, (0.1, -0.08, 0.05)),
+            1.05,
+            0.95,
+            (240, 240, 240),
+            0.55,
+            2.0,
+            70,
+        ),
+        Site(
+            "A8",
+            _drift(_H, (0.04, 0.06, -0.1)),
+            _drift(_E, (-0.1, -0.04, 0.06)),
+            0.9,
+            1.05,
+            (242, 238, 243),
+            0.40,
+            1.6,
+            82,
+        ),
+        Site(
+            "D8",
+            _drift(_H, (-0.08, -0.05, 0.02)),
+            _drift(_E, (0.05, 0.08, -0.06)),
+            1.1,
+            1.2,
+            (237, 241, 239),
+            0.50,
+            1.4,
+            76,
+        ),
         # external cohort sites
-        Site("X1", _drift(_H, (0.1, -0.06, -0.1)), _drift(_E, (0.02, 0.06, -0.15)), 1.25, 0.75,
-             (236, 238, 244), 0.40, 1.8, 78, "Hamamatsu"),
-        Site("X2", _drift(_H, (-0.05, -0.02, 0.15)), _drift(_E, (-0.08, 0.02, 0.1)), 0.80, 1.15,
-             (248, 244, 246), 0.30, 1.0, 90, "Leica"),
+        Site(
+            "X1",
+            _drift(_H, (0.1, -0.06, -0.1)),
+            _drift(_E, (0.02, 0.06, -0.15)),
+            1.25,
+            0.75,
+            (236, 238, 244),
+            0.40,
+            1.8,
+            78,
+            "Hamamatsu",
+        ),
+        Site(
+            "X2",
+            _drift(_H, (-0.05, -0.02, 0.15)),
+            _drift(_E, (-0.08, 0.02, 0.1)),
+            0.80,
+            1.15,
+            (248, 244, 246),
+            0.30,
+            1.0,
+            90,
+            "Leica",
+        ),
         # TMA sites of the paper's Table 1: A = array supplier (Aperio, softer), B = our lab (Zeiss)
-        Site("A", _drift(_H, (0.0, 0.05, -0.05)), _drift(_E, (0.12, -0.05, -0.1)), 0.95, 1.1,
-             (244, 240, 238), 0.55, 2.0, 72),
-        Site("B", _drift(_H, (0.05, -0.05, 0.06)), _drift(_E, (-0.05, 0.06, 0.02)), 1.15, 0.9,
-             (239, 240, 246), 0.30, 1.2, 88, "Zeiss"),
+        Site(
+            "A",
+            _drift(_H, (0.0, 0.05, -0.05)),
+            _drift(_E, (0.12, -0.05, -0.1)),
+            0.95,
+            1.1,
+            (244, 240, 238),
+            0.55,
+            2.0,
+            72,
+        ),
+        Site(
+            "B",
+            _drift(_H, (0.05, -0.05, 0.06)),
+            _drift(_E, (-0.05, 0.06, 0.02)),
+            1.15,
+            0.9,
+            (239, 240, 246),
+            0.30,
+            1.2,
+            88,
+            "Zeiss",
+        ),
     )
 }
 

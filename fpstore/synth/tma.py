@@ -49,8 +49,9 @@ class ArrayLayout:
         return extent(self.columns), extent(self.rows)
 
 
-def layout_array(name: str, patient_ids: list[str], n_cores: int, core_um: float,
-                 rng: np.random.Generator) -> ArrayLayout:
+def layout_array(
+    name: str, patient_ids: list[str], n_cores: int, core_um: float, rng: np.random.Generator
+) -> ArrayLayout:
     """Place the cores: the first ``n_cores - len(patients)`` patients get two, side by side."""
     n_two = n_cores - len(patient_ids)
     columns = math.ceil(math.sqrt(n_cores))
@@ -65,8 +66,9 @@ def layout_array(name: str, patient_ids: list[str], n_cores: int, core_um: float
     return ArrayLayout(name, tuple(spots), rows, columns, core_um)
 
 
-def section_scene(layout: ArrayLayout, morphs: dict[str, Morphology], section: int,
-                  seed: int, mpp: float = 0.25) -> Scene:
+def section_scene(
+    layout: ArrayLayout, morphs: dict[str, Morphology], section: int, seed: int, mpp: float = 0.25
+) -> Scene:
     """One serial section of the array as a scene of core regions."""
     rng = np.random.default_rng(seed_of(seed, layout.name, "section", section))
     width_um, height_um = layout.size_um
@@ -83,17 +85,36 @@ def section_scene(layout: ArrayLayout, morphs: dict[str, Morphology], section: i
         jitter = rng.uniform(-10, 10, 2)
         x = cx + np.cos(tilt) * gx - np.sin(tilt) * gy + shift[0] + jitter[0]
         y = cy + np.sin(tilt) * gx + np.cos(tilt) * gy + shift[1] + jitter[1]
-        regions.append(Region(
-            morph=morphs[spot.patient_id],
-            bbox=(x - 1.1 * radius, y - 1.1 * radius, x + 1.1 * radius, y + 1.1 * radius),
-            section_seed=seed_of(seed, layout.name, section, spot.core_index),
-            centre=(float(x), float(y)), radius=radius, core=True, offset=spot.offset,
-            angle=float(tilt + np.radians(rng.uniform(-2, 2))),
-            outline_seed=seed_of(seed, layout.name, "core", spot.core_index),
-        ))
-        cores.append({"row": spot.row, "column": spot.column, "core_index": spot.core_index,
-                      "patient_id": spot.patient_id, "x": round(x / mpp, 1),
-                      "y": round(y / mpp, 1), "diameter_px": round(layout.core_um / mpp, 1)})
+        regions.append(
+            Region(
+                morph=morphs[spot.patient_id],
+                bbox=(x - 1.1 * radius, y - 1.1 * radius, x + 1.1 * radius, y + 1.1 * radius),
+                section_seed=seed_of(seed, layout.name, section, spot.core_index),
+                centre=(float(x), float(y)),
+                radius=radius,
+                core=True,
+                offset=spot.offset,
+                angle=float(tilt + np.radians(rng.uniform(-2, 2))),
+                outline_seed=seed_of(seed, layout.name, "core", spot.core_index),
+            )
+        )
+        cores.append(
+            {
+                "row": spot.row,
+                "column": spot.column,
+                "core_index": spot.core_index,
+                "patient_id": spot.patient_id,
+                "x": round(x / mpp, 1),
+                "y": round(y / mpp, 1),
+                "diameter_px": round(layout.core_um / mpp, 1),
+            }
+        )
     width, height = int(round(width_um / mpp)), int(round(height_um / mpp))
-    return Scene(width, height, regions, seed=seed_of(seed, layout.name, "cells", section),
-                 mpp=mpp, cores=cores)
+    return Scene(
+        width,
+        height,
+        regions,
+        seed=seed_of(seed, layout.name, "cells", section),
+        mpp=mpp,
+        cores=cores,
+    )

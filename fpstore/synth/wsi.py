@@ -66,8 +66,9 @@ def _level1_buffer(scratch: Path, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def _jpeg(tile: np.ndarray, quality: int) -> bytes:
-    return imagecodecs.jpeg8_encode(tile, level=quality, colorspace="RGB",
-                                    outcolorspace="YCBCR", subsampling="420")
+    return imagecodecs.jpeg8_encode(
+        tile, level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling="420"
+    )
 
 
 def _tiles_of(image: np.ndarray, fill: np.ndarray, quality: int):
@@ -75,11 +76,11 @@ def _tiles_of(image: np.ndarray, fill: np.ndarray, quality: int):
     h, w = image.shape[:2]
     for y in range(0, h, TILE):
         for x in range(0, w, TILE):
-            block = image[y:y + TILE, x:x + TILE]
+            block = image[y : y + TILE, x : x + TILE]
             if block.shape[:2] != (TILE, TILE):
                 pad = np.empty((TILE, TILE, 3), np.uint8)
                 pad[:] = fill
-                pad[:block.shape[0], :block.shape[1]] = block
+                pad[: block.shape[0], : block.shape[1]] = block
                 block = pad
             yield _jpeg(np.ascontiguousarray(block), quality)
 
@@ -87,16 +88,19 @@ def _tiles_of(image: np.ndarray, fill: np.ndarray, quality: int):
 def _description(width, height, level_wh, quality, mpp, extra: dict) -> str:
     w, h = level_wh
     if (w, h) == (width, height):
-        head = (f"{APERIO} \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) "
-                f"JPEG/RGB Q={quality}")
+        head = (
+            f"{APERIO} \r\n{width}x{height} [0,0 {width}x{height}] ({TILE}x{TILE}) "
+            f"JPEG/RGB Q={quality}"
+        )
     else:
         head = f"{APERIO} \r\n{width}x{height} -> {w}x{h} - "
     fields = {"AppMag": 40, "MPP": mpp, **extra}
     return head + "|" + "|".join(f"{k} = {v}" for k, v in fields.items())
 
 
-def write_slide(path: Path, renderer: TileRenderer, truth_path: Path, extra: dict,
-                progress=None) -> SlideFile:
+def write_slide(
+    path: Path, renderer: TileRenderer, truth_path: Path, extra: dict, progress=None
+) -> SlideFile:
     """Render ``renderer.scene`` chunk by chunk into a pyramidal TIFF and its truth PNG.
 
     ``extra`` goes into the Aperio description (site, patient, ...). ``progress`` is
@@ -136,11 +140,14 @@ def write_slide(path: Path, renderer: TileRenderer, truth_path: Path, extra: dic
                         if ty >= nty or tx >= ntx:
                             continue
                         tile = np.ascontiguousarray(
-                            rgb[a * TILE:(a + 1) * TILE, b * TILE:(b + 1) * TILE])
-                        level1[ty * small:(ty + 1) * small, tx * small:(tx + 1) * small] = \
+                            rgb[a * TILE : (a + 1) * TILE, b * TILE : (b + 1) * TILE]
+                        )
+                        level1[ty * small : (ty + 1) * small, tx * small : (tx + 1) * small] = (
                             cv2.resize(tile, (small, small), interpolation=cv2.INTER_AREA)
-                        truth[ty * tq:(ty + 1) * tq, tx * tq:(tx + 1) * tq] = \
-                            block[a * tq:(a + 1) * tq, b * tq:(b + 1) * tq]
+                        )
+                        truth[ty * tq : (ty + 1) * tq, tx * tq : (tx + 1) * tq] = block[
+                            a * tq : (a + 1) * tq, b * tq : (b + 1) * tq
+                        ]
                         encoded[ty, tx] = _jpeg(tile, quality)
                 for ty in range(cy * per, min(nty, (cy + 1) * per)):
                     for tx in range(ntx):
@@ -149,32 +156,57 @@ def write_slide(path: Path, renderer: TileRenderer, truth_path: Path, extra: dic
         part = path.with_name(path.name + ".part")
         _write_pyramid(part, level0(), level1, dims, glass, quality, mpp, extra)
         part.replace(path)
-    truth = truth[:math.ceil(height / TRUTH_DOWNSAMPLE), :math.ceil(width / TRUTH_DOWNSAMPLE)]
+    truth = truth[: math.ceil(height / TRUTH_DOWNSAMPLE), : math.ceil(width / TRUTH_DOWNSAMPLE)]
     truth_path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(truth_path), truth)
     return SlideFile(path, width, height, tuple(dims), mpp, truth.shape)
 
 
-def _write_pyramid(path: Path, level0, level1: np.ndarray, dims, glass, quality: int,
-                   mpp: float, extra: dict) -> None:
+def _write_pyramid(
+    path: Path, level0, level1: np.ndarray, dims, glass, quality: int, mpp: float, extra: dict
+) -> None:
     """SVS order: level 0 (streamed), thumbnail, then levels 1.. built from level 1."""
     width, height = dims[0]
-    options = dict(dtype=np.uint8, tile=(TILE, TILE), compression="jpeg", photometric="ycbcr",
-                   subsampling=(2, 2), metadata=None, software=False,
-                   resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    options = dict(
+        dtype=np.uint8,
+        tile=(TILE, TILE),
+        compression="jpeg",
+        photometric="ycbcr",
+        subsampling=(2, 2),
+        metadata=None,
+        software=False,
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+    )
     with tifffile.TiffWriter(path, bigtiff=width * height > 2**31) as tw:
-        tw.write(level0, shape=(height, width, 3),
-                 description=_description(width, height, dims[0], quality, mpp, extra), **options)
-        levels = [level1[:dims[1][1], :dims[1][0]]] if len(dims) > 1 else []
+        tw.write(
+            level0,
+            shape=(height, width, 3),
+            description=_description(width, height, dims[0], quality, mpp, extra),
+            **options,
+        )
+        levels = [level1[: dims[1][1], : dims[1][0]]] if len(dims) > 1 else []
         source = levels[0] if levels else level1
         scale = min(1.0, THUMBNAIL_PX / max(source.shape[:2]))
-        thumb = cv2.resize(source, (max(1, round(source.shape[1] * scale)),
-                                    max(1, round(source.shape[0] * scale))),
-                           interpolation=cv2.INTER_AREA)
-        tw.write(thumb, photometric="rgb", compression="jpeg", metadata=None, software=False,
-                 description=_description(width, height, thumb.shape[1::-1], quality, mpp, {}))
+        thumb = cv2.resize(
+            source,
+            (max(1, round(source.shape[1] * scale)), max(1, round(source.shape[0] * scale))),
+            interpolation=cv2.INTER_AREA,
+        )
+        tw.write(
+            thumb,
+            photometric="rgb",
+            compression="jpeg",
+            metadata=None,
+            software=False,
+            description=_description(width, height, thumb.shape[1::-1], quality, mpp, {}),
+        )
         for w, h in dims[2:]:
             levels.append(cv2.resize(levels[-1], (w, h), interpolation=cv2.INTER_AREA))
         for (w, h), image in zip(dims[1:], levels):
-            tw.write(_tiles_of(image, glass, quality), shape=(h, w, 3),
-                     description=_description(width, height, (w, h), quality, mpp, {}), **options)
+            tw.write(
+                _tiles_of(image, glass, quality),
+                shape=(h, w, 3),
+                description=_description(width, height, (w, h), quality, mpp, {}),
+                **options,
+            )

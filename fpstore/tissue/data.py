@@ -24,11 +24,24 @@ TILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 # NCT-CRC-HE (ADI, BACK, STR, TUM, NORM, ...), BACH and similar layouts; anything else
 # needs an explicit ``--map FOLDER=TYPE`` (or ``FOLDER=skip``).
 FOLDER_ALIASES = {
-    "background": "background", "back": "background", "bg": "background", "empty": "background",
-    "epithelium": "epithelium", "epi": "epithelium", "epithelial": "epithelium",
-    "tum": "epithelium", "tumor": "epithelium", "tumour": "epithelium", "norm": "epithelium",
-    "stroma": "stroma", "str": "stroma", "stromal": "stroma",
-    "fat": "fat", "adi": "fat", "adipose": "fat", "adipocytes": "fat",
+    "background": "background",
+    "back": "background",
+    "bg": "background",
+    "empty": "background",
+    "epithelium": "epithelium",
+    "epi": "epithelium",
+    "epithelial": "epithelium",
+    "tum": "epithelium",
+    "tumor": "epithelium",
+    "tumour": "epithelium",
+    "norm": "epithelium",
+    "stroma": "stroma",
+    "str": "stroma",
+    "stromal": "stroma",
+    "fat": "fat",
+    "adi": "fat",
+    "adipose": "fat",
+    "adipocytes": "fat",
 }
 
 
@@ -144,8 +157,13 @@ def tile_folders(tiles: Path, mapping: dict[str, str] | None = None) -> dict[Pat
     return found
 
 
-def read_tiles(tiles: Path, mapping: dict[str, str] | None = None, size: int = 224,
-               max_per_class: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def read_tiles(
+    tiles: Path,
+    mapping: dict[str, str] | None = None,
+    size: int = 224,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """Labelled tiles as (uint8 (N, size, size, 3), int labels in TISSUE_TYPES order)."""
     from PIL import Image, UnidentifiedImageError
 
@@ -166,5 +184,7 @@ def read_tiles(tiles: Path, mapping: dict[str, str] | None = None, size: int = 2
             images.append(resize_area(rgb[None], size)[0])
             labels.append(TISSUE_TYPES.index(kind))
     if not images:
-        raise ConfigError(f"no image tiles ({', '.join(sorted(TILE_SUFFIXES))}) under {str(tiles)!r}")
+        raise ConfigError(
+            f"no image tiles ({', '.join(sorted(TILE_SUFFIXES))}) under {str(tiles)!r}"
+        )
     return np.stack(images), np.array(labels, dtype=np.int64)

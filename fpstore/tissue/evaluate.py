@@ -57,8 +57,12 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
         precision = tp / predicted if predicted else 0.0
         recall = tp / support if support else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_class[name] = {"precision": float(precision), "recall": float(recall),
-                           "f1": float(f1), "support": int(support)}
+        per_class[name] = {
+            "precision": float(precision),
+            "recall": float(recall),
+            "f1": float(f1),
+            "support": int(support),
+        }
     present = [c for c in per_class.values() if c["support"]]
     return {
         "n_patches": int(len(y_true)),
@@ -69,8 +73,13 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     }
 
 
-def truth_by_patch(store: Path, cohort: str, truth: Path, encoder: str | None = None,
-                   downsample: float | None = None) -> tuple[str, dict[str, int], list[str]]:
+def truth_by_patch(
+    store: Path,
+    cohort: str,
+    truth: Path,
+    encoder: str | None = None,
+    downsample: float | None = None,
+) -> tuple[str, dict[str, int], list[str]]:
     """(encoder, {patch_id: true type index}, slides without a mask) for stored patches."""
     masks = load_truth(truth, downsample)
     encoder, folder = resolve_encoder(store, cohort, encoder)
@@ -83,8 +92,13 @@ def truth_by_patch(store: Path, cohort: str, truth: Path, encoder: str | None = 
             missing.append(slide.slide_id)
             continue
         keys = slide.keys
-        true = patch_truth(mask.read(), mask.downsample, keys.column("x").to_numpy(),
-                           keys.column("y").to_numpy(), keys.column("size_px").to_numpy())
+        true = patch_truth(
+            mask.read(),
+            mask.downsample,
+            keys.column("x").to_numpy(),
+            keys.column("y").to_numpy(),
+            keys.column("size_px").to_numpy(),
+        )
         labels.update(zip(keys.column("patch_id").to_pylist(), true.tolist()))
     if not labels:
         raise ConfigError(
@@ -94,11 +108,17 @@ def truth_by_patch(store: Path, cohort: str, truth: Path, encoder: str | None = 
     return encoder, labels, missing
 
 
-def evaluate_tissue(store: Path, cohort: str, truth: Path, methods: list[str] | None = None,
-                    models: dict[str, Path] | None = None, encoder: str | None = None,
-                    downsample: float | None = None,
-                    thresholds: RuleThresholds = RuleThresholds(),
-                    progress: bool = True) -> EvaluationReport:
+def evaluate_tissue(
+    store: Path,
+    cohort: str,
+    truth: Path,
+    methods: list[str] | None = None,
+    models: dict[str, Path] | None = None,
+    encoder: str | None = None,
+    downsample: float | None = None,
+    thresholds: RuleThresholds = RuleThresholds(),
+    progress: bool = True,
+) -> EvaluationReport:
     """Score ``methods`` (computed now) or, with none given, the stored tissue table."""
     encoder, labels, missing = truth_by_patch(store, cohort, truth, encoder, downsample)
     results = []
@@ -111,8 +131,12 @@ def evaluate_tissue(store: Path, cohort: str, truth: Path, methods: list[str] | 
                 if slide.error:
                     failed.append({"slide_id": slide.slide_id, "error": slide.error})
                     continue
-                predicted.update(zip(slide.keys.column("patch_id").to_pylist(),
-                                     slide.probabilities.argmax(axis=1).tolist()))
+                predicted.update(
+                    zip(
+                        slide.keys.column("patch_id").to_pylist(),
+                        slide.probabilities.argmax(axis=1).tolist(),
+                    )
+                )
             results.append(_score(method, labels, predicted, time.perf_counter() - start, failed))
     else:
         for method, predicted in _stored_predictions(store, cohort).items():
@@ -120,9 +144,13 @@ def evaluate_tissue(store: Path, cohort: str, truth: Path, methods: list[str] | 
     n_types = len(TISSUE_TYPES)
     counts = np.bincount(np.fromiter(labels.values(), dtype=np.int64), minlength=n_types)
     return EvaluationReport(
-        cohort=cohort, encoder=encoder, truth=str(truth),
-        n_slides=len({p.split("/")[0] for p in labels}), slides_without_truth=missing,
-        truth_counts={name: int(c) for name, c in zip(TISSUE_TYPES, counts)}, methods=results,
+        cohort=cohort,
+        encoder=encoder,
+        truth=str(truth),
+        n_slides=len({p.split("/")[0] for p in labels}),
+        slides_without_truth=missing,
+        truth_counts={name: int(c) for name, c in zip(TISSUE_TYPES, counts)},
+        methods=results,
     )
 
 
@@ -143,7 +171,9 @@ def _stored_predictions(store: Path, cohort: str) -> dict[str, dict[str, int]]:
     return by_method
 
 
-def _score(method: str, labels: dict, predicted: dict, seconds: float, failed: list) -> MethodScores:
+def _score(
+    method: str, labels: dict, predicted: dict, seconds: float, failed: list
+) -> MethodScores:
     common = [p for p in labels if p in predicted]
     y_true = np.array([labels[p] for p in common], dtype=np.int64)
     y_pred = np.array([predicted[p] for p in common], dtype=np.int64)

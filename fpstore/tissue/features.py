@@ -64,9 +64,7 @@ def as_rgb_batch(images) -> np.ndarray:
     if array.ndim == 3:
         array = array[None]
     if array.ndim != 4 or array.shape[-1] not in (3, 4):
-        raise ConfigError(
-            f"patches must be an (N, H, W, 3) RGB array; got shape {array.shape}"
-        )
+        raise ConfigError(f"patches must be an (N, H, W, 3) RGB array; got shape {array.shape}")
     if array.dtype != np.uint8:
         raise ConfigError(f"patches must be uint8 RGB; got dtype {array.dtype}")
     return array[..., :3]

@@ -28,7 +28,11 @@ import pyarrow as pa
 from fpstore.config import TISSUE_TYPES
 from fpstore.errors import ConfigError, FpstoreError, StoreError, unknown_name
 from fpstore.tissue.data import (
-    SlidePatches, iter_patch_pixels, read_slide_patches, resolve_encoder, slide_files,
+    SlidePatches,
+    iter_patch_pixels,
+    read_slide_patches,
+    resolve_encoder,
+    slide_files,
     slide_locations,
 )
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
@@ -76,8 +80,13 @@ class TissueSummary:
 class TissueTyper:
     """A method ready to type patches: the rules with thresholds, or a loaded model."""
 
-    def __init__(self, store: Path, method: str = "rules", model: Path | None = None,
-                 thresholds: RuleThresholds = RuleThresholds()):
+    def __init__(
+        self,
+        store: Path,
+        method: str = "rules",
+        model: Path | None = None,
+        thresholds: RuleThresholds = RuleThresholds(),
+    ):
         if method not in METHODS:
             raise unknown_name("tissue method", method, METHODS)
         self.method = method
@@ -124,8 +133,14 @@ class TissueTyper:
             )
 
 
-def iter_tissue(store: Path, cohort: str, typer: TissueTyper, encoder: str | None = None,
-                batch: int = 64, progress: bool = True) -> Iterator[SlideTissue]:
+def iter_tissue(
+    store: Path,
+    cohort: str,
+    typer: TissueTyper,
+    encoder: str | None = None,
+    batch: int = 64,
+    progress: bool = True,
+) -> Iterator[SlideTissue]:
     """Type each stored slide of ``cohort``; failures come back as ``SlideTissue.error``."""
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
@@ -135,9 +150,12 @@ def iter_tissue(store: Path, cohort: str, typer: TissueTyper, encoder: str | Non
     locations = slide_locations(store, cohort) if typer.reads_pixels else {}
     # The products here are skinny (4 classes, or a few thousand neighbours): BLAS threads
     # only contend with the reader and writer threads, one each is fastest.
-    with threadpool_limits(1, user_api="blas"), tqdm(
-        total=len(files), unit="slide", desc=f"tissue {typer.method}", disable=not progress
-    ) as bar:
+    with (
+        threadpool_limits(1, user_api="blas"),
+        tqdm(
+            total=len(files), unit="slide", desc=f"tissue {typer.method}", disable=not progress
+        ) as bar,
+    ):
         for slide in _read_ahead(files, with_fingerprints=not typer.reads_pixels):
             if isinstance(slide, SlideTissue):  # unreadable file
                 yield slide
@@ -148,6 +166,7 @@ def iter_tissue(store: Path, cohort: str, typer: TissueTyper, encoder: str | Non
 
 def _read_ahead(files: list[Path], with_fingerprints: bool):
     """Read the next slide's file on a thread while this one is typed (pyarrow frees the GIL)."""
+
     def read(path):
         try:
             return read_slide_patches(path, with_fingerprints)
@@ -164,8 +183,9 @@ def _read_ahead(files: list[Path], with_fingerprints: bool):
             yield result
 
 
-def _type_slide(slide: SlidePatches, typer: TissueTyper, encoder: str,
-                locations: dict, batch: int) -> SlideTissue:
+def _type_slide(
+    slide: SlidePatches, typer: TissueTyper, encoder: str, locations: dict, batch: int
+) -> SlideTissue:
     try:
         if typer.reads_pixels:
             probabilities = _pixel_probabilities(slide, typer, locations, batch)
@@ -177,8 +197,9 @@ def _type_slide(slide: SlidePatches, typer: TissueTyper, encoder: str,
     return SlideTissue(slide.slide_id, slide.keys, probabilities)
 
 
-def _pixel_probabilities(slide: SlidePatches, typer: TissueTyper, locations: dict,
-                         batch: int) -> np.ndarray:
+def _pixel_probabilities(
+    slide: SlidePatches, typer: TissueTyper, locations: dict, batch: int
+) -> np.ndarray:
     from fpstore.extract.slides import open_slide
 
     if slide.slide_id not in locations:
@@ -191,7 +212,9 @@ def _pixel_probabilities(slide: SlidePatches, typer: TissueTyper, locations: dic
     path, mpp = locations[slide.slide_id]
     handle = open_slide(path, mpp=mpp)
     try:
-        parts = [typer.from_pixels(images) for images in iter_patch_pixels(handle, slide.keys, batch)]
+        parts = [
+            typer.from_pixels(images) for images in iter_patch_pixels(handle, slide.keys, batch)
+        ]
     finally:
         handle.close()
     return np.concatenate(parts)
@@ -208,16 +231,26 @@ def tissue_table(result: SlideTissue, method: str) -> pa.Table:
             "slide_id": pa.repeat(pa.scalar(result.slide_id, pa.string()), n),
             "patch_id": result.keys.column("patch_id"),
             "tissue_type": pa.array(TISSUE_TYPES).take(pa.array(probs.argmax(axis=1))),
-            **{f"p_{name}": pa.array(probs[:, i], pa.float32()) for i, name in enumerate(TISSUE_TYPES)},
+            **{
+                f"p_{name}": pa.array(probs[:, i], pa.float32())
+                for i, name in enumerate(TISSUE_TYPES)
+            },
             "method": pa.repeat(pa.scalar(method, pa.string()), n),
         },
         schema=TISSUE,
     )
 
 
-def predict_tissue(store: Path, cohort: str, method: str = "rules", model: Path | None = None,
-                   encoder: str | None = None, thresholds: RuleThresholds = RuleThresholds(),
-                   batch: int = 64, progress: bool = True) -> TissueSummary:
+def predict_tissue(
+    store: Path,
+    cohort: str,
+    method: str = "rules",
+    model: Path | None = None,
+    encoder: str | None = None,
+    thresholds: RuleThresholds = RuleThresholds(),
+    batch: int = 64,
+    progress: bool = True,
+) -> TissueSummary:
     """Type every stored patch of ``cohort`` with ``method``; write the tissue table."""
     from fpstore.store.io import write_parquet_atomic
     from fpstore.store.schema import file_metadata
@@ -227,9 +260,14 @@ def predict_tissue(store: Path, cohort: str, method: str = "rules", model: Path 
     encoder, _ = resolve_encoder(store, cohort, encoder)
     out = tissue_dir(store, cohort)
     summary = TissueSummary(cohort, method, encoder, typer.model_hash, out=str(out))
-    metadata = file_metadata("tissue", cohort=cohort, method=method, encoder=encoder,
-                             model_hash=typer.model_hash or "",
-                             thresholds="" if typer.model else json.dumps(thresholds.to_dict()))
+    metadata = file_metadata(
+        "tissue",
+        cohort=cohort,
+        method=method,
+        encoder=encoder,
+        model_hash=typer.model_hash or "",
+        thresholds="" if typer.model else json.dumps(thresholds.to_dict()),
+    )
 
     def write(result: SlideTissue):
         table = tissue_table(result, method)
@@ -252,8 +290,9 @@ def predict_tissue(store: Path, cohort: str, method: str = "rules", model: Path 
                 continue
             summary.n_slides += 1
             summary.n_patches += table.num_rows
-            types, counts = np.unique(table.column("tissue_type").to_numpy(zero_copy_only=False),
-                                      return_counts=True)
+            types, counts = np.unique(
+                table.column("tissue_type").to_numpy(zero_copy_only=False), return_counts=True
+            )
             for name, count in zip(types, counts):
                 summary.counts[str(name)] += int(count)
     summary.seconds = time.perf_counter() - start

@@ -51,8 +51,13 @@ class RuleThresholds:
     sharpness: float = 2.0
 
     def __post_init__(self):
-        for name in ("background_white", "fat_white", "fat_white_max", "fat_membrane",
-                     "epithelium_nuclear"):
+        for name in (
+            "background_white",
+            "fat_white",
+            "fat_white_max",
+            "fat_membrane",
+            "epithelium_nuclear",
+        ):
             check_range("RuleThresholds", name, getattr(self, name), 0.0, 1.0)
         check_range("RuleThresholds", "fat_compartments", self.fat_compartments, 1.0, 1000.0)
         check_range("RuleThresholds", "sharpness", self.sharpness, 1e-3, 1e3)
@@ -62,8 +67,7 @@ class RuleThresholds:
 
 
 # The step past a threshold that counts as one unit of margin, per feature.
-_SCALE = {"white": 0.1, "white_max": 0.01, "membrane": 0.002, "compartments": 1.0,
-          "nuclear": 0.05}
+_SCALE = {"white": 0.1, "white_max": 0.01, "membrane": 0.002, "compartments": 1.0, "nuclear": 0.05}
 
 
 def rule_logits(features: np.ndarray, thresholds: RuleThresholds = RuleThresholds()) -> np.ndarray:
@@ -71,15 +75,17 @@ def rule_logits(features: np.ndarray, thresholds: RuleThresholds = RuleThreshold
     f = {name: features[:, i] for i, name in enumerate(FEATURE_NAMES)}
     t = thresholds
     white = f["white_fraction"]
-    fat = np.minimum.reduce([
-        (white - t.fat_white) / _SCALE["white"],
-        (t.fat_white_max - white) / _SCALE["white_max"],
-        np.maximum(
-            (f["membrane_density"] - t.fat_membrane) / _SCALE["membrane"],
-            # Half a region below the count ties: 3 regions pass a threshold of 3.
-            (f["compartments"] - (t.fat_compartments - 0.5)) / _SCALE["compartments"],
-        ),
-    ])
+    fat = np.minimum.reduce(
+        [
+            (white - t.fat_white) / _SCALE["white"],
+            (t.fat_white_max - white) / _SCALE["white_max"],
+            np.maximum(
+                (f["membrane_density"] - t.fat_membrane) / _SCALE["membrane"],
+                # Half a region below the count ties: 3 regions pass a threshold of 3.
+                (f["compartments"] - (t.fat_compartments - 0.5)) / _SCALE["compartments"],
+            ),
+        ]
+    )
     background = np.minimum((white - t.background_white) / _SCALE["white"], -fat)
     tissue = -np.maximum(fat, background)
     nuclear = (f["nuclear_fraction"] - t.epithelium_nuclear) / _SCALE["nuclear"]

@@ -18,7 +18,11 @@ import numpy as np
 from fpstore.config import check_choice
 from fpstore.errors import FpstoreError, TrainingError
 from fpstore.tissue.data import (
-    iter_patch_pixels, read_slide_patches, read_tiles, resolve_encoder, slide_files,
+    iter_patch_pixels,
+    read_slide_patches,
+    read_tiles,
+    resolve_encoder,
+    slide_files,
     slide_locations,
 )
 from fpstore.tissue.features import pixel_features
@@ -31,9 +35,15 @@ _TILE_OPTIONS = ("encoder", "encoder_options", "mapping", "batch", "progress")
 _STORE_OPTIONS = ("labels", "truth", "downsample", "encoder", "sample", "thresholds", "progress")
 
 
-def train_from_tiles(tiles: Path, config: TrainConfig, encoder: str | None = None,
-                     encoder_options: dict | None = None, mapping: dict[str, str] | None = None,
-                     batch: int = 32, progress: bool = True) -> TissueModel:
+def train_from_tiles(
+    tiles: Path,
+    config: TrainConfig,
+    encoder: str | None = None,
+    encoder_options: dict | None = None,
+    mapping: dict[str, str] | None = None,
+    batch: int = 32,
+    progress: bool = True,
+) -> TissueModel:
     """Fit on labelled tiles (one folder per class); tiles should span ~112 um each."""
     size = 224
     enc = None
@@ -62,17 +72,25 @@ def _encode(encoder, images: np.ndarray, batch: int, progress: bool) -> np.ndarr
     from tqdm import tqdm
 
     parts = []
-    for start in tqdm(range(0, len(images), batch), desc="encode tiles", unit="batch",
-                      disable=not progress):
-        parts.append(encoder.encode(torch.from_numpy(images[start:start + batch])).cpu().numpy())
+    for start in tqdm(
+        range(0, len(images), batch), desc="encode tiles", unit="batch", disable=not progress
+    ):
+        parts.append(encoder.encode(torch.from_numpy(images[start : start + batch])).cpu().numpy())
     return np.concatenate(parts)
 
 
-def train_from_store(store: Path, cohort: str, config: TrainConfig, labels: str = "truth",
-                     truth: Path | None = None, downsample: float | None = None,
-                     encoder: str | None = None, sample: int = 20_000,
-                     thresholds: RuleThresholds = RuleThresholds(),
-                     progress: bool = True) -> TissueModel:
+def train_from_store(
+    store: Path,
+    cohort: str,
+    config: TrainConfig,
+    labels: str = "truth",
+    truth: Path | None = None,
+    downsample: float | None = None,
+    encoder: str | None = None,
+    sample: int = 20_000,
+    thresholds: RuleThresholds = RuleThresholds(),
+    progress: bool = True,
+) -> TissueModel:
     """Fit on a stored cohort's patches labelled by truth masks or by the rules.
 
     ``sample``: at most this many patches (0: all), drawn at random over the cohort (pixels
@@ -101,8 +119,13 @@ def train_from_store(store: Path, cohort: str, config: TrainConfig, labels: str 
                 mask = find_mask(masks, slide.slide_id, locations.get(slide.slide_id, (None,))[0])
                 if mask is None:
                     continue
-                y = patch_truth(mask.read(), mask.downsample, keys.column("x").to_numpy(),
-                                keys.column("y").to_numpy(), keys.column("size_px").to_numpy())
+                y = patch_truth(
+                    mask.read(),
+                    mask.downsample,
+                    keys.column("x").to_numpy(),
+                    keys.column("y").to_numpy(),
+                    keys.column("size_px").to_numpy(),
+                )
             features = _pixel_features(slide.slide_id, keys, locations) if needs_pixels else None
         except FpstoreError as error:  # one bad slide is reported, the others train
             failed.append({"slide_id": path.stem, "error": str(error)})
@@ -117,11 +140,17 @@ def train_from_store(store: Path, cohort: str, config: TrainConfig, labels: str 
             f"no training patches: no slide of cohort {cohort!r} has "
             + ("a truth mask in " + repr(str(truth)) if labels == "truth" else "stored patches")
         )
-    meta = {"trained_on": {"source": labels, "cohort": cohort, "slides": len(X_parts),
-                           "truth": str(truth) if truth else None, "failed": failed}}
+    meta = {
+        "trained_on": {
+            "source": labels,
+            "cohort": cohort,
+            "slides": len(X_parts),
+            "truth": str(truth) if truth else None,
+            "failed": failed,
+        }
+    }
     if config.source == "fingerprints":
-        meta["encoder"] = {"id": encoder_id, "hash": encoder_hash,
-                           "dim": int(X_parts[0].shape[1])}
+        meta["encoder"] = {"id": encoder_id, "hash": encoder_hash, "dim": int(X_parts[0].shape[1])}
     return fit_tissue_model(np.concatenate(X_parts), np.concatenate(y_parts), config, meta)
 
 
@@ -155,8 +184,14 @@ def _pixel_features(slide_id: str, keys, locations: dict) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def train_tissue(store: Path, config: TrainConfig, out: Path | None = None,
-                 tiles: Path | None = None, cohort: str | None = None, **options) -> dict:
+def train_tissue(
+    store: Path,
+    config: TrainConfig,
+    out: Path | None = None,
+    tiles: Path | None = None,
+    cohort: str | None = None,
+    **options,
+) -> dict:
     """Fit from ``tiles`` or a stored ``cohort`` (see the two functions above) and save it.
 
     Saves to ``out`` or ``store/models/tissue/<method>.npz``, where ``predict`` looks first.

@@ -93,9 +93,9 @@ class TissueModel:
         out = np.zeros((len(X), len(TISSUE_TYPES)), dtype=np.float32)
         columns = [TISSUE_TYPES.index(c) for c in self.meta["classes"]]
         for start in range(0, len(X), chunk):
-            part = X[start:start + chunk]
+            part = X[start : start + chunk]
             probs = self._knn(part) if self.method == "fingerprint-knn" else self._linear(part)
-            out[start:start + chunk, columns] = probs
+            out[start : start + chunk, columns] = probs
         return out
 
     def _linear(self, X: np.ndarray) -> np.ndarray:
@@ -170,8 +170,9 @@ def balanced_sample(y: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(keep))
 
 
-def fit_tissue_model(X: np.ndarray, y: np.ndarray, config: TrainConfig,
-                     meta: dict | None = None) -> TissueModel:
+def fit_tissue_model(
+    X: np.ndarray, y: np.ndarray, config: TrainConfig, meta: dict | None = None
+) -> TissueModel:
     """Fit ``config.method`` on features X (fingerprints or pixel features), labels y.
 
     ``y`` holds indices into ``TISSUE_TYPES``; classes absent from y get probability 0.
@@ -193,13 +194,20 @@ def fit_tissue_model(X: np.ndarray, y: np.ndarray, config: TrainConfig,
     X, y = X[keep], y[keep]
     classes = [TISSUE_TYPES[i] for i in present]
     y_local = np.searchsorted(present, y)
-    fit = {"fingerprint-logreg": _fit_logreg, "pixel-logreg": _fit_pixel_logreg,
-           "fingerprint-knn": _fit_knn}[config.method]
+    fit = {
+        "fingerprint-logreg": _fit_logreg,
+        "pixel-logreg": _fit_pixel_logreg,
+        "fingerprint-knn": _fit_knn,
+    }[config.method]
     arrays, extra = fit(X, y_local, config)
     counts = {TISSUE_TYPES[i]: int((y == i).sum()) for i in present}
     info = {
-        "source": config.source, "classes": classes, "n_features": int(X.shape[1]),
-        "train_counts": counts, "config": asdict(config), "fpstore_version": fpstore.__version__,
+        "source": config.source,
+        "classes": classes,
+        "n_features": int(X.shape[1]),
+        "train_counts": counts,
+        "config": asdict(config),
+        "fpstore_version": fpstore.__version__,
     }
     return TissueModel(config.method, arrays, {**(meta or {}), **info, **extra})
 
@@ -243,6 +251,10 @@ def _fit_knn(X, y, config):
     components = vectors[:, ::-1][:, :dim].T.astype(np.float32)
     keep = balanced_sample(y, config.max_reference, config.seed)
     reference = _unit(centred[keep] @ components.T).astype(np.float32)
-    arrays = {"mean": mean.astype(np.float32), "components": components,
-              "reference": reference, "reference_labels": y[keep].astype(np.int8)}
+    arrays = {
+        "mean": mean.astype(np.float32),
+        "components": components,
+        "reference": reference,
+        "reference_labels": y[keep].astype(np.int8),
+    }
     return arrays, {"k": config.k}

@@ -87,7 +87,9 @@ def _truth_json(path: Path) -> dict[str, float]:
     return found
 
 
-def find_mask(masks: dict[str, TruthMask], slide_id: str, slide_path: str | None) -> TruthMask | None:
+def find_mask(
+    masks: dict[str, TruthMask], slide_id: str, slide_path: str | None
+) -> TruthMask | None:
     """The mask of a slide: by the stem of its file, else by its slide id."""
     candidates = [slide_id]
     if slide_path:
@@ -96,8 +98,14 @@ def find_mask(masks: dict[str, TruthMask], slide_id: str, slide_path: str | None
     return next((masks[c] for c in candidates if c in masks), None)
 
 
-def patch_truth(mask: np.ndarray, downsample: float, x: np.ndarray, y: np.ndarray,
-                size_px: np.ndarray, background_above: float = 0.5) -> np.ndarray:
+def patch_truth(
+    mask: np.ndarray,
+    downsample: float,
+    x: np.ndarray,
+    y: np.ndarray,
+    size_px: np.ndarray,
+    background_above: float = 0.5,
+) -> np.ndarray:
     """True type index per patch (level-0 squares x, y, size_px) from a label image.
 
     Counts every label inside each square with per-label integral images, so that a
@@ -116,8 +124,9 @@ def patch_truth(mask: np.ndarray, downsample: float, x: np.ndarray, y: np.ndarra
     y0, y1 = edge(y, height), edge(np.asarray(y) + size_px, height)
     # A square smaller than a mask pixel still reads the pixel it falls in.
     x1, y1 = np.maximum(x1, np.minimum(x0 + 1, width)), np.maximum(y1, np.minimum(y0 + 1, height))
-    counts = (integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0]
-              + integral[:, y0, x0]).T  # (N, n_types)
+    counts = (
+        integral[:, y1, x1] - integral[:, y0, x1] - integral[:, y1, x0] + integral[:, y0, x0]
+    ).T  # (N, n_types)
     total = counts.sum(axis=1)
     labels = 1 + counts[:, 1:].argmax(axis=1)
     background = counts[:, 0] > background_above * np.maximum(total, 1)
