@@ -37,7 +37,7 @@ def tiled_real_slide(out: Path, repeat: int) -> Path:
     """CMU-1-Small-Region tiled repeat x repeat, pyramidal JPEG TIFF, 0.499 um/px."""
     import tifffile
 
-    from fpstore.extract.slides import open_slide, resize_image
+    from fpstore.slides.slide import open_slide, resize_image
 
     with open_slide(CMU) as slide:
         base = slide.read_region(0, 0, 0, slide.info.width, slide.info.height)
@@ -63,7 +63,7 @@ def tiled_real_slide(out: Path, repeat: int) -> Path:
 
 def add_cohort_for(store: Path, slide: Path, name: str, copies: int = 1) -> None:
     """A cohort of ``copies`` patients, each one link to ``slide`` (enough work for a GPU)."""
-    from fpstore.extract.cohort import add_cohort
+    from fpstore.cohort.cohorts import add_cohort
 
     folder = store.parent / f"{name}-slides"
     folder.mkdir(parents=True, exist_ok=True)
@@ -82,7 +82,7 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
     """Forward passes of ResNet34 on a resident uint8 batch (normalisation included)."""
     import torch
 
-    from fpstore.extract.encoders import create_encoder
+    from fpstore.encoders.registry import create_encoder
 
     rates = {}
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device=device)
@@ -228,7 +228,7 @@ def main(argv=None):
 
     import torch
 
-    from fpstore.extract.encoders import resolve_device
+    from fpstore.encoders.base import resolve_device
 
     device = resolve_device(args.device)
     batch = args.batch or (256 if device == "cuda" else 32)

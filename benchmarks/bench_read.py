@@ -65,7 +65,7 @@ def touched_tiles(xy: np.ndarray, size_px: int, tile: int) -> int:
 
 
 def time_fpstore(path: Path, xy: np.ndarray, size_px: float) -> float:
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     with open_slide(path) as slide:  # fresh slide: cold tile cache
         start = time.perf_counter()
@@ -107,7 +107,7 @@ def main() -> None:
     import cv2
 
     cv2.setNumThreads(1)  # per-core figures
-    from fpstore.extract.grid import grid_squares
+    from fpstore.slides.grid import grid_squares
 
     rng = np.random.default_rng(args.seed)
     with tempfile.TemporaryDirectory() as tmp:

@@ -60,7 +60,7 @@ def ray_overheads(ray, chunk_patches: int, out_px: int) -> dict:
 def run_ray(store: Path, cohort: str, workers: int, config, device: str) -> tuple[dict, dict]:
     import ray
 
-    from fpstore.extract.ray_engine import RayConfig, extract_on_ray
+    from fpstore.extract.ray import RayConfig, extract_on_ray
 
     gpu = device == "cuda"
     start_ray(ray, workers)
@@ -81,7 +81,7 @@ def per_core_costs(slide: Path, patches: int, out_px: int) -> dict:
     """One core: planning (tissue mask + grid) seconds per slide, read+decode patches/s."""
     from fpstore.config import PatchSpec
     from fpstore.extract.pipeline import _grid
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     row = {"path": str(slide), "mpp_override": None}
     t = time.perf_counter()

@@ -94,7 +94,7 @@ def read_ceiling(folder: Path) -> float:
 
 def rules_rate(n_patches: int = 117) -> float:
     """Patches per second of the pixel rules (read + features + rules) on the real CMU slide."""
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
     from fpstore.tissue.features import pixel_features
     from fpstore.tissue.rules import rule_probabilities
 

@@ -36,8 +36,8 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fpstore.encoders.fingerprint_net import FingerprintNet  # noqa: E402
 from fpstore.fingerprint.data import CropStream, tissue_grid  # noqa: E402
-from fpstore.fingerprint.model import FingerprintNet  # noqa: E402
 from fpstore.fingerprint.train import Stepper, TrainConfig  # noqa: E402
 
 

@@ -89,8 +89,8 @@ def add(
         --clinical nationwidechildrens.org_clinical_patient_brca.txt
     fpstore cohort add ext --format csv --clinical labels.csv --slides 'scans/*.tiff'
     """
-    from fpstore.extract.clinical import parse_column_mapping
-    from fpstore.extract.cohort import add_cohort
+    from fpstore.cohort.clinical import parse_column_mapping
+    from fpstore.cohort.cohorts import add_cohort
 
     summary = add_cohort(
         store_path,
@@ -121,7 +121,7 @@ def add(
 @json_option
 def list_(store_path, as_json):
     """The cohorts of the store."""
-    from fpstore.extract.cohort import list_cohorts
+    from fpstore.cohort.cohorts import list_cohorts
 
     rows = list_cohorts(store_path)
     echo_json(rows) if as_json else echo_table(rows)
@@ -133,7 +133,7 @@ def list_(store_path, as_json):
 @json_option
 def show(name, store_path, as_json):
     """Per marker positives/negatives/missing, and what could not be matched and why."""
-    from fpstore.extract.cohort import cohort_summary
+    from fpstore.cohort.cohorts import cohort_summary
 
     _print_summary(cohort_summary(store_path, name), as_json)
 

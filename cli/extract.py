@@ -141,7 +141,7 @@ def extract(
         seed=seed,
     )
     if engine == "ray":
-        from fpstore.extract.ray_engine import RayConfig, extract_on_ray
+        from fpstore.extract.ray import RayConfig, extract_on_ray
 
         summary = extract_on_ray(
             store_path, cohort, config, RayConfig(address=address), progress=not as_json

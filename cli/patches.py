@@ -53,7 +53,7 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
     fpstore patches overview.jpg --mpp 2.0 --patch-um 112 --json
     """
     from fpstore.config import PatchSpec
-    from fpstore.extract.preview import preview_patches
+    from fpstore.slides.preview import preview_patches
 
     if max_px < 64:
         raise click.BadParameter(

@@ -50,7 +50,7 @@ def dearray(slide, array_map, mpp, out, crop_mpp, crop_px, thumbnail_px, force, 
     \b
     fpstore tma dearray array1.svs --array-map array_map.csv --out cores/array1
     """
-    from fpstore.extract.tma import TmaSpec, export_cores
+    from fpstore.slides.tma import TmaSpec, export_cores
 
     spec = TmaSpec(thumbnail_px=thumbnail_px, crop_mpp=crop_mpp, crop_px=crop_px)
     document = export_cores(slide, out, array_map=array_map, mpp=mpp, spec=spec, force=force)

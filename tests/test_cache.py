@@ -10,7 +10,7 @@ import pytest
 import tifffile
 
 from fpstore.errors import ConfigError, StoreError
-from fpstore.extract.cache import CacheCodec, PatchCache
+from fpstore.slides.cache import CacheCodec, PatchCache
 
 CMU = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
 

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from fpstore.cli.main import cli
+from fpstore.cohort.clinical import read_csv_clinical, read_tcga_clinical
+from fpstore.cohort.cohorts import add_cohort, cohort_summary, list_cohorts, load_cohort
 from fpstore.errors import CohortError
-from fpstore.extract.clinical import read_csv_clinical, read_tcga_clinical
-from fpstore.extract.cohort import add_cohort, cohort_summary, list_cohorts, load_cohort
 from fpstore.store.schema import LABELS, SLIDES, read_metadata
 
 DATA = Path(__file__).parent / "data"

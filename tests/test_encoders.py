@@ -3,14 +3,9 @@
 import pytest
 import torch
 
+from fpstore.encoders.base import IMAGENET_MEAN, IMAGENET_STD, state_dict_hash
+from fpstore.encoders.registry import create_encoder, list_encoders
 from fpstore.errors import ConfigError, EncoderError
-from fpstore.extract.encoders import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    create_encoder,
-    list_encoders,
-    state_dict_hash,
-)
 
 
 def test_unknown_encoder_lists_the_valid_names():

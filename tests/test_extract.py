@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 import fpstore.store
+from fpstore.cohort.cohorts import add_cohort
 from fpstore.errors import ConfigError, StoreError
-from fpstore.extract.cohort import add_cohort
 from fpstore.extract.pipeline import ExtractConfig, extract
 from fpstore.store.schema import read_metadata
 
@@ -25,7 +25,8 @@ CMU = DATA / "CMU-1-Small-Region.svs"
 # slows each batch so that a test can kill or race a run in the middle.
 TINY = """
 import time, torch
-from fpstore.extract.encoders import Encoder, Preprocessing, register_encoder, state_dict_hash, list_encoders
+from fpstore.encoders.base import Encoder, Preprocessing, state_dict_hash
+from fpstore.encoders.registry import register_encoder, list_encoders
 
 class _Tiny(torch.nn.Module):
     def __init__(self, delay):
@@ -44,7 +45,7 @@ def tiny(delay=0.0):
     return Encoder("tiny", net, 8, Preprocessing(), state_dict_hash(net), "test encoder")
 
 if "tiny" not in list_encoders():
-    register_encoder("tiny", tiny)
+    register_encoder("tiny")(tiny)
 """
 exec(TINY)
 

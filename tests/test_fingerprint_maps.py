@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from fpstore.encoders.fingerprint_net import FingerprintNet, to_input
 from fpstore.fingerprint.maps import (
     glass_patches,
     paint,
@@ -11,7 +12,6 @@ from fpstore.fingerprint.maps import (
     recognition_map,
     similarity_map,
 )
-from fpstore.fingerprint.model import FingerprintNet, to_input
 
 PRE = {"mean": [0.7, 0.5, 0.7], "std": [0.2, 0.2, 0.2], "patch_um": 32.0, "out_px": 32, "mpp": 0.5}
 

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from fpstore.encoders.checkpoint import load_checkpoint, save_checkpoint, weights_hash
+from fpstore.encoders.fingerprint_net import FingerprintNet, to_input
 from fpstore.errors import ConfigError, EncoderError
 from fpstore.fingerprint.augment import AugmentConfig, augment_pair, dihedral
-from fpstore.fingerprint.checkpoint import load_checkpoint, save_checkpoint, weights_hash
 from fpstore.fingerprint.losses import fingerprint_distance, fingerprint_loss
-from fpstore.fingerprint.model import FingerprintNet, to_input
 
 
 def _ce(logits, label):
@@ -111,7 +111,7 @@ def test_checkpoint_round_trip_and_encoder(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.eval().features(x), loaded.features(x))
 
-    from fpstore.extract.encoders import create_encoder
+    from fpstore.encoders.registry import create_encoder
 
     encoder = create_encoder("fingerprint", checkpoint=path)
     assert encoder.dim == 512 and encoder.weights_hash == meta["content_hash"]

@@ -9,10 +9,10 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from fpstore.encoders.fingerprint_net import to_input
 from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.cyclegan import CycleGANConfig, restyle, train_cyclegan
 from fpstore.fingerprint.data import CoreSet, CropStream, crop_origins, fixed_crops, gather
-from fpstore.fingerprint.model import to_input
 from fpstore.fingerprint.train import TrainConfig, train_network
 
 COLOURS = np.array([[200, 60, 60], [60, 160, 60], [70, 70, 200], [190, 170, 40]], np.uint8)

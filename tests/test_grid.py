@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from fpstore.cli.main import cli
 from fpstore.config import PatchSpec
 from fpstore.errors import ConfigError
-from fpstore.extract.grid import grid_squares, patch_grid, sample_patches
-from fpstore.extract.slides import open_slide
-from fpstore.extract.tissue_mask import TissueMask, detect_tissue, tissue_mask
+from fpstore.slides.grid import grid_squares, patch_grid, sample_patches
+from fpstore.slides.slide import open_slide
+from fpstore.slides.tissue_mask import TissueMask, detect_tissue, tissue_mask
 
 DATA = Path(__file__).parent / "data"
 CMU = DATA / "slides" / "CMU-1-Small-Region.svs"

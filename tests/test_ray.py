@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
+from fpstore.cohort.cohorts import add_cohort
 from fpstore.errors import ConfigError
-from fpstore.extract.cohort import add_cohort
 from fpstore.extract.pipeline import ExtractConfig, extract
-from fpstore.extract.ray_engine import RayConfig
+from fpstore.extract.ray import RayConfig
 from fpstore.store.featurestore import column_to_numpy
 from fpstore.store.remote import copy_tree
 from fpstore.store.schema import read_metadata
@@ -147,7 +147,7 @@ def reference(synth_small, tmp_path_factory):
 
 
 def ray_extract(store, config=CONFIG, **ray_config):
-    from fpstore.extract.ray_engine import extract_on_ray
+    from fpstore.extract.ray import extract_on_ray
 
     return extract_on_ray(store, "tcga", config, RayConfig(**ray_config), progress=False)
 

@@ -13,7 +13,7 @@ import pytest
 import tifffile
 
 from fpstore.errors import ConfigError, MppMissingError, SlideError
-from fpstore.extract.slides import (
+from fpstore.slides.slide import (
     load_mpp_overrides,
     open_slide,
     resize_patch,
@@ -50,7 +50,7 @@ def test_112um_patch_is_read_as_224_source_pixels_and_resized_to_224(cmu):
 
 
 def test_fast_reader_gives_the_same_pixels_as_tiatoolbox(cmu):
-    from fpstore.extract.readers import TiaBackend
+    from fpstore.slides.readers import TiaBackend
 
     tia = TiaBackend(CMU)
     rng = np.random.default_rng(0)

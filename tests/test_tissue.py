@@ -281,7 +281,7 @@ def write_fingerprints(
 def cmu_store(tmp_path_factory):
     """The real CMU slide as a cohort, a 112 um grid of stored patches, and 'fingerprints'
     that carry the pixel features (plus noise), so that a fingerprint classifier can learn."""
-    from fpstore.extract.cohort import add_cohort
+    from fpstore.cohort.cohorts import add_cohort
 
     root = tmp_path_factory.mktemp("cmu")
     store = root / "store"
@@ -293,7 +293,7 @@ def cmu_store(tmp_path_factory):
     size = 224  # 112 um at 0.499 um/px
     xs, ys = np.arange(0, 2220 - size + 1, size), np.arange(0, 2967 - size + 1, size)
     xy = np.stack([a.ravel() for a in np.meshgrid(xs, ys)], axis=1)
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     with open_slide(CMU) as slide:
         features = pixel_features(slide.read_patches(xy, size, 224))
@@ -493,8 +493,8 @@ def synth_store(synth_small, tmp_path_factory):
     """The small synthetic TCGA-like (4 sites) and external (2 other sites) cohorts, every
     112 um square on a half-overlapping grid stored (tissue or not, so every type occurs),
     with the squares' pixel features as their 'fingerprints' (a stand-in encoder)."""
-    from fpstore.extract.cohort import add_cohort, load_cohort
-    from fpstore.extract.slides import open_slide
+    from fpstore.cohort.cohorts import add_cohort, load_cohort
+    from fpstore.slides.slide import open_slide
 
     store = tmp_path_factory.mktemp("synth-store")
     add_cohort(

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 from fpstore.cli.main import cli
 from fpstore.errors import ConfigError
-from fpstore.extract.slides import open_slide
-from fpstore.extract.tma import (
+from fpstore.slides.slide import open_slide
+from fpstore.slides.tma import (
     TmaSpec,
     assign_grid,
     crop_core,

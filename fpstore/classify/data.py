@@ -227,8 +227,8 @@ def cache_images(
     """
     from tqdm import tqdm
 
-    from fpstore.extract.cache import PatchCache
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.cache import PatchCache
+    from fpstore.slides.slide import open_slide
 
     folder = Path(store) / "cache" / "patches" / f"cohort={cohort}"
     keys = _patch_keys(store, cohort, None)[0]

@@ -1,0 +1,1 @@
+"""The extraction run: config, resume keys, planning, the local and Ray engines."""

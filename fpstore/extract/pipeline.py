@@ -34,8 +34,8 @@ import pyarrow.parquet as pq
 import torch
 
 from fpstore.config import PatchSpec, check_choice, check_range
+from fpstore.encoders.base import PRECISIONS
 from fpstore.errors import ConfigError, FpstoreError, StoreError
-from fpstore.extract.encoders import PRECISIONS
 from fpstore.store.featurestore import check_partition_value, fingerprint_path, status_path
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
 from fpstore.store.remote import is_remote, store_root
@@ -208,7 +208,7 @@ def calibration_set(slides: list[dict], spec: PatchSpec) -> tuple[list, str]:
 
 
 def read_calibration(chosen: list, spec: PatchSpec) -> torch.Tensor:
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     parts = []
     for row, grid in chosen:
@@ -295,9 +295,9 @@ class SlidePlan:
 
 def _grid(row: dict, spec: PatchSpec):
     """(slide info, grid table) of one cohort slide; raises FpstoreError on a bad slide."""
-    from fpstore.extract.grid import patch_grid
-    from fpstore.extract.slides import open_slide
-    from fpstore.extract.tissue_mask import tissue_mask
+    from fpstore.slides.grid import patch_grid
+    from fpstore.slides.slide import open_slide
+    from fpstore.slides.tissue_mask import tissue_mask
 
     with open_slide(row["path"], mpp=row.get("mpp_override")) as slide:
         return slide.info, patch_grid(slide, spec, tissue_mask(slide))
@@ -323,11 +323,11 @@ def plan_slides(
     """Tissue patches of each slide, n sampled per patient (pooled over its slides).
 
     ``map_fn(grid_or_error, rows, specs)`` yields one grid per row in order: the builtin map
-    here, Ray tasks in fpstore.extract.ray_engine.
+    here, Ray tasks in fpstore.extract.ray.
     """
     from tqdm import tqdm
 
-    from fpstore.extract.grid import sample_patches
+    from fpstore.slides.grid import sample_patches
 
     infos, grids = {}, {}
     mapped = map_fn(grid_or_error, rows, [spec] * len(rows))
@@ -424,7 +424,7 @@ class PatchTasks(torch.utils.data.IterableDataset):
         self._slides: dict = {}
 
     def _open(self, path: str, mpp: float):
-        from fpstore.extract.slides import open_slide
+        from fpstore.slides.slide import open_slide
 
         if path not in self._slides:
             if len(self._slides) >= 4:  # a few slides stay open: chunks of one slide cluster
@@ -478,11 +478,12 @@ def extract(
     """Extract the fingerprints of every slide of ``cohort`` not yet in the store.
 
     ``engine``: None runs the loop below in this process; a ``RayEngine``
-    (fpstore.extract.ray_engine) plans and extracts on a Ray cluster with the same resume
+    (fpstore.extract.ray) plans and extracts on a Ray cluster with the same resume
     rules, writers and status files.
     """
-    from fpstore.extract.cohort import load_cohort
-    from fpstore.extract.encoders import create_encoder, resolve_device
+    from fpstore.cohort.cohorts import load_cohort
+    from fpstore.encoders.base import resolve_device
+    from fpstore.encoders.registry import create_encoder
 
     started = time.perf_counter()
     store = store_root(store)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fpstore.encoders.checkpoint import load_checkpoint, save_checkpoint
 from fpstore.errors import ConfigError, TrainingError
-from fpstore.fingerprint.checkpoint import load_checkpoint, save_checkpoint
 from fpstore.fingerprint.data import CoreSet, load_coreset, tissue_grid, write_coreset
 from fpstore.fingerprint.prepare import prepare_cores
 from fpstore.fingerprint.stain import (
@@ -196,9 +196,9 @@ def extra_cores(
     import cv2
     from tqdm import tqdm
 
-    from fpstore.extract.slides import open_slide
-    from fpstore.extract.tissue_mask import tissue_mask
-    from fpstore.extract.tma import split_halves
+    from fpstore.slides.slide import open_slide
+    from fpstore.slides.tissue_mask import tissue_mask
+    from fpstore.slides.tma import split_halves
 
     lefts, rights, items = [], [], []
     for path in tqdm(slides, desc="extra cores", unit="slide", disable=not progress):

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fpstore.encoders.fingerprint_net import to_input
 from fpstore.fingerprint.data import crop_origins, on_tissue, tissue_grid
-from fpstore.fingerprint.model import to_input
 
 OVERLAP = 0.8
 
@@ -179,7 +179,7 @@ def core_maps(
     ``n_cores`` test-array left/right pairs across sites. Writes PNGs to ``out``."""
     from tqdm import tqdm
 
-    from fpstore.fingerprint.checkpoint import load_checkpoint
+    from fpstore.encoders.checkpoint import load_checkpoint
     from fpstore.fingerprint.matching import default_sections
     from fpstore.fingerprint.prepare import prepare_cores
     from fpstore.fingerprint.train import resolve_device

@@ -147,8 +147,8 @@ def half_fingerprints(
     """[n, dim]: per half, the normalised mean of its tiled tissue patches' fingerprints."""
     from tqdm import tqdm
 
+    from fpstore.encoders.fingerprint_net import to_input
     from fpstore.fingerprint.data import gather, grid_crops
-    from fpstore.fingerprint.model import to_input
 
     patch_px = int(round(pre["patch_um"] / mpp))
     crops = grid_crops(tissue, halves.shape[1:3], patch_px)

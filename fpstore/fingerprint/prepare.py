@@ -85,8 +85,8 @@ def prepare_array(
 ) -> dict:
     """Cache the cores of one array (all its sections) in ``out/<array>``; reuse a cache made
     from the same files with the same settings."""
-    from fpstore.extract.slides import open_slide
-    from fpstore.extract.tma import crop_core, dearray, split_halves
+    from fpstore.slides.slide import open_slide
+    from fpstore.slides.tma import crop_core, dearray, split_halves
 
     array_dir = Path(tma_dir) / array
     array_map = array_dir / "array_map.csv"

@@ -144,7 +144,7 @@ def add_restyled(
     if method == "cyclegan":
         if gan is None:
             raise TrainingError("cyclegan copies need a trained CycleGAN")
-        from fpstore.fingerprint.checkpoint import weights_hash
+        from fpstore.encoders.checkpoint import weights_hash
 
         signature = {
             "method": method,

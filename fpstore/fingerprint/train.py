@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from fpstore.config import check_choice, check_range
+from fpstore.encoders.fingerprint_net import ARCHS, FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.augment import AugmentConfig, augment_pair
 from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops, gather
 from fpstore.fingerprint.losses import DEFAULT_GAMMA, fingerprint_loss
-from fpstore.fingerprint.model import ARCHS, FingerprintNet, to_input
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -195,7 +195,7 @@ def cohort_slides(store: Path, cohort: str) -> pa.Table:
 
 def open_cohort_slide(store: Path, cohort: str, slide_id: str):
     """The slide file of ``slide_id`` as the cohort registered it (with its mpp override)."""
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     slides = cohort_slides(store, cohort)
     match = [row for row in slides.to_pylist() if row["slide_id"] == slide_id]

@@ -168,7 +168,7 @@ def write_montage(
     """A PNG: the query patch (red frame) then the hits, captioned with rank and similarity."""
     from PIL import Image, ImageDraw
 
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     slides = {
         row["slide_id"]: row

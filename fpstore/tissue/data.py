@@ -111,7 +111,7 @@ def read_slide_patches(path: Path, with_fingerprints: bool) -> SlidePatches:
 
 def slide_locations(store: Path, cohort: str) -> dict[str, tuple[str, float | None]]:
     """{slide_id: (path, mpp override)} from the cohort's slides table."""
-    from fpstore.extract.cohort import load_cohort
+    from fpstore.cohort.cohorts import load_cohort
 
     slides = load_cohort(store, cohort).slides.to_pylist()
     return {row["slide_id"]: (row["path"], row["mpp_override"]) for row in slides}

@@ -200,7 +200,7 @@ def _type_slide(
 def _pixel_probabilities(
     slide: SlidePatches, typer: TissueTyper, locations: dict, batch: int
 ) -> np.ndarray:
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     if slide.slide_id not in locations:
         raise StoreError(

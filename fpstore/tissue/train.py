@@ -53,7 +53,7 @@ def train_from_tiles(
                 f"{config.method} on tiles needs --encoder: the encoder whose fingerprints the "
                 "model will type (the one `fpstore extract` used)"
             )
-        from fpstore.extract.encoders import create_encoder
+        from fpstore.encoders.registry import create_encoder
 
         enc = create_encoder(encoder, **(encoder_options or {}))
         size = enc.preprocessing.out_px
@@ -171,7 +171,7 @@ def _sample_rows(files: list[Path], sample: int, seed: int) -> dict[Path, np.nda
 
 
 def _pixel_features(slide_id: str, keys, locations: dict) -> np.ndarray:
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     if slide_id not in locations:
         raise TrainingError(f"slide {slide_id!r} is not in the cohort's slides table")

@@ -1,6 +1,6 @@
 """Slides: open any supported format, know its scale, read patches at a target resolution.
 
-``open_slide`` picks a backend (see ``fpstore.extract.readers``): a fast tile
+``open_slide`` picks a backend (see ``fpstore.slides.readers``): a fast tile
 reader for tiled TIFF/SVS/OME-TIFF, tiatoolbox for every other whole-slide format,
 an in-memory reader for plain images. All give the same pixels for the same
 region; they differ only in speed.
@@ -154,7 +154,7 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
     cannot be opened or read, ``MppMissingError`` when no scale is known.
     ``tile_cache_mb`` bounds the decoded-tile cache of the fast TIFF reader.
     """
-    from fpstore.extract.readers import open_backend
+    from fpstore.slides.readers import open_backend
 
     path = Path(path)
     if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
@@ -221,7 +221,7 @@ class Slide:
     @property
     def _reader(self):
         if self._backend is None or self._pid != os.getpid():
-            from fpstore.extract.readers import open_backend
+            from fpstore.slides.readers import open_backend
 
             # After fork the parent's handles are shared: leave them, open our own.
             try:

@@ -1,26 +1,15 @@
-"""The encoder registry: patch pixels in, one feature vector per patch out.
+"""The encoder contract: patch pixels in, one feature vector per patch out.
 
-``create_encoder(name, **kw)`` builds an :class:`Encoder`; ``list_encoders()`` names them.
-An encoder carries its preprocessing (mean, std, patch size in microns and pixels) and its
-output dimension, so that call sites never re-type them, and a hash of its weights and
-preprocessing, so that the store can tell whether two extractions are comparable.
-
-Names:
-    fingerprint           a checkpoint fpstore trained (checkpoint=PATH)
-    imagenet-resnet34     torchvision ResNet34, ImageNet weights from weights=PATH or the
-                          torchvision cache (never downloaded)
-    random-resnet34       seeded random weights (seed=0), for tests and the demo
-    torchvision:<arch>    any torchvision classification backbone, weights=PATH or the cache
-    timm:<arch>           any timm backbone, weights=PATH
-
-Weights are never downloaded: a missing file is an EncoderError naming where to put it.
+An :class:`Encoder` carries its preprocessing (mean, std, patch size in microns and pixels),
+its output dimension and a hash of its weights and preprocessing, so that call sites never
+re-type them and the store can tell whether two extractions are comparable. Encoders are
+built by name through :mod:`fpstore.encoders.registry`.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -30,7 +19,7 @@ import numpy as np
 import torch
 
 from fpstore.config import check_choice, check_range
-from fpstore.errors import EncoderError, unknown_name
+from fpstore.errors import EncoderError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -230,7 +219,7 @@ def state_dict_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _load_state_dict(path: Path) -> dict:
+def load_state_dict_file(path: Path) -> dict:
     if not path.is_file():
         raise EncoderError(f"weights file {path} does not exist; pass weights=PATH to a local file")
     try:
@@ -250,212 +239,14 @@ def _load_state_dict(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_into(model: torch.nn.Module, path: Path, arch: str) -> None:
-    state = _load_state_dict(path)
+def load_weights(model: torch.nn.Module, path: Path, arch: str) -> None:
+    state = load_state_dict_file(path)
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise EncoderError(
             f"weights {path} do not fit {arch}: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}; pass the weights of that architecture"
         )
-
-
-def _strip_head(model: torch.nn.Module, arch: str) -> int:
-    """Replace the classification layer with Identity; return the feature dimension."""
-    for attr in ("fc", "classifier", "heads", "head"):
-        head = getattr(model, attr, None)
-        if head is None:
-            continue
-        if isinstance(head, torch.nn.Linear):
-            setattr(model, attr, torch.nn.Identity())
-            return head.in_features
-        if isinstance(head, torch.nn.Sequential):
-            linears = [i for i, m in enumerate(head) if isinstance(m, torch.nn.Linear)]
-            if linears:
-                dim = head[linears[-1]].in_features
-                head[linears[-1]] = torch.nn.Identity()
-                return dim
-    raise EncoderError(
-        f"torchvision:{arch}: no classification head found to remove; "
-        "use a classification backbone (resnet*, densenet*, efficientnet_*, ...)"
-    )
-
-
-def torchvision_cache_file(arch: str) -> Path | None:
-    """Where torchvision keeps the default ImageNet weights of ``arch``, if it has any."""
-    import torchvision
-
-    try:
-        url = torchvision.models.get_model_weights(arch).DEFAULT.url
-    except (ValueError, AttributeError):
-        return None
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
-
-
-def _torchvision(
-    arch: str,
-    weights: str | Path | None = None,
-    *,
-    encoder_id: str | None = None,
-    patch_um: float = 112.0,
-    out_px: int = 224,
-) -> Encoder:
-    import torchvision
-
-    if arch not in torchvision.models.list_models(module=torchvision.models):
-        raise unknown_name(
-            "torchvision classification model",
-            arch,
-            torchvision.models.list_models(module=torchvision.models),
-        )
-    if weights is None:
-        weights = torchvision_cache_file(arch)
-        if weights is None or not weights.is_file():
-            raise EncoderError(
-                f"no local weights for torchvision:{arch}: pass weights=PATH, or put the "
-                f"ImageNet file at {weights} (fpstore never downloads weights)"
-            )
-    weights = Path(weights)
-    model = torchvision.models.get_model(arch, weights=None)
-    _load_into(model, weights, arch)
-    digest = state_dict_hash(model)
-    dim = _strip_head(model, arch)
-    return Encoder(
-        encoder_id or f"torchvision-{arch}",
-        model,
-        dim,
-        Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px),
-        digest,
-        f"torchvision {arch}, ImageNet weights from {weights}",
-    )
-
-
-def _imagenet_resnet34(weights: str | Path | None = None, **kw) -> Encoder:
-    return _torchvision("resnet34", weights, encoder_id="imagenet-resnet34", **kw)
-
-
-def _random_resnet34(seed: int = 0, patch_um: float = 112.0, out_px: int = 224) -> Encoder:
-    import torchvision
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = torchvision.models.resnet34(weights=None)
-    model.fc = torch.nn.Identity()
-    return Encoder(
-        "random-resnet34",
-        model,
-        512,
-        Preprocessing(IMAGENET_MEAN, IMAGENET_STD, patch_um, out_px),
-        state_dict_hash(model),
-        f"ResNet34 with random weights (seed {seed})",
-    )
-
-
-def _timm(arch: str, weights: str | Path | None = None) -> Encoder:
-    try:
-        import timm
-    except ImportError as error:
-        raise EncoderError(f"timm:{arch} needs the timm package: pip install timm") from error
-    if weights is None:
-        raise EncoderError(f"timm:{arch} needs weights=PATH (fpstore never downloads weights)")
-    try:
-        model = timm.create_model(arch, pretrained=False)
-    except RuntimeError as error:  # timm's unknown-model error
-        raise EncoderError(f"timm: {error}") from error
-    _load_into(model, Path(weights), arch)
-    digest = state_dict_hash(model)
-    model.reset_classifier(0)
-    cfg = model.pretrained_cfg or {}
-    pre = Preprocessing(
-        cfg.get("mean", IMAGENET_MEAN),
-        cfg.get("std", IMAGENET_STD),
-        112.0,
-        int(cfg.get("input_size", (3, 224, 224))[-1]),
-    )
-    return Encoder(
-        f"timm-{arch}",
-        model,
-        model.num_features,
-        pre,
-        digest,
-        f"timm {arch}, weights from {weights}",
-    )
-
-
-class _FeaturesOnly(torch.nn.Module):
-    """The fingerprint network's penultimate layer (its 512-d fingerprint)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model.features(x)
-
-
-def _fingerprint(checkpoint: str | Path | None = None) -> Encoder:
-    if checkpoint is None:
-        raise EncoderError(
-            "encoder 'fingerprint' needs checkpoint=PATH "
-            "(a file written by `fpstore train-fingerprint`)"
-        )
-    from fpstore.fingerprint.checkpoint import load_checkpoint
-
-    model, meta = load_checkpoint(Path(checkpoint))
-    pre = meta.get("preprocessing") or {}
-    preprocessing = Preprocessing(
-        pre.get("mean", IMAGENET_MEAN),
-        pre.get("std", IMAGENET_STD),
-        pre.get("patch_um", 112.0),
-        pre.get("out_px", 224),
-    )
-    digest = meta.get("content_hash") or meta.get("hash") or state_dict_hash(model)
-    dim = int(meta.get("dim", getattr(model, "feature_dim", 512)))
-    return Encoder(
-        "fingerprint",
-        _FeaturesOnly(model),
-        dim,
-        preprocessing,
-        str(digest),
-        f"fingerprint network from {checkpoint}",
-    )
-
-
-_REGISTRY = {
-    "fingerprint": _fingerprint,
-    "imagenet-resnet34": _imagenet_resnet34,
-    "random-resnet34": _random_resnet34,
-}
-_PREFIXES = {"torchvision": _torchvision, "timm": _timm}
-
-
-def register_encoder(name: str, factory) -> None:
-    """Add ``factory(**kw) -> Encoder`` under ``name`` (plugins, tests); names are unique."""
-    if name in _REGISTRY or ":" in name:
-        raise EncoderError(f"encoder name {name!r} is taken or contains ':'; choose another")
-    _REGISTRY[name] = factory
-
-
-def list_encoders() -> list[str]:
-    """The registered names; ``torchvision:<arch>`` and ``timm:<arch>`` take any backbone."""
-    return sorted(_REGISTRY) + [f"{p}:<arch>" for p in _PREFIXES]
-
-
-def create_encoder(name: str, **kw) -> Encoder:
-    """Build the encoder ``name`` on the CPU in fp32 (see ``Encoder.prepare``)."""
-    prefix, sep, arch = name.partition(":")
-    if sep and prefix in _PREFIXES and arch:
-        factory, args = _PREFIXES[prefix], (arch,)
-    elif name in _REGISTRY:
-        factory, args = _REGISTRY[name], ()
-    else:
-        raise unknown_name("encoder", name, list_encoders())
-    try:
-        inspect.signature(factory).bind(*args, **kw)
-    except TypeError as error:
-        params = [p for p in inspect.signature(factory).parameters if p != "arch"]
-        raise EncoderError(f"encoder {name!r} takes options {params}, got {sorted(kw)}") from error
-    return factory(*args, **kw)
 
 
 def resolve_device(device: str = "auto") -> str:

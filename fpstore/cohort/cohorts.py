@@ -21,17 +21,17 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fpstore.config import MARKERS
-from fpstore.errors import CohortError, SlideError
-from fpstore.extract.clinical import (
+from fpstore.cohort.clinical import (
     ClinicalTable,
     PatientRecord,
     read_csv_clinical,
     read_tcga_clinical,
     tcga_patient,
 )
-from fpstore.extract.slide_list import SlideEntry, list_slides, slide_id_of
-from fpstore.extract.slides import load_mpp_overrides
+from fpstore.cohort.slide_list import SlideEntry, list_slides, slide_id_of
+from fpstore.config import MARKERS
+from fpstore.errors import CohortError, SlideError
+from fpstore.slides.slide import load_mpp_overrides
 from fpstore.store.io import write_parquet_atomic
 from fpstore.store.remote import RemotePath, store_root
 from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES, file_metadata, read_metadata
@@ -201,7 +201,7 @@ def _validate(entries: list[SlideEntry], overrides: dict[str, float]) -> dict[st
     """Open each usable slide and read one small patch; failures become the entry's problem."""
     from tqdm import tqdm
 
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     info = {}
     for entry in tqdm(

@@ -1,4 +1,4 @@
-"""Pixel backends behind :class:`fpstore.extract.slides.Slide`.
+"""Pixel backends behind :class:`fpstore.slides.slide.Slide`.
 
 Three backends share one small interface (``level_dims``, ``level_downsamples``,
 ``mpp``, ``mpp_note``, ``vendor``, ``read_region(level, x, y, w, h)`` in the

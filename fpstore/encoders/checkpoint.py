@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 import fpstore
+from fpstore.encoders.fingerprint_net import FingerprintNet
 from fpstore.errors import EncoderError
-from fpstore.fingerprint.model import FingerprintNet
 
 FORMAT = "fpstore-fingerprint/1"
 REQUIRED_META = ("arch", "n_classes", "dim", "preprocessing")

@@ -52,7 +52,7 @@ def patch_grid(slide, spec: PatchSpec = PatchSpec(), mask=None) -> pa.Table:
     ``mask`` is a ``TissueMask``; by default it is computed with ``tissue_mask``.
     """
     if mask is None:
-        from fpstore.extract.tissue_mask import tissue_mask
+        from fpstore.slides.tissue_mask import tissue_mask
 
         mask = tissue_mask(slide)
     size_px = slide.patch_size_px(spec.patch_um)

@@ -392,7 +392,7 @@ def export_cores(
 
     from tqdm import tqdm
 
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     out = Path(out)
     if (out / "cores.json").exists() and not force:

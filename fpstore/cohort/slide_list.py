@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fpstore.errors import CohortError
-from fpstore.extract.slides import slide_id_from_path as slide_id_of
+from fpstore.slides.slide import slide_id_from_path as slide_id_of
 
 # Single-file whole-slide formats that openslide / tiatoolbox open. DICOM-WSI is a folder of
 # .dcm files and is not picked up by a folder scan; name one of its files instead.

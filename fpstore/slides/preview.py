@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from fpstore.config import PatchSpec
 from fpstore.errors import ConfigError
-from fpstore.extract.slides import SlideInfo, open_slide
+from fpstore.slides.slide import SlideInfo, open_slide
 
 _GLASS_TINT = np.array([70, 110, 255], np.float32)  # blue over what is not tissue
 _SQUARE_COLOUR = (0, 200, 0)
@@ -98,8 +98,8 @@ def preview_patches(
     """Open a slide, find its tissue and patch grid, and write the preview PNG and CSV."""
     import cv2
 
-    from fpstore.extract.grid import patch_grid
-    from fpstore.extract.tissue_mask import tissue_mask
+    from fpstore.slides.grid import patch_grid
+    from fpstore.slides.tissue_mask import tissue_mask
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

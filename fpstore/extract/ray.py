@@ -217,7 +217,7 @@ _OPEN: dict = {}  # a few open slides per worker process: chunks of one slide co
 def _read_chunk(path: str, mpp: float, xy: np.ndarray, size_px: float, out_px: int) -> np.ndarray:
     import cv2
 
-    from fpstore.extract.slides import open_slide
+    from fpstore.slides.slide import open_slide
 
     cv2.setNumThreads(1)  # one task per CPU: the task is the unit of parallelism
     if path not in _OPEN:

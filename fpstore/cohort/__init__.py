@@ -1,0 +1,1 @@
+"""Cohorts: clinical tables (TCGA Biotab, CSV), slide lists (globs, GDC manifests), cohorts."""

@@ -1,0 +1,1 @@
+"""Slides: readers and mpp, tissue masks, patch grids, TMA dearraying, previews, the patch cache."""
