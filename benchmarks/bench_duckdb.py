@@ -33,9 +33,9 @@ PER_SLIDE = 1000
 
 
 def build(root: Path, n: int) -> None:
-    from fpstore.extract.pipeline import PARQUET_OPTIONS
-    from fpstore.store.featurestore import fingerprint_path
+    from fpstore.store.fingerprints import PARQUET_OPTIONS
     from fpstore.store.io import write_parquet_atomic
+    from fpstore.store.layout import StoreLayout
     from fpstore.store.schema import TISSUE, file_metadata, fingerprint_schema
 
     rng = np.random.default_rng(0)
@@ -66,7 +66,7 @@ def build(root: Path, n: int) -> None:
         )
         write_parquet_atomic(
             table,
-            fingerprint_path(root, "bench", "c", slide),
+            StoreLayout(root).fingerprint_file("bench", "c", slide),
             file_metadata("fingerprints", encoder="bench"),
             **PARQUET_OPTIONS,
         )

@@ -117,7 +117,8 @@ def end_to_end(
 ) -> tuple[float, object]:
     import shutil
 
-    from fpstore.extract.pipeline import ExtractConfig, extract
+    from fpstore.extract.config import ExtractConfig
+from fpstore.extract.run import extract
 
     for table in ("fingerprints", "status"):  # time a full extraction, not a resume
         shutil.rmtree(

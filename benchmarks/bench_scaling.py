@@ -80,12 +80,13 @@ def run_ray(store: Path, cohort: str, workers: int, config, device: str) -> tupl
 def per_core_costs(slide: Path, patches: int, out_px: int) -> dict:
     """One core: planning (tissue mask + grid) seconds per slide, read+decode patches/s."""
     from fpstore.config import PatchSpec
-    from fpstore.extract.pipeline import _grid
+    from fpstore.extract.plan import grid_or_error
     from fpstore.slides.slide import open_slide
+    from fpstore.store.cohorts import CohortSlide
 
-    row = {"path": str(slide), "mpp_override": None}
+    record = CohortSlide(slide.stem, "bench", str(slide), None, None)
     t = time.perf_counter()
-    _, grid = _grid(row, PatchSpec(112.0, out_px))
+    _, grid, _ = grid_or_error(record, PatchSpec(112.0, out_px))
     plan_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     take = rng.choice(len(grid), min(patches, len(grid)), replace=False)
@@ -139,7 +140,8 @@ def main(argv=None):
 
     from bench_extract import add_cohort_for, tiled_real_slide
 
-    from fpstore.extract.pipeline import ExtractConfig, extract
+    from fpstore.extract.config import ExtractConfig
+from fpstore.extract.run import extract
 
     config = ExtractConfig(
         encoder="random-resnet34",

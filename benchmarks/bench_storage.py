@@ -5,7 +5,7 @@
 
 For each fingerprint file: total bytes / rows, and the fingerprint column alone (its
 compressed column chunks) / rows. The synthetic run also compares Parquet settings, so the
-choice in fpstore.extract.pipeline.PARQUET_OPTIONS (zstd + BYTE_STREAM_SPLIT) is measured.
+choice in fpstore.store.fingerprints.PARQUET_OPTIONS (zstd + BYTE_STREAM_SPLIT) is measured.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def measure_store(store: Path) -> None:
 
 
 def measure_settings(n: int) -> None:
-    from fpstore.extract.pipeline import PARQUET_OPTIONS
+    from fpstore.store.fingerprints import PARQUET_OPTIONS
 
     rng = np.random.default_rng(0)
     # Post-ReLU average-pooled features: non-negative, a quarter exactly zero.

@@ -120,8 +120,8 @@ def extract(
     finished slides; a slide that fails is recorded and skipped, and the command then exits
     non-zero. Example: fpstore extract --cohort tcga --encoder fingerprint --checkpoint fp.pt
     """
-    from fpstore.extract.pipeline import ExtractConfig
-    from fpstore.extract.pipeline import extract as run_extract
+    from fpstore.extract.config import ExtractConfig
+    from fpstore.extract.run import extract as run_extract
 
     options = {}
     if checkpoint:

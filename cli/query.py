@@ -62,10 +62,12 @@ def sql(query, fmt, store_path):
 def similar(patch_id, k, cohort, encoder, montage, no_montage, store_path, as_json):
     """Nearest patches to one patch by cosine similarity of fingerprints (histologic search)."""
     import fpstore.store
-    from fpstore.store.similarity import similar as search
+    from fpstore.report.montage import similar_montage
 
     with fpstore.store.open(store_path) as store:
-        result = search(store, patch_id, k, encoder, cohort, None if no_montage else montage)
+        result = similar_montage(
+            store, patch_id, k, encoder, cohort, None if no_montage else montage
+        )
     if as_json:
         echo_json(result.to_dict())
         return

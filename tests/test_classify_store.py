@@ -13,7 +13,7 @@ from fpstore.classify.data import load_dataset
 from fpstore.classify.leakage import site_probe
 from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
 from fpstore.cli.main import cli
-from fpstore.errors import ClassifyError, StoreError
+from fpstore.errors import CohortError, StoreError
 from fpstore.store.schema import (
     LABELS,
     PATCH_PREDICTIONS,
@@ -72,6 +72,7 @@ def _add_cohort(store: Path, cohort: str, n: int, seed: int, tissue: bool, encod
             {"patient_id": p, "marker": "PR", "status": int(y_null[i]), "raw_value": "x", "site": s}
         )
     _write(pa.Table.from_pylist(labels, schema=LABELS), folder / "labels.parquet", "labels")
+    (folder / "cohort.json").write_text(json.dumps({"name": cohort}))
     schema = fingerprint_schema(DIM)
     for e, encoder in enumerate(encoders):
         for i, p in enumerate(ids):
@@ -216,9 +217,11 @@ def test_external_validation_saves_external_predictions(store):
 def test_clear_errors_for_missing_tissue_types_and_ambiguous_encoders(store):
     with pytest.raises(StoreError, match="tissue predict --cohort ext"):
         classify(store, ClassifyConfig(marker="ER", cohort="ext", pool="stroma"), save=False)
-    with pytest.raises(ClassifyError, match="enc, enc2; pick one with --encoder"):
+    with pytest.raises(
+        StoreError, match=r"several encoders \(enc, enc2\); pick one with --encoder"
+    ):
         classify(store, ClassifyConfig(marker="ER", cohort="train"), save=False)
-    with pytest.raises(ClassifyError, match="no cohort 'nope'"):
+    with pytest.raises(CohortError, match="no cohort 'nope'"):
         classify(store, ClassifyConfig(marker="ER", cohort="nope", encoder="enc"), save=False)
 
 

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 import fpstore.store
 from fpstore.cohort.cohorts import add_cohort
 from fpstore.errors import ConfigError, StoreError
-from fpstore.extract.pipeline import ExtractConfig, extract
+from fpstore.extract.config import ExtractConfig
+from fpstore.extract.run import extract
 from fpstore.store.schema import read_metadata
 
 DATA = Path(__file__).parent / "data" / "slides"
@@ -124,7 +125,7 @@ def test_resume_skips_done_slides_refuses_other_settings_and_force_redoes_them(t
     assert {p.stem: p.stat().st_mtime_ns for p in fingerprint_files(store)} == before
     with pytest.raises(StoreError, match=r"--force") as info:
         extract(store, "c", config(patches=5), progress=False)
-    assert "patches: stored '20', now '5'" in str(info.value)
+    assert "patches: stored '20', wanted '5'" in str(info.value)
     assert {p.stem: p.stat().st_mtime_ns for p in fingerprint_files(store)} == before
     forced = extract(store, "c", config(patches=5, force=True), progress=False)
     assert {r.status for r in forced.slides} == {"ok"}
@@ -221,7 +222,7 @@ def _run_script(tmp_path, store, name, delay):
     script.write_text(
         TINY
         + (
-            "\nimport json, sys\nfrom fpstore.extract.pipeline import ExtractConfig, extract\n"
+            "\nimport json, sys\nfrom fpstore.extract.config import ExtractConfig\nfrom fpstore.extract.run import extract\n"
             f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, patches=None,\n"
             "                    device='cpu', num_workers=1, batch_size=16, chunk_size=16)\n"
             f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
@@ -293,7 +294,7 @@ def test_extraction_after_threaded_opencv_and_torch_work_does_not_hang(tmp_path)
             "for _ in range(20):\n"
             "    cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (500, 500), interpolation=cv2.INTER_AREA)\n"
             "torch.set_num_threads(2); torch.randn(512, 512) @ torch.randn(512, 512)\n"
-            "from fpstore.extract.pipeline import ExtractConfig, extract\n"
+            "from fpstore.extract.config import ExtractConfig\nfrom fpstore.extract.run import extract\n"
             "cfg = ExtractConfig(encoder='tiny', patches=8, device='cpu', num_workers=1, batch_size=8)\n"
             f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
             "assert not s.failed and cv2.getNumThreads() == 2\n"

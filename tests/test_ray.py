@@ -17,8 +17,9 @@ from click.testing import CliRunner
 
 from fpstore.cohort.cohorts import add_cohort
 from fpstore.errors import ConfigError
-from fpstore.extract.pipeline import ExtractConfig, extract
+from fpstore.extract.config import ExtractConfig
 from fpstore.extract.ray import RayConfig
+from fpstore.extract.run import extract
 from fpstore.store.featurestore import column_to_numpy
 from fpstore.store.remote import copy_tree
 from fpstore.store.schema import read_metadata

@@ -145,7 +145,7 @@ def test_embed_cohort_subsamples_and_names_missing_inputs(tmp_path):
     assert any("no patch scores" in n for n in by_label.notes)
     with pytest.raises(StoreError, match="encoder"):
         embed_cohort(store, "toy", tmp_path / "e2", encoder="nope")
-    with pytest.raises(StoreError, match="0 encoders"):
+    with pytest.raises(StoreError, match="has no fingerprints"):
         embed_cohort(store, "other", tmp_path / "e3")
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from fpstore.report.roc import FPR_GRID, plot_roc, roc_band, roc_curve, run_roc_curves, tpr_at
-from fpstore.report.runs import load_run
+from fpstore.store.runs import load_run
 
 
 def test_tpr_at_takes_the_highest_tpr_reached_at_each_fpr():

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 import fpstore.store
 from fpstore.cohort.cohorts import add_cohort, list_cohorts, load_cohort
 from fpstore.errors import StoreError
-from fpstore.extract.pipeline import ExtractConfig, extract
+from fpstore.extract.config import ExtractConfig
+from fpstore.extract.run import extract
 from fpstore.store.io import _replace_atomically, write_parquet_atomic
 from fpstore.store.remote import RemotePath, copy_tree, is_remote, store_root
 from tests._s3server import BUCKET, s3_server

@@ -10,9 +10,9 @@ import pytest
 
 import fpstore.store
 from fpstore.errors import StoreError
-from fpstore.extract.pipeline import PARQUET_OPTIONS
-from fpstore.store.featurestore import fingerprint_path
+from fpstore.store.fingerprints import PARQUET_OPTIONS
 from fpstore.store.io import write_parquet_atomic
+from fpstore.store.layout import StoreLayout
 from fpstore.store.schema import (
     LABELS,
     SLIDES,
@@ -61,7 +61,7 @@ def store(tmp_path):
     for s, p in slides.items():
         write_parquet_atomic(
             fingerprint_table(s, p, vectors[s], "A" if p == "P1" else "B"),
-            fingerprint_path(root, "fingerprint", "c", s),
+            StoreLayout(root).fingerprint_file("fingerprint", "c", s),
             file_metadata("fingerprints", encoder="fingerprint"),
             **PARQUET_OPTIONS,
         )
@@ -99,6 +99,7 @@ def store(tmp_path):
         root / "cohorts" / "c" / "slides.parquet",
         file_metadata("slides"),
     )
+    (root / "cohorts" / "c" / "cohort.json").write_text('{"name": "c"}')
     write_parquet_atomic(
         pa.table(
             {
@@ -118,7 +119,7 @@ def store(tmp_path):
 
 def test_schema_round_trip_through_pyarrow_and_duckdb(store):
     root, slides, vectors = store
-    path = fingerprint_path(root, "fingerprint", "c", "S1")
+    path = StoreLayout(root).fingerprint_file("fingerprint", "c", "S1")
     table = pq.read_table(path)
     assert table.schema.remove_metadata() == fingerprint_schema(DIM)
     assert read_metadata(table.schema)["encoder"] == "fingerprint"
@@ -239,7 +240,7 @@ def test_similar_matches_brute_force_and_tracks_new_files(store):
         twin = np.repeat(vectors["S1"][:1] * 2, 2, axis=0)
         write_parquet_atomic(
             fingerprint_table("S4", "P2", twin),
-            fingerprint_path(root, "fingerprint", "c", "S4"),
+            StoreLayout(root).fingerprint_file("fingerprint", "c", "S4"),
             file_metadata("fingerprints"),
         )
         assert similar(fs, "S1/0_0_224", k=1).hits[0]["slide_id"] == "S4"

@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from fpstore.classify.bags import Bags, align_labels, parse_pool
 from fpstore.config import MARKERS, check_choice
 from fpstore.errors import ClassifyError, StoreError
-from fpstore.store.schema import SCHEMA_VERSION, read_metadata
+from fpstore.store.cohorts import read_cohort
+from fpstore.store.layout import StoreLayout
+from fpstore.store.tissue import read_tissue_types
 
 
 @dataclass
@@ -49,56 +50,10 @@ class Dataset:
         }
 
 
-def available_encoders(store: Path, cohort: str) -> list[str]:
-    from fpstore.store import open as open_store
-
-    with open_store(store) as fs:
-        return sorted(row["encoder"] for row in fs.encoders() if cohort in row["cohorts"])
-
-
-def resolve_encoder(store: Path, cohort: str, encoder: str | None) -> str:
-    """The encoder to read: the one given, or the only one with fingerprints for the cohort."""
-    known = available_encoders(store, cohort)
-    if encoder is None:
-        if len(known) == 1:
-            return known[0]
-        raise ClassifyError(
-            f"cohort {cohort!r} has fingerprints from "
-            f"{', '.join(known) if known else 'no encoder'}; "
-            + ("pick one with --encoder" if known else "run `fpstore extract` first")
-        )
-    if encoder not in known:
-        raise ClassifyError(
-            f"no fingerprints of encoder {encoder!r} for cohort {cohort!r}; encoders with "
-            f"fingerprints for it: {', '.join(known) or 'none, run `fpstore extract`'}"
-        )
-    return encoder
-
-
-def cohort_table(store: Path, cohort: str, name: str) -> pa.Table:
-    """A cohort's ``labels`` or ``slides`` table (schemas LABELS, SLIDES)."""
-    path = Path(store) / "cohorts" / cohort / f"{name}.parquet"
-    if not path.is_file():
-        known = sorted(p.name for p in (Path(store) / "cohorts").glob("*") if p.is_dir())
-        raise ClassifyError(
-            f"no cohort {cohort!r} in {str(store)!r} (missing {path}); cohorts: "
-            f"{', '.join(known) or 'none, run `fpstore cohort add`'}"
-        )
-    table = pq.read_table(path)
-    version = read_metadata(table.schema).get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise StoreError(
-            f"{path} has schema version {version!r}, this fpstore reads "
-            f"{SCHEMA_VERSION!r}; re-add the cohort with `fpstore cohort add --force`"
-        )
-    return table
-
-
 def load_labels(store: Path, cohort: str, marker: str) -> tuple[np.ndarray, list, np.ndarray]:
     """(patient_ids, status with None for missing, sites) of one marker in a cohort."""
     check_choice("classify", "marker", marker, MARKERS)
-    labels = cohort_table(store, cohort, "labels")
-    rows = labels.filter(pc.equal(labels.column("marker"), marker))
+    rows = read_cohort(store, cohort).marker_labels(marker)
     if rows.num_rows == 0:
         raise ClassifyError(f"cohort {cohort!r} has no {marker} labels; check the clinical table")
     return (
@@ -108,13 +63,9 @@ def load_labels(store: Path, cohort: str, marker: str) -> tuple[np.ndarray, list
     )
 
 
-def load_tissue(store: Path, cohort: str) -> pa.Table | None:
+def load_tissue(store, cohort: str) -> pa.Table | None:
     """patch_id -> tissue_type for the cohort (None when `fpstore tissue predict` has not run)."""
-    folder = Path(store) / "tissue" / f"cohort={cohort}"
-    files = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
-    if not files:
-        return None
-    return pa.concat_tables(pq.read_table(f, columns=["patch_id", "tissue_type"]) for f in files)
+    return read_tissue_types(store, cohort)
 
 
 def _patch_keys(store: Path, cohort: str, encoder: str | None):
@@ -227,10 +178,10 @@ def cache_images(
     """
     from tqdm import tqdm
 
+    from fpstore.cohort.cohorts import open_cohort_slide
     from fpstore.slides.cache import PatchCache
-    from fpstore.slides.slide import open_slide
 
-    folder = Path(store) / "cache" / "patches" / f"cohort={cohort}"
+    folder = StoreLayout.of(store).cache_dir("patches", f"cohort={cohort}")
     keys = _patch_keys(store, cohort, None)[0]
     info = {
         p: (x, y_, s, o)
@@ -242,7 +193,7 @@ def cache_images(
     have = set(cache.keys())
     missing = [p for p in bags.patch_ids if p not in have]
     if missing:
-        slides = cohort_table(store, cohort, "slides").to_pylist()
+        slides = read_cohort(store, cohort).slide_records()
         by_slide = {}
         for p in missing:
             by_slide.setdefault(p.rsplit("/", 1)[0], []).append(p)
@@ -253,10 +204,10 @@ def cache_images(
             disable=not progress,
         )
         for row in slides:
-            wanted = by_slide.get(row["slide_id"])
+            wanted = by_slide.get(row.slide_id)
             if not wanted:
                 continue
-            slide = open_slide(row["path"], mpp=row["mpp_override"])
+            slide = open_cohort_slide(row)
             try:
                 size, px = info[wanted[0]][2], out_px or info[wanted[0]][3]
                 xy = np.array([info[p][:2] for p in wanted])

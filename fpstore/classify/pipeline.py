@@ -15,6 +15,8 @@ from fpstore.classify.methods import FEATURE_METHODS, METHODS
 from fpstore.classify.splits import SPLITS
 from fpstore.config import MARKERS, check_choice, check_range
 from fpstore.errors import ClassifyError, ConfigError
+from fpstore.store.cohorts import read_cohort_document
+from fpstore.store.fingerprints import cohort_encoders, resolve_encoder
 
 DEFAULT_COMPARE_METHODS = ("mil", "logreg", "logreg-tissue", "xgboost", "xgboost-tissue")
 
@@ -114,13 +116,12 @@ def _groups(dataset, split: str, folds: int, seed: int) -> dict:
 
 def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool = True) -> dict:
     """Cross-validate one method on a cohort (and test it on --external); save the run."""
-    from fpstore.classify.data import cohort_table, load_dataset, resolve_encoder
+    from fpstore.classify.data import load_dataset
     from fpstore.classify.protocol import cross_validate, external_validate
     from fpstore.classify.runs import new_run_id, save_run
 
-    store = Path(store)
     for name in filter(None, (cfg.cohort, cfg.external)):
-        cohort_table(store, name, "labels")  # an unknown cohort fails first, naming the known ones
+        read_cohort_document(store, name)  # an unknown cohort fails first, naming the known ones
     encoder = None if cfg.method == "patch-cnn" else resolve_encoder(store, cfg.cohort, cfg.encoder)
     data = load_dataset(store, cfg.cohort, cfg.marker, encoder, cfg.pool)
     groups = _groups(data, cfg.split, cfg.folds, cfg.seed)
@@ -199,16 +200,15 @@ def _pool_types(pool: str) -> int:
 
 def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool = True) -> dict:
     """methods x encoders x pools on identical splits, with CIs and DeLong p-values."""
-    from fpstore.classify.data import available_encoders, cohort_table, load_bags, load_dataset
+    from fpstore.classify.data import load_bags, load_dataset
     from fpstore.classify.protocol import Entry
     from fpstore.classify.protocol import compare as run_compare
     from fpstore.classify.runs import new_run_id, save_run
-    from fpstore.store.io import write_json_atomic
+    from fpstore.store.runs import write_compare
 
-    store = Path(store)
     for name in filter(None, (cfg.cohort, cfg.external)):
-        cohort_table(store, name, "labels")
-    encoders = cfg.encoders or tuple(available_encoders(store, cfg.cohort))
+        read_cohort_document(store, name)
+    encoders = cfg.encoders or tuple(cohort_encoders(store, cfg.cohort))
     feature_methods = [m for m in cfg.methods if m in FEATURE_METHODS]
     if feature_methods and not encoders:
         raise ClassifyError(
@@ -335,5 +335,5 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
         "skipped": skipped,
     }
     if save:
-        write_json_atomic(document, store / "runs" / compare_id / "compare.json")
+        write_compare(store, compare_id, document)
     return document

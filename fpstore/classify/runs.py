@@ -17,8 +17,8 @@ import pyarrow as pa
 
 import fpstore
 from fpstore.classify.protocol import Predictions
-from fpstore.store.io import write_json_atomic, write_parquet_atomic
-from fpstore.store.schema import PATCH_PREDICTIONS, PATIENT_PREDICTIONS, file_metadata
+from fpstore.store.runs import write_run
+from fpstore.store.schema import PATCH_PREDICTIONS, PATIENT_PREDICTIONS
 
 
 def new_run_id(config: dict) -> str:
@@ -65,25 +65,17 @@ def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
 
 
 def save_run(
-    store: Path, run_id: str, document: dict, predictions: list[tuple[str, str, Predictions]]
+    store, run_id: str, document: dict, predictions: list[tuple[str, str, Predictions]]
 ) -> Path:
     """Write one run; ``predictions`` lists (cohort, role, Predictions) blocks (test, external)."""
-    folder = Path(store) / "runs" / run_id
-    metadata = file_metadata("predictions", run_id=run_id)
-    patients = [patient_table(run_id, c, role, p) for c, role, p in predictions]
-    write_parquet_atomic(pa.concat_tables(patients), folder / "patients.parquet", metadata)
+    patients = pa.concat_tables(patient_table(run_id, c, role, p) for c, role, p in predictions)
     patches = [t for c, _, p in predictions if (t := patch_table(run_id, c, p)) is not None]
-    if patches:
-        write_parquet_atomic(
-            pa.concat_tables(patches),
-            folder / "patches.parquet",
-            file_metadata("patch_predictions", run_id=run_id),
-        )
     document = {
         **document,
         "run_id": run_id,
         "fpstore_version": fpstore.__version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json_atomic(document, folder / "run.json")
-    return folder
+    return write_run(
+        store, run_id, document, patients, pa.concat_tables(patches) if patches else None
+    )

@@ -8,18 +8,14 @@ that are not a status are all counted and named in the summary.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fpstore.cohort.clinical import (
     ClinicalTable,
@@ -31,10 +27,16 @@ from fpstore.cohort.clinical import (
 from fpstore.cohort.slide_list import SlideEntry, list_slides, slide_id_of
 from fpstore.config import MARKERS
 from fpstore.errors import CohortError, SlideError
-from fpstore.slides.slide import load_mpp_overrides
-from fpstore.store.io import write_parquet_atomic
-from fpstore.store.remote import RemotePath, store_root
-from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES, file_metadata, read_metadata
+from fpstore.slides.slide import Slide, load_mpp_overrides, open_slide
+from fpstore.store.cohorts import (
+    CohortSlide,
+    cohort_names,
+    read_cohort,
+    read_cohort_document,
+    write_cohort,
+)
+from fpstore.store.layout import StoreLayout
+from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES
 
 FORMATS = ("tcga", "csv")
 COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -83,10 +85,6 @@ class Cohort:
     slides: pa.Table
     labels: pa.Table
     summary: CohortSummary
-
-
-def cohort_dir(store: Path, name: str) -> Path:
-    return store_root(store) / "cohorts" / name
 
 
 def check_name(name: str) -> str:
@@ -295,8 +293,7 @@ def add_cohort(
     are left out of slides.parquet). An existing cohort is replaced only with ``force``.
     """
     check_name(name)
-    target = cohort_dir(store, name)
-    if target.exists() and not force:
+    if StoreLayout.of(store).cohort_dir(name).exists() and not force:
         raise CohortError(
             f"cohort {name!r} already exists in {str(store)!r}; pass --force to replace it"
         )
@@ -371,53 +368,15 @@ def add_cohort(
         },
         "slide_info": slide_info,
     }
-    _write(target, slides_table, labels_table, document)
+    write_cohort(store, name, slides_table, labels_table, document)
     return summary
 
 
-def _write(target: Path, slides: pa.Table, labels: pa.Table, document: dict) -> None:
-    """Build the cohort in a temporary folder, then swap it in: readers see old or new,
-    never half."""
-    if isinstance(target, RemotePath):
-        # No folder rename on object storage: publish the tables, then cohort.json (the key
-        # load_cohort looks for) last.
-        for table, kind in ((slides, "slides"), (labels, "labels")):
-            write_parquet_atomic(
-                table, target / f"{kind}.parquet", file_metadata(kind, cohort=target.name)
-            )
-        (target / "cohort.json").write_bytes(json.dumps(document, indent=2).encode())
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        write_parquet_atomic(
-            slides, tmp / "slides.parquet", file_metadata("slides", cohort=target.name)
-        )
-        write_parquet_atomic(
-            labels, tmp / "labels.parquet", file_metadata("labels", cohort=target.name)
-        )
-        (tmp / "cohort.json").write_text(json.dumps(document, indent=2))
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def list_cohorts(store: Path) -> list[dict]:
+def list_cohorts(store) -> list[dict]:
     """One row per cohort of the store: name, format, patients, slides, created."""
-    root = store_root(store) / "cohorts"
     rows = []
-    for folder in sorted(root.iterdir()) if root.is_dir() else []:
-        doc_path = folder / "cohort.json"
-        if folder.name.startswith(".") or not doc_path.is_file():
-            continue
-        doc = json.loads(doc_path.read_text())
+    for name in cohort_names(store):
+        doc = read_cohort_document(store, name)
         rows.append(
             {
                 "name": doc["name"],
@@ -432,38 +391,16 @@ def list_cohorts(store: Path) -> list[dict]:
     return rows
 
 
-def _unknown_cohort(store: Path, name: str) -> CohortError:
-    names = [row["name"] for row in list_cohorts(store)]
-    listing = ", ".join(names) if names else "none yet; add one with `fpstore cohort add`"
-    return CohortError(f"no cohort {name!r} in store {str(store)!r}; cohorts: {listing}")
+def cohort_summary(store, name: str) -> CohortSummary:
+    return CohortSummary.from_dict(read_cohort_document(store, name))
 
 
-def cohort_summary(store: Path, name: str) -> CohortSummary:
-    path = cohort_dir(store, name) / "cohort.json"
-    if not path.is_file():
-        raise _unknown_cohort(store, name)
-    return CohortSummary.from_dict(json.loads(path.read_text()))
-
-
-def _read_table(path: Path, schema: pa.Schema) -> pa.Table:
-    table = pq.read_table(path)
-    version = read_metadata(table.schema).get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise CohortError(
-            f"{str(path)!r} has schema version {version!r}, this fpstore reads {SCHEMA_VERSION!r}; "
-            "re-add the cohort with `fpstore cohort add ... --force`"
-        )
-    return table.select(schema.names).cast(schema)
-
-
-def load_cohort(store: Path, name: str) -> Cohort:
+def load_cohort(store, name: str) -> Cohort:
     """The cohort's slides and labels tables (schemas SLIDES, LABELS) and its summary."""
-    folder = cohort_dir(store, name)
-    if not (folder / "cohort.json").is_file():
-        raise _unknown_cohort(store, name)
-    return Cohort(
-        name=name,
-        slides=_read_table(folder / "slides.parquet", SLIDES),
-        labels=_read_table(folder / "labels.parquet", LABELS),
-        summary=cohort_summary(store, name),
-    )
+    stored = read_cohort(store, name)
+    return Cohort(name, stored.slides, stored.labels, CohortSummary.from_dict(stored.document))
+
+
+def open_cohort_slide(slide: CohortSlide) -> Slide:
+    """A cohort's slide as ``cohort add`` registered it: its file, with its mpp override."""
+    return open_slide(slide.path, mpp=slide.mpp_override)

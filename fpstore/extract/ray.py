@@ -2,7 +2,7 @@
 
 The driver (the process that runs ``extract``) keeps the local engine's rules: the same
 cohort, resume keys, patient-pooled sampling, per-slide claims (local stores), Parquet writer
-and status files (``fpstore.extract.pipeline``). Ray replaces the process-local loop:
+and status files (``fpstore.extract.run``). Ray replaces the process-local loop:
 
     plan      one Ray task per slide (tissue mask + patch grid, CPU); sampling on the driver
     read      ``_read_chunk`` tasks (CPU): up to ``read_chunk`` patches of one slide -> uint8
@@ -34,20 +34,10 @@ import numpy as np
 
 from fpstore.config import check_range
 from fpstore.errors import ConfigError, EncoderError, FpstoreError
-from fpstore.extract.pipeline import (
-    PARQUET_OPTIONS,
-    ExtractConfig,
-    SlideClaim,
-    SlidePlan,
-    SlideResult,
-    _write_status,
-    claim_path,
-    slide_table,
-    stored_mismatch,
-)
-from fpstore.store.featurestore import fingerprint_path
-from fpstore.store.io import write_parquet_atomic
-from fpstore.store.remote import is_remote, store_root
+from fpstore.extract.config import ExtractConfig, SlideResult
+from fpstore.extract.plan import SlidePlan
+from fpstore.extract.write import EncoderInfo, record_failure, write_slide
+from fpstore.store.layout import StoreLayout
 
 
 @dataclass(frozen=True)
@@ -87,17 +77,6 @@ class RayConfig:
             )
 
 
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What the writers need of the encoder (no weights): see pipeline.slide_table."""
-
-    id: str
-    hash: str
-    weights_hash: str
-    dim: int
-    preprocessing: object
-
-
 def _import_ray():
     try:
         import ray
@@ -107,7 +86,7 @@ def _import_ray():
 
 
 class RayEngine:
-    """Plans and extracts on Ray; pass it to ``pipeline.extract(..., engine=RayEngine())``.
+    """Plans and extracts on Ray; pass it to ``extract(..., engine=RayEngine())``.
 
     Use as a context manager (or call ``close``): a Ray instance it started is stopped.
     """
@@ -116,6 +95,7 @@ class RayEngine:
         self.config = config
         self.ray = _import_ray()
         self._started = False
+        self.calibration = None
         if not self.ray.is_initialized():
             kwargs = {
                 "include_dashboard": False,
@@ -157,7 +137,10 @@ class RayEngine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the hooks pipeline.extract calls --
+    # -- the engine interface extract() calls (LocalEngine is the peer) --
+    def check_store(self, layout) -> None:
+        """Any store: local folders (with per-slide claims) and object storage."""
+
     def device(self, config: ExtractConfig) -> str:
         """The encoders' device: a cluster with GPUs encodes on them unless --device cpu."""
         if config.device == "cuda" and not self.gpus:
@@ -175,6 +158,12 @@ class RayEngine:
         refs = [task.remote(fn, *args) for args in zip(*iterables)]
         return (self.ray.get(ref) for ref in refs)
 
+    def prepare(self, encoder, config: ExtractConfig, calibration=None) -> None:
+        """The actors prepare their own copies; int8 actors calibrate on ``calibration``
+        (uint8 NHWC), the same patches for every actor, so that all build one quantized
+        model."""
+        self.calibration = calibration
+
     def run(
         self,
         store,
@@ -184,14 +173,13 @@ class RayEngine:
         spec,
         config: ExtractConfig,
         plans: list[SlidePlan],
+        claims,
         progress: bool = True,
-        calibration=None,
     ) -> tuple[dict[str, SlideResult], dict | None]:
         """Extract the planned slides on the cluster: (one SlideResult per slide, the int8
-        agreement with fp32). int8 actors calibrate on ``calibration`` (uint8 NHWC), the
-        same patches for every actor, so that they all build the same quantized model."""
+        agreement with fp32)."""
         run = _Run(
-            self, store_root(store), cohort, encoder, key, spec, config, progress, calibration
+            self, StoreLayout.of(store), cohort, encoder, key, spec, config, progress, claims
         )
         return run.run(plans), run.agreement
 
@@ -269,17 +257,8 @@ def _write_slide(
     submitted: float,
     *vectors: np.ndarray,
 ) -> SlideResult:
-    store = store_root(store)
     stack = np.concatenate(vectors) if vectors else np.zeros((0, info.dim), np.float32)
-    table, metadata = slide_table(plan, spec, info, key, cohort, stack)
-    write_parquet_atomic(
-        table, fingerprint_path(store, info.id, cohort, plan.slide_id), metadata, **PARQUET_OPTIONS
-    )
-    seconds = max(0.0, time.time() - submitted)
-    _write_status(
-        store, info, cohort, plan.slide_id, "ok", n_patches=len(plan.keys), seconds=seconds
-    )
-    return SlideResult(plan.slide_id, "ok", len(plan.keys), round(seconds, 3))
+    return write_slide(store, cohort, plan, spec, info, key, stack, submitted)
 
 
 # ---------------------------------------------------------------- driver side
@@ -287,17 +266,16 @@ def _write_slide(
 
 class _Run:
     def __init__(
-        self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress, calibration
+        self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress, claims
     ):
         self.engine, self.ray, self.rc = engine, engine.ray, engine.config
         self.store, self.cohort, self.key, self.spec, self.config = store, cohort, key, spec, config
         self.progress = progress
         self.encoder = encoder
-        self.info = EncoderInfo(
-            encoder.id, encoder.hash, encoder.weights_hash, encoder.dim, encoder.preprocessing
-        )
-        self.local = not is_remote(store)  # claims (flock) exist on local/shared folders only
+        self.info = EncoderInfo.of(encoder)
+        self.claims = claims
         self.results: dict[str, SlideResult] = {}
+        calibration = engine.calibration
         self.calibration = None if calibration is None else calibration.numpy()
         self.agreement = None
 
@@ -353,8 +331,8 @@ class _Run:
             while todo or running:
                 while todo and len(running) < in_flight:
                     plan = todo.popleft()
-                    claim = self._claim(plan)
-                    if claim is False:
+                    claim = self.claims.take(plan)
+                    if claim is None:  # deferred, or settled without us (Claims.decided)
                         bar.update(1)
                         continue
                     chunks, used = [], []
@@ -363,7 +341,7 @@ class _Run:
                     )
                     for start in range(0, len(xy), self.rc.read_chunk):
                         pixels = read.remote(
-                            plan.path,
+                            plan.slide.path,
                             plan.mpp,
                             xy[start : start + self.rc.read_chunk],
                             plan.size_px,
@@ -397,41 +375,21 @@ class _Run:
         finally:
             for ref, (_, claim, _) in running.items():  # interrupted: stop the work, free claims
                 self.ray.cancel(ref, force=True)
-                if claim:
-                    claim.release()
+                claim.release()
             for actor in actors:
                 self.ray.kill(actor)
             bar.close()
         return self.results
 
-    def _claim(self, plan: SlidePlan):
-        """The slide's claim (None on object storage), or False if it is done or taken."""
-        claim = None
-        if self.local:
-            claim = SlideClaim(claim_path(self.store, self.info.id, self.cohort, plan.slide_id))
-            if not claim.acquire():
-                self.results[plan.slide_id] = SlideResult(plan.slide_id, "elsewhere")
-                return False
-        # Another process may have written it since we planned: the file tells.
-        diff = stored_mismatch(
-            fingerprint_path(self.store, self.info.id, self.cohort, plan.slide_id), self.key
-        )
-        if diff == {} or (diff and not self.config.force):
-            if claim:
-                claim.release()
-            self.results[plan.slide_id] = SlideResult(plan.slide_id, "elsewhere")
-            return False
-        return claim
-
     def _collect(self, ref, plan: SlidePlan, claim) -> SlideResult:
         try:
             result = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:
-            result = SlideResult(plan.slide_id, "failed", error=_cause(error))
-            _write_status(self.store, self.info, self.cohort, plan.slide_id, "failed", result.error)
+            result = record_failure(
+                self.store, self.cohort, self.info, plan.slide_id, _cause(error)
+            )
         finally:
-            if claim:
-                claim.release()
+            claim.release()
         self.results[plan.slide_id] = result
         return result
 
@@ -443,8 +401,8 @@ def extract_on_ray(
     ray_config: RayConfig = RayConfig(),
     progress: bool = True,
 ):
-    """``pipeline.extract`` with a RayEngine that lives for this one run."""
-    from fpstore.extract.pipeline import extract
+    """``extract`` with a RayEngine that lives for this one run."""
+    from fpstore.extract.run import extract
 
     with RayEngine(ray_config) as engine:
         return extract(store, cohort, config, progress, engine=engine)

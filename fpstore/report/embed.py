@@ -18,6 +18,7 @@ import numpy as np
 
 from fpstore.config import check_choice, check_range
 from fpstore.errors import ConfigError, FpstoreError, StoreError
+from fpstore.store.fingerprints import resolve_encoder
 
 METHODS = ("tsne", "umap")
 COLOR_BY = ("prediction", "label", "patient", "site")
@@ -259,24 +260,6 @@ class EmbeddingResult:
         return out
 
 
-def choose_encoder(store: Path, cohort: str, encoder: str | None) -> str:
-    """The encoder given, or the only one with fingerprints for the cohort."""
-    if encoder:
-        return encoder
-    root = Path(store) / "fingerprints"
-    found = (
-        sorted(p.parent.name.split("=", 1)[1] for p in root.glob(f"encoder=*/cohort={cohort}"))
-        if root.is_dir()
-        else []
-    )
-    if len(found) != 1:
-        raise StoreError(
-            f"cohort {cohort!r} has fingerprints from {len(found)} encoders "
-            f"({', '.join(found) or 'none, run `fpstore extract`'}); pass --encoder"
-        )
-    return found[0]
-
-
 def embed_cohort(
     store: Path,
     cohort: str,
@@ -297,9 +280,10 @@ def embed_cohort(
     import pyarrow as pa
 
     from fpstore.report.montage import cluster_montages
-    from fpstore.report.runs import load_run, lookup
+    from fpstore.report.runs import lookup
     from fpstore.store import open as open_store
     from fpstore.store.io import write_parquet_atomic
+    from fpstore.store.runs import load_run
     from fpstore.store.schema import file_metadata
 
     for name in color_by:
@@ -307,7 +291,7 @@ def embed_cohort(
     seconds, notes = {}, []
     start = time.perf_counter()
     run = load_run(store, run_id) if run_id else None
-    encoder = choose_encoder(store, cohort, encoder or (run.encoder if run else None))
+    encoder = resolve_encoder(store, cohort, encoder or (run.encoder if run else None))
     with open_store(store) as fs:
         fp = fs.fingerprints(encoder, cohort)
     if len(fp) < 5:

@@ -242,7 +242,8 @@ def slide_heatmap(
     ``--patches all`` gives one per tissue square); reads only the slide's thumbnail.
     """
     from fpstore.report.geojson import patches_geojson, write_geojson
-    from fpstore.report.runs import load_run, open_cohort_slide, slide_patches
+    from fpstore.report.runs import open_run_slide, slide_patches
+    from fpstore.store.runs import load_run
 
     start = time.perf_counter()
     if max_px < 16:
@@ -254,7 +255,7 @@ def slide_heatmap(
         if patches.has_tissue
         else [f"no tissue types stored for {slide_id}; run `fpstore tissue predict`"]
     )
-    slide = open_cohort_slide(store, run.cohort, slide_id)
+    slide = open_run_slide(store, run.cohort, slide_id)
     try:
         thumbnail, downsample = slide.thumbnail(max_px)
         level0 = (slide.info.height, slide.info.width)
@@ -307,7 +308,7 @@ def slide_heatmaps(
     """``slide_heatmap`` per slide (every slide with patch scores when ``slide_ids`` is empty)."""
     from tqdm import tqdm
 
-    from fpstore.report.runs import load_run
+    from fpstore.store.runs import load_run
 
     slide_ids = list(slide_ids) or load_run(store, run_id).slides_with_patch_scores()
     return [

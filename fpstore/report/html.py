@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from fpstore.config import MARKERS, check_range
 from fpstore.errors import FpstoreError
 from fpstore.report.embed import ClusterConfig, EmbedConfig, EmbeddingResult
+from fpstore.store.cohorts import read_cohort
 
 # The report's map: a subset keeps a 1,000-patient cohort's page to a minute or so.
 REPORT_EMBED = EmbedConfig(max_points=20_000)
@@ -53,10 +53,9 @@ class ReportResult:
 
 def cohort_summary_rows(store: Path, cohort: str) -> list[dict]:
     """Patients, slides and per-marker positive / negative / missing counts of a cohort."""
-    from fpstore.report.runs import cohort_slides
-
-    slides = cohort_slides(store, cohort)
-    labels = pq.read_table(Path(store) / "cohorts" / cohort / "labels.parquet").to_pylist()
+    registered = read_cohort(store, cohort)
+    slides = registered.slides
+    labels = registered.labels.to_pylist()
     patients = {row["patient_id"] for row in labels}
     rows = [
         {"item": "patients (clinical table)", "value": len(patients)},
@@ -81,7 +80,7 @@ def cohort_summary_rows(store: Path, cohort: str) -> list[dict]:
 def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
     """Every stored run of the same marker and cohort: AUC (CI) per role, DeLong p vs ``run``."""
     from fpstore.classify.metrics import delong_test, summarize
-    from fpstore.report.runs import list_runs, load_run
+    from fpstore.store.runs import list_runs, load_run
 
     def scores_by_role(r):
         table = r.patients
@@ -136,12 +135,10 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
 
 def pick_examples(store: Path, run, n: int) -> list[tuple[str, str, str, float]]:
     """(category, patient, slide, score): the most confident TP, TN, FP and FN first (Fig. 6c)."""
-    from fpstore.report.runs import cohort_slides
-
     scored = set(run.slides_with_patch_scores())
     slides_of: dict[str, list[str]] = {}
     for cohort in set(run.patients.column("cohort").to_pylist()):
-        for row in cohort_slides(store, cohort).to_pylist():
+        for row in read_cohort(store, cohort).slides.to_pylist():
             if row["slide_id"] in scored and row["patient_id"]:
                 slides_of.setdefault(row["patient_id"], []).append(row["slide_id"])
     lo, hi = run.score_range
@@ -187,7 +184,7 @@ def build_report(
     from fpstore.report.embed import embed_cohort
     from fpstore.report.heatmap import slide_heatmap
     from fpstore.report.roc import plot_roc, run_roc_curves
-    from fpstore.report.runs import load_run
+    from fpstore.store.runs import load_run
 
     check_range("build_report", "n_heatmaps", n_heatmaps, 0, 100)
     check_range("build_report", "n_boot", n_boot, 10)

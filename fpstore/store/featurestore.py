@@ -19,7 +19,6 @@ one ``(N, dim)`` float32 matrix: DuckDB is for selection, SQL and ad-hoc pooling
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
-from fpstore.store.remote import register_with_duckdb, store_root
+from fpstore.store.cohorts import cohort_names
+from fpstore.store.layout import StoreLayout, partitions, visible_files
+from fpstore.store.pooling import segment_mean
+from fpstore.store.remote import register_with_duckdb
 from fpstore.store.schema import (
+    KEY_COLUMNS,
     LABELS,
     PATCH_KEY_FIELDS,
     PATCH_PREDICTIONS,
@@ -41,7 +44,6 @@ from fpstore.store.schema import (
     read_metadata,
 )
 
-KEY_COLUMNS = [f.name for f in PATCH_KEY_FIELDS]
 STATUS_COLUMNS = {
     "slide_id": "VARCHAR",
     "status": "VARCHAR",
@@ -59,43 +61,6 @@ VIEWS = (
     "predictions",
     "patch_predictions",
 )
-
-
-def fingerprint_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
-    return (
-        store_root(store)
-        / "fingerprints"
-        / f"encoder={encoder}"
-        / f"cohort={cohort}"
-        / f"{slide_id}.parquet"
-    )
-
-
-def status_path(store: Path, encoder: str, cohort: str, slide_id: str) -> Path:
-    return (
-        store_root(store)
-        / "status"
-        / f"encoder={encoder}"
-        / f"cohort={cohort}"
-        / f"{slide_id}.json"
-    )
-
-
-def _partitions(folder: Path, key: str) -> dict[str, Path]:
-    """{value: folder} of the hive partitions ``key=value`` directly under ``folder``."""
-    if not folder.is_dir():
-        return {}
-    prefix = f"{key}="
-    return {
-        p.name[len(prefix) :]: p
-        for p in sorted(folder.iterdir())
-        if p.is_dir() and p.name.startswith(prefix)
-    }
-
-
-def _files(folder: Path, pattern: str = "*.parquet") -> list[Path]:
-    # Temporary files start with '.' and end in '.tmp': this glob never sees them.
-    return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
 
 
 def _literal(value) -> str:
@@ -179,7 +144,8 @@ class FeatureStore:
     def __init__(self, path: str | Path):
         import duckdb
 
-        self.path = store_root(path)  # a Path, or a RemotePath for s3://... (fpstore.store.remote)
+        self.layout = StoreLayout.of(path)
+        self.path = self.layout.root  # a Path, or a RemotePath for s3://... (store.remote)
         if not self.path.is_dir():
             raise StoreError(
                 f"store {str(self.path)!r} does not exist; create it with "
@@ -206,10 +172,10 @@ class FeatureStore:
         self._cohort_views()
         self._parquet_view("tissue", self.path / "tissue", "cohort=*/*.parquet", TISSUE, hive=True)
         self._parquet_view(
-            "predictions", self.path / "runs", "*/patients.parquet", PATIENT_PREDICTIONS
+            "predictions", self.layout.runs_dir, "*/patients.parquet", PATIENT_PREDICTIONS
         )
         self._parquet_view(
-            "patch_predictions", self.path / "runs", "*/patches.parquet", PATCH_PREDICTIONS
+            "patch_predictions", self.layout.runs_dir, "*/patches.parquet", PATCH_PREDICTIONS
         )
 
     def _view(self, name: str, select: str) -> None:
@@ -220,10 +186,10 @@ class FeatureStore:
         self._view(name, f"SELECT * FROM _empty_{name}")
 
     def _fingerprint_views(self) -> None:
-        encoders = _partitions(self.path / "fingerprints", "encoder")
+        encoders = partitions(self.layout.fingerprints_dir, "encoder")
         selects, self.dims = [], {}
         for encoder, folder in encoders.items():
-            files = [f for c in _partitions(folder, "cohort").values() for f in _files(c)]
+            files = [f for c in partitions(folder, "cohort").values() for f in visible_files(c)]
             if not files:
                 continue
             self.dims[encoder] = pq.read_schema(files[0]).field("fingerprint").type.list_size
@@ -257,11 +223,7 @@ class FeatureStore:
         )
 
     def _cohort_views(self) -> None:
-        cohorts = {
-            p.name: p
-            for p in sorted((self.path / "cohorts").glob("*"))
-            if p.is_dir() and not p.name.startswith(".") and (p / "slides.parquet").is_file()
-        }
+        cohorts = {name: self.layout.cohort_dir(name) for name in cohort_names(self.layout)}
         for name, schema in (("cohort_slides", SLIDES), ("labels", LABELS)):
             files = [p / f"{name.removeprefix('cohort_')}.parquet" for p in cohorts.values()]
             if not files:
@@ -307,7 +269,7 @@ class FeatureStore:
     def _parquet_view(
         self, name, folder: Path, pattern: str, schema: pa.Schema, hive=False
     ) -> None:
-        files = _files(folder, pattern) if folder.is_dir() else []
+        files = visible_files(folder, pattern) if folder.is_dir() else []
         if not files:
             fields = ([pa.field("cohort", pa.string())] if hive else []) + list(schema)
             self._empty(name, pa.schema(fields))
@@ -355,8 +317,8 @@ class FeatureStore:
     def encoders(self) -> list[dict]:
         """The encoders with fingerprints in the store: id, dim, cohorts, files, metadata."""
         rows = []
-        for encoder, folder in _partitions(self.path / "fingerprints", "encoder").items():
-            cohorts = {c: _files(f) for c, f in _partitions(folder, "cohort").items()}
+        for encoder, folder in partitions(self.layout.fingerprints_dir, "encoder").items():
+            cohorts = {c: visible_files(f) for c, f in partitions(folder, "cohort").items()}
             files = [f for fs in cohorts.values() for f in fs]
             if not files:
                 continue
@@ -376,7 +338,7 @@ class FeatureStore:
         self, encoder: str, cohort: str | None = None, slide_ids=None
     ) -> list[tuple[str, Path]]:
         """(cohort, file) of every slide's fingerprints for ``encoder`` (and cohort, slides)."""
-        folder = self.path / "fingerprints" / f"encoder={encoder}"
+        folder = self.layout.fingerprints_dir / f"encoder={encoder}"
         if not folder.is_dir():
             known = [row["encoder"] for row in self.encoders()]
             raise StoreError(
@@ -385,10 +347,10 @@ class FeatureStore:
             )
         wanted = None if slide_ids is None else set(slide_ids)
         out = []
-        for name, sub in _partitions(folder, "cohort").items():
+        for name, sub in partitions(folder, "cohort").items():
             if cohort is not None and name != cohort:
                 continue
-            out += [(name, f) for f in _files(sub) if wanted is None or f.stem in wanted]
+            out += [(name, f) for f in visible_files(sub) if wanted is None or f.stem in wanted]
         return out
 
     def fingerprints(self, encoder: str, cohort: str | None = None, slide_ids=None) -> Fingerprints:
@@ -443,32 +405,6 @@ class FeatureStore:
         return ids, segment_mean(fp.vectors, index, len(ids))
 
 
-def segment_mean(
-    vectors: np.ndarray, index: np.ndarray, n: int, scale: np.ndarray | None = None
-) -> np.ndarray:
-    """Mean of the rows of ``vectors`` (times ``scale`` per row, if given) grouped by ``index``
-    (0..n-1), without copying them."""
-    from scipy.sparse import csr_matrix
-
-    counts = np.bincount(index, minlength=n).astype(np.float32)
-    # A sparse (n, N) matrix of scale/count: one pass over the vectors, whatever their order.
-    weights = (1.0 if scale is None else np.asarray(scale, np.float32)) / counts[index]
-    pool = csr_matrix((weights, (index, np.arange(len(index)))), shape=(n, len(index)))
-    return np.asarray(pool @ vectors, dtype=np.float32)
-
-
 def open(path: str | Path) -> FeatureStore:  # noqa: A001 - the public name the contract gives
     """Open a store folder: ``fpstore.store.open("fpstore-store").sql("SELECT ...")``."""
     return FeatureStore(path)
-
-
-_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
-
-
-def check_partition_value(kind: str, value: str) -> str:
-    """An encoder id or cohort name must be a safe folder name (it becomes ``kind=value``)."""
-    if not _SAFE_ID.match(value or "") or "/" in value:
-        raise StoreError(
-            f"{kind} {value!r} cannot name a partition folder; use letters, digits and _ . : + -"
-        )
-    return value

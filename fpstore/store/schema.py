@@ -42,6 +42,9 @@ PATCH_KEY_FIELDS = [
 ]
 
 
+KEY_COLUMNS = [f.name for f in PATCH_KEY_FIELDS]
+
+
 def patch_id(slide_id: str, x: int, y: int, size_px: float) -> str:
     return f"{slide_id}/{int(x)}_{int(y)}_{int(round(size_px))}"
 

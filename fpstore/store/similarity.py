@@ -14,14 +14,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
-from fpstore.store.featurestore import FeatureStore, segment_mean
 from fpstore.store.io import write_json_atomic, write_npy_atomic, write_parquet_atomic
+from fpstore.store.pooling import segment_mean
+
+if TYPE_CHECKING:  # the store passes itself in; no import back at run time
+    from fpstore.store.featurestore import FeatureStore
 
 ALL_COHORTS = "_all"
 CACHE_LAYOUT = 2  # 2: norms.npy beside vectors.npy; an older cache is rebuilt
@@ -80,7 +84,7 @@ def vector_index(store: FeatureStore, encoder: str, cohort: str | None = None) -
             + (f" in cohort {cohort!r}" if cohort else "")
             + "; run `fpstore extract`"
         )
-    folder = store.path / "cache" / "similarity" / f"encoder={encoder}" / (cohort or ALL_COHORTS)
+    folder = store.layout.cache_dir("similarity", f"encoder={encoder}", cohort or ALL_COHORTS)
     manifest = _manifest(files)
     manifest_path = folder / "manifest.json"
     fresh = manifest_path.is_file() and json.loads(manifest_path.read_text()) == manifest
@@ -133,9 +137,8 @@ def similar(
     k: int = 10,
     encoder: str | None = None,
     cohort: str | None = None,
-    montage: Path | None = None,
 ) -> SimilarResult:
-    """The ``k`` patches most similar to ``patch_id`` (itself excluded); optional montage PNG."""
+    """The ``k`` patches most similar to ``patch_id`` (itself excluded)."""
     if k < 1:
         raise StoreError(f"k={k}; ask for at least one neighbour")
     encoder = encoder or _only_encoder(store)
@@ -157,53 +160,4 @@ def similar(
         hits.append({"rank": rank, "similarity": round(float(score), 6), **hit})
     query_keys = {c: source.keys.column(c)[query_row].as_py() for c in columns}
     result = SimilarResult(encoder, query_keys, hits)
-    if montage is not None:
-        result.montage = str(write_montage(store, query_keys, hits, Path(montage)))
     return result
-
-
-def write_montage(
-    store: FeatureStore, query: dict, hits: list[dict], out: Path, tile_px: int = 160
-) -> Path:
-    """A PNG: the query patch (red frame) then the hits, captioned with rank and similarity."""
-    from PIL import Image, ImageDraw
-
-    from fpstore.slides.slide import open_slide
-
-    slides = {
-        row["slide_id"]: row
-        for row in store.sql(
-            "SELECT DISTINCT cohort, slide_id, path, mpp_override FROM slides"
-        ).rows()
-    }
-    items = [(query, "query")] + [(h, f"#{h['rank']} {h['similarity']:.3f}") for h in hits]
-    columns = min(6, len(items))
-    rows = -(-len(items) // columns)
-    caption = 14
-    sheet = Image.new("RGB", (columns * tile_px, rows * (tile_px + caption)), "white")
-    draw = ImageDraw.Draw(sheet)
-    opened = {}
-    try:
-        for i, (patch, label) in enumerate(items):
-            row = slides.get(patch["slide_id"])
-            if row is None:
-                raise StoreError(
-                    f"slide {patch['slide_id']!r} is not in any cohort of the store; "
-                    "cannot draw its patch"
-                )
-            if row["slide_id"] not in opened:
-                opened[row["slide_id"]] = open_slide(row["path"], mpp=row["mpp_override"])
-            pixels = opened[row["slide_id"]].read_patch(
-                patch["x"], patch["y"], patch["size_px"], tile_px
-            )
-            x0, y0 = (i % columns) * tile_px, (i // columns) * (tile_px + caption)
-            sheet.paste(Image.fromarray(pixels), (x0, y0))
-            if i == 0:
-                draw.rectangle([x0, y0, x0 + tile_px - 1, y0 + tile_px - 1], outline="red", width=3)
-            draw.text((x0 + 2, y0 + tile_px), label, fill="black")
-    finally:
-        for slide in opened.values():
-            slide.close()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(out)
-    return out

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from fpstore.config import TISSUE_TYPES
-from fpstore.errors import ConfigError, StoreError
-from fpstore.store.schema import read_metadata
+from fpstore.errors import ConfigError
 
 KEY_COLUMNS = ["slide_id", "patch_id", "x", "y", "size_px", "out_px"]
 TILE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -55,66 +53,34 @@ class SlidePatches:
     metadata: dict
 
 
-def encoder_dirs(store: Path, cohort: str) -> dict[str, Path]:
-    """{encoder id: folder of its per-slide files} for the encoders that hold ``cohort``."""
-    root = Path(store) / "fingerprints"
-    found = {}
-    for folder in sorted(root.glob(f"encoder=*/cohort={cohort}")):
-        if any(folder.glob("*.parquet")):
-            found[folder.parent.name.removeprefix("encoder=")] = folder
-    return found
+def stored_slide_files(store, cohort: str, encoder: str | None) -> tuple[str, list]:
+    """(encoder, the cohort's per-slide fingerprint files) for ``encoder`` or the only one."""
+    from fpstore.store.fingerprints import resolve_encoder
+    from fpstore.store.layout import StoreLayout, visible_files
+
+    layout = StoreLayout.of(store)
+    encoder = resolve_encoder(layout, cohort, encoder)
+    return encoder, visible_files(layout.fingerprint_dir(encoder, cohort))
 
 
-def resolve_encoder(store: Path, cohort: str, encoder: str | None) -> tuple[str, Path]:
-    """The encoder whose stored patches to use: ``encoder``, or the only one there is."""
-    dirs = encoder_dirs(store, cohort)
-    if not dirs:
-        raise StoreError(
-            f"cohort {cohort!r} has no stored patches in {str(store)!r}; "
-            f"run `fpstore extract --cohort {cohort}` first"
-        )
-    if encoder is None:
-        if len(dirs) > 1:
-            raise ConfigError(
-                f"cohort {cohort!r} has fingerprints of several encoders ({', '.join(dirs)}); "
-                "pass --encoder to choose one"
-            )
-        encoder = next(iter(dirs))
-    if encoder not in dirs:
-        raise StoreError(
-            f"no fingerprints of encoder {encoder!r} for cohort {cohort!r}; "
-            f"stored encoders: {', '.join(dirs)}"
-        )
-    return encoder, dirs[encoder]
-
-
-def slide_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
-
-
-def read_slide_patches(path: Path, with_fingerprints: bool) -> SlidePatches:
+def read_slide_patches(path, with_fingerprints: bool) -> SlidePatches:
     """Read one per-slide fingerprint file (keys, and the vectors as a numpy view)."""
-    columns = KEY_COLUMNS + (["fingerprint"] if with_fingerprints else [])
-    try:
-        table = pq.read_table(path, columns=columns)
-    except (pa.ArrowInvalid, KeyError, OSError) as error:
-        raise StoreError(f"cannot read stored patches {str(path)!r}: {error}") from error
-    vectors = None
-    if with_fingerprints:
-        column = table.column("fingerprint").combine_chunks()
-        dim = column.type.list_size
-        vectors = column.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-        table = table.drop_columns(["fingerprint"])
-    slide_id = path.stem if table.num_rows == 0 else table.column("slide_id")[0].as_py()
-    return SlidePatches(slide_id, table, vectors, read_metadata(pq.read_schema(path)))
+    from fpstore.store.fingerprints import read_slide_file
+
+    keys, vectors, metadata = read_slide_file(path, with_fingerprints)
+    slide_id = path.stem if keys.num_rows == 0 else keys.column("slide_id")[0].as_py()
+    return SlidePatches(slide_id, keys, vectors, metadata)
 
 
-def slide_locations(store: Path, cohort: str) -> dict[str, tuple[str, float | None]]:
-    """{slide_id: (path, mpp override)} from the cohort's slides table."""
-    from fpstore.cohort.cohorts import load_cohort
+def cohort_slides(store, cohort: str) -> dict:
+    """{slide_id: CohortSlide} of the cohort (its file and mpp override)."""
+    from fpstore.store.cohorts import read_cohort
 
-    slides = load_cohort(store, cohort).slides.to_pylist()
-    return {row["slide_id"]: (row["path"], row["mpp_override"]) for row in slides}
+    return {s.slide_id: s for s in read_cohort(store, cohort).slide_records()}
+
+
+def slide_path(slides: dict, slide_id: str) -> str | None:
+    return slides[slide_id].path if slide_id in slides else None
 
 
 def iter_patch_pixels(slide, keys: pa.Table, batch: int = 64):

@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 
 from fpstore.config import TISSUE_TYPES
 from fpstore.errors import ConfigError, StoreError
-from fpstore.tissue.data import read_slide_patches, resolve_encoder, slide_files, slide_locations
-from fpstore.tissue.predict import TissueTyper, iter_tissue, tissue_dir
+from fpstore.store.layout import StoreLayout, visible_files
+from fpstore.tissue.data import cohort_slides, read_slide_patches, slide_path, stored_slide_files
+from fpstore.tissue.predict import TissueTyper, iter_tissue
 from fpstore.tissue.rules import RuleThresholds
 from fpstore.tissue.truth import find_mask, load_truth, patch_truth
 
@@ -82,12 +83,12 @@ def truth_by_patch(
 ) -> tuple[str, dict[str, int], list[str]]:
     """(encoder, {patch_id: true type index}, slides without a mask) for stored patches."""
     masks = load_truth(truth, downsample)
-    encoder, folder = resolve_encoder(store, cohort, encoder)
-    locations = slide_locations(store, cohort)
+    encoder, files = stored_slide_files(store, cohort, encoder)
+    locations = cohort_slides(store, cohort)
     labels, missing = {}, []
-    for path in slide_files(folder):
+    for path in files:
         slide = read_slide_patches(path, with_fingerprints=False)
-        mask = find_mask(masks, slide.slide_id, locations.get(slide.slide_id, (None,))[0])
+        mask = find_mask(masks, slide.slide_id, slide_path(locations, slide.slide_id))
         if mask is None:
             missing.append(slide.slide_id)
             continue
@@ -156,7 +157,7 @@ def evaluate_tissue(
 
 def _stored_predictions(store: Path, cohort: str) -> dict[str, dict[str, int]]:
     """{method: {patch_id: type index}} from the stored tissue table."""
-    files = slide_files(tissue_dir(store, cohort))
+    files = visible_files(StoreLayout.of(store).tissue_dir(cohort))
     if not files:
         raise StoreError(
             f"cohort {cohort!r} has no tissue table yet; run `fpstore tissue predict --cohort "

@@ -27,27 +27,20 @@ import pyarrow as pa
 
 from fpstore.config import TISSUE_TYPES
 from fpstore.errors import ConfigError, FpstoreError, StoreError, unknown_name
+from fpstore.store.fingerprints import resolve_encoder
+from fpstore.store.layout import StoreLayout
 from fpstore.tissue.data import (
     SlidePatches,
+    cohort_slides,
     iter_patch_pixels,
     read_slide_patches,
-    resolve_encoder,
-    slide_files,
-    slide_locations,
+    stored_slide_files,
 )
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
 from fpstore.tissue.trained import TRAINED_METHODS, TissueModel
 
 METHODS = ("rules",) + TRAINED_METHODS
 PIXEL_METHODS = ("rules", "pixel-logreg")
-
-
-def default_model_path(store: Path, method: str) -> Path:
-    return Path(store) / "models" / "tissue" / f"{method}.npz"
-
-
-def tissue_dir(store: Path, cohort: str) -> Path:
-    return Path(store) / "tissue" / f"cohort={cohort}"
 
 
 @dataclass
@@ -93,7 +86,7 @@ class TissueTyper:
         self.thresholds = thresholds
         self.model = None
         if method != "rules":
-            self.model = TissueModel.load(model or default_model_path(store, method))
+            self.model = TissueModel.load(model or StoreLayout.of(store).tissue_model_file(method))
             if self.model.method != method:
                 raise ConfigError(
                     f"--model {str(model)!r} is a {self.model.method} model, not {method}; "
@@ -145,9 +138,8 @@ def iter_tissue(
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    encoder, folder = resolve_encoder(store, cohort, encoder)
-    files = slide_files(folder)
-    locations = slide_locations(store, cohort) if typer.reads_pixels else {}
+    encoder, files = stored_slide_files(store, cohort, encoder)
+    locations = cohort_slides(store, cohort) if typer.reads_pixels else {}
     # The products here are skinny (4 classes, or a few thousand neighbours): BLAS threads
     # only contend with the reader and writer threads, one each is fastest.
     with (
@@ -200,7 +192,7 @@ def _type_slide(
 def _pixel_probabilities(
     slide: SlidePatches, typer: TissueTyper, locations: dict, batch: int
 ) -> np.ndarray:
-    from fpstore.slides.slide import open_slide
+    from fpstore.cohort.cohorts import open_cohort_slide
 
     if slide.slide_id not in locations:
         raise StoreError(
@@ -209,8 +201,7 @@ def _pixel_probabilities(
         )
     if slide.keys.num_rows == 0:
         return np.zeros((0, len(TISSUE_TYPES)), dtype=np.float32)
-    path, mpp = locations[slide.slide_id]
-    handle = open_slide(path, mpp=mpp)
+    handle = open_cohort_slide(locations[slide.slide_id])
     try:
         parts = [
             typer.from_pixels(images) for images in iter_patch_pixels(handle, slide.keys, batch)
@@ -252,13 +243,13 @@ def predict_tissue(
     progress: bool = True,
 ) -> TissueSummary:
     """Type every stored patch of ``cohort`` with ``method``; write the tissue table."""
-    from fpstore.store.io import write_parquet_atomic
     from fpstore.store.schema import file_metadata
+    from fpstore.store.tissue import write_tissue
 
     start = time.perf_counter()
     typer = TissueTyper(store, method, model, thresholds)
-    encoder, _ = resolve_encoder(store, cohort, encoder)
-    out = tissue_dir(store, cohort)
+    encoder = resolve_encoder(store, cohort, encoder)
+    out = StoreLayout.of(store).tissue_dir(cohort)
     summary = TissueSummary(cohort, method, encoder, typer.model_hash, out=str(out))
     metadata = file_metadata(
         "tissue",
@@ -271,7 +262,7 @@ def predict_tissue(
 
     def write(result: SlideTissue):
         table = tissue_table(result, method)
-        write_parquet_atomic(table, out / f"{result.slide_id}.parquet", metadata)
+        write_tissue(store, cohort, result.slide_id, table, metadata)
         return table
 
     # Each file is fsynced twice (file and folder): overlap those waits on a few threads.

@@ -18,12 +18,12 @@ import numpy as np
 from fpstore.config import check_choice
 from fpstore.errors import FpstoreError, TrainingError
 from fpstore.tissue.data import (
+    cohort_slides,
     iter_patch_pixels,
     read_slide_patches,
     read_tiles,
-    resolve_encoder,
-    slide_files,
-    slide_locations,
+    slide_path,
+    stored_slide_files,
 )
 from fpstore.tissue.features import pixel_features
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
@@ -101,11 +101,10 @@ def train_from_store(
     check_choice("train", "labels", labels, LABEL_SOURCES)
     if labels == "truth" and truth is None:
         raise TrainingError("--labels truth needs --truth DIR (the truth masks)")
-    encoder_id, folder = resolve_encoder(store, cohort, encoder)
+    encoder_id, files = stored_slide_files(store, cohort, encoder)
     masks = load_truth(truth, downsample) if labels == "truth" else {}
     needs_pixels = labels == "rules" or config.source == "pixels"
-    locations = slide_locations(store, cohort)
-    files = slide_files(folder)
+    locations = cohort_slides(store, cohort)
     chosen = _sample_rows(files, sample, config.seed)
     X_parts, y_parts, encoder_hash, failed = [], [], None, []
     for path in tqdm(files, desc="training patches", unit="slide", disable=not progress):
@@ -116,7 +115,7 @@ def train_from_store(
             slide = read_slide_patches(path, with_fingerprints=config.source == "fingerprints")
             keys = slide.keys.take(rows)
             if labels == "truth":
-                mask = find_mask(masks, slide.slide_id, locations.get(slide.slide_id, (None,))[0])
+                mask = find_mask(masks, slide.slide_id, slide_path(locations, slide.slide_id))
                 if mask is None:
                     continue
                 y = patch_truth(
@@ -171,12 +170,11 @@ def _sample_rows(files: list[Path], sample: int, seed: int) -> dict[Path, np.nda
 
 
 def _pixel_features(slide_id: str, keys, locations: dict) -> np.ndarray:
-    from fpstore.slides.slide import open_slide
+    from fpstore.cohort.cohorts import open_cohort_slide
 
     if slide_id not in locations:
         raise TrainingError(f"slide {slide_id!r} is not in the cohort's slides table")
-    path, mpp = locations[slide_id]
-    handle = open_slide(path, mpp=mpp)
+    handle = open_cohort_slide(locations[slide_id])
     try:
         parts = [pixel_features(images) for images in iter_patch_pixels(handle, keys)]
     finally:
@@ -197,7 +195,7 @@ def train_tissue(
     Saves to ``out`` or ``store/models/tissue/<method>.npz``, where ``predict`` looks first.
     Returns the model's description with the path it was saved to.
     """
-    from fpstore.tissue.predict import default_model_path
+    from fpstore.store.layout import StoreLayout
 
     if (tiles is None) == (cohort is None):
         raise TrainingError("train from --tiles DIR or from --cohort NAME (one of the two)")
@@ -211,5 +209,5 @@ def train_tissue(
         model = train_from_tiles(tiles, config, **given)
     else:
         model = train_from_store(store, cohort, config, **given)
-    path = model.save(out or default_model_path(store, config.method))
+    path = model.save(out or StoreLayout.of(store).tissue_model_file(config.method))
     return model.describe() | {"path": str(path)}

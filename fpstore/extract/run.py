@@ -1,0 +1,137 @@
+"""``extract``: a cohort's slides -> one fingerprint Parquet file per slide and encoder.
+
+The run, whatever the engine: read the cohort, build the encoder and the settings a stored
+file must carry (``resume_key``), sort the slides into done / to do / made with other
+settings (refused unless ``force``), plan the patches of the slides to do, hand the plans to
+the engine (``LocalEngine`` in this process, ``RayEngine`` on a cluster), then wait for the
+slides other processes held and take over those they left unfinished. A slide that fails is
+recorded (status ``failed`` + error) and the run goes on; the summary names every slide the
+run could not confirm.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fpstore.config import PatchSpec
+from fpstore.errors import ConfigError, StoreError
+from fpstore.extract.claims import Claims
+from fpstore.extract.config import ExtractConfig, ExtractSummary, SlideResult
+from fpstore.extract.plan import calibration_set, plan_slides, read_calibration, resume_key
+from fpstore.extract.write import EncoderInfo, record_failure
+from fpstore.store.cohorts import read_cohort
+from fpstore.store.fingerprints import stored_state
+from fpstore.store.layout import StoreLayout, check_partition_value
+
+
+def extract(
+    store,
+    cohort: str,
+    config: ExtractConfig = ExtractConfig(),
+    progress: bool = True,
+    engine=None,
+) -> ExtractSummary:
+    """Extract the fingerprints of every slide of ``cohort`` not yet in the store.
+
+    ``engine``: None runs in this process (``LocalEngine``); a ``RayEngine``
+    (fpstore.extract.ray) plans and extracts on a Ray cluster with the same rules.
+    """
+    from fpstore.encoders.registry import create_encoder
+    from fpstore.extract.local import LocalEngine
+
+    started = time.perf_counter()
+    layout = StoreLayout.of(store)
+    engine = engine or LocalEngine()
+    engine.check_store(layout)
+    slides = read_cohort(layout, cohort).slide_records()
+    device = engine.device(config)
+    encoder = create_encoder(config.encoder, **config.encoder_options)
+    check_partition_value("encoder id", encoder.id)
+    key = resume_key(encoder, config)
+    spec = PatchSpec(
+        encoder.preprocessing.patch_um, encoder.preprocessing.out_px, config.min_tissue
+    )
+    if config.precision == "int8":
+        if str(device) != "cpu" or config.compile:
+            raise ConfigError(
+                f"--precision int8 is a CPU path without --compile (encoders on {device}, "
+                f"compile {config.compile}); add --device cpu and drop --compile, or use "
+                "--precision bf16 on GPUs"
+            )
+        calibration, key["calibration"] = calibration_set(slides, spec)
+    info = EncoderInfo.of(encoder)
+
+    results: dict[str, SlideResult] = {}
+    pending, mismatched = [], {}
+    for slide in slides:
+        if slide.patient_id is None:
+            results[slide.slide_id] = SlideResult(slide.slide_id, "no-patient")
+            continue
+        path = layout.fingerprint_file(encoder.id, cohort, slide.slide_id)
+        stored = stored_state(path, key)
+        if stored.state in ("missing", "corrupt") or (
+            stored.state == "other-settings" and config.force
+        ):
+            pending.append(slide)
+        elif stored.state == "other-settings":
+            mismatched[slide.slide_id] = stored
+        elif stored.state == "foreign":
+            results[slide.slide_id] = SlideResult(
+                slide.slide_id, "failed", error=f"{path}: {stored.describe()}; move it away"
+            )
+        else:
+            results[slide.slide_id] = SlideResult(slide.slide_id, "skipped")
+    if mismatched:
+        raise StoreError(_explain_mismatch(layout, mismatched))
+
+    # Sampling pools a patient's slides: plan every slide of each patient with work to do.
+    todo_patients = {s.patient_id for s in pending}
+    plan_input = [s for s in slides if s.patient_id in todo_patients]
+    failed: dict[str, str] = {}
+    plans = {}
+    if plan_input:
+        plans = plan_slides(
+            plan_input, spec, config.patches, config.seed, failed, progress, engine.map
+        )
+    pending_ids = {s.slide_id for s in pending}
+    for slide_id, error in failed.items():
+        if slide_id in pending_ids:
+            results[slide_id] = record_failure(layout, cohort, info, slide_id, error)
+    order = [plans[s.slide_id] for s in pending if s.slide_id in plans]
+
+    loop_seconds, agreement = 0.0, None
+    if order:
+        pixels = read_calibration(calibration, spec) if config.precision == "int8" else None
+        engine.prepare(encoder, config, pixels)
+        claims = Claims(layout, encoder.id, cohort, key, config.force)
+        loop_started = time.perf_counter()
+        while order:
+            done, agreement = engine.run(
+                layout, cohort, encoder, key, spec, config, order, claims, progress
+            )
+            results.update(done)
+            # Slides another process held: once free, done there, or ours to take over.
+            order = claims.wait_for_deferred(progress) if claims.deferred else []
+        results.update(claims.decided)
+        loop_seconds = time.perf_counter() - loop_started
+    ordered = [results[s.slide_id] for s in slides if s.slide_id in results]
+    return ExtractSummary(
+        cohort,
+        encoder.id,
+        encoder.hash,
+        device,
+        config.precision,
+        ordered,
+        time.perf_counter() - started,
+        loop_seconds,
+        agreement,
+    )
+
+
+def _explain_mismatch(layout: StoreLayout, mismatched: dict) -> str:
+    first, stored = next(iter(mismatched.items()))
+    return (
+        f"{len(mismatched)} slide(s) already have fingerprints in {str(layout)!r} made with "
+        f"other settings (e.g. {first}: {stored.describe()}); refusing to mix them. Pass "
+        "--force to re-extract them, or rerun with the settings they were made with."
+    )

@@ -1,0 +1,145 @@
+"""Where everything lives in a store: the one place that names its folders and files.
+
+A store is a local folder or a prefix on object storage (``s3://bucket/prefix``, see
+``fpstore.store.remote``); the same layout holds for both:
+
+    cohorts/<cohort>/slides.parquet, labels.parquet, cohort.json
+    fingerprints/encoder=<id>/cohort=<cohort>/<slide_id>.parquet
+    status/encoder=<id>/cohort=<cohort>/<slide_id>.json (and .<slide_id>.lock claims)
+    tissue/cohort=<cohort>/<slide_id>.parquet
+    runs/<run_id>/run.json, patients.parquet, patches.parquet (compare.json for comparisons)
+    models/tissue/<method>.npz
+    cache/...                      derived data, rebuilt when stale, safe to delete
+
+Temporary files start with '.' and end in '.tmp' (``fpstore.store.io``): every listing
+here skips names that start with '.'.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fpstore.errors import StoreError
+from fpstore.store.remote import RemotePath, store_root
+
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+
+
+def check_partition_value(kind: str, value: str) -> str:
+    """An encoder id or cohort name must be a safe folder name (it becomes ``kind=value``)."""
+    if not _SAFE_ID.match(value or "") or "/" in value:
+        raise StoreError(
+            f"{kind} {value!r} cannot name a partition folder; use letters, digits and _ . : + -"
+        )
+    return value
+
+
+def visible_files(folder, pattern: str = "*.parquet") -> list:
+    """Files under ``folder`` matching ``pattern``, temporary and hidden files left out."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob(pattern) if not p.name.startswith("."))
+
+
+def partitions(folder, key: str) -> dict:
+    """{value: folder} of the hive partitions ``key=value`` directly under ``folder``."""
+    if not folder.is_dir():
+        return {}
+    prefix = f"{key}="
+    return {
+        p.name[len(prefix) :]: p
+        for p in sorted(folder.iterdir())
+        if p.is_dir() and p.name.startswith(prefix)
+    }
+
+
+class StoreLayout:
+    """Paths of a store; ``StoreLayout.of(x)`` accepts a layout, a Path, a str or a URL."""
+
+    def __init__(self, root):
+        self.root: Path | RemotePath = store_root(root)
+
+    @classmethod
+    def of(cls, store) -> StoreLayout:
+        return store if isinstance(store, StoreLayout) else cls(store)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"StoreLayout({str(self.root)!r})"
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.root, RemotePath)
+
+    def exists(self) -> bool:
+        return self.root.is_dir()
+
+    # -- cohorts --
+    @property
+    def cohorts_dir(self):
+        return self.root / "cohorts"
+
+    def cohort_dir(self, cohort: str):
+        return self.cohorts_dir / cohort
+
+    def cohort_file(self, cohort: str, name: str):
+        """``slides.parquet``, ``labels.parquet`` or ``cohort.json`` of a cohort."""
+        return self.cohort_dir(cohort) / name
+
+    # -- fingerprints and their status --
+    @property
+    def fingerprints_dir(self):
+        return self.root / "fingerprints"
+
+    def fingerprint_dir(self, encoder: str, cohort: str):
+        return self.fingerprints_dir / f"encoder={encoder}" / f"cohort={cohort}"
+
+    def fingerprint_file(self, encoder: str, cohort: str, slide_id: str):
+        return self.fingerprint_dir(encoder, cohort) / f"{slide_id}.parquet"
+
+    def status_dir(self, encoder: str, cohort: str):
+        return self.root / "status" / f"encoder={encoder}" / f"cohort={cohort}"
+
+    def status_file(self, encoder: str, cohort: str, slide_id: str):
+        return self.status_dir(encoder, cohort) / f"{slide_id}.json"
+
+    def claim_file(self, encoder: str, cohort: str, slide_id: str):
+        return self.status_dir(encoder, cohort) / f".{slide_id}.lock"
+
+    def encoder_cohorts(self) -> dict[str, dict[str, list]]:
+        """{encoder: {cohort: [fingerprint files]}} of every non-empty partition."""
+        found = {}
+        for encoder, folder in partitions(self.fingerprints_dir, "encoder").items():
+            cohorts = {c: visible_files(f) for c, f in partitions(folder, "cohort").items()}
+            cohorts = {c: files for c, files in cohorts.items() if files}
+            if cohorts:
+                found[encoder] = cohorts
+        return found
+
+    # -- tissue types --
+    def tissue_dir(self, cohort: str):
+        return self.root / "tissue" / f"cohort={cohort}"
+
+    def tissue_file(self, cohort: str, slide_id: str):
+        return self.tissue_dir(cohort) / f"{slide_id}.parquet"
+
+    # -- classifier runs and models --
+    @property
+    def runs_dir(self):
+        return self.root / "runs"
+
+    def run_dir(self, run_id: str):
+        return self.runs_dir / run_id
+
+    def tissue_model_file(self, method: str):
+        return self.root / "models" / "tissue" / f"{method}.npz"
+
+    # -- derived data --
+    def cache_dir(self, *parts: str):
+        folder = self.root / "cache"
+        for part in parts:
+            folder = folder / part
+        return folder
