@@ -41,7 +41,9 @@ class PenSpec:
     OD_B / OD_G (optical densities, natural log)."""
 
     min_od: float = 0.3  # summed OD below which a pixel is too pale to judge its colour
-    seed_red: float = 0.95  # seed: OD_R / OD_G at least this (blue, green, cyan ink)
+    # Seed: OD_R / OD_G at least this (blue, green, cyan ink). Pure hematoxylin reaches
+    # ~0.93 (Ruifrok's vector); tissue at 16 um/px mixes in eosin and stays below ~0.85.
+    seed_red: float = 1.0
     dark_od: float = 2.4  # seed: black marker, summed OD at least this...
     dark_ratios: tuple[float, float] = (0.75, 0.7)  # ...with OD_R / OD_G and OD_B / OD_G this high
     black_od: float = 4.8  # seed: anything this dark (channels <= ~50 of 255) is ink or debris
