@@ -19,7 +19,9 @@ Detection works on a thumbnail, resampled so that a core is about 32 px across:
 4. Positions: every node of a block's bounding rectangle is a core when a candidate sits on
    it or when at least ``min_tissue`` of the disc there is tissue (fragments, faint
    cores), else empty. Each core is measured on its watershed region (touching neighbours
-   cut apart), its confidence is how well it sits on its node times how complete it is.
+   cut apart); its confidence is the product of how well it sits on its node (1 on it, 0 at
+   ``MAX_MISFIT``), how complete it is (its tissue over a core's area) and how round (its
+   hull over the circle through its farthest point).
 
 Numbering: blocks count from 1 in reading order (top to bottom by bands of blocks, then left
 to right); rows and columns from 1 at the first row and column of each block's rectangle.
@@ -95,7 +97,7 @@ class Core:
     patient_id: str | None = None
     block: int = 1  # 1-based, reading order
     status: str = "core"  # "core", "empty" or "orientation"
-    confidence: float = 1.0  # 0-1: on its node and complete (core), clear glass (empty)
+    confidence: float = 1.0  # 0-1: on its node x complete x round (core), clear glass (empty)
 
     @property
     def name(self) -> str:
@@ -137,7 +139,7 @@ def foreground_mask(rgb: np.ndarray) -> np.ndarray:
     commonest darkness; a pixel a few noise widths above it is tissue, so that the faint
     septa of fat count too (Otsu would cut fatty cores into pieces); Otsu's threshold
     caps it on slides where glass is noisy. Darkness is smoothed over a pixel first: the
-    speckle of JPEG noise on a faint smear of mountant would otherwise pass as tissue.
+    speckle of JPEG noise on a faint smear on the glass would otherwise pass as tissue.
     """
     import cv2
     from skimage.filters import threshold_otsu
@@ -401,16 +403,24 @@ def _regions(clean: np.ndarray, centres: np.ndarray, radius: float) -> list[dict
         cv2.circle(markers, (int(x), int(y)), max(1, int(round(0.2 * radius))), k, -1)
     region = (clean | (markers > 0)) & (reach > 0)
     labels = watershed(-_distance(region), markers, mask=region)
-    out = [{"area": 0.0, "hull_area": 0.0, "hull_centre": None, "bbox": None} for _ in centres]
+    empty = {"area": 0.0, "hull_area": 0.0, "hull_centre": None, "round": 0.0, "bbox": None}
+    out = [dict(empty) for _ in centres]
     for props in regionprops(labels):
         tissue = clean[props.slice] & props.image
+        if not tissue.any():
+            continue
         y0, x0, y1, x1 = props.bbox
         hull_y, hull_x = np.nonzero(props.image_convex)
+        centre = np.array([hull_x.mean(), hull_y.mean()])
+        # how much of the circle through its farthest point the hull fills: 1 for a disc,
+        # low for a sliver, a streak or two cores run together
+        reach_px = np.hypot(hull_x - centre[0], hull_y - centre[1]).max() + 0.5
         out[props.label - 1] = {
             "area": float(tissue.sum()),
-            "hull_area": float(props.area_convex) if tissue.any() else 0.0,
-            "hull_centre": np.array([x0 + hull_x.mean() + 0.5, y0 + hull_y.mean() + 0.5]),
-            "bbox": (x0, y0, x1, y1) if tissue.any() else None,
+            "hull_area": float(props.area_convex),
+            "hull_centre": centre + (x0 + 0.5, y0 + 0.5),
+            "round": min(1.0, float(props.area_convex) / (math.pi * reach_px**2)),
+            "bbox": (x0, y0, x1, y1),
         }
     return out
 
@@ -516,7 +526,8 @@ def detect(slide, spec: TmaSpec = TmaSpec()) -> TmaArray:
             misfit = math.hypot(*(centre - p.node)) / pitch
             # tissue of a fragment not joined to its node is in the disc, not the region
             complete = min(1.0, max(region["area"], 0.64 * s * core_area) / core_area)
-            confidence = max(0.0, 1 - (misfit / MAX_MISFIT) ** 2) * complete
+            on_node = max(0.0, 1 - (misfit / MAX_MISFIT) ** 2)
+            confidence = on_node * complete * region["round"]
             status = "core"
         cores_of_block[p.block].append(
             Core(
@@ -538,7 +549,7 @@ def detect(slide, spec: TmaSpec = TmaSpec()) -> TmaArray:
             bbox=tuple(int(round(v)) for v in level0(region["bbox"])),
             block=0,
             status="orientation",
-            confidence=round(min(1.0, region["area"] / core_area), 3),
+            confidence=round(min(1.0, region["area"] / core_area) * region["round"], 3),
         )
         for xy, region in zip(loose, regions, strict=True)
         if _orientation_ok(region, core_area, clean.shape)
@@ -777,11 +788,11 @@ def draw_overlay(array: TmaArray) -> np.ndarray:
         label(f"B{number}", grid[0, 0] - (0, 1.6 * radius), (0, 90, 255), size=2.0)
     for core in array.cores:
         centre = (int(round(core.centre[0] / ds)), int(round(core.centre[1] / ds)))
-        if core.status == "empty":
-            cv2.circle(image, centre, radius, (150, 150, 150), thin)
-            cv2.drawMarker(image, centre, (150, 150, 150), cv2.MARKER_TILTED_CROSS, radius, thin)
-            continue
         r = max(2, int(round(core.diameter_px / ds / 2)))
+        if core.status == "empty":
+            cv2.circle(image, centre, r, (150, 150, 150), thin)
+            cv2.drawMarker(image, centre, (150, 150, 150), cv2.MARKER_TILTED_CROSS, r, thin)
+            continue
         if core.status == "orientation":
             cv2.circle(image, centre, r, (220, 0, 220), 2 * thin)
             label(f"O{core.column}", centre, (220, 0, 220))
