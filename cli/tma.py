@@ -19,7 +19,8 @@ def tma():
 @click.option(
     "--array-map",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="CSV with row, column, core_index, patient_id (rows may be letters).",
+    help="CSV with row, column, core_index, patient_id (rows may be letters), and block "
+    "for an array of several blocks.",
 )
 @click.option(
     "--mpp", type=float, help="The slide's microns per pixel, when its metadata lacks it."

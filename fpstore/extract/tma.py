@@ -20,8 +20,8 @@ Detection works on a thumbnail, resampled so that a core is about 32 px across:
    it or when at least ``min_tissue`` of the disc there is tissue (fragments, faint
    cores), else empty. Each core is measured on its watershed region (touching neighbours
    cut apart); its confidence is the product of how well it sits on its node (1 on it, 0 at
-   ``MAX_MISFIT``), how complete it is (its tissue over a core's area) and how round (its
-   hull over the circle through its farthest point).
+   ``MAX_MISFIT``), how complete it is (its tissue over a core's area) and how round (the
+   short over the long axis of its hull).
 
 Numbering: blocks count from 1 in reading order (top to bottom by bands of blocks, then left
 to right); rows and columns from 1 at the first row and column of each block's rectangle.
@@ -411,15 +411,14 @@ def _regions(clean: np.ndarray, centres: np.ndarray, radius: float) -> list[dict
             continue
         y0, x0, y1, x1 = props.bbox
         hull_y, hull_x = np.nonzero(props.image_convex)
-        centre = np.array([hull_x.mean(), hull_y.mean()])
-        # how much of the circle through its farthest point the hull fills: 1 for a disc,
-        # low for a sliver, a streak or two cores run together
-        reach_px = np.hypot(hull_x - centre[0], hull_y - centre[1]).max() + 0.5
+        # roundness: the short over the long axis of the hull, 1 for a disc, about 0.5 for
+        # half a core, low for a sliver or two cores run together
+        spread = np.linalg.eigvalsh(np.cov(np.stack([hull_x, hull_y])) + 1 / 12 * np.eye(2))
         out[props.label - 1] = {
             "area": float(tissue.sum()),
             "hull_area": float(props.area_convex),
-            "hull_centre": centre + (x0 + 0.5, y0 + 0.5),
-            "round": min(1.0, float(props.area_convex) / (math.pi * reach_px**2)),
+            "hull_centre": np.array([x0 + hull_x.mean() + 0.5, y0 + hull_y.mean() + 0.5]),
+            "round": float(np.sqrt(spread[0] / spread[1])),
             "bbox": (x0, y0, x1, y1),
         }
     return out
@@ -732,7 +731,11 @@ def array_scale(slide, array: TmaArray, spec: TmaSpec, provisional: bool) -> dic
         )
     extent_mm = max(slide.info.width, slide.info.height) * mpp / 1000
     if provisional and not (mpp >= 0.1 and extent_mm <= 80):
-        given = f"--core-um {spec.core_um:g}" if spec.core_um is not None else "a 600 um punch"
+        given = (
+            f"--core-um {spec.core_um:g}"
+            if spec.core_um is not None
+            else f"a {DEFAULT_CORE_UM:g} um punch"
+        )
         raise ConfigError(
             f"{given} makes {slide.info.path} {mpp:.4g} um/px ({extent_mm:.0f} mm across): "
             f"no glass slide is like that; its cores measure {diameter:.1f} px, so give "

@@ -16,7 +16,10 @@ Geometry only (points in pixels, no image). The steps:
    (bowed rows and columns) as the group's size allows, refit without outliers; the
    candidates are re-indexed by inverting it, so one bad link cannot shift a subtree.
 4. ``attach``: a group cut off from a bigger one by a wholly empty row or column still sits
-   on its lattice to a small fraction of a pitch; then it joins it.
+   on its lattice to a small fraction of a pitch, and fills a fair share of the positions it
+   adds; then it joins it.
+5. ``warped_positions``: the nodes of a block, moved by the misfits of the cores around
+   them, for the warp a quadratic misses.
 """
 
 from __future__ import annotations
@@ -158,7 +161,8 @@ class Block:
         return np.stack([a, b], axis=1)
 
     def index(self, points: np.ndarray) -> np.ndarray:
-        """Fractional (i, j) of each point (N, 2): the fit inverted by Newton steps."""
+        """Fractional (i, j) of each point (N, 2): the fit inverted by Newton steps (one
+        Jacobian, at the points' mean, serves all: the warp is mild)."""
         inverse = np.linalg.inv(self.steps(np.zeros(2)))
         ij = (points - self.coef[0]) @ inverse.T
         for _ in range(6 if self.degree == 2 else 1):
