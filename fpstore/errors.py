@@ -30,6 +30,10 @@ class StainError(FpstoreError):
     """Stains that cannot be estimated: an image or a slide's sample without enough tissue."""
 
 
+class TmaError(SlideError):
+    """A tissue microarray whose cores cannot be found or numbered."""
+
+
 class CohortError(FpstoreError):
     """A cohort definition that does not fit: clinical table, slide list, mapping."""
 
