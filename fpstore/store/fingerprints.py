@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fpstore.errors import StoreError
+from fpstore.errors import CohortError, StoreError
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
 from fpstore.store.layout import StoreLayout, check_partition_value, visible_files
 from fpstore.store.schema import (
@@ -194,7 +194,13 @@ def partition_settings(store, encoder: str, cohort: str) -> dict[str, str]:
             f"are corrupt or not fpstore's (e.g. {path}: {state.detail}); {repair} rewrites "
             "corrupt files of its own; move foreign files out of the store"
         )
-    known = {s.slide_id for s in read_cohort(layout, cohort).slide_records()}
+    try:
+        known = {s.slide_id for s in read_cohort(layout, cohort).slide_records()}
+    except CohortError:
+        raise StoreError(
+            f"fingerprints of cohort {cohort!r} (encoder {encoder!r}), which the store no "
+            f"longer has: re-add the cohort, or remove {folder}"
+        ) from None
     stale = [f.stem for f in files if f.stem not in known]
     if stale:
         raise StoreError(
