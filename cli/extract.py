@@ -50,6 +50,14 @@ def _patches(value: str) -> int | None:
     help="Patches per patient, pooled over its slides (the paper: 120), or 'all'.",
 )
 @click.option(
+    "--min-tissue",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Keep squares with at least this tissue fraction (preview with `fpstore patches`); "
+    "a slide with none fails with its tissue fraction.",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
 @click.option(
@@ -102,6 +110,7 @@ def extract(
     checkpoint,
     weights,
     patches,
+    min_tissue,
     device,
     precision,
     batch_size,
@@ -132,6 +141,7 @@ def extract(
         encoder=encoder,
         encoder_options=options,
         patches=_patches(patches),
+        min_tissue=min_tissue,
         device=device,
         precision=precision,
         batch_size=batch_size,

@@ -80,6 +80,30 @@ def patch_grid(slide, spec: PatchSpec = PatchSpec(), mask=None) -> pa.Table:
     )
 
 
+def no_patch_reason(slide, spec: PatchSpec, mask) -> str:
+    """One line saying why a slide's grid is empty, with its tissue fraction and the fix:
+    a slide smaller than one square, or no square with ``min_tissue`` (a fluorescence scan,
+    a blank, a --min-tissue above what the tissue fills)."""
+    size_px = slide.patch_size_px(spec.patch_um)
+    width, height = slide.info.width, slide.info.height
+    if min(width, height) < size_px:
+        return (
+            f"the slide ({width}x{height} px at {slide.info.mpp:.4g} um/px) is smaller than one "
+            f"{spec.patch_um:g}-um square ({size_px:.0f} px): check its mpp, or leave it out"
+        )
+    fraction = mask.fraction
+    shown = f"{100 * fraction:.1f}%" if fraction == 0 or fraction >= 0.0005 else "<0.1%"
+    fix = (
+        f"lower --min-tissue (now {spec.min_tissue:g}) or leave the slide out"
+        if fraction > 0
+        else f"a lower --min-tissue (now {spec.min_tissue:g}) finds none; leave the slide out"
+    )
+    return (
+        f"no tissue found (tissue fraction {shown} of the slide, no {spec.patch_um:g}-um "
+        f"square with >= {100 * spec.min_tissue:g}% tissue): a fluorescence scan or a blank? {fix}"
+    )
+
+
 def _patient_seed(seed: int, patient_id: str) -> list[int]:
     """A seed for one patient that does not depend on the other patients (nor on PYTHONHASHSEED)."""
     digest = hashlib.sha256(patient_id.encode()).digest()
