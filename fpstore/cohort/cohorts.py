@@ -271,6 +271,16 @@ def _tables(table: ClinicalTable, usable: list[SlideEntry], owners, overrides):
     return pa.table(slides, schema=SLIDES), pa.table(labels, schema=LABELS)
 
 
+def _unlabelled_table(entries: list[SlideEntry]) -> ClinicalTable:
+    """A clinical table with one unlabelled patient per slide, named after the slide."""
+    return ClinicalTable(
+        Path("."),
+        "unlabelled",
+        {e.slide_id: PatientRecord(e.slide_id) for e in entries},
+        {m: Counter() for m in MARKERS},
+    )
+
+
 def add_cohort(
     store: Path,
     name: str,
@@ -288,7 +298,9 @@ def add_cohort(
     """Parse the clinical table, list and match the slides, and write the cohort to the store.
 
     ``slides``: globs, folders, slide files or GDC manifests (a str or a list of them); for
-    ``fmt="csv"`` it may be left out when the table's slide column holds paths.
+    ``fmt="csv"`` it may be left out when the table's slide column holds paths. Without a
+    ``clinical`` table the cohort is unlabelled: each slide is its own patient (patient id =
+    slide id), with no status and no site (slides a saved model is to score).
     ``validate`` opens every slide and reads a patch (unreadable ones become problems and
     are left out of slides.parquet). An existing cohort is replaced only with ``force``.
     """
@@ -297,13 +309,26 @@ def add_cohort(
         raise CohortError(
             f"cohort {name!r} already exists in {str(store)!r}; pass --force to replace it"
         )
-    if clinical is None:
-        raise CohortError("a cohort needs a clinical table; pass --clinical FILE")
-    table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
     sources = [slides] if isinstance(slides, (str, Path)) else list(slides or [])
     entries = list_slides(sources, slides_dir) if sources else None
+    if clinical is None:
+        if entries is None:
+            raise CohortError(
+                "a cohort needs --clinical FILE, or --slides alone for an unlabelled cohort"
+            )
+        if site_column or columns or her2_fish_resolves_equivocal:
+            raise CohortError(
+                "--site-column, --column and --her2-fish-resolves-equivocal read a clinical "
+                "table; pass --clinical FILE"
+            )
+        fmt = "unlabelled"
+        table = _unlabelled_table(entries)
+    else:
+        table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
 
-    if fmt == "tcga":
+    if fmt == "unlabelled":
+        entries, owners, orphans = _match_by_id(table, entries)
+    elif fmt == "tcga":
         if entries is None:
             raise CohortError("a TCGA cohort needs its slides; pass --slides GLOB|FOLDER|MANIFEST")
         entries, owners, orphans = _match_tcga(table, entries)
@@ -327,7 +352,7 @@ def add_cohort(
     summary = CohortSummary(
         name=name,
         fmt=fmt,
-        clinical=os.path.abspath(table.path),
+        clinical=os.path.abspath(table.path) if clinical is not None else "",
         n_patients=len(table.patients),
         n_slides=len(usable),
         n_patients_with_slides=len(with_slides),
