@@ -144,9 +144,9 @@ def _print_summary(summary, as_json: bool) -> None:
         echo_json(summary.to_dict())
         return
     click.echo(
-        f"cohort {summary.name} ({summary.fmt}): {summary.n_patients} patients in "
-        f"{Path(summary.clinical).name if summary.clinical else 'no clinical table'}, "
-        f"{summary.n_patients_with_slides} with slides, "
+        f"cohort {summary.name} ({summary.fmt}): {summary.n_patients} patients "
+        + (f"in {Path(summary.clinical).name}" if summary.clinical else "(one per slide)")
+        + f", {summary.n_patients_with_slides} with slides, "
         f"{summary.n_slides} usable slides"
     )
     rows = []

@@ -158,6 +158,8 @@ def predict_command(
                 for r in document["delong"]
             ]
         )
+    for note in document.get("notes", []):
+        click.echo(f"note: {note}")
     if "run_path" in document:
         click.echo(
             f"saved {document['run_path']}; heatmaps and report: "

@@ -216,3 +216,30 @@ def test_missing_labels_are_excluded_and_counted():
     assert counts == {"labelled": 2, "missing_label": 4, "no_patches": 1}
     with pytest.raises(ClassifyError, match="1, 0 or missing"):
         align_labels(bags, ids[:1], [2])
+
+
+@pytest.mark.parametrize("method", ["mil", "logreg", "logreg-tissue", "xgboost", "xgboost-tissue"])
+def test_a_saved_state_scores_exactly_as_the_fitted_model(method, tmp_path):
+    bags, y = make_bags(n_patients=40, n_patches=6, dim=8, seed=9)
+    settings = FAST if method == "mil" else {}
+    train, es = np.arange(30), np.arange(30, 40)
+    model = create_classifier(method, **settings).fit(
+        bags.subset(train), y[train], eval_set=(bags.subset(es), y[es])
+    )
+    np.savez(tmp_path / "state.npz", **model.get_state())
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as saved:  # arrays, no objects
+        state = {k: saved[k] for k in saved.files}
+    again = create_classifier(method, **settings).set_state(state)
+    test, _ = make_bags(n_patients=12, n_patches=5, dim=8, seed=10)
+    np.testing.assert_array_equal(again.decision_function(test), model.decision_function(test))
+
+
+def test_registry_properties_drive_the_harness():
+    from fpstore.classify.methods import compare_methods, method_names, method_spec
+
+    assert "patch-cnn" in method_names() and "patch-cnn" not in compare_methods()
+    assert method_spec("mil").score_range == "tanh" and method_spec("logreg-tissue").by_tissue
+    with pytest.raises(ConfigError, match="fixes pooling"):
+        create_classifier("logreg-tissue", pooling="mean")
+    with pytest.raises(ConfigError, match="no setting 'epochs'"):
+        create_classifier("mil", epochs=3)

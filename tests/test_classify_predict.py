@@ -18,7 +18,7 @@ from fpstore.classify.predict import PredictConfig, predict
 from fpstore.classify.protocol import score_bags
 from fpstore.cli.main import cli
 from fpstore.errors import ClassifyError, ConfigError, StoreError
-from fpstore.report.html import UNLABELLED, pick_examples
+from fpstore.report.html import UNLABELLED, build_report, pick_examples
 from fpstore.report.roc import run_roc_curves
 from fpstore.slides.grid import sample_patches
 from fpstore.store.runs import load_run
@@ -141,6 +141,8 @@ def test_predict_refuses_fingerprints_of_another_encoder_hash_or_precision(train
     assert result.output.count("\n") == 1 and "precision 'bf16' (model: 'fp32')" in result.output
     with pytest.raises(ConfigError, match="--cohort NAME or --slides"):
         PredictConfig(model=doc["run_id"])
+    own = predict(store, PredictConfig(model=doc["run_id"], cohort="train"), False, save=False)
+    assert "is not a test" in own["notes"][0]  # scoring the training cohort says so
 
 
 def test_an_unlabelled_cohort_is_scored_with_null_labels_and_no_auc(trained):
@@ -299,3 +301,7 @@ def test_train_on_slides_then_predict_on_bare_slides(tmp_path):
     assert second["extraction"]["ok"] == 0 and second["extraction"]["skipped"] == 2
     assert second["config"]["cohort"] == out["config"]["cohort"]
     assert second["predict"]["metrics"] == {} and second["data"] == out["data"]
+    # The report reads a predict run as a classify run: heatmaps of the scored slides.
+    report = build_report(store, out["run_id"], tmp_path / "report", n_heatmaps=2, embed=None)
+    assert sorted(report.heatmaps) == ["N1", "N2"]
+    assert "no label" in report.index.read_text() and model_id in report.index.read_text()

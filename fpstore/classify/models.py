@@ -84,12 +84,14 @@ def build_card(
     data,
     encoder: dict | None,
     final_model,
+    final_fit: dict,
     score_range: list[float],
     cv_metrics: dict,
     permutation: dict | None,
     external: dict | None,
 ) -> dict:
-    """The model card of a classify run's models (``data``: its ``Dataset``)."""
+    """The model card of a classify run's models (``data``: its ``Dataset``; ``final_fit``:
+    the final model's row from ``fit_final``)."""
     spec = method_spec(config["method"])
     return {
         "model_id": run_id,
@@ -112,6 +114,9 @@ def build_card(
             "split": config["split"],
             "folds": config["folds"],
             "seed": config["seed"],
+            # The final model: every group but group 0 trains, group 0 early-stops (the
+            # run's fold_assignment says who is in which group).
+            "final_fit": {k: v for k, v in final_fit.items() if k != "fold"},
         },
         "performance": {
             "cv": _auc_block(cv_metrics),

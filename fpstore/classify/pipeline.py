@@ -210,7 +210,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
                 config,
                 data,
                 encoder_card(settings, encoder),
-                final[0],
+                *final,
                 document["score_range"],
                 cv.metrics,
                 document.get("permutation"),

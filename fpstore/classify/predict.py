@@ -111,8 +111,9 @@ def _slides_cohort(store, cfg: PredictConfig) -> str:
     return name
 
 
-def _encoder_for_slides(card: dict, cfg: PredictConfig) -> tuple[str, dict]:
-    """(registry name, options) of the model's encoder, checked against the card's hash."""
+def _encoder_for_slides(card: dict, cfg: PredictConfig):
+    """(registry name, options, the built encoder) of the model's encoder, checked against
+    the card's hash."""
     from fpstore.encoders.registry import create_encoder
 
     encoder = card["encoder"]
@@ -137,14 +138,14 @@ def _encoder_for_slides(card: dict, cfg: PredictConfig) -> tuple[str, dict]:
             f"{card['model_id']} needs {encoder['hash']}; point --checkpoint/--weights at the "
             "weights it was trained with"
         )
-    return name, options
+    return name, options, built
 
 
 def _extract(store, cohort: str, card: dict, cfg: PredictConfig, patches, progress) -> dict:
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
 
-    name, options = _encoder_for_slides(card, cfg)
+    name, options, built = _encoder_for_slides(card, cfg)
     encoder = card["encoder"]
     summary = extract(
         store,
@@ -159,6 +160,7 @@ def _extract(store, cohort: str, card: dict, cfg: PredictConfig, patches, progre
             seed=cfg.seed,
         ),
         progress=progress,
+        encoder=built,  # built once: checked, then used
     )
     if summary.failed:
         first = summary.failed[0]
@@ -275,6 +277,11 @@ def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool =
     }
     if extraction is not None:
         document["extraction"] = extraction
+    if cohort == card["training"]["cohort"]:
+        document["notes"] = [
+            f"{cohort} is the cohort model {card['model_id']} was trained on: its AUC here "
+            "is not a test (the run's cross-validated predictions are)"
+        ]
     document["delong"] = delong_vs_runs(store, card["marker"], cohort, result.predictions)
     if save:
         run_id = new_run_id(config)

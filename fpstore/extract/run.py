@@ -30,11 +30,14 @@ def extract(
     config: ExtractConfig = ExtractConfig(),
     progress: bool = True,
     engine=None,
+    encoder=None,
 ) -> ExtractSummary:
     """Extract the fingerprints of every slide of ``cohort`` not yet in the store.
 
     ``engine``: None runs in this process (``LocalEngine``); a ``RayEngine``
     (fpstore.extract.ray) plans and extracts on a Ray cluster with the same rules.
+    ``encoder``: the encoder ``config`` names, already built (``fpstore predict`` builds it
+    to check its hash first); None builds it here.
     """
     from fpstore.encoders.registry import create_encoder
     from fpstore.extract.local import LocalEngine
@@ -45,7 +48,8 @@ def extract(
     engine.check_store(layout)
     slides = read_cohort(layout, cohort).slide_records()
     device = engine.device(config)
-    encoder = create_encoder(config.encoder, **config.encoder_options)
+    if encoder is None:
+        encoder = create_encoder(config.encoder, **config.encoder_options)
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
     spec = PatchSpec(
