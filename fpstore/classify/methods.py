@@ -2,9 +2,9 @@
 
 A spec names its estimator class by import path, so this module imports nothing heavy: the
 CLI builds its choice lists here without numpy or torch, and the estimator's module is
-imported when a model is made. A new method is one new module holding its estimator and one
-``register_method`` call (built-in methods are registered below; a plugin calls it from its
-own module). Nothing else in fpstore names a method.
+imported when a model is made. A new method is its estimator's module plus one spec: listed
+below for a built-in method, or passed to ``register_method`` by a plugin's own module
+(imported before use). No code elsewhere branches on a method's name.
 
 The estimator protocol (scikit-learn's, over ``Bags``):
 
