@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from fpstore.classify.bags import Bags
-from fpstore.classify.permutation import permutation_test, shuffle_within
 from fpstore.classify.methods import create_classifier
+from fpstore.classify.permutation import permutation_test, shuffle_within
 from fpstore.classify.protocol import cross_validate
 from fpstore.errors import ClassifyError
 from tests._classify_bags import make_bags
