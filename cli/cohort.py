@@ -29,8 +29,8 @@ def cohort():
 @click.option(
     "--clinical",
     type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="Clinical table: TCGA BCR Biotab patient file, or a CSV/TSV with --format csv.",
+    help="Clinical table: TCGA BCR Biotab patient file, or a CSV/TSV with --format csv. "
+    "Without it the cohort is unlabelled: each slide its own patient (for `fpstore predict`).",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["tcga", "csv"]), default="tcga", show_default=True
@@ -111,6 +111,7 @@ def add(
     fpstore cohort add tcga-brca --slides gdc_manifest.txt --slides-dir gdc/ \\
         --clinical nationwidechildrens.org_clinical_patient_brca.txt
     fpstore cohort add ext --format csv --clinical labels.csv --slides 'scans/*.tiff'
+    fpstore cohort add hospital --slides 'scans/*.svs'       # unlabelled
     """
     from fpstore.cohort.clinical import parse_column_mapping
     from fpstore.cohort.cohorts import add_cohort
@@ -168,8 +169,9 @@ def _print_summary(summary, as_json: bool) -> None:
         echo_json(summary.to_dict())
         return
     click.echo(
-        f"cohort {summary.name} ({summary.fmt}): {summary.n_patients} patients in "
-        f"{Path(summary.clinical).name}, {summary.n_patients_with_slides} with slides, "
+        f"cohort {summary.name} ({summary.fmt}): {summary.n_patients} patients "
+        + (f"in {Path(summary.clinical).name}" if summary.clinical else "(one per slide)")
+        + f", {summary.n_patients_with_slides} with slides, "
         f"{summary.n_slides} usable slides"
     )
     rows = []

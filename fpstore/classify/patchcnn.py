@@ -77,6 +77,10 @@ def build_network(arch: str, weights: str | None) -> nn.Module:
 class PatchCNN(ClassifierMixin, BaseEstimator):
     """fit(bags, y, eval_set) where bags carry patch_ids the ``images`` callable can read."""
 
+    config_class = PatchCNNConfig
+    # Where training started from: a fitted model needs it no more (nor the file, elsewhere).
+    training_only = ("weights",)
+
     def __init__(
         self,
         config: PatchCNNConfig | None = None,
@@ -86,11 +90,11 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         self.images = images
 
     @property
-    def _cfg(self) -> PatchCNNConfig:
+    def settings(self) -> PatchCNNConfig:
         return self.config or PatchCNNConfig()
 
     def _device(self) -> torch.device:
-        wanted = self._cfg.device
+        wanted = self.settings.device
         if wanted == "auto":
             wanted = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(wanted)
@@ -111,7 +115,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         return ((x - _MEAN) / _STD).to(self._device())
 
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
-        cfg = self._cfg
+        cfg = self.settings
         y = np.asarray(y)
         if bags.patch_ids is None:
             raise ClassifyError("patch-cnn needs patch ids in the bags")
@@ -183,8 +187,8 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         self.net_.eval()
         out = np.empty(len(bags.bag_index), dtype=np.float32)
         with torch.no_grad():
-            for start in range(0, len(out), self._cfg.batch_size):
-                ids = bags.patch_ids[start : start + self._cfg.batch_size]
+            for start in range(0, len(out), self.settings.batch_size):
+                ids = bags.patch_ids[start : start + self.settings.batch_size]
                 out[start : start + len(ids)] = (
                     torch.sigmoid(self.net_(self._batch(ids, None)).squeeze(1)).cpu().numpy()
                 )
@@ -205,4 +209,22 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         return (self.decision_function(bags) > 0.5).astype(np.int8)
 
     def describe(self) -> dict:
-        return {"method": "patch-cnn", **asdict(self._cfg)}
+        return {"method": "patch-cnn", **asdict(self.settings)}
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The fitted network's state dict, as arrays."""
+        if not hasattr(self, "net_"):
+            raise ClassifyError("patch-cnn is not fitted; call fit first")
+        return {k: v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> PatchCNN:
+        net = build_network(self.settings.arch, None)
+        try:
+            net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        except RuntimeError as error:
+            raise ClassifyError(
+                f"saved patch-cnn weights do not fit a {self.settings.arch}: {error}"
+            ) from None
+        self.net_ = net.to(self._device()).eval()
+        self.classes_ = np.array([0, 1])
+        return self

@@ -310,6 +310,16 @@ def _tables(table: ClinicalTable, usable: list[SlideEntry], owners, overrides):
     return pa.table(slides, schema=SLIDES), pa.table(labels, schema=LABELS)
 
 
+def _unlabelled_table(entries: list[SlideEntry]) -> ClinicalTable:
+    """A clinical table with one unlabelled patient per slide, named after the slide."""
+    return ClinicalTable(
+        Path("."),
+        "unlabelled",
+        {e.slide_id: PatientRecord(e.slide_id) for e in entries},
+        {m: Counter() for m in MARKERS},
+    )
+
+
 def add_cohort(
     store: Path,
     name: str,
@@ -328,7 +338,9 @@ def add_cohort(
     """Parse the clinical table, list and match the slides, and write the cohort to the store.
 
     ``slides``: globs, folders, slide files or GDC manifests (a str or a list of them); for
-    ``fmt="csv"`` it may be left out when the table's slide column holds paths.
+    ``fmt="csv"`` it may be left out when the table's slide column holds paths. Without a
+    ``clinical`` table the cohort is unlabelled: each slide is its own patient (patient id =
+    slide id), with no status and no site (slides a saved model is to score).
     ``validate`` opens every slide and reads a patch (unreadable ones become problems and
     are left out of slides.parquet). An existing cohort is replaced only with ``force``.
     ``types``: the TCGA slide and sample types to keep (default: diagnostic slides of
@@ -376,13 +388,26 @@ def _add_cohort(
     validate,
     types,
 ) -> CohortSummary:
-    if clinical is None:
-        raise CohortError("a cohort needs a clinical table; pass --clinical FILE")
-    table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
     sources = [slides] if isinstance(slides, (str, Path)) else list(slides or [])
     entries = list_slides(sources, slides_dir) if sources else None
+    if clinical is None:
+        if entries is None:
+            raise CohortError(
+                "a cohort needs --clinical FILE, or --slides alone for an unlabelled cohort"
+            )
+        if site_column or columns or her2_fish_resolves_equivocal:
+            raise CohortError(
+                "--site-column, --column and --her2-fish-resolves-equivocal read a clinical "
+                "table; pass --clinical FILE"
+            )
+        fmt = "unlabelled"
+        table = _unlabelled_table(entries)
+    else:
+        table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
 
-    if fmt == "tcga":
+    if fmt == "unlabelled":
+        entries, owners, orphans = _match_by_id(table, entries)
+    elif fmt == "tcga":
         if entries is None:
             raise CohortError("a TCGA cohort needs its slides; pass --slides GLOB|FOLDER|MANIFEST")
         entries, owners, orphans = _match_tcga(table, entries)
@@ -408,7 +433,7 @@ def _add_cohort(
     summary = CohortSummary(
         name=name,
         fmt=fmt,
-        clinical=os.path.abspath(table.path),
+        clinical=os.path.abspath(table.path) if clinical is not None else "",
         n_patients=len(table.patients),
         n_slides=len(usable),
         n_patients_with_slides=len(with_slides),

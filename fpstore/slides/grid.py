@@ -110,6 +110,13 @@ def _patient_seed(seed: int, patient_id: str) -> list[int]:
     return [int(seed), int.from_bytes(digest[:8], "little")]
 
 
+def sample_rows(total: int, n: int, seed: int, patient_id: str) -> np.ndarray:
+    """Sorted indices of the ``n`` of a patient's ``total`` patches that sampling keeps (all
+    of them when ``total <= n``); the one draw extraction and ``classify --patches`` share."""
+    rng = np.random.default_rng(_patient_seed(seed, patient_id))
+    return np.sort(rng.choice(total, size=min(n, total), replace=False))
+
+
 def sample_patches(
     grids: dict[str, pa.Table],
     n: int | None = PAPER_PATCHES_PER_PATIENT,
@@ -138,8 +145,7 @@ def sample_patches(
     for patient_id, slide_ids in by_patient.items():
         counts = [grids[s].num_rows for s in slide_ids]
         total = sum(counts)
-        rng = np.random.default_rng(_patient_seed(seed, patient_id))
-        chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
+        chosen = sample_rows(total, n, seed, patient_id)
         starts = np.cumsum([0] + counts)
         for slide_id, start, stop in zip(slide_ids, starts[:-1], starts[1:]):
             rows = chosen[(chosen >= start) & (chosen < stop)] - start
