@@ -7,7 +7,14 @@ import json
 import click
 
 from fpstore.classify.methods import SAVE_MODELS, compare_methods, method_names, method_spec
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.cli.common import (
+    echo_json,
+    echo_table,
+    json_option,
+    resolve_cohort,
+    seed_option,
+    store_option,
+)
 from fpstore.config import MARKERS, POOLS, SPLITS
 
 # The registries above are light (no numpy, no torch): `fpstore --help` stays fast.
@@ -35,7 +42,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 
 common_options = [
     click.option("--marker", type=click.Choice(MARKERS), required=True, help="The receptor."),
-    click.option("--cohort", required=True, help="The training cohort (cross-validated)."),
+    click.option(
+        "--cohort", help="The training cohort, cross-validated (default: the store's only one)."
+    ),
     click.option("--external", help="Train on the whole --cohort, test once on this cohort."),
     click.option(
         "--folds",
@@ -159,7 +168,7 @@ def classify_command(
 
     cfg = ClassifyConfig(
         marker=marker,
-        cohort=cohort,
+        cohort=resolve_cohort(store_path, cohort),
         pool=pool,
         method=method,
         encoder=encoder,
@@ -178,6 +187,8 @@ def classify_command(
     if as_json:
         echo_json(document)
         return
+    for note in document.get("notes", []):
+        click.echo(f"note: {note}")
     cv = document["cv"]
     rows = [
         {
@@ -296,7 +307,7 @@ def compare_command(
             )
     cfg = CompareConfig(
         marker=marker,
-        cohort=cohort,
+        cohort=resolve_cohort(store_path, cohort),
         external=external,
         methods=_csv(methods) or (),
         encoders=_csv(encoders),

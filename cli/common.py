@@ -64,6 +64,19 @@ store_url_option = click.option(
     help="The fpstore store: a folder, or an object-storage URL such as s3://bucket/prefix "
     "(here or before the command: fpstore --store S ...).",
 )
+cohort_option = click.option(
+    "--cohort",
+    help="The cohort (see `fpstore cohort list`); default: the store's only cohort.",
+)
+
+
+def resolve_cohort(store_path, cohort: str | None) -> str:
+    """The cohort given, or the store's only one (one line naming them otherwise)."""
+    from fpstore.store.cohorts import resolve_cohort as resolve
+
+    return resolve(store_path, cohort)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_url_option
+from fpstore.cli.common import (
+    cohort_option,
+    echo_json,
+    echo_table,
+    json_option,
+    resolve_cohort,
+    seed_option,
+    store_url_option,
+)
 
 
 def _patches(value: str) -> int | None:
@@ -25,7 +33,7 @@ def _patches(value: str) -> int | None:
 
 
 @click.command("extract")
-@click.option("--cohort", required=True, help="The cohort to extract (see `fpstore cohort list`).")
+@cohort_option
 @click.option(
     "--encoder",
     default="fingerprint",
@@ -131,6 +139,8 @@ def extract(
     """
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract as run_extract
+
+    cohort = resolve_cohort(store_path, cohort)
 
     options = {}
     if checkpoint:

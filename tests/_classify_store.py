@@ -27,12 +27,13 @@ def add_cohort(
     encoders=("enc",),
     metadata: dict | None = None,
     labelled: bool = True,
+    her2: bool = False,
 ):
     """n patients (one slide each, 8 patches); ER planted in epithelium, PR without signal.
 
     Patient 0 has no ER label (missing), patient 1 no fingerprints, patient 2 no epithelium.
     ``metadata``: extraction settings the fingerprint files carry (encoder_hash, precision,
-    ...); ``labelled=False``: no status for any patient.
+    ...); ``labelled=False``: no status for any patient; ``her2``: Her2 labels as ER's.
     """
     bags, y = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed, n_sites=6)
     _, y_null = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed + 100, signal=False)
@@ -62,6 +63,8 @@ def add_cohort(
                 "site": s,
             }
         )
+        if her2:
+            labels.append({**labels[-1], "marker": "Her2"})
         labels.append(
             {
                 "patient_id": p,

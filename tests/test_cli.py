@@ -122,3 +122,62 @@ def test_store_before_and_after_the_command_on_a_small_store(tmp_path, blank_tif
     # Commands that keep no store accept it and ignore it, as they ignore $FPSTORE_STORE.
     preview = run(cli, ["--store", store, "patches", str(CMU), "--out", str(tmp_path / "p")])
     assert preview.exit_code == 0, preview.output
+
+
+def _one_cohort_store(tmp_path, tissue: bool):
+    from tests._classify_store import add_cohort
+
+    store = tmp_path / "store"
+    add_cohort(store, "tcga", 40, seed=3, tissue=tissue, her2=True)
+    return store
+
+
+def test_classify_as_the_design_card_types_it_in_a_store_of_one_cohort(tmp_path):
+    store = _one_cohort_store(tmp_path, tissue=True)
+    args = ["--store", str(store), "classify", "--marker", "Her2", "--pool", "epithelium"]
+    result = CliRunner().invoke(cli, args + ["--n-boot", "200", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["config"]["cohort"] == "tcga"
+
+
+def test_a_pool_without_tissue_types_names_tissue_predict_in_one_line(tmp_path):
+    store = _one_cohort_store(tmp_path, tissue=False)
+    args = ["--store", str(store), "classify", "--marker", "ER", "--pool", "epithelium"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: cohort 'tcga' has no tissue types for this pool; run `fpstore tissue predict "
+        "--cohort tcga` first (label-free rules on the patches' pixels), or use --pool all"
+    ]
+
+
+def test_a_stored_fingerprint_tissue_model_types_the_cohort_when_a_pool_needs_it(tmp_path):
+    import numpy as np
+
+    from fpstore.store.layout import StoreLayout
+    from fpstore.store.tissue import read_tissue_types
+    from fpstore.tissue.trained import TrainConfig, fit_tissue_model
+
+    store = _one_cohort_store(tmp_path, tissue=False)
+    rng = np.random.default_rng(0)
+    model = fit_tissue_model(
+        rng.normal(size=(80, 8)), np.repeat([1, 2], 40), TrainConfig(), {"encoder": {"id": "enc"}}
+    )
+    model.save(StoreLayout(store).tissue_model_file("fingerprint-logreg"))
+    args = ["--store", str(store), "classify", "--marker", "ER", "--pool", "epithelium"]
+    result = CliRunner().invoke(cli, args + ["--n-boot", "200"])
+    assert result.exit_code == 0, result.output
+    assert "note: typed the tissue of cohort 'tcga' with the stored fingerprint-logreg" in (
+        result.output
+    )
+    assert read_tissue_types(store, "tcga").num_rows > 0
+
+
+def test_a_store_of_several_cohorts_asks_which_one(tmp_path):
+    from tests._classify_store import add_cohort
+
+    store = _one_cohort_store(tmp_path, tissue=True)
+    add_cohort(store, "abctb", 12, seed=4, tissue=True)
+    result = CliRunner().invoke(cli, ["--store", str(store), "classify", "--marker", "ER"])
+    assert result.exit_code == 1
+    assert "pass --cohort" in result.output and "abctb, tcga" in result.output

@@ -228,6 +228,34 @@ SETTING_KEYS = (
 )
 
 
+def ensure_tissue_types(store, cohort: str, encoder: str | None, progress: bool = True) -> str:
+    """Tissue types for a pool that needs them: computed from the fingerprints when the store
+    holds a tissue model trained on this encoder's (seconds for a cohort), else a one-line
+    StoreError naming `fpstore tissue predict`. Returns a note of what was done ('' if none)."""
+    from fpstore.store.tissue import read_tissue_types
+    from fpstore.tissue.methods import FINGERPRINT_METHODS
+    from fpstore.tissue.predict import predict_tissue
+    from fpstore.tissue.trained import TissueModel
+
+    if read_tissue_types(store, cohort) is not None:
+        return ""
+    layout = StoreLayout.of(store)
+    for method in FINGERPRINT_METHODS:
+        path = layout.tissue_model_file(method)
+        if (
+            encoder is not None
+            and path.is_file()
+            and (TissueModel.load(path).encoder or {}).get("id") == encoder
+        ):
+            summary = predict_tissue(store, cohort, method, encoder=encoder, progress=progress)
+            if not summary.failed:
+                return f"typed the tissue of cohort {cohort!r} with the stored {method} model"
+    raise StoreError(
+        f"cohort {cohort!r} has no tissue types for this pool; run `fpstore tissue predict "
+        f"--cohort {cohort}` first (label-free rules on the patches' pixels), or use --pool all"
+    )
+
+
 def fingerprint_settings(store: Path, cohort: str, encoder: str) -> dict:
     """The extraction settings a cohort's fingerprints share (``partition_settings`` refuses
     a mixed set, naming the repair)."""

@@ -132,7 +132,7 @@ def _external_block(cohort: str, result) -> dict:
 def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool = True) -> dict:
     """Cross-validate one method on a cohort (and test it on --external); save the run and
     the final model (trained on the whole cohort), with the fold models if asked."""
-    from fpstore.classify.data import fingerprint_settings, load_dataset
+    from fpstore.classify.data import ensure_tissue_types, fingerprint_settings, load_dataset
     from fpstore.classify.models import build_card, encoder_card, save_models
     from fpstore.classify.protocol import (
         cross_validate,
@@ -146,6 +146,10 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         read_cohort_document(store, name)  # an unknown cohort fails first, naming the known ones
     spec = method_spec(cfg.method)
     encoder = None if _reads_pixels(cfg.method) else resolve_encoder(store, cfg.cohort, cfg.encoder)
+    notes = []
+    if parse_pool(cfg.pool) is not None:
+        for name in filter(None, (cfg.cohort, cfg.external)):
+            notes.append(ensure_tissue_types(store, name, encoder, progress))
     data = load_dataset(
         store, cfg.cohort, cfg.marker, encoder, cfg.pool, patches=cfg.patches, seed=cfg.seed
     )
@@ -172,6 +176,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         "cv": cv.to_dict(),
         "classifier": cv.classifier,
         "fold_assignment": groups,
+        "notes": [n for n in notes if n],
     }
     predictions = [(cfg.cohort, "test", cv.predictions)]
     final = None
