@@ -83,17 +83,18 @@ class PooledLogReg(ClassifierMixin, BaseEstimator):
         grid = cfg.c_grid if eval_set is not None else (float(np.median(cfg.c_grid)),)
         es_y = None if eval_set is None else np.asarray(eval_set[1])
         es_x = None if eval_set is None else pooled_features(eval_set[0], cfg.pooling, self.types_)
-        best = None
-        for c in grid:
+
+        def fitted(c):
             model = make_pipeline(
                 StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=cfg.seed)
             ).fit(x, y)
             score = 0.0
             if es_y is not None and len(np.unique(es_y)) == 2:
                 score = auc(es_y, model.decision_function(es_x))
-            if best is None or score > best[0]:
-                best = (score, c, model)
-        self.es_score_, self.c_, self.model_ = best
+            return score, c, model
+
+        # The first C with the best score (LogRegConfig keeps the grid non-empty).
+        self.es_score_, self.c_, self.model_ = max(map(fitted, grid), key=lambda b: b[0])
         self.classes_ = np.array([0, 1])
         return self
 

@@ -279,6 +279,8 @@ def cache_images(
     from fpstore.cohort.cohorts import open_cohort_slide
     from fpstore.slides.cache import PatchCache
 
+    if bags.patch_ids is None:
+        raise ClassifyError("reading patch images needs bags with patch ids")
     folder = StoreLayout.of(store).cache_dir("patches", f"cohort={cohort}")
     keys = _patch_keys(store, cohort, None)[0]
     info = {
@@ -292,7 +294,7 @@ def cache_images(
     missing = [p for p in bags.patch_ids if p not in have]
     if missing:
         slides = read_cohort(store, cohort).slide_records()
-        by_slide = {}
+        by_slide: dict[str, list[str]] = {}
         for p in missing:
             by_slide.setdefault(p.rsplit("/", 1)[0], []).append(p)
         bar = tqdm(

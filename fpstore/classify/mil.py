@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ class MILNet(nn.Module):
     gradients as scaling the inputs, without a scaled copy of every patch.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__; declared here for their type
+    inv_std: torch.Tensor
+
     def __init__(self, dim: int, hidden: int = 8, mean=None, std=None):
         super().__init__()
         self.layers = nn.Sequential(
@@ -73,7 +77,7 @@ class MILNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.layers[0]
+        first = cast(nn.Linear, self.layers[0])  # indexing a Sequential gives a Module
         weight = first.weight * self.inv_std
         hidden = nn.functional.linear(x, weight, first.bias - weight @ self.mean)
         return self.layers[1:](hidden).squeeze(-1)

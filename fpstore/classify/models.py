@@ -34,10 +34,8 @@ def _library_versions() -> dict:
     }
 
 
-def encoder_card(settings: dict | None, encoder: str | None) -> dict | None:
-    """The card's encoder block from ``fingerprint_settings`` (None for a pixel method)."""
-    if encoder is None:
-        return None
+def encoder_card(settings: dict, encoder: str) -> dict:
+    """The card's encoder block from ``fingerprint_settings`` (a pixel method has none)."""
     spec = settings.get("encoder_spec")
     return {
         "id": encoder,

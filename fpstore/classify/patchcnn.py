@@ -74,6 +74,12 @@ def build_network(arch: str, weights: str | None) -> nn.Module:
     return net
 
 
+def _patch_ids(bags: Bags) -> np.ndarray:
+    if bags.patch_ids is None:
+        raise ClassifyError("patch-cnn needs patch ids in the bags")
+    return bags.patch_ids
+
+
 class PatchCNN(ClassifierMixin, BaseEstimator):
     """fit(bags, y, eval_set) where bags carry patch_ids the ``images`` callable can read."""
 
@@ -117,19 +123,20 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
         cfg = self.settings
         y = np.asarray(y)
-        if bags.patch_ids is None:
-            raise ClassifyError("patch-cnn needs patch ids in the bags")
+        patch_ids = _patch_ids(bags)
         if len(np.unique(y)) != 2:
             raise ClassifyError("patch-cnn needs training patients of both classes")
         old_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
-            self._fit(bags, y, eval_set, cfg)
+            self._fit(bags, patch_ids, y, eval_set, cfg)
         finally:
             torch.set_num_threads(old_threads)
         return self
 
-    def _fit(self, bags: Bags, y: np.ndarray, eval_set, cfg: PatchCNNConfig) -> None:
+    def _fit(
+        self, bags: Bags, patch_ids: np.ndarray, y: np.ndarray, eval_set, cfg: PatchCNNConfig
+    ) -> None:
         rng = np.random.default_rng(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -156,7 +163,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
                 disable=len(batches) < 20,
             ):
                 rows = order[start : start + cfg.batch_size]
-                logits = net(self._batch(bags.patch_ids[rows], rng)).squeeze(1)
+                logits = net(self._batch(patch_ids[rows], rng)).squeeze(1)
                 loss = loss_fn(logits, labels[rows].to(logits.device))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -184,11 +191,12 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         """(N,) probability of the positive class per patch."""
         if not hasattr(self, "net_"):
             raise ClassifyError("patch-cnn is not fitted; call fit first")
+        patch_ids = _patch_ids(bags)
         self.net_.eval()
         out = np.empty(len(bags.bag_index), dtype=np.float32)
         with torch.no_grad():
             for start in range(0, len(out), self.settings.batch_size):
-                ids = bags.patch_ids[start : start + self.settings.batch_size]
+                ids = patch_ids[start : start + self.settings.batch_size]
                 out[start : start + len(ids)] = (
                     torch.sigmoid(self.net_(self._batch(ids, None)).squeeze(1)).cpu().numpy()
                 )

@@ -67,7 +67,7 @@ def permutation_test(
     y = np.asarray(y)
     strata = _strata(bags)
     rng = np.random.default_rng([seed, 7919])
-    null, skipped = [], 0
+    aucs, skipped = [], 0
     name = estimator.describe()["method"]
     for _ in tqdm(
         range(n_permutations), desc=f"{name} permutations", file=sys.stderr, disable=not progress
@@ -87,13 +87,13 @@ def permutation_test(
         except ClassifyError:
             skipped += 1
             continue
-        null.append(result.metrics["auc"])
-    if not null:
+        aucs.append(result.metrics["auc"])
+    if not aucs:
         raise ClassifyError(
             f"all {n_permutations} label shuffles left a fold with one class; "
             "lower --folds or use --split patient"
         )
-    null = np.asarray(null)
+    null = np.asarray(aucs)
     return {
         "n_permutations": len(null),
         "skipped": skipped,

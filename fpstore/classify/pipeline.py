@@ -156,18 +156,19 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
     groups = _groups(data, cfg.split, cfg.folds, cfg.seed)
     images = _images(store, cfg.cohort, data.bags, cfg.method)
     estimator = create_classifier(cfg.method, cfg.seed, images, **cfg.classifier)
-    common = dict(groups=groups, n_folds=cfg.folds, seed=cfg.seed)
     cv = cross_validate(
         data.bags,
         data.y,
         estimator,
+        groups=groups,
+        n_folds=cfg.folds,
+        seed=cfg.seed,
         n_boot=cfg.n_boot,
         progress=progress,
         keep_models=save and cfg.save_models == "all",
-        **common,
     )
     config = {**asdict(cfg), "encoder": encoder}
-    document = {
+    document: dict = {
         "kind": "classify",
         "config": config,
         "score_range": score_range(spec.score_range, cv.predictions),
@@ -181,9 +182,13 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
     predictions = [(cfg.cohort, "test", cv.predictions)]
     final = None
     if cfg.external is not None or (save and cfg.save_models != "none"):
-        final = fit_final(estimator, data.bags, data.y, **common)
+        final = fit_final(
+            estimator, data.bags, data.y, groups=groups, n_folds=cfg.folds, seed=cfg.seed
+        )
     external = None
     if cfg.external is not None:
+        if final is None:  # fitted just above whenever there is an external cohort
+            raise ClassifyError("no final model to test on the external cohort")
         if encoder is not None:
             resolve_encoder(store, cfg.external, encoder)
         ext_data = load_dataset(
@@ -219,12 +224,16 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
     if save:
         run_id = new_run_id(config)
         if final is not None and cfg.save_models != "none":
-            settings = None if encoder is None else fingerprint_settings(store, cfg.cohort, encoder)
+            encoder_block = (
+                None
+                if encoder is None
+                else encoder_card(fingerprint_settings(store, cfg.cohort, encoder), encoder)
+            )
             card = build_card(
                 run_id,
                 config,
                 data,
-                encoder_card(settings, encoder),
+                encoder_block,
                 *final,
                 document["score_range"],
                 cv.metrics,
@@ -267,7 +276,7 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
         )
     pools = cfg.pools or _default_pools(store, cfg.cohort)
     entries, skipped, probes, basis = [], [], {}, {}
-    sources = [(e, m) for e in encoders for m in feature_methods]
+    sources: list[tuple[str | None, str]] = [(e, m) for e in encoders for m in feature_methods]
     sources += [(None, m) for m in cfg.methods if _reads_pixels(m)]
     loaded = {}
     for encoder, method in sources:
@@ -288,10 +297,16 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
                     {"name": name, "reason": "no tissue types; run `fpstore tissue predict`"}
                 )
                 continue
-            sampled = dict(patches=cfg.patches, seed=cfg.seed)
             try:
                 data = load_dataset(
-                    store, cfg.cohort, cfg.marker, encoder, pool, *loaded[encoder][0], **sampled
+                    store,
+                    cfg.cohort,
+                    cfg.marker,
+                    encoder,
+                    pool,
+                    *loaded[encoder][0],
+                    patches=cfg.patches,
+                    seed=cfg.seed,
                 )
                 ext = (
                     load_dataset(
@@ -301,7 +316,8 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
                         encoder,
                         pool,
                         *loaded[encoder][1],
-                        **sampled,
+                        patches=cfg.patches,
+                        seed=cfg.seed,
                     )
                     if cfg.external
                     else None

@@ -66,7 +66,7 @@ def _patches(cfg: PredictConfig, card: dict) -> int | None:
     classify-time draw or else its training extraction's count."""
     if cfg.patches == "all":
         return None
-    if cfg.patches != "model":
+    if isinstance(cfg.patches, int):
         return cfg.patches
     if card["patches_per_patient"] is not None:
         return card["patches_per_patient"]
@@ -240,6 +240,8 @@ def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool =
             )
         cohort = _slides_cohort(store, cfg)
         extraction = _extract(store, cohort, card, cfg, patches, progress)
+    elif cfg.cohort is None:  # PredictConfig.__post_init__ refuses this already
+        raise ConfigError("predict needs --cohort NAME or --slides GLOB")
     else:
         cohort = cfg.cohort
         read_cohort_document(store, cohort)  # an unknown cohort fails first, naming the known

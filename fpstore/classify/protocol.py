@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -172,7 +173,8 @@ def cross_validate(
     g = _group_array(bags, groups)
     scores = np.full(bags.n_patients, np.nan)
     fold_of = np.full(bags.n_patients, -1, dtype=np.int64)
-    patch_parts, fold_rows, classifier, models = [], [], {}, []
+    patch_parts, fold_rows, models = [], [], []
+    classifier: dict = {}
     folds = cv_folds(g)
     name = estimator.describe()["method"]
     for fold in tqdm(folds, desc=f"{name} folds", file=sys.stderr, disable=not progress):
@@ -240,7 +242,7 @@ def fit_final(
     n_folds: int = 5,
     split: str = "patient",
     seed: int = 0,
-) -> tuple[object, dict]:
+) -> tuple[Any, dict]:
     """The final model: trained on the whole cohort, all groups but group 0, which early-stops
     it. Returns the fitted model and its row for the per-fold table."""
     y = np.asarray(y)
@@ -264,7 +266,8 @@ def score(
     y = np.full(bags.n_patients, NO_LABEL, np.int8) if y is None else np.asarray(y)
     scores, patch = score_bags(model, bags)
     labelled = y != NO_LABEL
-    metrics, roc = {}, {}
+    metrics: dict = {}
+    roc: dict = {}
     if len(np.unique(y[labelled])) == 2:
         metrics, roc = _metrics(y[labelled], scores[labelled], n_boot, seed)
     predictions = Predictions(
@@ -361,21 +364,31 @@ def compare(
         groups = _union_groups(entries, n_folds, split, seed)
     results = []
     for e in tqdm(entries, desc="compare", file=sys.stderr, disable=not progress):
-        common = dict(groups=groups, n_folds=n_folds, seed=seed, n_boot=n_boot)
         if e.test_bags is None:
-            results.append(cross_validate(e.bags, e.y, e.estimator, progress=False, **common))
-        else:
-            results.append(
-                external_validate(
-                    e.bags,
-                    e.y,
-                    e.test_bags,
-                    e.test_y,
-                    e.estimator,
-                    test_images=e.test_images,
-                    **common,
-                )
+            result = cross_validate(
+                e.bags,
+                e.y,
+                e.estimator,
+                groups=groups,
+                n_folds=n_folds,
+                seed=seed,
+                n_boot=n_boot,
+                progress=False,
             )
+        else:
+            result = external_validate(
+                e.bags,
+                e.y,
+                e.test_bags,
+                e.test_y,
+                e.estimator,
+                groups=groups,
+                n_folds=n_folds,
+                seed=seed,
+                n_boot=n_boot,
+                test_images=e.test_images,
+            )
+        results.append(result)
     pvalues = [[_paired_p(a, b) for b in results] for a in results]
     rows = []
     for e, r, p in zip(entries, results, pvalues):

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 import fpstore
 from fpstore.classify.protocol import NO_LABEL, Predictions
+from fpstore.errors import ClassifyError
 from fpstore.store.runs import write_run
 from fpstore.store.schema import PATCH_PREDICTIONS, PATIENT_PREDICTIONS
 
@@ -50,6 +51,8 @@ def patient_table(run_id: str, cohort: str, role: str, p: Predictions) -> pa.Tab
 def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
     if p.patch_scores is None:
         return None
+    if p.patch_folds is None:
+        raise ClassifyError("predictions with patch scores need patch_folds (-1: no fold)")
     n = len(p.patch_scores)
     folds = [None if f < 0 else int(f) for f in p.patch_folds]
     return pa.table(
