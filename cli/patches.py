@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -41,8 +42,17 @@ _SHOWN = 10  # patches listed in the text summary; --json and the CSV hold them 
 @click.option(
     "--max-px", type=int, default=2048, show_default=True, help="Longest side of the preview image."
 )
+@click.option(
+    "--store",
+    "store_path",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=lambda: os.environ.get("FPSTORE_STORE"),
+    show_default="$FPSTORE_STORE if set",
+    help="A store whose remembered tissue mask of this slide file to reuse (or to remember "
+    "this one in for `fpstore extract`); without one the mask is computed and not kept.",
+)
 @json_option
-def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
+def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, store_path, as_json):
     """Find the tissue of SLIDE and the patches an extraction would read from it: write the
     thumbnail with the tissue mask and the patch grid drawn over it (PNG), the patch list
     (CSV, level-0 pixels), and print the mpp used and where it came from, the pyramid level
@@ -60,7 +70,7 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
             f"{max_px} is too small for a preview; use 64 or more", param_hint="--max-px"
         )
     spec = PatchSpec(patch_um=patch_um, out_px=out_px, min_tissue=min_tissue)
-    preview = preview_patches(slide, spec, mpp=mpp, out=out, max_px=max_px)
+    preview = preview_patches(slide, spec, mpp=mpp, out=out, max_px=max_px, store=store_path)
     document = preview.to_dict()
     if as_json:
         echo_json(document)

@@ -25,18 +25,25 @@ from fpstore.store.schema import file_metadata
 
 @dataclass(frozen=True)
 class EncoderInfo:
-    """What the writers need of an encoder, without its model (cheap to ship to workers)."""
+    """What the writers need of an encoder, without its model (cheap to ship to workers),
+    and why the run uses its precision (file metadata ``precision_reason``)."""
 
     id: str
     hash: str
     weights_hash: str
     dim: int
     preprocessing: Preprocessing
+    precision_reason: str = ""
 
     @classmethod
-    def of(cls, encoder) -> EncoderInfo:
+    def of(cls, encoder, precision_reason: str = "") -> EncoderInfo:
         return cls(
-            encoder.id, encoder.hash, encoder.weights_hash, encoder.dim, encoder.preprocessing
+            encoder.id,
+            encoder.hash,
+            encoder.weights_hash,
+            encoder.dim,
+            encoder.preprocessing,
+            precision_reason,
         )
 
 
@@ -71,6 +78,7 @@ def slide_file(
         out_px=spec.out_px,
         n_patches=len(keys),
         preprocessing=json.dumps(encoder.preprocessing.to_dict()),
+        precision_reason=encoder.precision_reason,
     )
     return table, metadata
 

@@ -89,3 +89,8 @@ def write_json_atomic(document, path: Path) -> Path:
 def write_npy_atomic(array, path: Path) -> Path:
     """Write a numpy array as .npy atomically (same temp-and-rename rule)."""
     return _replace_atomically(path, lambda handle: np.save(handle, array))
+
+
+def write_npz_atomic(arrays: dict, path: Path) -> Path:
+    """Write named arrays as a compressed .npz atomically (same temp-and-rename rule)."""
+    return _replace_atomically(path, lambda handle: np.savez_compressed(handle, **arrays))
