@@ -3,6 +3,7 @@
     python benchmarks/bench_extract.py --tiatoolbox          # 2-core CPU: real-texture slide
     python benchmarks/bench_extract.py --quick               # smoke: a 2x2 tiling, few patches
     python benchmarks/bench_extract.py --tiatoolbox --rounds 3
+    python benchmarks/bench_extract.py --tiatoolbox --runs default,int8    # fewer fpstore runs
     python benchmarks/bench_extract.py --device cuda --compile --synthetic 40000x30000 --copies 16
 
 Slides: a real-texture slide (tests/data/slides/CMU-1-Small-Region.svs tiled 4x4 into a
@@ -252,13 +253,17 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
     parser.add_argument("--synthetic", help="also a synthetic 40x slide of WxH level-0 pixels")
     parser.add_argument("--tiatoolbox", action="store_true", help="also time TIAToolbox (slow)")
-    parser.add_argument(
-        "--bf16", action="store_true", help="also bf16 explicitly (when auto chose otherwise)"
-    )
+    parser.add_argument("--bf16", action="store_true", help="also bf16 explicitly")
     parser.add_argument(
         "--copies", type=int, default=1, help="slides per cohort (links to one file)"
     )
     parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
+    parser.add_argument(
+        "--runs",
+        default="default,fp32,int8",
+        help="fpstore runs to time, of default, fp32, bf16, int8 (CPU), default-compiled (CUDA "
+        "with --compile); cosines need fp32",
+    )
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=10.0, help="per model-only variant")
@@ -302,12 +307,30 @@ def main(argv=None):
         cohorts["synth"] = synth
 
     patches = 64 if args.quick else None
-    variants = [("fp32", "fp32", False, False), ("fp32 channels_last", "fp32", True, False)]
-    if auto.precision == "bf16" or args.bf16:
-        variants.append(("bf16 channels_last", "bf16", True, False))
-    if device == "cpu":
-        variants.append(("int8 (static, x86)", "int8", True, False))
+    # name -> ExtractConfig fields; "default" is what `fpstore extract` does unasked.
+    known = {
+        "default": {},
+        "fp32": {"precision": "fp32"},
+        "bf16": {"precision": "bf16"},
+        "int8": {"precision": "int8"},
+        "default-compiled": {"compile": True},
+    }
+    wanted = [name.strip() for name in args.runs.split(",")]
+    if args.bf16:
+        wanted.append("bf16")
     if device == "cuda" and args.compile:
+        wanted.append("default-compiled")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; choose from {sorted(known)}")
+    skip = {"int8"} if device == "cuda" else {"default-compiled"}
+    runs = {name: known[name] for name in dict.fromkeys(wanted) if name not in skip}
+    variants = [("fp32", "fp32", False, False), ("fp32 channels_last", "fp32", True, False)]
+    if auto.precision == "bf16" or "bf16" in runs:
+        variants.append(("bf16 channels_last", "bf16", True, False))
+    if "int8" in runs:
+        variants.append(("int8 (static, x86)", "int8", True, False))
+    if "default-compiled" in runs:
         variants.append(("bf16 channels_last compiled", "bf16", True, True))
     rates = model_only(device, batch, 3.0 if args.quick else args.seconds, variants)
     model_of = {
@@ -316,14 +339,6 @@ def main(argv=None):
         "int8": "int8 (static, x86)",
     }
 
-    # name -> ExtractConfig fields; "default" is what `fpstore extract` does unasked.
-    runs = {"default": {}, "fp32": {"precision": "fp32"}}
-    if args.bf16 and auto.precision != "bf16":
-        runs["bf16"] = {"precision": "bf16"}
-    if device == "cpu":
-        runs["int8"] = {"precision": "int8"}
-    if device == "cuda" and args.compile:
-        runs["default compiled"] = {"compile": True}
     common = {
         "encoder": "random-resnet34",
         "patches": patches,
@@ -355,9 +370,12 @@ def main(argv=None):
                 flush=True,
             )
         for (cohort, name), v in vectors.items():  # agreement with this round's fp32 run
-            ref = vectors[(cohort, "fp32")]
+            ref = vectors.get((cohort, "fp32"))
+            if ref is None or name == "fp32":
+                found[(cohort, name)]["cosine_min"] = None
+                continue
             cos = np.sum(v * ref, 1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
-            found[(cohort, name)]["cosine_min"] = float(cos.min()) if name != "fp32" else None
+            found[(cohort, name)]["cosine_min"] = float(cos.min())
         rounds.append(found)
 
     def median(values):

@@ -1,17 +1,20 @@
 """Time to the first encoded patch for a cohort of many slides: planning up front vs as claimed.
 
-    python benchmarks/bench_first_patch.py --before /work/main        # 200 slides, 2 rounds
+    git archive BASE | tar -x -C /tmp/base                             # the code before
+    python benchmarks/bench_first_patch.py --before /tmp/base          # 200 slides, 2 rounds
     python benchmarks/bench_first_patch.py --slides 20 --rounds 1      # smoke
 
 A cohort of --slides patients, one slide each: links to --distinct real-texture slides
-(CMU-1-Small-Region tiled 3x3 to 6x6 into pyramidal JPEG TIFFs, as bench_extract.py makes
-them; each link is its own slide to plan: masks are remembered per link). Each run is
+(CMU-1-Small-Region tiled --tiling x --tiling and up into pyramidal JPEG TIFFs, as
+bench_extract.py makes them; each link is its own slide to plan: masks are remembered per
+link). Each run is
 `extract` with its default settings in a fresh process, stopped as soon as the first batch
 has been encoded; the figure is the time from process start to then, which a user watches
 with no progress.
 
-    before   the code at --before (another fpstore checkout, e.g. the main branch): every
-             slide planned (tissue mask, grid) in the main process before the first patch
+    before   the code at --before (another fpstore source tree, e.g. this branch's base
+             commit): every slide planned (tissue mask, grid) in the main process before
+             the first patch
     cold     this checkout, nothing remembered: the readers plan each patient as it is
              claimed, so the first patch waits for one patient's planning
     warm     this checkout after a run that planned every slide: the masks come from the
@@ -63,16 +66,17 @@ print(json.dumps({"t_first": None}))
 def first_patch(code: Path, store: Path, cohort: str) -> tuple[float, str]:
     """(seconds from process start to the first encoded batch, the fpstore it imported).
 
-    A checkout with its own .venv runs with that interpreter (an editable install there
-    wins over PYTHONPATH); otherwise with this one and ``code`` on PYTHONPATH."""
-    python = code / ".venv" / "bin" / "python"
+    Runs this interpreter with ``code`` first on PYTHONPATH, from the store's folder (so
+    that neither the current folder nor an editable install decides which fpstore runs:
+    the child prints the one it imported)."""
     env = {**os.environ, "PYTHONPATH": str(code)}
     t_start = time.time()
     done = subprocess.run(
-        [str(python) if python.exists() else sys.executable, "-c", CHILD, str(store), cohort],
+        [sys.executable, "-c", CHILD, str(store), cohort],
         capture_output=True,
         text=True,
         env=env,
+        cwd=store.parent,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines or json.loads(lines[-1])["t_first"] is None:
@@ -95,7 +99,14 @@ def main(argv=None):
     )
     parser.add_argument("--slides", type=int, default=200)
     parser.add_argument("--distinct", type=int, default=4, help="real-texture slide files")
-    parser.add_argument("--before", type=Path, help="an fpstore checkout to compare with")
+    parser.add_argument(
+        "--tiling",
+        type=int,
+        default=3,
+        help="the first file is CMU tiled NxN (3: 6,660 x 8,900 px), the next (N+1)x(N+1)...; "
+        "10 makes 22,200 x 29,670 px (11 x 15 mm at 0.5 um/px), a TCGA-sized section",
+    )
+    parser.add_argument("--before", type=Path, help="an fpstore source tree to compare with")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: temp)")
     args = parser.parse_args(argv)
@@ -111,9 +122,11 @@ def main(argv=None):
     (work / "slides").mkdir(parents=True, exist_ok=True)
     store = work / "store"
     files = [
-        tiled_real_slide(work / f"real{repeat}.tiff", repeat)
-        for repeat in range(3, 3 + args.distinct)
+        work / f"real{repeat}.tiff" for repeat in range(args.tiling, args.tiling + args.distinct)
     ]
+    for repeat, path in zip(range(args.tiling, args.tiling + args.distinct), files):
+        if not path.is_file():  # a rerun in the same --out folder keeps them
+            tiled_real_slide(path, repeat)
     lines = []
     for i in range(args.slides):
         link = work / "slides" / f"S{i:04d}.tiff"

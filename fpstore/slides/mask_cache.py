@@ -16,13 +16,15 @@ opening it. Patch grids are derived from the mask in milliseconds and are not st
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import json
 import os
-from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from fpstore.slides.slide import Slide, SlideInfo, open_slide, resize_image
 from fpstore.slides.tissue_mask import TissueMask, TissueMaskSpec, tissue_mask
@@ -36,7 +38,7 @@ def settings_digest(spec: TissueMaskSpec) -> str:
     code = "".join(
         inspect.getsource(part) for part in (module, Slide.read_downsampled, resize_image)
     )
-    text = json.dumps({"spec": asdict(spec), "code": code}, sort_keys=True)
+    text = json.dumps({"spec": dataclasses.asdict(spec), "code": code}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -74,8 +76,8 @@ def remembered_mask(
     if key is not None:
         found = read_mask(store, settings, key)
         if found is not None:
-            mask, document = found
-            return _info(document["info"], path), TissueMask(mask, float(document["downsample"]))
+            arrays, document = found
+            return _info(document["info"], path), TissueMask(**arrays, **document["fields"])
     if slide is None:
         with open_slide(path, mpp=mpp) as opened:
             info, mask = opened.info, tissue_mask(opened, spec)
@@ -85,14 +87,21 @@ def remembered_mask(
         # Remembering is an optimisation: a store that refuses the write (read-only, full)
         # costs the next run this mask again, not this run its slide.
         with contextlib.suppress(OSError):
-            write_mask(
-                store,
-                settings,
-                key,
-                mask.mask,
-                {"info": info.to_dict(), "downsample": mask.downsample},
-            )
+            arrays, fields = _split(mask)
+            write_mask(store, settings, key, arrays, {"info": info.to_dict(), "fields": fields})
     return info, mask
+
+
+def _split(mask: TissueMask) -> tuple[dict, dict]:
+    """A TissueMask's fields: (its per-pixel boolean layers, the rest), whatever they are."""
+    arrays, fields = {}, {}
+    for field in dataclasses.fields(mask):
+        value = getattr(mask, field.name)
+        if isinstance(value, np.ndarray):
+            arrays[field.name] = value
+        else:
+            fields[field.name] = value
+    return arrays, fields
 
 
 def _info(document: dict, path) -> SlideInfo:
