@@ -1,16 +1,28 @@
-"""Extraction end to end (patches/s) beside the model-only rate and TIAToolbox, same run.
+"""Extraction as users wait for it (whole runs) beside the loop, model-only and TIAToolbox.
 
-    python benchmarks/bench_extract.py                     # 2-core CPU: real-texture slide
-    python benchmarks/bench_extract.py --quick             # smoke: a 2x2 tiling, few patches
-    python benchmarks/bench_extract.py --device cuda --compile --synthetic 40000x30000
+    python benchmarks/bench_extract.py --tiatoolbox          # 2-core CPU: real-texture slide
+    python benchmarks/bench_extract.py --quick               # smoke: a 2x2 tiling, few patches
+    python benchmarks/bench_extract.py --tiatoolbox --rounds 3
+    python benchmarks/bench_extract.py --tiatoolbox --runs default,int8    # fewer fpstore runs
+    python benchmarks/bench_extract.py --device cuda --compile --synthetic 40000x30000 --copies 16
 
 Slides: a real-texture slide (tests/data/slides/CMU-1-Small-Region.svs tiled 4x4 into a
 pyramidal JPEG TIFF at 0.499 um/px: 758 squares of 112 um pass fpstore's tissue test, 1,301
 TIAToolbox's looser mask) and, with --synthetic WxH, one streamed synthetic 40x slide
 (bench_synth.py). The encoder is ResNet34 with random weights: the same arithmetic as ImageNet
-weights, which are never downloaded. Prints a table of patches/s and the
-ratios end-to-end / model-only and ours / TIAToolbox, plus the per-patch cosine agreement of
-bf16 (CUDA, or --bf16) and int8 (CPU) fingerprints with fp32.
+weights, which are never downloaded.
+
+Every extraction runs in a fresh process, fpstore's and TIAToolbox's alike, and is timed two
+ways: the whole run, from the moment the process is started to its last file written
+(interpreter, imports, model build, tissue masks and planning included: what a user waits
+for), and the loop (fpstore: from the first claim to the last file; TIAToolbox: its
+``run()`` call, its tissue mask included). fpstore runs with its default settings
+(``--precision auto``: bf16 where the device has bf16 units, else fp32) and with fp32, int8
+(CPU) and, with --bf16, bf16 explicitly. With --rounds N the runs are interleaved (the order
+rotates each round) and the ratios are taken within each round, then their median: on a
+shared machine ratios hold where absolute rates do not. Prints a table of patches/s, the
+ratios to model-only and to TIAToolbox, and the per-patch cosine agreement with fp32;
+``--json FILE`` writes every figure.
 
 Imports only torch, torchvision, numpy, pyarrow, tifffile + imagecodecs, opencv, click, tqdm
 (no duckdb, lmdb or tiatoolbox unless --tiatoolbox), so it runs on a bare GPU image with the
@@ -20,7 +32,10 @@ imagecodecs wheel carried.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -105,48 +120,64 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
     return rates
 
 
-def end_to_end(
-    store: Path,
-    cohort: str,
-    device: str,
-    precision: str,
-    patches,
-    compile_: bool,
-    workers: int,
-    batch: int,
-) -> tuple[float, object]:
-    import shutil
+def child(argv: list[str]) -> None:
+    """In a fresh process: one extraction or one TIAToolbox run; prints one JSON line whose
+    ``t_end`` is the wall-clock time its last file was written."""
+    kind, document = argv[0], json.loads(argv[1])
+    if kind == "fpstore":
+        from fpstore.extract.config import ExtractConfig
+        from fpstore.extract.run import extract
 
-    from fpstore.extract.config import ExtractConfig
-    from fpstore.extract.run import extract
+        summary = extract(
+            document["store"], document["cohort"], ExtractConfig(**document["config"]), False
+        )
+        t_end = time.time()
+        print(json.dumps({"summary": summary.to_dict(), "t_end": t_end}))
+    else:
+        print(json.dumps(tiatoolbox_run(**document)))
+
+
+def run_child(kind: str, document: dict) -> tuple[dict, float]:
+    """(the child's JSON, whole-run seconds from process start to its last file)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    t_start = time.time()
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", kind, json.dumps(document)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return result, result["t_end"] - t_start
+
+
+def fpstore_run(store: Path, cohort: str, config: dict) -> dict:
+    """A whole extraction in a fresh process: patches, whole and loop rates, its summary."""
+    import shutil
 
     for table in ("fingerprints", "status"):  # time a full extraction, not a resume
         shutil.rmtree(
             store / table / "encoder=random-resnet34" / f"cohort={cohort}", ignore_errors=True
         )
-    config = ExtractConfig(
-        encoder="random-resnet34",
-        patches=patches,
-        device=device,
-        precision=precision,
-        compile=compile_,
-        num_workers=workers,
-        batch_size=batch,
-        force=True,
-    )
-    t0 = time.perf_counter()
-    summary = extract(store, cohort, config, progress=False)
-    wall = time.perf_counter() - t0
-    if summary.failed:
-        raise SystemExit(f"extraction failed: {summary.failed}")
-    print(
-        f"  {cohort} {precision}: {summary.n_patches} patches, wall {wall:.1f} s "
-        f"({summary.n_patches / wall:.1f}/s), loop {summary.loop_seconds:.1f} s "
-        f"({summary.n_patches / max(summary.loop_seconds, 1e-9):.1f}/s)"
-        + (f", int8 calibration {summary.int8_agreement}" if summary.int8_agreement else ""),
-        flush=True,
-    )
-    return summary.n_patches / summary.loop_seconds, summary
+    shutil.rmtree(store / "cache", ignore_errors=True)  # and plan it from scratch
+    result, whole = run_child("fpstore", {"store": str(store), "cohort": cohort, "config": config})
+    summary = result["summary"]
+    if summary["failed"]:
+        raise SystemExit(f"extraction failed: {summary['slides']}")
+    n = summary["patches"]
+    return {
+        "patches": n,
+        "whole_s": whole,
+        "whole": n / whole,
+        "loop": n / summary["loop_seconds"],
+        "first_patch_s": summary["first_patch_seconds"],
+        "precision": summary["precision"],
+        "precision_reason": summary["precision_reason"],
+        "decode": summary["decode"],
+        "int8_agreement": summary["int8_agreement"],
+    }
 
 
 def read_vectors(store: Path, cohort: str) -> np.ndarray:
@@ -160,17 +191,14 @@ def read_vectors(store: Path, cohort: str) -> np.ndarray:
     return np.concatenate([column_to_numpy(pq.read_table(f).column("fingerprint")) for f in files])
 
 
-def tiatoolbox_rate(slide: Path, device: str, tmp: Path, workers: int) -> float | None:
+def tiatoolbox_run(slide: str, device: str, tmp: str, workers: int) -> dict:
     """TIAToolbox 2.1 DeepFeatureExtractor, ResNet34 (random weights, no download), 224 px at
-    0.5 um/px on its own tissue mask, same slide: whole-run patches/s including its mask."""
-    try:
-        import zarr
-        from tiatoolbox.models.architecture.vanilla import CNNBackbone
-        from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
-        from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
-    except ImportError as error:
-        print(f"TIAToolbox not measured: {error}")
-        return None
+    0.5 um/px on its own tissue mask, same slide; its ``run()`` is the loop."""
+    import zarr
+    from tiatoolbox.models.architecture.vanilla import CNNBackbone
+    from tiatoolbox.models.engine.deep_feature_extractor import DeepFeatureExtractor
+    from tiatoolbox.models.engine.io_config import IOPatchPredictorConfig
+
     io = IOPatchPredictorConfig(
         input_resolutions=[{"units": "mpp", "resolution": 0.5}],
         patch_input_shape=(224, 224),
@@ -185,23 +213,35 @@ def tiatoolbox_rate(slide: Path, device: str, tmp: Path, workers: int) -> float 
     )
     t0 = time.perf_counter()
     out = extractor.run(
-        [slide],
+        [Path(slide)],
         patch_mode=False,
         ioconfig=io,
-        save_dir=tmp / "tia",
+        save_dir=Path(tmp) / "tia",
         overwrite=True,
         output_type="zarr",
         auto_get_mask=True,
     )
-    wall = time.perf_counter() - t0
+    loop = time.perf_counter() - t0
+    t_end = time.time()
     group = zarr.open(str(next(iter(out.values()))), mode="r")
     n = max(
         group[k].shape[0]
         for k in group.array_keys()
         if group[k].ndim == 2 and group[k].shape[1] == 512
     )
-    print(f"TIAToolbox: {n} patches in {wall:.1f} s ({n / wall:.1f}/s), {workers} loader workers")
-    return n / wall
+    return {"patches": int(n), "loop_s": loop, "t_end": t_end}
+
+
+def tiatoolbox_whole(slide: Path, device: str, tmp: Path, workers: int) -> dict | None:
+    try:
+        import tiatoolbox  # noqa: F401
+    except ImportError as error:
+        print(f"TIAToolbox not measured: {error}")
+        return None
+    document = {"slide": str(slide), "device": device, "tmp": str(tmp), "workers": workers}
+    result, whole = run_child("tiatoolbox", document)
+    n = result["patches"]
+    return {"patches": n, "whole_s": whole, "whole": n / whole, "loop": n / result["loop_s"]}
 
 
 def main(argv=None):
@@ -213,32 +253,38 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true", help="also time torch.compile (CUDA)")
     parser.add_argument("--synthetic", help="also a synthetic 40x slide of WxH level-0 pixels")
     parser.add_argument("--tiatoolbox", action="store_true", help="also time TIAToolbox (slow)")
-    parser.add_argument(
-        "--bf16",
-        action="store_true",
-        help="also bf16 on a CPU (on by default on CUDA; emulated and ~8x slower on AVX2 CPUs)",
-    )
+    parser.add_argument("--bf16", action="store_true", help="also bf16 explicitly")
     parser.add_argument(
         "--copies", type=int, default=1, help="slides per cohort (links to one file)"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved repetitions")
+    parser.add_argument(
+        "--runs",
+        default="default,fp32,int8",
+        help="fpstore runs to time, of default, fp32, bf16, int8 (CPU), default-compiled (CUDA "
+        "with --compile); cosines need fp32",
     )
     parser.add_argument("--workers", type=int, default=-1)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--seconds", type=float, default=10.0, help="per model-only variant")
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temp one)")
+    parser.add_argument("--json", type=Path, default=None, help="write every figure here")
     args = parser.parse_args(argv)
 
     import torch
 
-    from fpstore.encoders.base import resolve_device
+    from fpstore.encoders.base import resolve_device, resolve_precision
 
     device = resolve_device(args.device)
+    auto = resolve_precision("auto", device)
     batch = args.batch or (256 if device == "cuda" else 32)
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-extract-"))
     work.mkdir(parents=True, exist_ok=True)
     store = work / "store"
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{os.cpu_count()} CPU cores"
     print(
-        f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else os.cpu_count()} "
-        f"{'' if device == 'cuda' else 'cores'}), torch {torch.__version__}, batch {batch}, work {work}"
+        f"device {device} ({machine}), torch {torch.__version__}, batch {batch}, "
+        f"precision auto = {auto.describe()}, work {work}"
     )
 
     t0 = time.perf_counter()
@@ -261,63 +307,158 @@ def main(argv=None):
         cohorts["synth"] = synth
 
     patches = 64 if args.quick else None
-    use_bf16 = device == "cuda" or args.bf16
-    variants = [("fp32", "fp32", False, False), ("fp32 channels_last", "fp32", True, False)]
-    if use_bf16:
-        variants.append(("bf16 channels_last", "bf16", True, False))
-    if device == "cpu":
-        variants.append(("int8 (static, x86)", "int8", True, False))
+    # name -> ExtractConfig fields; "default" is what `fpstore extract` does unasked.
+    known = {
+        "default": {},
+        "fp32": {"precision": "fp32"},
+        "bf16": {"precision": "bf16"},
+        "int8": {"precision": "int8"},
+        "default-compiled": {"compile": True},
+    }
+    wanted = [name.strip() for name in args.runs.split(",")]
+    if args.bf16:
+        wanted.append("bf16")
     if device == "cuda" and args.compile:
+        wanted.append("default-compiled")
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        parser.error(f"--runs: unknown {unknown}; choose from {sorted(known)}")
+    skip = {"int8"} if device == "cuda" else {"default-compiled"}
+    runs = {name: known[name] for name in dict.fromkeys(wanted) if name not in skip}
+    variants = [("fp32", "fp32", False, False), ("fp32 channels_last", "fp32", True, False)]
+    if auto.precision == "bf16" or "bf16" in runs:
+        variants.append(("bf16 channels_last", "bf16", True, False))
+    if "int8" in runs:
+        variants.append(("int8 (static, x86)", "int8", True, False))
+    if "default-compiled" in runs:
         variants.append(("bf16 channels_last compiled", "bf16", True, True))
     rates = model_only(device, batch, 3.0 if args.quick else args.seconds, variants)
+    model_of = {
+        "fp32": "fp32 channels_last",
+        "bf16": "bf16 channels_last",
+        "int8": "int8 (static, x86)",
+    }
 
-    e2e = {}
-    precisions = ["fp32"] + (["bf16"] if use_bf16 else []) + (["int8"] if device == "cpu" else [])
-    for name in cohorts:
-        for precision in precisions:
-            compile_ = device == "cuda" and args.compile and precision == "bf16"
-            rate, summary = end_to_end(
-                store, name, device, precision, patches, compile_, args.workers, batch
+    common = {
+        "encoder": "random-resnet34",
+        "patches": patches,
+        "device": device,
+        "num_workers": args.workers,
+        "batch_size": args.batch,
+    }
+    tia_workers = max(args.workers, 0) or os.cpu_count()
+    rounds = []  # per round: {(cohort, run): figures}, {"tiatoolbox": figures}
+    for r in range(args.rounds):
+        order = [(c, name) for c in cohorts for name in runs]
+        if args.tiatoolbox:
+            order.append(("real", "tiatoolbox"))
+        shift = r % len(order)
+        order = order[shift:] + order[:shift]
+        found, vectors = {}, {}
+        for cohort, name in order:
+            if name == "tiatoolbox":
+                found[(cohort, name)] = tiatoolbox_whole(cohorts[cohort], device, work, tia_workers)
+                continue
+            figures = fpstore_run(store, cohort, {**common, **runs[name]})
+            vectors[(cohort, name)] = read_vectors(store, cohort)
+            found[(cohort, name)] = figures
+            print(
+                f"  round {r + 1} {cohort} {name} ({figures['precision']}): {figures['patches']} "
+                f"patches, whole {figures['whole_s']:.1f} s = {figures['whole']:.1f}/s, loop "
+                f"{figures['loop']:.1f}/s, first patch {figures['first_patch_s']:.1f} s into "
+                "the run",
+                flush=True,
             )
-            e2e[(name, precision)] = (rate, summary.n_patches)
-            vectors = read_vectors(store, name)
-            if precision == "fp32":
-                reference = vectors
-            else:
-                cos = np.sum(vectors * reference, 1) / (
-                    np.linalg.norm(vectors, axis=1) * np.linalg.norm(reference, axis=1)
-                )
-                print(
-                    f"{name}: {precision} vs fp32 fingerprints cosine min {cos.min():.5f}, "
-                    f"median {np.median(cos):.5f} over {len(cos)} patches"
-                )
-    tia = (
-        tiatoolbox_rate(cohorts["real"], device, work, max(args.workers, 0) or os.cpu_count())
-        if args.tiatoolbox
-        else None
-    )
+        for (cohort, name), v in vectors.items():  # agreement with this round's fp32 run
+            ref = vectors.get((cohort, "fp32"))
+            if ref is None or name == "fp32":
+                found[(cohort, name)]["cosine_min"] = None
+                continue
+            cos = np.sum(v * ref, 1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
+            found[(cohort, name)]["cosine_min"] = float(cos.min())
+        rounds.append(found)
 
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    tia = [f.get(("real", "tiatoolbox")) for f in rounds] if args.tiatoolbox else []
+    if any(t is None for t in tia):
+        tia = []
     print("\nmodel only (ResNet34 forward, uint8 batch resident on the device):")
-    for name, r in rates.items():
-        print(f"  {name:32s} {r:10.1f} patches/s")
+    for name, rate in rates.items():
+        print(f"  {name:32s} {rate:10.1f} patches/s")
     print(
-        "\nend to end (fpstore extract loop: claim + read + decode + resize + model + Parquet;"
-        " the model build and tissue planning are printed above as 'wall'):"
+        f"\nwhole run = process start to last file; loop = first claim to last file "
+        f"(medians over {args.rounds} round(s); ratios within each round, then their median):"
     )
-    for (name, precision), (rate, n) in e2e.items():
-        best_model = rates[
-            {"bf16": "bf16 channels_last", "int8": "int8 (static, x86)"}.get(
-                precision, "fp32 channels_last"
+    table = []
+    for cohort in cohorts:
+        for name in runs:
+            figures = [f[(cohort, name)] for f in rounds]
+            precision = figures[0]["precision"]
+            row = {
+                "cohort": cohort,
+                "run": name,
+                "precision": precision,
+                "patches": figures[0]["patches"],
+                "whole": median(f["whole"] for f in figures),
+                "loop": median(f["loop"] for f in figures),
+                "first_patch_s": median(f["first_patch_s"] for f in figures),
+                "whole_vs_model": median(f["whole"] for f in figures) / rates[model_of[precision]],
+                "loop_vs_model": median(f["loop"] for f in figures) / rates[model_of[precision]],
+                "cosine_min": median(f.get("cosine_min") for f in figures),
+                "decode": figures[0]["decode"],
+                "int8_agreement": figures[0]["int8_agreement"],
+            }
+            if tia and cohort == "real":
+                row["whole_vs_tiatoolbox"] = median(
+                    f[(cohort, name)]["whole"] / t["whole"] for f, t in zip(rounds, tia)
+                )
+                row["loop_vs_tiatoolbox_loop"] = median(
+                    f[(cohort, name)]["loop"] / t["loop"] for f, t in zip(rounds, tia)
+                )
+            table.append(row)
+            line = (
+                f"  {cohort:6s} {name:17s} {precision:5s} {row['patches']:6d} patches  whole "
+                f"{row['whole']:8.1f}/s  loop {row['loop']:8.1f}/s  = {row['loop_vs_model']:.2f}x "
+                f"model-only (whole {row['whole_vs_model']:.2f}x)"
             )
-        ]
-        line = (
-            f"  {name:6s} {precision:5s} {n:6d} patches {rate:10.1f} patches/s  "
-            f"= {rate / best_model:.2f} x model-only"
+            if "whole_vs_tiatoolbox" in row:
+                line += (
+                    f"  = {row['whole_vs_tiatoolbox']:.2f}x TIAToolbox whole "
+                    f"({row['loop_vs_tiatoolbox_loop']:.2f}x loop to loop)"
+                )
+            if row["cosine_min"] is not None:
+                line += f"  cosine to fp32 min {row['cosine_min']:.5f}"
+            print(line)
+    if tia:
+        whole = median(t["whole"] for t in tia)
+        loop = median(t["loop"] for t in tia)
+        print(
+            f"  real   TIAToolbox        fp32  {tia[0]['patches']:6d} patches  whole "
+            f"{whole:8.1f}/s  loop {loop:8.1f}/s ({tia_workers} loader workers)"
         )
-        if tia:
-            line += f"  = {rate / tia:.2f} x TIAToolbox ({tia:.1f}/s)"
-        print(line)
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": device,
+                    "machine": machine,
+                    "precision_auto": auto.describe(),
+                    "model_only": rates,
+                    "runs": table,
+                    "tiatoolbox": tia,
+                    "rounds": args.rounds,
+                },
+                indent=2,
+                default=str,
+            )
+        )
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+    else:
+        main()

@@ -2,8 +2,9 @@
 
 Same machine, same run:
   model_fp32       forward + backward + AdamW step on random tensors already on the device
-  model_fast       the same with what training uses on this device: on CUDA bf16 autocast +
-                   channels_last; on the CPU fp32 channels_last
+  model_fast       the same with what training uses on this device (precision auto): bf16
+                   autocast where the device has bf16 units (GPUs, CPUs with AMX or AVX-512
+                   BF16), channels_last with bf16 and on CUDA; fp32 elsewhere
   model_compiled   model_fast under torch.compile (CUDA, with --compile)
   loader           the data path alone: random crops of memory-mapped core halves from the
                    on-disk cache (the format `prepare_cores` writes), DataLoader workers, pinned
@@ -36,6 +37,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fpstore.encoders.base import resolve_precision  # noqa: E402
 from fpstore.encoders.fingerprint_net import FingerprintNet  # noqa: E402
 from fpstore.fingerprint.data import CropStream, tissue_grid  # noqa: E402
 from fpstore.fingerprint.train import Stepper, TrainConfig  # noqa: E402
@@ -50,17 +52,19 @@ def model_rate(arch, px, batch, steps, warmup, device, fast, compiled=False) -> 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=1000).to(device)
     cuda = device.type == "cuda"
-    if fast:
+    bf16 = fast and resolve_precision("auto", device).precision == "bf16"
+    channels_last = fast and (cuda or bf16)  # as fpstore.fingerprint.train.Stepper
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, px, px, device=device)
-    if fast:
+    if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=fast and cuda):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = torch.nn.functional.cross_entropy(step_model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -164,6 +168,7 @@ def main(argv=None) -> dict:
     if cuda:
         torch.backends.cudnn.benchmark = True
     result = {
+        "precision": resolve_precision("auto", device).describe(),
         "device": torch.cuda.get_device_name()
         if cuda
         else f"cpu x{torch.get_num_threads()} threads",

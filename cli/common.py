@@ -64,6 +64,17 @@ store_url_option = click.option(
     help="The fpstore store: a folder, or an object-storage URL such as s3://bucket/prefix "
     "(here or before the command: fpstore --store S ...).",
 )
+# For the commands that work without a store and use one when given (fpstore patches).
+optional_store_option = click.option(
+    "--store",
+    "store_path",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=lambda: os.environ.get("FPSTORE_STORE"),
+    show_default="fpstore --store or $FPSTORE_STORE, if given",
+    callback=_local_store,
+    help="A store whose remembered tissue mask of this slide file to reuse (or to remember "
+    "this one in for `fpstore extract`); without one the mask is computed and not kept.",
+)
 cohort_option = click.option(
     "--cohort",
     help="The cohort (see `fpstore cohort list`); default: the store's only cohort.",

@@ -70,13 +70,15 @@ def _patches(value: str) -> int | None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16", "fp16", "int8"]),
-    default="fp32",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
+    default="auto",
     show_default=True,
-    help="bf16/fp16 autocast: faster on GPUs and CPUs with bf16 units. int8 (CPU): "
-    "static quantization calibrated on 64 of the cohort's patches, ~2x fp32 on "
-    "AVX2 CPUs; the run reports its cosine agreement with fp32. Resume treats "
-    "each precision as a different setting.",
+    help="auto: bf16 on GPUs with bf16 units and on CPUs with native bf16 (AMX, AVX-512 "
+    "BF16), about 2x fp32 with fingerprints at cosine >= 0.9999 to fp32; fp32 elsewhere "
+    "(the choice and why are printed and stored in each file). int8 (CPU): static "
+    "quantization calibrated on 64 of the cohort's patches, 2-4x fp32; the run reports its "
+    "cosine agreement with fp32. Resume treats each precision as a different setting, and "
+    "what auto chose as that precision.",
 )
 @click.option(
     "--batch-size", type=int, default=0, help="Patches per model batch (0: 32 CPU, 256 CUDA)."
@@ -90,6 +92,14 @@ def _patches(value: str) -> int | None:
 )
 @click.option(
     "--compile", "compile_", is_flag=True, help="torch.compile the model (pays off on CUDA)."
+)
+@click.option(
+    "--decode",
+    type=click.Choice(["auto", "cpu"]),
+    default="auto",
+    show_default=True,
+    help="JPEG tiles: auto decodes them on the GPU (nvJPEG) when the device is CUDA, slide "
+    "by slide where the GPU reads them as the CPU does; cpu: always in the reader processes.",
 )
 @click.option(
     "--force",
@@ -124,6 +134,7 @@ def extract(
     batch_size,
     num_workers,
     compile_,
+    decode,
     force,
     engine,
     address,
@@ -157,6 +168,7 @@ def extract(
         batch_size=batch_size,
         num_workers=num_workers,
         compile=compile_,
+        decode=decode,
         force=force,
         seed=seed,
     )
@@ -182,7 +194,8 @@ def extract(
             echo_table(rows, ["slide_id", "status", "n_patches", "seconds", "error"])
         d = summary.to_dict()
         click.echo(
-            f"\n{summary.encoder} on {cohort} ({summary.device}, {summary.precision}): "
+            f"\n{summary.encoder} on {cohort} ({summary.device}, {summary.precision}: "
+            f"{summary.precision_reason}): "
             f"{d['ok']} ok, {d['skipped']} already done, {d['elsewhere']} done by another "
             f"process, {d['no_patient']} without a patient (skipped), {d['failed']} failed; "
             f"{d['patches']} patches in {d['seconds']:.1f} s "

@@ -46,6 +46,7 @@ TRAIN_FIELDS = {
     "eval_every": "eval_every",
     "patience": "patience",
     "device": "device",
+    "precision": "precision",
     "seed": "seed",
 }
 
@@ -100,6 +101,13 @@ def train_options(f):
                 help="Evaluations without improvement before stopping (demo 3, full 6).",
             ),
             device_option,
+            click.option(
+                "--precision",
+                type=click.Choice(["auto", "fp32", "bf16"]),
+                help="auto (default): bf16 autocast on GPUs with bf16 units and on CPUs with "
+                "native bf16 (AMX, AVX-512 BF16), fp32 elsewhere; printed and kept in the "
+                "checkpoint.",
+            ),
             seed_option,
         ]
     ):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option
+from fpstore.cli.common import echo_json, echo_table, json_option, optional_store_option
 
 _SHOWN = 10  # patches listed in the text summary; --json and the CSV hold them all
 
@@ -42,8 +42,9 @@ _SHOWN = 10  # patches listed in the text summary; --json and the CSV hold them 
 @click.option(
     "--max-px", type=int, default=2048, show_default=True, help="Longest side of the preview image."
 )
+@optional_store_option
 @json_option
-def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
+def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, store_path, as_json):
     """Find the tissue of SLIDE and the patches an extraction would read from it: write the
     thumbnail with the tissue mask, the pen and ink removed from it, and the patch grid drawn
     over it (PNG), the patch list (CSV, level-0 pixels), and print the mpp used and where it
@@ -63,7 +64,7 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
             f"{max_px} is too small for a preview; use 64 or more", param_hint="--max-px"
         )
     spec = PatchSpec(patch_um=patch_um, out_px=out_px, min_tissue=min_tissue)
-    preview = preview_patches(slide, spec, mpp=mpp, out=out, max_px=max_px)
+    preview = preview_patches(slide, spec, mpp=mpp, out=out, max_px=max_px, store=store_path)
     document = preview.to_dict()
     if as_json:
         echo_json(document)

@@ -124,3 +124,45 @@ def test_int8_needs_calibration_and_agrees_with_fp32_on_unseen_patches():
     assert torch.nn.functional.cosine_similarity(low, reference[16:]).min() > 0.99
     with pytest.raises(EncoderError, match="at least 4"):
         enc.prepare("cpu", "int8").calibrate(pixels[:2])
+
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 {extra}\nbugs\t\t: spectre\n"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from fpstore.encoders.base import native_bf16_flags
+
+    assert native_bf16_flags(CPUINFO.format(extra="avx512f")) == []
+    assert native_bf16_flags(CPUINFO.format(extra="avx512_bf16 amx_bf16")) == [
+        "amx_bf16",
+        "avx512_bf16",
+    ]
+    assert native_bf16_flags("") == []
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it_and_explicit_choices_stay(monkeypatch):
+    import fpstore.encoders.base as base
+
+    monkeypatch.setattr(base, "native_bf16_flags", lambda: [])
+    choice = base.resolve_precision("auto", "cpu")
+    assert choice.precision == "fp32" and "no native bf16" in choice.reason
+    monkeypatch.setattr(base, "native_bf16_flags", lambda: ["amx_bf16"])
+    choice = base.resolve_precision("auto", "cpu")
+    assert choice.precision == "bf16" and "amx_bf16" in choice.reason
+    # int8 is never chosen for the user, and an explicit choice is kept as it is.
+    assert base.resolve_precision("int8", "cpu") == base.PrecisionChoice("int8", "asked for")
+    assert base.resolve_precision("fp32", "cpu").precision == "fp32"
+    with pytest.raises(ConfigError, match="precision"):
+        base.resolve_precision("fp8", "cpu")
+
+
+def test_auto_precision_on_a_gpu_follows_its_bf16_units(monkeypatch):
+    import fpstore.encoders.base as base
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert base.resolve_precision("auto", "cuda") == base.PrecisionChoice(
+        "bf16", "auto: Test GPU has bf16 units"
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert base.resolve_precision("auto", "cuda").precision == "fp32"

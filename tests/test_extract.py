@@ -2,12 +2,14 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -345,3 +347,138 @@ def test_slide_without_tissue_fails_in_one_line_and_min_tissue_reaches_the_key(
     assert rows["blank"].status == "failed" and rows["S1"].status == "ok"
     metas = [read_metadata(pq.read_schema(p)) for p in fingerprint_files(store)]
     assert {m["min_tissue"] for m in metas} == {"0.25"}
+
+
+def test_auto_precision_is_stored_with_its_reason_and_resumes_as_that_precision(
+    tmp_path, monkeypatch
+):
+    import fpstore.encoders.base as base
+
+    store = make_cohort(tmp_path, bad=False)
+    monkeypatch.setattr(base, "native_bf16_flags", lambda: [])  # a CPU without native bf16
+    summary = extract(store, "c", config(), progress=False)  # precision: the default, auto
+    assert summary.precision == "fp32" and "no native bf16" in summary.precision_reason
+    meta = read_metadata(pq.read_schema(fingerprint_files(store)[0]))
+    assert meta["precision"] == "fp32" and "no native bf16" in meta["precision_reason"]
+    # What auto chose counts as that precision asked for by hand...
+    again = extract(store, "c", config(precision="fp32"), progress=False)
+    assert {r.status for r in again.slides} == {"skipped"}
+    # ...and auto on a CPU with native bf16 chooses bf16: other settings, refused unmixed.
+    monkeypatch.setattr(base, "native_bf16_flags", lambda: ["amx_bf16"])
+    with pytest.raises(StoreError, match="precision: stored 'fp32', wanted 'bf16'"):
+        extract(store, "c", config(), progress=False)
+
+
+def test_readers_plan_each_patient_as_it_is_claimed_with_the_whole_cohort_sample(tmp_path):
+    from fpstore.config import PatchSpec
+    from fpstore.extract.plan import plan_slides
+    from fpstore.store.cohorts import read_cohort
+
+    store = make_cohort(tmp_path)
+    summary = extract(store, "c", config(num_workers=1, patches=7), progress=False)
+    assert {r.slide_id: r.status for r in summary.slides}["BAD"] == "failed"
+    failed = {}
+    slides = read_cohort(store, "c").slide_records()
+    expected = plan_slides(slides, PatchSpec(), 7, 0, failed, progress=False)
+    assert set(failed) == {"BAD"}
+    for path in fingerprint_files(store):
+        keys = pq.read_table(path, columns=["x", "y"])
+        plan = expected[path.stem].keys
+        assert keys.column("x").to_pylist() == plan.column("x").to_pylist()
+        assert keys.column("y").to_pylist() == plan.column("y").to_pylist()
+
+
+def test_tissue_masks_are_remembered_in_the_store_and_reused_by_a_rerun(tmp_path, monkeypatch):
+    import fpstore.slides.mask_cache as mask_cache
+
+    store = make_cohort(tmp_path)
+    extract(store, "c", config(), progress=False)
+    remembered = list((store / "cache" / "tissue-masks").rglob("*.npz"))
+    assert len(remembered) == 3  # S1, S2, S3; the broken slide has no mask to remember
+    before = {p.stem: pq.read_table(p, columns=["x", "y"]) for p in fingerprint_files(store)}
+    for table in ("fingerprints", "status"):
+        shutil.rmtree(store / table)
+
+    def recomputed(*args, **kwargs):
+        raise AssertionError("a remembered mask was computed again")
+
+    monkeypatch.setattr(mask_cache, "tissue_mask", recomputed)
+    rerun = extract(store, "c", config(), progress=False)
+    assert {r.slide_id: r.status for r in rerun.slides} == {
+        "S1": "ok",
+        "S2": "ok",
+        "S3": "ok",
+        "BAD": "failed",
+    }
+    after = {p.stem: pq.read_table(p, columns=["x", "y"]) for p in fingerprint_files(store)}
+    assert all(after[k].equals(before[k]) for k in before)
+
+
+def test_the_first_patch_is_encoded_before_the_last_patient_is_planned(tmp_path, monkeypatch):
+    import fpstore.extract.local as local
+    from fpstore.encoders.base import Encoder
+
+    store = make_cohort(tmp_path, bad=False)  # patients P1 (S1, S2) and P2 (S3)
+    events = []
+    plan_patient, encode = local.plan_patient, Encoder.encode
+
+    def logged_plan(slides, *args):
+        events.append("plan " + ",".join(s.slide_id for s in slides))
+        return plan_patient(slides, *args)
+
+    def logged_encode(self, batch):
+        events.append("encode")
+        return encode(self, batch)
+
+    monkeypatch.setattr(local, "plan_patient", logged_plan)
+    monkeypatch.setattr(Encoder, "encode", logged_encode)
+    summary = extract(store, "c", config(patches=None), progress=False)
+    assert summary.failed == [] and summary.n_patches > 100
+    assert events[0] == "plan S1,S2" and events.count("plan S3") == 1
+    assert events.index("encode") < events.index("plan S3")
+    assert 0 < summary.first_patch_seconds < summary.seconds
+
+
+def test_the_gpu_decoding_path_run_on_the_cpu_gives_the_readers_fingerprints(tmp_path, monkeypatch):
+    """The loop as it runs on a GPU that decodes JPEG (readers hand over compressed tiles,
+    the main process decodes them in batches), with libjpeg-turbo standing in for nvJPEG."""
+    import fpstore.extract.decode as decode
+
+    store = make_cohort(tmp_path, bad=False)
+    extract(store, "c", config(num_workers=1, patches=30), progress=False)
+    reference = {p.stem: pq.read_table(p) for p in fingerprint_files(store)}
+    for table in ("fingerprints", "status"):
+        shutil.rmtree(store / table)
+    used = []
+
+    def cpu_standing_in(device, how):
+        used.append((device, how))
+        return decode.TileDecoder("cpu"), "test: tiles decoded by the main process"
+
+    monkeypatch.setattr(decode, "choose_decoder", cpu_standing_in)
+    summary = extract(store, "c", config(num_workers=1, patches=30), progress=False)
+    assert used == [("cpu", "auto")] and summary.decode.startswith("test:")
+    for path in fingerprint_files(store):
+        table, ref = pq.read_table(path), reference[path.stem]
+        assert table.column("patch_id").equals(ref.column("patch_id"))
+        got = np.stack(table.column("fingerprint").to_numpy(zero_copy_only=False))
+        want = np.stack(ref.column("fingerprint").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_slide_failing_last_does_not_strand_the_patches_queued_before_it(tmp_path, monkeypatch):
+    from fpstore.slides.slide import Slide
+
+    store = make_cohort(tmp_path, bad=False)  # P1: S1 + S2 (20 patches), P2: S3, read last
+    read = Slide.read_patches
+
+    def unreadable_s3(self, *args):
+        if self.info.slide_id == "S3":
+            raise OSError("a damaged tile")
+        return read(self, *args)
+
+    monkeypatch.setattr(Slide, "read_patches", unreadable_s3)
+    summary = extract(store, "c", config(batch_size=16, chunk_size=8), progress=False)
+    status = {r.slide_id: r.status for r in summary.slides}
+    assert status == {"S1": "ok", "S2": "ok", "S3": "failed"}  # 20 = 16 + 4 left over
+    assert "damaged tile" in summary.failed[0].error

@@ -3,7 +3,9 @@
 Each patch gets its patient's label; training minimises the patch-level cross-entropy; early
 stopping uses the patient-level AUC of the early-stopping group, a patient's score being the
 mean of its patches' probabilities (the paper: ResNet34). On CPU, resnet18 at small patch
-sizes keeps the demo tolerable; the architecture is a setting.
+sizes keeps the demo tolerable; the architecture is a setting. Precision ``auto``: bf16
+autocast where the device has bf16 units (GPUs, CPUs with AMX or AVX-512 BF16), else fp32
+(``fpstore.encoders.base.resolve_precision``); the fitted model says which and why.
 
 Images come from a callable ``images(patch_ids) -> uint8 (n, H, W, 3)`` (the LMDB patch cache
 in practice, see ``fpstore.classify.data.cache_images``), so the estimator needs no store.
@@ -26,6 +28,7 @@ from fpstore.classify.bags import Bags
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
 from fpstore.config import check_choice, check_range
+from fpstore.encoders.base import resolve_precision
 from fpstore.errors import ClassifyError
 
 ARCHS = ("resnet18", "resnet34")
@@ -43,12 +46,14 @@ class PatchCNNConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     device: str = "auto"
+    precision: str = "auto"  # bf16 autocast where the device has bf16 units, else fp32
     threads: int = 2
     seed: int = 0
 
     def __post_init__(self):
         check_choice("PatchCNNConfig", "arch", self.arch, ARCHS)
         check_choice("PatchCNNConfig", "device", self.device, ("auto", "cpu", "cuda"))
+        check_choice("PatchCNNConfig", "precision", self.precision, ("auto", "fp32", "bf16"))
         check_range("PatchCNNConfig", "max_epochs", self.max_epochs, 1, 10_000)
         check_range("PatchCNNConfig", "patience", self.patience, 1, 10_000)
         check_range("PatchCNNConfig", "batch_size", self.batch_size, 1, 4096)
@@ -120,6 +125,12 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
                 x = x.flip(3)
         return ((x - _MEAN) / _STD).to(self._device())
 
+    def _logits(self, patch_ids: np.ndarray, augment: np.random.Generator | None):
+        """float32 logits of the patches, under bf16 autocast when ``precision_`` is bf16."""
+        x = self._batch(patch_ids, augment)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.precision_ == "bf16"):
+            return self.net_(x).squeeze(1).float()
+
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
         cfg = self.settings
         y = np.asarray(y)
@@ -142,6 +153,8 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             torch.manual_seed(cfg.seed)
             net = build_network(cfg.arch, cfg.weights).to(self._device())
         self.net_ = net
+        choice = resolve_precision(cfg.precision, self._device())
+        self.precision_, self.precision_reason_ = choice.precision, choice.reason
         labels = torch.from_numpy(y[bags.bag_index].astype(np.float32))
         pos = float(labels.mean())
         # Weight positives so both classes count equally, as for the MIL head.
@@ -157,13 +170,13 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             batches = range(0, len(order), cfg.batch_size)
             for start in tqdm(
                 batches,
-                desc=f"patch-cnn epoch {epoch}",
+                desc=f"patch-cnn epoch {epoch} ({self.precision_})",
                 file=sys.stderr,
                 leave=False,
                 disable=len(batches) < 20,
             ):
                 rows = order[start : start + cfg.batch_size]
-                logits = net(self._batch(patch_ids[rows], rng)).squeeze(1)
+                logits = self._logits(patch_ids[rows], rng)
                 loss = loss_fn(logits, labels[rows].to(logits.device))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -197,9 +210,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         with torch.no_grad():
             for start in range(0, len(out), self.settings.batch_size):
                 ids = patch_ids[start : start + self.settings.batch_size]
-                out[start : start + len(ids)] = (
-                    torch.sigmoid(self.net_(self._batch(ids, None)).squeeze(1)).cpu().numpy()
-                )
+                out[start : start + len(ids)] = torch.sigmoid(self._logits(ids, None)).cpu().numpy()
         return out
 
     def decision_function(self, bags: Bags) -> np.ndarray:
@@ -235,4 +246,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             ) from None
         self.net_ = net.to(self._device()).eval()
         self.classes_ = np.array([0, 1])
+        # Scores as a fitted model does: the precision its settings resolve to on this device.
+        choice = resolve_precision(self.settings.precision, self._device())
+        self.precision_, self.precision_reason_ = choice.precision, choice.reason
         return self

@@ -24,7 +24,12 @@ from fpstore.errors import EncoderError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+# "auto" resolves to one of PRECISIONS (``resolve_precision``) before anything runs.
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# CPU flags (Linux /proc/cpuinfo names) of native bf16 arithmetic: AMX tiles and AVX-512 BF16.
+# Without them bf16 is emulated and several times slower than fp32 (benchmarks/README.md).
+NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,58 @@ def load_weights(model: torch.nn.Module, path: Path, arch: str) -> None:
             f"weights {path} do not fit {arch}: missing {result.missing_keys[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}; pass the weights of that architecture"
         )
+
+
+@dataclass(frozen=True)
+class PrecisionChoice:
+    """The arithmetic a run uses and why: ``precision`` is one of PRECISIONS."""
+
+    precision: str
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.precision} ({self.reason})"
+
+
+def native_bf16_flags(cpuinfo: str | None = None) -> list[str]:
+    """The NATIVE_BF16_FLAGS this CPU has (``cpuinfo``: the text of /proc/cpuinfo; read
+    when None). Empty where there is no /proc/cpuinfo (macOS, Windows): fp32 there."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    flags = set()
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    return [f for f in NATIVE_BF16_FLAGS if f in flags]
+
+
+def resolve_precision(precision: str, device: str | torch.device) -> PrecisionChoice:
+    """The precision to run on ``device`` ('cpu' or 'cuda'), with the reason.
+
+    'auto': bf16 on a GPU with bf16 units (compute capability 8.0 and later) and on a CPU
+    with native bf16 (AMX or AVX-512 BF16), where it runs 2x fp32 with fingerprints at
+    cosine >= 0.9999 to fp32; fp32 elsewhere. int8 is never chosen: it is an explicit
+    option. Any other value is the user's choice and is kept.
+    """
+    check_choice("precision", "precision", precision, PRECISION_CHOICES)
+    if precision != "auto":
+        return PrecisionChoice(precision, "asked for")
+    if torch.device(device).type == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return PrecisionChoice("bf16", f"auto: {torch.cuda.get_device_name()} has bf16 units")
+        return PrecisionChoice(
+            "fp32", f"auto: {torch.cuda.get_device_name()} has no bf16 units (--precision fp16)"
+        )
+    flags = native_bf16_flags()
+    if flags:
+        return PrecisionChoice("bf16", f"auto: this CPU has native bf16 ({', '.join(flags)})")
+    return PrecisionChoice(
+        "fp32", "auto: this CPU has no native bf16 (no AMX or AVX-512 BF16); bf16 would be slower"
+    )
 
 
 def resolve_device(device: str = "auto") -> str:

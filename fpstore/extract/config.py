@@ -6,7 +6,9 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from fpstore.config import check_choice, check_range
-from fpstore.encoders.base import PRECISIONS
+from fpstore.encoders.base import PRECISION_CHOICES
+
+DECODES = ("auto", "cpu")
 
 
 @dataclass(frozen=True)
@@ -17,7 +19,7 @@ class ExtractConfig:
     encoder_options: dict = field(default_factory=dict)  # checkpoint=PATH, weights=PATH, seed=...
     patches: int | None = 120
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with native bf16, else fp32
     batch_size: int = 0  # 0: 32 on CPU, 256 on CUDA
     num_workers: int = -1  # -1: 1 on a machine of <= 4 cores, else cores - 2 (max 16)
     chunk_size: int = 32  # patches per read task
@@ -26,12 +28,14 @@ class ExtractConfig:
     force: bool = False
     compile: bool = False
     channels_last: bool = True
+    decode: str = "auto"  # JPEG tiles: auto = on the GPU when the device is CUDA; cpu = readers
 
     def __post_init__(self):
         if self.patches is not None:
             check_range("ExtractConfig", "patches", self.patches, 1)
         check_choice("ExtractConfig", "device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("ExtractConfig", "precision", self.precision, PRECISIONS)
+        check_choice("ExtractConfig", "precision", self.precision, PRECISION_CHOICES)
+        check_choice("ExtractConfig", "decode", self.decode, DECODES)
         check_range("ExtractConfig", "batch_size", self.batch_size, 0, 65536)
         check_range("ExtractConfig", "num_workers", self.num_workers, -1, 256)
         check_range("ExtractConfig", "chunk_size", self.chunk_size, 1, 4096)
@@ -67,9 +71,13 @@ class ExtractSummary:
     precision: str
     slides: list[SlideResult]
     seconds: float
-    loop_seconds: float = 0.0  # claim-read-encode-write only (no model build, no planning)
+    # claim, plan, read, encode, write: from the first claim to the last file (no model build)
+    loop_seconds: float = 0.0
     int8_agreement: dict | None = None  # int8: cosine with fp32 on held-out calibration patches
     notes: list[str] = field(default_factory=list)  # what the run decided for the user
+    precision_reason: str = ""  # "asked for", or why auto chose ``precision``
+    decode: str = ""  # where JPEG tiles were decoded, and why
+    first_patch_seconds: float | None = None  # from the start of the run to the first encoded batch
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.slides)
@@ -93,6 +101,8 @@ class ExtractSummary:
             "encoder_hash": self.encoder_hash,
             "device": self.device,
             "precision": self.precision,
+            "precision_reason": self.precision_reason,
+            "decode": self.decode,
             "ok": self.count("ok"),
             "skipped": self.count("skipped"),
             "elsewhere": self.count("elsewhere"),
@@ -105,6 +115,9 @@ class ExtractSummary:
             "loop_patches_per_s": round(self.n_patches / self.loop_seconds, 2)
             if self.loop_seconds
             else 0.0,
+            "first_patch_seconds": None
+            if self.first_patch_seconds is None
+            else round(self.first_patch_seconds, 3),
             "int8_agreement": self.int8_agreement,
             "notes": self.notes,
             "slides": [asdict(r) for r in self.slides],

@@ -1,36 +1,51 @@
-"""The local engine: this process runs the model, forked reader processes decode patches.
+"""The local engine: this process runs the model, forked reader processes plan and read.
 
 claim    per slide (``fpstore.extract.claims``): two processes on one store never encode
          the same slide; one that finds a slide claimed defers it to the end of its run
-read     DataLoader workers pull (slide, coordinates) chunks from a task queue and return
-         uint8 pixels in shared memory, while the main process runs the model
-encode   fixed-size batches that mix slides; uint8 to the device, normalised there;
-         channels_last; optional bf16/fp16 autocast and torch.compile
+plan     as a patient's slides are claimed, a reader plans them (``plan_patient``: tissue
+         masks remembered in the store, grids, the patient's sample), so the first patch is
+         encoded after one patient's planning, not the whole cohort's
+read     readers turn (slide, coordinates) chunks into uint8 pixels in shared memory, or, on
+         a GPU that decodes JPEG (``fpstore.extract.decode``), into the compressed tiles
+         that the main process decodes in batches on the GPU
+encode   fixed-size batches that mix slides; uint8 to the device (from pinned buffers that
+         stay pinned), normalised there; channels_last; bf16/fp16 autocast, int8, compile
 write    when a slide's last patch is encoded: its Parquet file (temp name, fsync, rename)
          and its status JSON, then the claim is released
+
+Tasks go to the readers through one queue per reader, in turn: the DataLoader asks its
+workers in turn and yields their results in that order, so the k-th task put is the k-th
+result received. The main process can therefore hold back any task (plans only as far
+ahead as the reading needs) without a reader waiting on an empty queue for a result the
+main process waits on.
 """
 
 from __future__ import annotations
 
 import os
 import queue as queue_module
+import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from fpstore.encoders.base import resolve_device
+from fpstore.encoders.base import PrecisionChoice, resolve_device, resolve_precision
 from fpstore.errors import StoreError
 from fpstore.extract.config import ExtractConfig, SlideResult
-from fpstore.extract.plan import SlidePlan
+from fpstore.extract.plan import SlidePlan, SlideWork, plan_patient
 from fpstore.extract.write import EncoderInfo, record_failure, write_slide
 from fpstore.store.locks import FileLock
 
 
 class LocalEngine:
     """Extraction in this process (see the module docstring); the Ray engine's peer."""
+
+    def __init__(self):
+        self.first_encoded: float | None = None  # perf_counter() when a first batch was out
+        self.decode = ""  # where the last run decoded JPEG tiles, and why
 
     def check_store(self, layout) -> None:
         if layout.is_remote:
@@ -42,8 +57,8 @@ class LocalEngine:
     def device(self, config: ExtractConfig) -> str:
         return resolve_device(config.device)
 
-    def map(self, fn, *iterables):
-        return map(fn, *iterables)
+    def precision(self, config: ExtractConfig) -> PrecisionChoice:
+        return resolve_precision(config.precision, self.device(config))
 
     def prepare(self, encoder, config: ExtractConfig, calibration=None) -> None:
         """Move the model to its device and precision once per run (int8: calibrate)."""
@@ -56,31 +71,46 @@ class LocalEngine:
         store,
         cohort: str,
         encoder,
+        info: EncoderInfo,
         key: dict,
         spec,
         config: ExtractConfig,
-        plans: list[SlidePlan],
+        work: list[SlideWork],
         claims,
         progress: bool = True,
     ) -> tuple[dict[str, SlideResult], dict | None]:
-        """Encode the planned slides this run can claim: (results, int8 agreement)."""
+        """Plan, encode and write the slides of ``work`` this run can claim: (results,
+        int8 agreement)."""
+        from fpstore.extract.decode import choose_decoder
+
         device = self.device(config)
-        loop = _Loop(store, cohort, encoder, key, spec, config, device, progress, claims)
-        return loop.run(plans), encoder.calibration
+        decoder, why = choose_decoder(device, config.decode)
+        if progress:
+            print(why, file=sys.stderr, flush=True)
+        loop = _Loop(
+            self, store, cohort, encoder, info, key, spec, config, device, claims, decoder, progress
+        )
+        results = loop.run(work)
+        self.decode = why + loop.decode_note()
+        return results, encoder.calibration
 
 
 class PatchTasks(torch.utils.data.IterableDataset):
-    """An iterable dataset over a task queue: each task is one chunk of one slide.
+    """Tasks in, results out, one queue per reader (``queues[worker id]``); in process
+    (no readers) the one queue.
 
-    The main process puts ``(slot, path, mpp, xy, size_px, out_px, start)`` tuples and one
-    ``None`` per worker at the end; each worker yields ``{"slot", "start", "pixels", "error"}``
-    with the pixels as a uint8 tensor (shared memory between processes). Reading errors
-    come back as ``error`` so that one bad slide does not stop the loader.
+    ``("plan", seq, patient slides, wanted ids, spec, n, seed, store)`` yields
+    ``{"seq", "plans", "failed"}``: the wanted slides' plans and the errors of those that
+    cannot be read. ``("read", seq, slot, path, mpp, xy, size_px, out_px, start, tiles)``
+    yields ``{"seq", "slot", "start", "error"}`` with ``pixels`` (uint8 NHWC in shared
+    memory) or, when ``tiles``, the compressed tiles (``decode.tiles_payload``). A reading
+    error comes back as ``error`` so that one bad slide does not stop the loader.
+    ``None`` ends a reader.
     """
 
-    def __init__(self, tasks):
+    def __init__(self, queues):
         super().__init__()
-        self.tasks = tasks
+        self.queues = queues
         self._slides: dict = {}
 
     def _open(self, path: str, mpp: float):
@@ -93,20 +123,34 @@ class PatchTasks(torch.utils.data.IterableDataset):
         return self._slides[path]
 
     def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        tasks = self.queues[worker.id if worker is not None else 0]
         while True:
-            task = self.tasks.get()
+            task = tasks.get()
             if task is None:
                 return
-            slot, path, mpp, xy, size_px, out_px, start = task
-            try:
-                pixels = torch.from_numpy(self._open(path, mpp).read_patches(xy, size_px, out_px))
-                error = ""
-            except Exception as exc:  # any reader failure marks this slide failed, not the run
-                pixels, error = (
-                    torch.empty((0, out_px, out_px, 3), dtype=torch.uint8),
-                    f"{type(exc).__name__}: {exc}",
-                )
-            yield {"slot": slot, "start": start, "pixels": pixels, "error": error}
+            yield self._plan(*task[1:]) if task[0] == "plan" else self._read(*task[1:])
+
+    def _plan(self, seq, slides, wanted, spec, n, seed, store) -> dict:
+        try:
+            plans, failed = plan_patient(slides, wanted, spec, n, seed, store)
+        except Exception as exc:  # any failure to plan fails the patient's slides, not the run
+            plans, failed = [], {s: f"{type(exc).__name__}: {exc}" for s in wanted}
+        return {"seq": seq, "plans": plans, "failed": failed}
+
+    def _read(self, seq, slot, path, mpp, xy, size_px, out_px, start, tiles) -> dict:
+        from fpstore.extract.decode import tiles_payload
+
+        try:
+            slide = self._open(path, mpp)
+            if tiles:
+                payload = tiles_payload(slide.jpeg_tiles(xy, size_px, out_px))
+            else:
+                payload = {"pixels": torch.from_numpy(slide.read_patches(xy, size_px, out_px))}
+            error = ""
+        except Exception as exc:  # any reader failure marks this slide failed, not the run
+            payload, error = {}, f"{type(exc).__name__}: {exc}"
+        return {"seq": seq, "slot": slot, "start": start, "error": error, **payload}
 
 
 def _worker_init(_):
@@ -122,23 +166,76 @@ class _Slot:
     vectors: np.ndarray
     remaining: int
     started: float
+    tiles: bool  # read as compressed tiles, decoded here on the GPU
     error: str = ""
 
 
-class _Loop:
-    """One pass over the planned slides: claim, read, encode, write."""
+class PinnedBatches:
+    """Batches bound for a GPU gathered in page-locked host buffers that stay pinned.
 
-    def __init__(self, store, cohort, encoder, key, spec, config, device, progress, claims):
-        self.store, self.cohort, self.encoder, self.key = store, cohort, encoder, key
-        self.spec, self.config, self.device, self.progress = spec, config, device, progress
-        self.claims = claims
-        self.info = EncoderInfo.of(encoder)
+    ``torch.cat`` of pinned chunks returns pageable memory, from which an asynchronous copy
+    to the GPU is neither asynchronous nor as fast. Batches are gathered instead into a ring
+    of ``depth`` pinned buffers; a buffer is reused only once the copy that read it has
+    finished (``done`` records an event after each batch is queued on the GPU).
+    """
+
+    def __init__(self, shape: tuple, depth: int = 3, pin: bool = True):
+        self.buffers = [torch.empty(shape, dtype=torch.uint8, pin_memory=pin) for _ in range(depth)]
+        self.events: list = [None] * depth
+        self.turn = 0
+
+    def gather(self, parts: list[torch.Tensor], size: int) -> torch.Tensor:
+        """The parts one after another in the next free buffer, zero-padded to ``size``."""
+        event = self.events[self.turn]
+        if event is not None:
+            event.synchronize()
+        out = self.buffers[self.turn][:size]
+        n = sum(len(p) for p in parts)
+        torch.cat(parts, out=out[:n])
+        out[n:].zero_()
+        return out
+
+    def done(self) -> None:
+        """The batch from the current buffer is queued on the GPU: mark when it is read."""
+        if self.buffers[self.turn].is_pinned():
+            event = torch.cuda.Event()
+            event.record()
+            self.events[self.turn] = event
+        self.turn = (self.turn + 1) % len(self.buffers)
+
+
+class _Loop:
+    """One pass over the work: claim, plan, read, encode, write."""
+
+    def __init__(
+        self,
+        engine,
+        store,
+        cohort,
+        encoder,
+        info,
+        key,
+        spec,
+        config,
+        device,
+        claims,
+        decoder,
+        progress,
+    ):
+        self.engine, self.store, self.cohort, self.encoder = engine, store, cohort, encoder
+        self.info, self.key, self.spec, self.config, self.device = info, key, spec, config, device
+        self.claims, self.progress = claims, progress
+        self.decoder = decoder  # a TileDecoder when JPEG tiles are decoded on the GPU
         self.batch_size = config.resolved_batch_size(device)
         self.workers = config.resolved_workers()
         self.slots: dict[int, _Slot] = {}
         self.results: dict[str, SlideResult] = {}
+        self.staging = None  # PinnedBatches, for CPU-decoded batches bound for a GPU
+        self.decoded_on: Counter = Counter()  # slides per "gpu" / "cpu (why)"
+        self._verdicts: dict[str, str] = {}  # slide path -> "" (GPU decodes it) or why not
 
-    def run(self, plans: list[SlidePlan]) -> dict[str, SlideResult]:
+    # -- the run --
+    def run(self, work: list[SlideWork]) -> dict[str, SlideResult]:
         import multiprocessing
 
         import cv2
@@ -150,25 +247,34 @@ class _Loop:
                 max(1, (os.cpu_count() or 1) - (1 if (os.cpu_count() or 1) > 4 else 0))
             )
         context = multiprocessing.get_context("fork" if self.workers else None)
-        tasks = context.Queue() if self.workers else queue_module.Queue()
+        self.queues = [
+            context.Queue() if self.workers else queue_module.Queue()
+            for _ in range(max(1, self.workers))
+        ]
         prefetch = 2
         loader = torch.utils.data.DataLoader(
-            PatchTasks(tasks),
+            PatchTasks(self.queues),
             batch_size=None,
             num_workers=self.workers,
             worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=prefetch if self.workers else None,
             pin_memory=self.device == "cuda",
             multiprocessing_context=context if self.workers else None,
+            in_order=True,  # results in the order tasks were put (see the module docstring)
         )
-        # Enough queued tasks that no worker waits on an empty queue while the main process
-        # waits on that worker (the loader returns results in request order).
-        in_flight_target = prefetch * max(1, self.workers) + 2
-        todo = deque(plans)
-        put = received = 0
-        next_slot = 0
+        if self.device == "cuda":
+            shape = (self.batch_size, self.spec.out_px, self.spec.out_px, 3)
+            self.staging = PinnedBatches(shape)
+        # Chunks queued so that every reader has the next one while the model works; plans
+        # run ahead only as far as that needs, one per reader at a time.
+        self.target = prefetch * max(1, self.workers) + 2
+        self.chunk = max(self.config.chunk_size, self.batch_size if self.decoder else 0)
+        self.groups = deque(_by_patient(work))
+        self.planning: dict[int, dict[str, FileLock]] = {}  # plan seq -> claims it plans
+        self.ready: deque = deque()  # [slot id, xy, next start] of planned slides
+        self.put = self.received = self.next_slot = 0
         self.bar = tqdm(
-            total=len(plans),
+            total=len(work),
             desc=f"extract {self.encoder.id}",
             unit="slide",
             disable=not self.progress,
@@ -185,62 +291,45 @@ class _Loop:
         iterator = iter(loader)
         try:
             while True:
-                while put - received < in_flight_target and todo:
-                    plan = todo.popleft()
-                    slot = self._claim(plan, next_slot)
-                    if slot is None:
-                        continue
-                    next_slot += 1
-                    xy = np.stack(
-                        [plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1
-                    )
-                    for start in range(0, len(xy), self.config.chunk_size):
-                        tasks.put(
-                            (
-                                slot,
-                                plan.slide.path,
-                                plan.mpp,
-                                xy[start : start + self.config.chunk_size],
-                                plan.size_px,
-                                self.spec.out_px,
-                                start,
-                            )
-                        )
-                        put += 1
-                    if len(xy) == 0:
-                        self._finish(slot)
-                if not todo and not closed:
-                    for _ in range(max(1, self.workers)):
-                        tasks.put(None)
+                self._fill()
+                if not closed and self._drained():
+                    for q in self.queues:
+                        q.put(None)
                     closed = True
-                if put == received:
+                if self.put == self.received:
                     break
                 item = next(iterator)
-                received += 1
-                slot = self.slots.get(item["slot"])
-                if slot is None or slot.error:
-                    continue
-                if item["error"]:
-                    self._fail(item["slot"], item["error"])
-                    continue
-                batch.append((item["slot"], item["start"], item["pixels"]))
-                queued += len(item["pixels"])
-                while queued >= self.batch_size or (queued and put == received):
-                    rows, pixels = self._take(batch, min(self.batch_size, queued))
-                    queued -= len(pixels)
-                    out = self._encode(pixels)
+                if item["seq"] != self.received:  # the in-order contract, checked
+                    raise RuntimeError(
+                        f"reader result {item['seq']} arrived as number {self.received}"
+                    )
+                self.received += 1
+                if "plans" in item:
+                    self._planned(item)
+                else:
+                    queued += self._arrived(item, batch)
+                # Flush the last partial batch once nothing more can come, whatever came last.
+                last = self._drained() and self.put == self.received
+                while queued >= self.batch_size or (queued and last):
+                    n = min(self.batch_size, queued)
+                    rows, parts = self._take(batch, n)
+                    queued -= n
+                    out = self._encode(*self._join(parts, n), n)
                     if pending_out is not None:
                         self._scatter(*pending_out)
                     pending_out = (rows, out)
-                if pending_out is not None and put == received:
+                if pending_out is not None and last:
                     self._scatter(*pending_out)
                     pending_out = None
             if pending_out is not None:
                 self._scatter(*pending_out)
         finally:
             if not closed:  # an interrupted run: let the workers end instead of waiting
-                for _ in range(max(1, self.workers)):
-                    tasks.put(None)
+                for q in self.queues:
+                    q.put(None)
+            for claims in self.planning.values():
+                for claim in claims.values():
+                    claim.release()
             for slot_id in list(self.slots):
                 self.slots.pop(slot_id).claim.release()
             del iterator
@@ -248,19 +337,162 @@ class _Loop:
             self.bar.close()
         return self.results
 
-    def _claim(self, plan: SlidePlan, slot_id: int) -> int | None:
-        claim = self.claims.take(plan)
-        if claim is None:  # deferred, or settled without us (Claims.decided)
-            self.bar.update(1)
-            return None
-        n = len(plan.keys)
-        self.slots[slot_id] = _Slot(
-            plan, claim, np.zeros((n, self.encoder.dim), np.float32), n, time.time()
-        )
-        return slot_id
+    def decode_note(self) -> str:
+        """Slides per decoder, when any slide fell back from the GPU to the readers."""
+        fell_back = {k: v for k, v in self.decoded_on.items() if k != "gpu"}
+        if not self.decoder or not fell_back:
+            return ""
+        parts = [
+            f"{n} on the GPU" if k == "gpu" else f"{n} by the readers ({k})"
+            for k, n in self.decoded_on.items()
+        ]
+        return "; slides: " + ", ".join(parts)
 
+    def _arrived(self, item: dict, batch: deque) -> int:
+        """Queue a read result for the model (decoded here when it is tiles); the number of
+        patches queued (none for a slide that failed)."""
+        slot = self.slots.get(item["slot"])
+        if slot is None or slot.error:
+            return 0
+        if item["error"]:
+            self._fail(item["slot"], item["error"])
+            return 0
+        pixels = self.decoder.decode(item) if slot.tiles else item["pixels"]
+        batch.append((item["slot"], item["start"], pixels))
+        return len(pixels)
+
+    # -- what to ask the readers next --
+    def _send(self, task: tuple) -> None:
+        self.queues[self.put % len(self.queues)].put(task)
+        self.put += 1
+
+    def _drained(self) -> bool:
+        """Nothing left to put: every patient planned and every chunk queued."""
+        return not self.groups and not self.planning and not self.ready
+
+    def _fill(self) -> None:
+        while True:
+            backlog = sum(len(xy) - start for _, xy, start in self.ready)
+            if (
+                self.groups
+                and len(self.planning) < max(1, self.workers)
+                and backlog < self.target * self.config.chunk_size
+            ):
+                self._plan(self.groups.popleft())
+            elif self.put - self.received < self.target and self.ready:
+                self._read_next()
+            else:
+                return
+
+    def _plan(self, group: list[SlideWork]) -> None:
+        """Claim the patient's slides to do; the readers plan those it got."""
+        claimed = {}
+        for work in group:
+            claim = self.claims.take(work)
+            if claim is None:  # deferred, or settled without us (Claims.decided)
+                self.bar.update(1)
+            else:
+                claimed[work.slide_id] = claim
+        if claimed:
+            self.planning[self.put] = claimed
+            spec, config = self.spec, self.config
+            store = str(self.store)
+            self._send(
+                (
+                    "plan",
+                    self.put,
+                    group[0].patient_slides,
+                    list(claimed),
+                    spec,
+                    config.patches,
+                    config.seed,
+                    store,
+                )
+            )
+
+    def _planned(self, item: dict) -> None:
+        claims = self.planning.pop(item["seq"])
+        for slide_id, error in item["failed"].items():
+            claims.pop(slide_id).release()
+            self.results[slide_id] = record_failure(
+                self.store, self.cohort, self.info, slide_id, error
+            )
+            self.bar.update(1)
+        for plan in item["plans"]:
+            slot_id = self.next_slot
+            self.next_slot += 1
+            n = len(plan.keys)
+            self.slots[slot_id] = _Slot(
+                plan,
+                claims.pop(plan.slide_id),
+                np.zeros((n, self.encoder.dim), np.float32),
+                n,
+                time.time(),
+                self._gpu_decodes(plan),
+            )
+            if n == 0:
+                self._finish(slot_id)
+            else:
+                xy = np.stack(
+                    [plan.keys.column("x").to_numpy(), plan.keys.column("y").to_numpy()], 1
+                )
+                self.ready.append([slot_id, xy, 0])
+
+    def _read_next(self) -> None:
+        entry = self.ready[0]
+        slot_id, xy, start = entry
+        slot = self.slots[slot_id]
+        plan = slot.plan
+        stop = start + self.chunk
+        self._send(
+            (
+                "read",
+                self.put,
+                slot_id,
+                plan.slide.path,
+                plan.mpp,
+                xy[start:stop],
+                plan.size_px,
+                self.spec.out_px,
+                start,
+                slot.tiles,
+            )
+        )
+        if stop >= len(xy):
+            self.ready.popleft()
+        else:
+            entry[2] = stop
+
+    def _gpu_decodes(self, plan: SlidePlan) -> bool:
+        """Whether this slide's tiles go to the GPU decoder: a JPEG-tiled TIFF whose first
+        tile the GPU decodes as the reader does (checked once per file, here)."""
+        from fpstore.errors import FpstoreError
+        from fpstore.slides.slide import open_slide
+
+        if self.decoder is None:
+            return False
+        path = plan.slide.path
+        if path not in self._verdicts:
+            try:
+                with open_slide(path, mpp=plan.mpp) as slide:
+                    sample = slide.jpeg_sample(plan.size_px, self.spec.out_px)
+                if sample is None:
+                    verdict = "no scanned tile to check"
+                else:
+                    same, difference = self.decoder.agrees(*sample)
+                    verdict = "" if same else f"GPU decoding differs by {difference:.1f} levels"
+            except FpstoreError as error:
+                verdict = str(error).split(";")[0]
+            if verdict and self.progress:
+                print(f"{plan.slide_id}: CPU decode: {verdict}", file=sys.stderr, flush=True)
+            self._verdicts[path] = verdict
+        verdict = self._verdicts[path]
+        self.decoded_on[verdict or "gpu"] += 1
+        return not verdict
+
+    # -- the model --
     def _take(self, batch: deque, n: int):
-        """Pop exactly n patches off the chunk queue: [(slot, start, count)], pixels."""
+        """Pop exactly n patches off the chunk queue: [(slot, start, count)], [pixels]."""
         rows, parts, need = [], [], n
         while need:
             slot, start, pixels = batch[0]
@@ -272,15 +504,31 @@ class _Loop:
             rows.append((slot, start, len(part)))
             parts.append(part)
             need -= len(part)
-        return rows, parts[0] if len(parts) == 1 else torch.cat(parts)
+        return rows, parts
 
-    def _encode(self, pixels):
+    def _join(self, parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, bool]:
+        """(one batch of the n patches in ``parts``, whether it is in the pinned ring).
+
+        On the GPU when the parts are there (GPU decoding); through the pinned ring when
+        CPU parts are bound for a GPU and must be copied anyway (a single part is already
+        pinned by the loader); padded to the batch size when compiled (one shape)."""
+        size = self.batch_size if self.config.compile else n
+        if len(parts) == 1 and size == n:
+            return parts[0], False
+        if self.staging is not None and parts[0].device.type == "cpu":
+            return self.staging.gather(parts, size), True
+        if size > n:
+            pad = torch.zeros(
+                (size - n, *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device
+            )
+            parts = [*parts, pad]
+        return torch.cat(parts), False
+
+    def _encode(self, pixels, staged: bool, n: int):
         """Start the model on one batch; returns a handle whose result _scatter waits for."""
-        n = len(pixels)
-        if self.config.compile and n < self.batch_size:  # one shape: no recompilation
-            pad = torch.zeros((self.batch_size - n, *pixels.shape[1:]), dtype=pixels.dtype)
-            pixels = torch.cat([pixels, pad])
         out = self.encoder.encode(pixels)[:n]
+        if staged:
+            self.staging.done()
         if out.device.type == "cuda":
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
             host.copy_(out, non_blocking=True)
@@ -293,6 +541,8 @@ class _Loop:
         out, event = handle
         if event is not None:
             event.synchronize()
+        if self.engine.first_encoded is None:
+            self.engine.first_encoded = time.perf_counter()
         vectors = out.numpy()
         offset = 0
         for slot_id, start, count in rows:
@@ -307,6 +557,7 @@ class _Loop:
         rate = self.encoded / max(1e-9, time.perf_counter() - self.t0)
         self.bar.set_postfix_str(f"{self.encoded} patches, {rate:.1f} patches/s", refresh=False)
 
+    # -- the slides --
     def _finish(self, slot_id: int) -> None:
         slot = self.slots.pop(slot_id)
         try:
@@ -331,3 +582,12 @@ class _Loop:
         self.results[slide_id] = record_failure(self.store, self.cohort, self.info, slide_id, error)
         slot.claim.release()
         self.bar.update(1)
+        self.ready = deque(entry for entry in self.ready if entry[0] != slot_id)
+
+
+def _by_patient(work: list[SlideWork]) -> list[list[SlideWork]]:
+    """The work grouped by patient (a patient is planned at once), in first-seen order."""
+    groups: dict[str, list[SlideWork]] = {}
+    for item in work:
+        groups.setdefault(item.slide.patient_id, []).append(item)
+    return list(groups.values())

@@ -1,7 +1,9 @@
 """Planning a run: which patches of which slides, and the settings that make files comparable.
 
-plan     open each pending slide, tissue mask, patch grid, sample n patches per patient
-         (pooled over the patient's slides)
+plan     a patient's slides: tissue mask (remembered in the store, ``fpstore.slides.
+         mask_cache``), patch grid, n patches sampled per patient (pooled over the
+         patient's slides); the local engine plans in its reader processes as slides are
+         claimed (``plan_patient``), the Ray engine in one task per slide (``plan_slides``)
 resume   the settings a stored file must carry to count as done (``resume_key``)
 int8     the calibration patches, spread evenly over the cohort (their digest joins the key)
 """
@@ -39,27 +41,83 @@ class SlidePlan:
         return self.slide.slide_id
 
 
-def _grid(slide: CohortSlide, spec: PatchSpec):
-    """(slide info, grid table) of one cohort slide; raises FpstoreError on a bad slide,
-    and on one without a single tissue square (a blank, a fluorescence scan)."""
-    from fpstore.cohort.cohorts import open_cohort_slide
+@dataclass(frozen=True)
+class SlideWork:
+    """A slide to extract, not yet planned, with every slide of its patient (sampling
+    pools them); what the engines receive and claims defer."""
+
+    slide: CohortSlide
+    patient_slides: tuple[CohortSlide, ...]
+
+    @property
+    def slide_id(self) -> str:
+        return self.slide.slide_id
+
+
+def slide_grid(slide: CohortSlide, spec: PatchSpec, store=None):
+    """(slide info, grid table) of one cohort slide, its tissue mask remembered in
+    ``store`` (None: computed, not stored); raises FpstoreError on a bad slide, and on one
+    without a single tissue square (a blank, a fluorescence scan)."""
     from fpstore.slides.grid import no_patch_reason, patch_grid
-    from fpstore.slides.tissue_mask import tissue_mask
+    from fpstore.slides.mask_cache import remembered_mask
+    from fpstore.slides.slide import Slide
 
-    with open_cohort_slide(slide) as opened:
-        mask = tissue_mask(opened)
-        grid = patch_grid(opened, spec, mask)
-        if not len(grid):
-            raise SlideError(no_patch_reason(opened, spec, mask))
-        return opened.info, grid
+    info, mask = remembered_mask(slide.path, slide.mpp_override, store)
+    grid = patch_grid(Slide(info), spec, mask)
+    if not len(grid):
+        raise SlideError(no_patch_reason(Slide(info), spec, mask))
+    return info, grid
 
 
-def grid_or_error(slide: CohortSlide, spec: PatchSpec):
+def grid_or_error(slide: CohortSlide, spec: PatchSpec, store=None):
     """(slide info, grid, "") of one cohort slide, or (None, None, the error) for a bad one."""
     try:
-        return (*_grid(slide, spec), "")
+        return (*slide_grid(slide, spec, store), "")
     except FpstoreError as error:
         return None, None, str(error)
+
+
+def _plans(slides, infos: dict, grids: dict, spec: PatchSpec, n, seed) -> dict[str, SlidePlan]:
+    """The plans of the slides with a grid: n patches per patient, pooled over its slides."""
+    from fpstore.slides.grid import sample_patches
+
+    patients = {s.slide_id: s.patient_id for s in slides if s.slide_id in grids}
+    sampled = sample_patches(grids, n, seed, patients=patients)
+    by_id = {s.slide_id: s for s in slides}
+    plans = {}
+    for slide_id, table in sampled.items():
+        info = infos[slide_id]
+        size = float(table.column("size_px")[0].as_py()) if len(table) else spec.patch_um / info.mpp
+        plans[slide_id] = SlidePlan(by_id[slide_id], info.mpp, size, table)
+    return plans
+
+
+def plan_patient(
+    slides: tuple[CohortSlide, ...],
+    wanted: list[str],
+    spec: PatchSpec,
+    n: int | None,
+    seed: int,
+    store=None,
+) -> tuple[list[SlidePlan], dict[str, str]]:
+    """Plan the ``wanted`` slides of one patient whose slides are ``slides``: (their plans,
+    {slide_id: error} of the wanted ones that cannot be read).
+
+    The sample is the one ``plan_slides`` draws over a whole cohort: sampling is seeded
+    per patient, and a slide that cannot be read drops out of its patient's pool in both.
+    """
+    infos, grids, failed = {}, {}, {}
+    for slide in slides:
+        info, grid, error = grid_or_error(slide, spec, store)
+        if error:
+            failed[slide.slide_id] = error
+        else:
+            infos[slide.slide_id], grids[slide.slide_id] = info, grid
+    plans = _plans(slides, infos, grids, spec, n, seed)
+    return (
+        [plans[s] for s in wanted if s in plans],
+        {s: e for s, e in failed.items() if s in wanted},
+    )
 
 
 def plan_slides(
@@ -68,20 +126,19 @@ def plan_slides(
     n: int | None,
     seed: int,
     failed: dict[str, str],
+    store=None,
     progress: bool = True,
     map_fn=map,
 ) -> dict[str, SlidePlan]:
     """Tissue patches of each slide, n sampled per patient (pooled over its slides).
 
-    ``map_fn(grid_or_error, slides, specs)`` yields one grid per slide in order: the builtin
-    map on the local engine, Ray tasks on the Ray engine.
+    ``map_fn(grid_or_error, slides, specs, stores)`` yields one grid per slide in order:
+    Ray tasks on the Ray engine. ``store`` remembers the tissue masks.
     """
     from tqdm import tqdm
 
-    from fpstore.slides.grid import sample_patches
-
     infos, grids = {}, {}
-    mapped = map_fn(grid_or_error, slides, [spec] * len(slides))
+    mapped = map_fn(grid_or_error, slides, [spec] * len(slides), [store] * len(slides))
     for slide, (info, grid, error) in tqdm(
         zip(slides, mapped),
         total=len(slides),
@@ -94,20 +151,13 @@ def plan_slides(
             failed[slide.slide_id] = error
         else:
             infos[slide.slide_id], grids[slide.slide_id] = info, grid
-    patients = {s.slide_id: s.patient_id for s in slides}
-    sampled = sample_patches(grids, n, seed, patients=patients)
-    by_id = {s.slide_id: s for s in slides}
-    plans = {}
-    for slide_id, table in sampled.items():
-        info = infos[slide_id]
-        size = float(table.column("size_px")[0].as_py()) if len(table) else spec.patch_um / info.mpp
-        plans[slide_id] = SlidePlan(by_id[slide_id], info.mpp, size, table)
-    return plans
+    return _plans(slides, infos, grids, spec, n, seed)
 
 
 def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
     """The file metadata that must match for a stored slide to count as done (int8 runs add
-    their calibration digest)."""
+    their calibration digest). ``config.precision`` is the resolved one, never 'auto': a
+    precision that auto chose counts as that precision chosen by hand."""
     return {
         "schema_version": SCHEMA_VERSION,
         "encoder": encoder.id,
@@ -121,7 +171,7 @@ def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
     }
 
 
-def calibration_set(slides: list[CohortSlide], spec: PatchSpec) -> tuple[list, str]:
+def calibration_set(slides: list[CohortSlide], spec: PatchSpec, store=None) -> tuple[list, str]:
     """The int8 calibration patches of a cohort: [(slide, grid rows)], and their digest.
 
     Evenly spread over the cohort's slides in slide_id order and over each slide's tissue
@@ -142,7 +192,7 @@ def calibration_set(slides: list[CohortSlide], spec: PatchSpec) -> tuple[list, s
     per_slide = -(-CALIBRATION_PATCHES // max(1, len(picked)))
     chosen, ids = [], []
     for slide in picked:
-        _, grid, error = grid_or_error(slide, spec)
+        _, grid, error = grid_or_error(slide, spec, store)
         if error or not len(grid):
             continue
         sub = grid.take(spread(len(grid), per_slide))

@@ -4,7 +4,8 @@ The driver (the process that runs ``extract``) keeps the local engine's rules: t
 cohort, resume keys, patient-pooled sampling, per-slide claims (local stores), Parquet writer
 and status files (``fpstore.extract.run``). Ray replaces the process-local loop:
 
-    plan      one Ray task per slide (tissue mask + patch grid, CPU); sampling on the driver
+    plan      one Ray task per slide (tissue mask, remembered in the store, + patch grid, CPU);
+              sampling on the driver
     read      ``_read_chunk`` tasks (CPU): up to ``read_chunk`` patches of one slide -> uint8
               pixels in Ray's object store (shared memory on a node, no copy for numpy)
     encode    ``_Encoder`` actors, one per GPU (or CPU actors): the model is built once by the
@@ -33,9 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from fpstore.config import check_range
+from fpstore.encoders.base import PrecisionChoice, resolve_precision
 from fpstore.errors import ConfigError, EncoderError, FpstoreError
 from fpstore.extract.config import ExtractConfig, SlideResult
-from fpstore.extract.plan import SlidePlan
+from fpstore.extract.plan import SlidePlan, SlideWork, plan_slides
 from fpstore.extract.write import EncoderInfo, record_failure, write_slide
 from fpstore.store.layout import StoreLayout
 
@@ -96,6 +98,8 @@ class RayEngine:
         self.ray = _import_ray()
         self._started = False
         self.calibration = None
+        self.first_encoded = None  # the driver sees slides finish, not batches
+        self.decode = "JPEG tiles decoded by the Ray read tasks (CPU)"
         if not self.ray.is_initialized():
             kwargs = {
                 "include_dashboard": False,
@@ -150,6 +154,15 @@ class RayEngine:
             )
         return "cuda" if self.gpus and config.device != "cpu" else "cpu"
 
+    def precision(self, config: ExtractConfig) -> PrecisionChoice:
+        """The precision resolved where the encoders run: on a GPU of the cluster, or on a
+        CPU node for CPU actors (the driver may be neither)."""
+        device = self.device(config)
+        probe = self.ray.remote(resolve_precision).options(
+            num_gpus=1 if device == "cuda" else 0, num_cpus=self.config.reader_cpus
+        )
+        return self.ray.get(probe.remote(config.precision, device))
+
     def map(self, fn, *iterables):
         """``map(fn, ...)`` as Ray tasks, results in order (the planning of every slide)."""
         task = self.ray.remote(_call).options(
@@ -169,19 +182,31 @@ class RayEngine:
         store,
         cohort: str,
         encoder,
+        info: EncoderInfo,
         key: dict,
         spec,
         config: ExtractConfig,
-        plans: list[SlidePlan],
+        work: list[SlideWork],
         claims,
         progress: bool = True,
     ) -> tuple[dict[str, SlideResult], dict | None]:
-        """Extract the planned slides on the cluster: (one SlideResult per slide, the int8
-        agreement with fp32)."""
-        run = _Run(
-            self, StoreLayout.of(store), cohort, encoder, key, spec, config, progress, claims
+        """Plan the slides of ``work`` (one task per slide of their patients), then extract
+        them on the cluster: (one SlideResult per slide, the int8 agreement with fp32)."""
+        layout = StoreLayout.of(store)
+        slides = list({s.slide_id: s for w in work for s in w.patient_slides}.values())
+        failed: dict[str, str] = {}
+        plans = plan_slides(
+            slides, spec, config.patches, config.seed, failed, str(layout), progress, self.map
         )
-        return run.run(plans), run.agreement
+        results = {}
+        for item in work:
+            if item.slide_id in failed:
+                error = failed[item.slide_id]
+                results[item.slide_id] = record_failure(layout, cohort, info, item.slide_id, error)
+        todo = [(item, plans[item.slide_id]) for item in work if item.slide_id in plans]
+        run = _Run(self, layout, cohort, encoder, info, key, spec, config, progress, claims)
+        results.update(run.run(todo))
+        return results, run.agreement
 
 
 def _call(fn, *args):
@@ -266,13 +291,13 @@ def _write_slide(
 
 class _Run:
     def __init__(
-        self, engine: RayEngine, store, cohort, encoder, key, spec, config, progress, claims
+        self, engine: RayEngine, store, cohort, encoder, info, key, spec, config, progress, claims
     ):
         self.engine, self.ray, self.rc = engine, engine.ray, engine.config
         self.store, self.cohort, self.key, self.spec, self.config = store, cohort, key, spec, config
         self.progress = progress
         self.encoder = encoder
-        self.info = EncoderInfo.of(encoder)
+        self.info = info
         self.claims = claims
         self.results: dict[str, SlideResult] = {}
         calibration = engine.calibration
@@ -303,7 +328,8 @@ class _Run:
             actor.remote(self.model, device, self.config, threads, self.pixels) for _ in range(n)
         ]
 
-    def run(self, plans: list[SlidePlan]) -> dict[str, SlideResult]:
+    def run(self, plans: list[tuple[SlideWork, SlidePlan]]) -> dict[str, SlideResult]:
+        """Extract the planned slides this run can claim (claims defer the work items)."""
         from tqdm import tqdm
 
         read = self.ray.remote(_read_chunk).options(
@@ -330,8 +356,8 @@ class _Run:
                 self.agreement = self.ray.get(actors[0].agreement.remote())
             while todo or running:
                 while todo and len(running) < in_flight:
-                    plan = todo.popleft()
-                    claim = self.claims.take(plan)
+                    item, plan = todo.popleft()
+                    claim = self.claims.take(item)
                     if claim is None:  # deferred, or settled without us (Claims.decided)
                         bar.update(1)
                         continue

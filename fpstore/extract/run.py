@@ -1,25 +1,33 @@
 """``extract``: a cohort's slides -> one fingerprint Parquet file per slide and encoder.
 
-The run, whatever the engine: read the cohort, build the encoder and the settings a stored
-file must carry (``resume_key``), sort the slides into done / to do / made with other
-settings (refused unless ``force``), plan the patches of the slides to do, hand the plans to
-the engine (``LocalEngine`` in this process, ``RayEngine`` on a cluster), then wait for the
-slides other processes held and take over those they left unfinished. A slide that fails is
+The run, whatever the engine: read the cohort, resolve the precision ('auto': what this
+device runs fastest at fp32's fingerprints, printed and stored with each file), build the
+encoder and the settings a stored file must carry (``resume_key``), sort the slides into
+done / to do / made with other settings (refused unless ``force``), hand the slides to do to
+the engine (``LocalEngine`` in this process, ``RayEngine`` on a cluster), which claims, plans
+(tissue masks remembered in the store), encodes and writes them, then wait for the slides
+other processes held and take over those they left unfinished. A slide that fails is
 recorded (status ``failed`` + error) and the run goes on; the summary names every slide the
 run could not confirm.
+
+An engine has ``check_store(layout)``, ``device(config)``, ``precision(config)``,
+``prepare(encoder, config, calibration)``, ``run(layout, cohort, encoder, info, key, spec,
+config, work, claims, progress) -> (results, int8 agreement)`` and the attributes
+``first_encoded`` (perf_counter time of the first encoded batch, or None) and ``decode``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 
 from fpstore.config import PatchSpec
 from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.claims import Claims
 from fpstore.extract.config import ExtractConfig, ExtractSummary, SlideResult
-from fpstore.extract.plan import calibration_set, plan_slides, read_calibration, resume_key
-from fpstore.extract.write import EncoderInfo, record_failure
+from fpstore.extract.plan import SlideWork, calibration_set, read_calibration, resume_key
+from fpstore.extract.write import EncoderInfo
 from fpstore.store.cohorts import cohort_lock, read_cohort
 from fpstore.store.fingerprints import stored_state
 from fpstore.store.layout import StoreLayout, check_partition_value
@@ -61,6 +69,10 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
 
     slides = read_cohort(layout, cohort).slide_records()
     device = engine.device(config)
+    choice = engine.precision(config)
+    config = dataclasses.replace(config, precision=choice.precision)  # what runs and resumes
+    if progress:
+        print(f"precision {choice.describe()}", file=sys.stderr, flush=True)
     if encoder is None:
         encoder = create_encoder(config.encoder, **config.encoder_options)
     check_partition_value("encoder id", encoder.id)
@@ -75,8 +87,8 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
                 f"compile {config.compile}); add --device cpu and drop --compile, or use "
                 "--precision bf16 on GPUs"
             )
-        calibration, key["calibration"] = calibration_set(slides, spec)
-    info = EncoderInfo.of(encoder)
+        calibration, key["calibration"] = calibration_set(slides, spec, layout)
+    info = EncoderInfo.of(encoder, choice.reason)
     notes = []
     stored = _stored_states(layout, encoder.id, cohort, slides, key)
     if config.patches is not None and _all_patches_stored(stored.values()):
@@ -112,34 +124,25 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
     if mismatched:
         raise StoreError(_explain_mismatch(layout, mismatched))
 
-    # Sampling pools a patient's slides: plan every slide of each patient with work to do.
-    todo_patients = {s.patient_id for s in pending}
-    plan_input = [s for s in slides if s.patient_id in todo_patients]
-    failed: dict[str, str] = {}
-    plans = {}
-    if plan_input:
-        plans = plan_slides(
-            plan_input, spec, config.patches, config.seed, failed, progress, engine.map
-        )
-    pending_ids = {s.slide_id for s in pending}
-    for slide_id, error in failed.items():
-        if slide_id in pending_ids:
-            results[slide_id] = record_failure(layout, cohort, info, slide_id, error)
-    order = [plans[s.slide_id] for s in pending if s.slide_id in plans]
+    # Sampling pools a patient's slides: each slide to do travels with all of its patient's.
+    patients: dict[str, list] = {}
+    for slide in slides:
+        patients.setdefault(slide.patient_id, []).append(slide)
+    work = [SlideWork(s, tuple(patients[s.patient_id])) for s in pending]
 
     loop_seconds, agreement = 0.0, None
-    if order:
+    if work:
         pixels = read_calibration(calibration, spec) if config.precision == "int8" else None
         engine.prepare(encoder, config, pixels)
         claims = Claims(layout, encoder.id, cohort, key, config.force)
         loop_started = time.perf_counter()
-        while order:
+        while work:
             done, agreement = engine.run(
-                layout, cohort, encoder, key, spec, config, order, claims, progress
+                layout, cohort, encoder, info, key, spec, config, work, claims, progress
             )
             results.update(done)
             # Slides another process held: once free, done there, or ours to take over.
-            order = claims.wait_for_deferred(progress) if claims.deferred else []
+            work = claims.wait_for_deferred(progress) if claims.deferred else []
         results.update(claims.decided)
         loop_seconds = time.perf_counter() - loop_started
     ordered = [results[s.slide_id] for s in slides if s.slide_id in results]
@@ -151,9 +154,14 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
         config.precision,
         ordered,
         time.perf_counter() - started,
-        loop_seconds,
-        agreement,
-        notes,
+        loop_seconds=loop_seconds,
+        int8_agreement=agreement,
+        notes=notes,
+        precision_reason=choice.reason,
+        decode=engine.decode,
+        first_patch_seconds=None
+        if engine.first_encoded is None
+        else engine.first_encoded - started,
     )
 
 

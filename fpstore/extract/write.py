@@ -25,7 +25,8 @@ from fpstore.store.schema import file_metadata
 
 @dataclass(frozen=True)
 class EncoderInfo:
-    """What the writers need of an encoder, without its model (cheap to ship to workers)."""
+    """What the writers need of an encoder, without its model (cheap to ship to workers),
+    and why the run uses its precision (file metadata ``precision_reason``)."""
 
     id: str
     hash: str
@@ -33,9 +34,10 @@ class EncoderInfo:
     dim: int
     preprocessing: Preprocessing
     spec: str = "{}"  # JSON: how to build the encoder again (Encoder.spec)
+    precision_reason: str = ""
 
     @classmethod
-    def of(cls, encoder) -> EncoderInfo:
+    def of(cls, encoder, precision_reason: str = "") -> EncoderInfo:
         return cls(
             encoder.id,
             encoder.hash,
@@ -43,6 +45,7 @@ class EncoderInfo:
             encoder.dim,
             encoder.preprocessing,
             json.dumps(encoder.spec, sort_keys=True),
+            precision_reason,
         )
 
 
@@ -78,6 +81,7 @@ def slide_file(
         n_patches=len(keys),
         preprocessing=json.dumps(encoder.preprocessing.to_dict()),
         encoder_spec=encoder.spec,
+        precision_reason=encoder.precision_reason,
     )
     return table, metadata
 

@@ -7,8 +7,11 @@ halves is monitored every ``eval_every`` steps; training stops when it has not i
 invariance) each crop comes with its twin from a restyled copy and the paper's pair loss
 is used (``fpstore.fingerprint.losses``).
 
-On CUDA: bf16 autocast and channels_last; on the CPU: fp32 (bf16 autocast measured several
-times slower on CPUs without native bf16), threads as torch sets them.
+Precision ``auto`` (``fpstore.encoders.base.resolve_precision``): bf16 autocast on GPUs with
+bf16 units and on CPUs with native bf16 (AMX, AVX-512 BF16), fp32 elsewhere (bf16 autocast
+measured several times slower on CPUs without native bf16); the choice and why are printed
+and kept in the result (and so in the checkpoint). channels_last on CUDA and with bf16;
+threads as torch sets them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from fpstore.config import check_choice, check_range
+from fpstore.encoders.base import PrecisionChoice, resolve_precision
 from fpstore.encoders.fingerprint_net import ARCHS, FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.augment import AugmentConfig, augment_pair
@@ -29,6 +33,7 @@ from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops
 from fpstore.fingerprint.losses import DEFAULT_GAMMA, fingerprint_loss
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need loss scaling; int8 does not train
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class TrainConfig:
     eval_per_half: int = 8  # monitoring crops per right half
     num_workers: int = 6
     device: str = "auto"
+    precision: str = "auto"  # bf16 autocast where the device has bf16 units, else fp32
     compile: bool = False  # torch.compile on CUDA (a minute of compiling, ~30% faster steps)
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -68,6 +74,7 @@ class TrainConfig:
         check_range("TrainConfig", "eval_per_half", self.eval_per_half, 1, 256)
         check_range("TrainConfig", "num_workers", self.num_workers, 0, 64)
         check_choice("TrainConfig", "device", self.device, DEVICES)
+        check_choice("TrainConfig", "precision", self.precision, PRECISIONS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -121,9 +128,12 @@ class TrainResult:
     seconds: float
     images_per_s: float
     history: list[dict]
+    precision: PrecisionChoice = PrecisionChoice("fp32", "asked for")
 
     def summary(self) -> dict:
         return {
+            "precision": self.precision.precision,
+            "precision_reason": self.precision.reason,
             "best_right_half_accuracy": self.best_accuracy,
             "best_step": self.best_step,
             "steps": self.steps,
@@ -171,14 +181,17 @@ def evaluate(
     device,
     channels_last: bool,
     batch_size: int = 128,
+    bf16: bool | None = None,
 ) -> float:
-    """Patch accuracy of predicting the core class from uint8 crops."""
+    """Patch accuracy of predicting the core class from uint8 crops (``bf16`` autocast;
+    None: on CUDA)."""
+    bf16 = device.type == "cuda" if bf16 is None else bf16
     model.eval()
     correct = 0
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
         x = to_input(batch, pre["mean"], pre["std"], pre["out_px"], channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).argmax(dim=1).cpu().numpy()
         correct += int((pred == labels[start : start + batch_size]).sum())
     model.train()
@@ -255,6 +268,8 @@ def train_network(
 
     model = FingerprintNet(len(classes), cfg.arch)
     stepper = Stepper(model, cfg, mean, std, device)
+    if progress:
+        print(f"precision {stepper.precision.describe()}", file=sys.stderr, flush=True)
     history, best = [], {"acc": -1.0, "step": 0, "state": None}
     since_best, stopped, seen = 0, "max_steps", 0
     bar = tqdm(
@@ -278,7 +293,15 @@ def train_network(
                 torch.cuda.synchronize()  # queued steps belong to this window
             now = time.perf_counter()
             rate = (seen - window[1]) / max(1e-9, now - window[0])
-            acc = evaluate(model, eval_images, eval_labels, pre, device, cuda)
+            acc = evaluate(
+                model,
+                eval_images,
+                eval_labels,
+                pre,
+                device,
+                stepper.channels_last,
+                bf16=stepper.bf16,
+            )
             record = {
                 "step": step,
                 "loss": round(parts.total.item(), 4),
@@ -323,18 +346,23 @@ def train_network(
         seconds=seconds,
         images_per_s=float(np.median(rates)) if rates else 0.0,
         history=history,
+        precision=stepper.precision,
     )
 
 
 class Stepper:
     """One optimisation step on a batch from ``CropStream``: upload uint8, augment on the
-    device, normalise, forward (bf16 autocast and channels_last on CUDA), loss, backward."""
+    device, normalise, forward (bf16 autocast per ``cfg.precision``; channels_last on CUDA
+    and with bf16), loss, backward."""
 
     def __init__(self, model: FingerprintNet, cfg: TrainConfig, mean, std, device: torch.device):
         self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
         self.cuda = device.type == "cuda"
+        self.precision = resolve_precision(cfg.precision, device)
+        self.bf16 = self.precision.precision == "bf16"
+        self.channels_last = self.cuda or self.bf16
         self.model = model.to(device).train()
-        if self.cuda:
+        if self.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = _Both(self.model)
         if cfg.compile and self.cuda:
@@ -356,8 +384,8 @@ class Stepper:
         x2 = self._upload(batch["x2"]) if "x2" in batch else None
         x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
         x = torch.cat([x1, x2]) if x2 is not None else x1
-        x = to_input(x, self.mean, self.std, self.cfg.out_px, channels_last=self.cuda)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        x = to_input(x, self.mean, self.std, self.cfg.out_px, channels_last=self.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             fp, logits = self.forward(x)
         if x2 is not None:
             n = len(y)

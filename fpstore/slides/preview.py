@@ -105,17 +105,22 @@ def preview_patches(
     mpp: float | None = None,
     out: str | Path = ".",
     max_px: int = 2048,
+    store=None,
 ) -> PatchPreview:
-    """Open a slide, find its tissue and patch grid, and write the preview PNG and CSV."""
+    """Open a slide, find its tissue and patch grid, and write the preview PNG and CSV.
+
+    ``store``: reuse the tissue mask an extraction remembered there for this slide file (or
+    remember this one for the extraction); None computes it and stores nothing.
+    """
     import cv2
 
     from fpstore.slides.grid import no_patch_reason, patch_grid
-    from fpstore.slides.tissue_mask import tissue_mask
+    from fpstore.slides.mask_cache import remembered_mask
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with open_slide(path, mpp=mpp) as slide:
-        mask = tissue_mask(slide)
+        _, mask = remembered_mask(path, mpp, store, slide=slide)
         grid = patch_grid(slide, spec, mask)
         reason = "" if grid.num_rows else no_patch_reason(slide, spec, mask)
         size_px = slide.patch_size_px(spec.patch_um)

@@ -8,7 +8,8 @@ level's own pixel coordinates, ``close()``):
   tiled TIFF, OME-TIFF RGB). tifffile finds the tiles, ``os.pread`` fetches the
   bytes (no shared file position, so threads may read at once), imagecodecs
   decodes only the tiles a region touches, and a small LRU keeps decoded tiles
-  for neighbouring patches.
+  for neighbouring patches. It also hands JPEG tiles over undecoded
+  (``jpeg_stream``), for decoding in batches on a GPU.
 - ``ImageBackend``: plain images (JPEG, PNG, BMP, flat TIFF) held in memory.
 - ``TiaBackend``: tiatoolbox's ``WSIReader`` for every other format (NDPI, MRXS,
   DICOM, SCN, ...). tiatoolbox is imported only here: it takes ~10 s to import.
@@ -32,6 +33,10 @@ from fpstore.slides.scale import PLAUSIBLE_MPP
 PAD_VALUE = 255
 _UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 _NOT_A_TIFF = "tifffile cannot parse it"
+_JPEG = 7  # TIFF Compression tag value of (new-style) JPEG
+# An Adobe APP14 segment with transform 0: the three components are R, G, B, not YCbCr.
+# TIFF says so in its Photometric tag, which a decoder of the bare JPEG stream never sees.
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
 _APERIO_MPP = re.compile(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)")
 
 
@@ -126,6 +131,9 @@ class _TiffLevel:
         self.width, self.height = int(page.imagewidth), int(page.imagelength)
         self.tile_w, self.tile_h = int(page.tilewidth), int(page.tilelength)
         self.tiles_x = -(-self.width // self.tile_w)
+        self.tiles_y = -(-self.height // self.tile_h)
+        self.jpeg = int(page.compression) == _JPEG
+        self.rgb = int(page.photometric) == 2
         self.offsets = page.dataoffsets
         self.bytecounts = page.databytecounts
         self.jpegtables = getattr(page, "jpegtables", None)
@@ -212,6 +220,32 @@ class TiffBackend:
                 tile = _to_rgb(decoded.reshape(decoded.shape[-3:]))
             self._cache.put(key, tile)
         return tile
+
+    def jpeg_grid(self, level_index: int) -> tuple[int, int, int, int]:
+        """(tile height, tile width, tiles across, tiles down) of a level of JPEG tiles;
+        UnsupportedByBackend when its tiles are compressed otherwise."""
+        level = self.levels[level_index]
+        if not level.jpeg:
+            raise UnsupportedByBackend(
+                f"level {level_index} is compressed with {level.page.compression.name}, not JPEG"
+            )
+        return level.tile_h, level.tile_w, level.tiles_x, level.tiles_y
+
+    def jpeg_stream(self, level_index: int, index: int) -> bytes | None:
+        """One tile of a ``jpeg_grid`` level as a complete JPEG stream that any JPEG decoder
+        reads as this reader does (the level's shared tables spliced in, an Adobe segment
+        for RGB components); None for a sparse tile (glass)."""
+        level = self.levels[level_index]
+        count = level.bytecounts[index]
+        if count == 0:
+            return None
+        data = os.pread(self._fd, count, level.offsets[index])
+        tables = level.jpegtables[2:-2] if level.jpegtables else b""  # without SOI and EOI
+        return data[:2] + (_ADOBE_RGB if level.rgb else b"") + tables + data[2:]
+
+    def decoded_tile(self, level_index: int, index: int) -> np.ndarray:
+        """One tile as this reader decodes it (RGB uint8, tile-sized)."""
+        return self._tile(level_index, index)
 
     def read_region(self, level_index: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         level = self.levels[level_index]

@@ -202,6 +202,27 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
     return Slide(info, tile_cache_mb, _backend=backend)
 
 
+@dataclass
+class JpegTiles:
+    """The compressed JPEG tiles under a set of patches, to be decoded elsewhere (a GPU).
+
+    Patch i is the ``side`` x ``side`` window at ``origin[i]`` (x, y) in the mosaic of the
+    tiles ``tiles[i]`` (ky x kx indices into the streams; -1 is glass: outside the level,
+    never scanned, or not under the window). Window columns outside ``inside[i][0:2]`` and
+    rows outside ``inside[i][2:4]`` lie outside the level and are glass (255), as
+    ``read_patch`` pads them. The window is then resized to ``out_px`` (``resize_patch``).
+    """
+
+    data: np.ndarray  # uint8: the tiles' complete JPEG streams, back to back
+    offsets: np.ndarray  # int64 [T + 1]: stream t is data[offsets[t]:offsets[t + 1]]
+    tile_px: tuple[int, int]  # (height, width) of a decoded tile
+    tiles: np.ndarray  # int64 [N, ky, kx]
+    origin: np.ndarray  # int64 [N, 2]
+    inside: np.ndarray  # int64 [N, 4]: x0, x1, y0, y1 of the window inside the level
+    side: int
+    out_px: int
+
+
 class Slide:
     """An open slide. Coordinates are level-0 pixels unless a name says otherwise."""
 
@@ -294,6 +315,88 @@ class Slide:
         for i in np.lexsort((xy[:, 0], xy[:, 1])):
             out[i] = self.read_patch(xy[i, 0], xy[i, 1], size_px, out_px)
         return out
+
+    def _jpeg_level(self, size_px: float, out_px: int):
+        """(backend, level, its jpeg_grid) that ``read_patch`` reads for these sizes."""
+        from fpstore.slides.readers import UnsupportedByBackend
+
+        reader = self._reader
+        level = self.level_for(size_px / out_px)
+        if not hasattr(reader, "jpeg_grid"):
+            raise SlideError(
+                f"slide {self.info.path} is read by {self.info.backend}, which has no JPEG "
+                "tiles to hand over; read it with read_patches"
+            )
+        try:
+            return reader, level, reader.jpeg_grid(level)
+        except UnsupportedByBackend as error:
+            raise SlideError(
+                f"slide {self.info.path}: {error}; read it with read_patches"
+            ) from None
+
+    def jpeg_tiles(self, xy: np.ndarray, size_px: float, out_px: int) -> JpegTiles:
+        """The undecoded tiles under the patches ``xy`` (``read_patches``'s arguments), with
+        where each patch lies in them; decoding them gives ``read_patches``'s pixels up to
+        the decoder's rounding. SlideError when the slide is not a JPEG-tiled TIFF."""
+        reader, level, (tile_h, tile_w, across, down) = self._jpeg_level(size_px, out_px)
+        downsample = self.info.level_downsamples[level]
+        level_w, level_h = self.info.level_dimensions[level]
+        side = max(1, int(round(size_px / downsample)))
+        xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+        # As read_patch rounds: Python's round and numpy's both round half to even.
+        rx = np.round(xy[:, 0] / downsample).astype(np.int64)
+        ry = np.round(xy[:, 1] / downsample).astype(np.int64)
+        kx, ky = -(-(tile_w - 1 + side) // tile_w), -(-(tile_h - 1 + side) // tile_h)
+        tx0, ty0 = rx // tile_w, ry // tile_h
+        gx = tx0[:, None] + np.arange(kx)  # [N, kx] tile columns of each mosaic
+        gy = ty0[:, None] + np.arange(ky)
+        used_x = (gx >= 0) & (gx < across) & (gx * tile_w < (rx + side)[:, None])
+        used_x &= (gx + 1) * tile_w > rx[:, None]
+        used_y = (gy >= 0) & (gy < down) & (gy * tile_h < (ry + side)[:, None])
+        used_y &= (gy + 1) * tile_h > ry[:, None]
+        index = np.where(
+            used_y[:, :, None] & used_x[:, None, :], gy[:, :, None] * across + gx[:, None, :], -1
+        )
+        wanted = np.unique(index[index >= 0])
+        streams, position = [], np.full(len(wanted), -1, np.int64)
+        for i, tile in enumerate(wanted):
+            stream = reader.jpeg_stream(level, int(tile))
+            if stream is not None:  # sparse tiles stay -1: glass
+                position[i] = len(streams)
+                streams.append(stream)
+        tiles = np.full(index.shape, -1, np.int64)
+        found = index >= 0
+        tiles[found] = position[np.searchsorted(wanted, index[found])]
+        lengths = np.fromiter((len(b) for b in streams), np.int64, len(streams))
+        return JpegTiles(
+            data=np.frombuffer(bytearray(b"".join(streams)), np.uint8),
+            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            tile_px=(tile_h, tile_w),
+            tiles=tiles,
+            origin=np.stack([rx - tx0 * tile_w, ry - ty0 * tile_h], 1),
+            inside=np.stack(
+                [
+                    np.clip(-rx, 0, side),
+                    np.clip(level_w - rx, 0, side),
+                    np.clip(-ry, 0, side),
+                    np.clip(level_h - ry, 0, side),
+                ],
+                1,
+            ),
+            side=side,
+            out_px=int(out_px),
+        )
+
+    def jpeg_sample(self, size_px: float, out_px: int) -> tuple[bytes, np.ndarray] | None:
+        """(JPEG stream, this reader's decoding of it) of the first scanned tile of the level
+        ``jpeg_tiles`` reads: a check that another decoder reads the slide's tiles alike.
+        None when that level has no scanned tile; SlideError as ``jpeg_tiles``."""
+        reader, level, (_, _, across, down) = self._jpeg_level(size_px, out_px)
+        for index in range(across * down):
+            stream = reader.jpeg_stream(level, index)
+            if stream is not None:
+                return stream, reader.decoded_tile(level, index)
+        return None
 
     def read_downsampled(self, downsample: float) -> np.ndarray:
         """The whole slide at ``downsample`` (level-0 px per output px), RGB uint8.

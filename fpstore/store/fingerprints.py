@@ -164,7 +164,7 @@ def stored_state(path, key: dict[str, str]) -> StoredFile:
 # Metadata that differs from slide to slide of one extraction, or says how to rebuild the
 # encoder (paths may differ between resumed runs); everything else is a setting.
 PER_SLIDE_FIELDS = ("slide_id", "n_patches", "fpstore_version")
-INFO_FIELDS = ("encoder_spec",)
+INFO_FIELDS = ("encoder_spec", "precision_reason")
 _CHECKED: dict = {}  # (folder, listing) -> settings: a partition is read once per listing
 
 

@@ -92,8 +92,8 @@ def write_npy_atomic(array, path: Path) -> Path:
 
 
 def write_npz_atomic(arrays: dict, path: Path) -> Path:
-    """Write named arrays as an uncompressed .npz atomically (same temp-and-rename rule)."""
-    return _replace_atomically(path, lambda handle: np.savez(handle, **arrays))
+    """Write named arrays as a compressed .npz atomically (same temp-and-rename rule)."""
+    return _replace_atomically(path, lambda handle: np.savez_compressed(handle, **arrays))
 
 
 def write_text_atomic(text: str, path: Path) -> Path:

@@ -12,6 +12,7 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
     models/tissue/<method>.npz
     models/classify/<model_id>/card.json, README.md, final.npz, fold-<k>.npz
     cache/...                      derived data, rebuilt when stale, safe to delete
+    cache/tissue-masks/<settings>/<slide>.npz   a slide's tissue mask (``tissue_mask_file``)
 
 Temporary files start with '.' and end in '.tmp' (``fpstore.store.io``): every listing
 here skips names that start with '.'.
@@ -161,3 +162,7 @@ class StoreLayout:
         for part in parts:
             folder = folder / part
         return folder
+
+    def tissue_mask_file(self, settings: str, slide: str):
+        """One slide file's tissue mask made with one set of mask settings (both digests)."""
+        return self.cache_dir("tissue-masks", settings) / f"{slide}.npz"

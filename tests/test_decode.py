@@ -1,0 +1,99 @@
+"""JPEG tiles decoded in batches by the main process (the GPU path), run on the CPU.
+
+torchvision decodes JPEG with libjpeg-turbo on the CPU and with nvJPEG on CUDA through the
+same call, so everything but nvJPEG itself is checked here: handing tiles over, assembling
+patches from tile mosaics, glass outside the slide, resizing as the readers do, the
+per-slide check that a decoder reads a slide's colours as the reader does, and the pinned
+batch ring's bookkeeping. tests/test_gpu.py runs the CUDA side where there is a GPU.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fpstore.errors import SlideError
+from fpstore.extract.decode import TileDecoder, area_weights, choose_decoder, tiles_payload
+from fpstore.extract.local import PinnedBatches
+from fpstore.slides.readers import _ADOBE_RGB
+from fpstore.slides.slide import open_slide
+
+DATA = Path(__file__).parent / "data" / "slides"
+
+
+@pytest.fixture(scope="module")
+def cmu():
+    with open_slide(DATA / "CMU-1-Small-Region.svs") as slide:
+        yield slide
+
+
+@pytest.mark.parametrize(
+    "size_px, out_px",
+    [(224.4, 224), (224.4, 112), (224.4, 300), (443.2, 224), (1000.0, 224)],
+    ids=["at-size", "halved", "enlarged", "40x-like", "coarse"],
+)
+def test_tiles_decoded_in_batches_give_the_readers_pixels(cmu, size_px, out_px):
+    rng = np.random.default_rng(0)
+    # Patches anywhere, some hanging over the slide's edges (glass there).
+    xy = np.stack(
+        [rng.integers(-100, cmu.info.width, 24), rng.integers(-100, cmu.info.height, 24)], 1
+    )
+    xy[0] = (cmu.info.width - 50, cmu.info.height - 50)
+    reference = cmu.read_patches(xy, size_px, out_px)
+    tiles = cmu.jpeg_tiles(xy, size_px, out_px)
+    # Each tile handed over once, however many patches share it.
+    assert len(tiles.offsets) - 1 == len(np.unique(tiles.tiles[tiles.tiles >= 0]))
+    decoded = TileDecoder("cpu").decode(tiles_payload(tiles))
+    assert decoded.dtype == torch.uint8 and tuple(decoded.shape) == reference.shape
+    difference = np.abs(decoded.numpy().astype(int) - reference.astype(int))
+    assert difference.max() <= 1  # rounding of the resize, nothing more
+    assert (decoded[0, -10:, -10:].numpy() == 255).all()  # beyond the slide: glass
+
+
+def test_a_decoder_that_reads_a_slides_colours_otherwise_is_caught(cmu):
+    stream, pixels = cmu.jpeg_sample(224.4, 224)
+    assert TileDecoder("cpu").agrees(stream, pixels) == (True, 0.0)
+    # Aperio's tiles hold R, G, B components; without the Adobe segment that says so a
+    # decoder converts them from YCbCr: wrong colours, which the check must refuse.
+    bare = stream.replace(_ADOBE_RGB, b"")
+    same, difference = TileDecoder("cpu").agrees(bare, pixels)
+    assert not same and difference > 10
+
+
+def test_slides_without_jpeg_tiles_are_left_to_the_readers():
+    with (
+        open_slide(DATA / "openslide-boxes.tiff", mpp=0.5) as slide,  # deflate tiles
+        pytest.raises(SlideError, match="not JPEG; read it with read_patches"),
+    ):
+        slide.jpeg_tiles(np.zeros((1, 2), int), 10, 10)
+    decoder, why = choose_decoder("cpu", "auto")
+    assert decoder is None and "reader processes" in why
+
+
+def test_area_weights_average_what_each_output_pixel_covers():
+    weights = area_weights(443, 224)
+    torch.testing.assert_close(weights.sum(1), torch.ones(224))
+    halves = area_weights(4, 2)
+    torch.testing.assert_close(halves, torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]]))
+
+
+def test_the_pinned_ring_gathers_pads_and_reuses_its_buffers_in_turn():
+    ring = PinnedBatches((6, 2, 2, 3), depth=2, pin=False)  # pinned only where CUDA is
+    parts = [
+        torch.full((2, 2, 2, 3), 1, dtype=torch.uint8),
+        torch.full((3, 2, 2, 3), 2, dtype=torch.uint8),
+    ]
+    first = ring.gather(parts, 6)  # padded to the batch size (compiled models: one shape)
+    assert (
+        first.shape[0] == 6
+        and first[:2].eq(1).all()
+        and first[2:5].eq(2).all()
+        and first[5:].eq(0).all()
+    )
+    ring.done()
+    second = ring.gather(parts[:1], 2)
+    assert second.data_ptr() != first.data_ptr()
+    ring.done()
+    third = ring.gather(parts[1:], 3)
+    assert third.data_ptr() == first.data_ptr() and third.eq(2).all()
