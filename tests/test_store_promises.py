@@ -57,7 +57,7 @@ def files(store, encoder="tiny"):
     return sorted((store / "fingerprints" / f"encoder={encoder}" / "cohort=c").glob("*.parquet"))
 
 
-def start(tmp_path, store, name, delay=0.15, patches=None, seed=0, force=False):
+def start(tmp_path, store, name, delay=0.15, patches=None, seed=0, force=False, batch_size=16):
     """An extraction in a fresh interpreter; its last stdout line is the summary JSON."""
     script = tmp_path / f"{name}.py"
     script.write_text(
@@ -66,7 +66,7 @@ def start(tmp_path, store, name, delay=0.15, patches=None, seed=0, force=False):
         + "from fpstore.extract.run import extract\n"
         + f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, "
         + f"patches={patches!r}, seed={seed}, force={force}, device='cpu', num_workers=1, "
-        + "batch_size=16, chunk_size=16)\n"
+        + f"batch_size={batch_size}, chunk_size={batch_size})\n"
         + f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
         + "print(json.dumps(s.to_dict()))\n"
         + "raise SystemExit(1 if s.failed else 0)\n"
@@ -142,14 +142,16 @@ def test_a_survivor_takes_over_the_slides_of_a_run_killed_at_a_random_moment(tmp
 def test_a_killed_force_run_leaves_a_mix_that_readers_refuse_until_repaired(tmp_path):
     store, _ = make_store(tmp_path)
     assert not extract(store, "c", config(patches=8), progress=False).failed
-    forced = start(tmp_path, store, "forced", delay=0.3, patches=4, force=True)
+    # One slide per batch and a slow encoder: seconds pass between two slides' writes.
+    forced = start(tmp_path, store, "forced", delay=1.5, patches=4, force=True, batch_size=4)
     deadline = time.time() + 120
-    while time.time() < deadline and forced.poll() is None:
-        if {read_metadata(pq.read_schema(p))["patches"] for p in files(store)} == {"4", "8"}:
-            break
+    mixed = False
+    while time.time() < deadline and forced.poll() is None and not mixed:
+        mixed = {read_metadata(pq.read_schema(p))["patches"] for p in files(store)} == {"4", "8"}
         time.sleep(0.05)
     forced.kill()
     forced.wait()
+    assert mixed, "the forced run never left old and new files side by side"
     with pytest.raises(StoreError, match=r"slide\(s\) with patches=4.*--force") as info:
         fpstore.store.open(store)
     assert "patches=8" in str(info.value)
