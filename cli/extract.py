@@ -44,6 +44,11 @@ def _patches(value: str) -> int | None:
     "default: the torchvision cache. Never downloaded.",
 )
 @click.option(
+    "--encoder-id",
+    help="Store the fingerprints under this id (default: the encoder's name; a fingerprint "
+    "checkpoint gets fingerprint-<file name>-<hash>), so several networks share one store.",
+)
+@click.option(
     "--patches",
     default="120",
     show_default=True,
@@ -101,6 +106,7 @@ def extract(
     encoder,
     checkpoint,
     weights,
+    encoder_id,
     patches,
     device,
     precision,
@@ -131,6 +137,7 @@ def extract(
     config = ExtractConfig(
         encoder=encoder,
         encoder_options=options,
+        encoder_id=encoder_id,
         patches=_patches(patches),
         device=device,
         precision=precision,

@@ -162,7 +162,7 @@ def test_commands_explain_a_bad_tma_folder(tmp_path):
     result = CliRunner().invoke(
         cli, ["train-fingerprint", "--tma", str(tmp_path), "--out", str(tmp_path / "m.pt")]
     )
-    assert result.exit_code == 2 and "array_map.csv is missing" in result.output
+    assert result.exit_code == 2 and "has no sections.csv" in result.output
     result = CliRunner().invoke(
         cli,
         [

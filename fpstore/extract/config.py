@@ -26,6 +26,9 @@ class ExtractConfig:
     force: bool = False
     compile: bool = False
     channels_last: bool = True
+    encoder_id: str | None = (
+        None  # the store's name for these fingerprints (default: the encoder's)
+    )
 
     def __post_init__(self):
         if self.patches is not None:
@@ -36,6 +39,19 @@ class ExtractConfig:
         check_range("ExtractConfig", "num_workers", self.num_workers, -1, 256)
         check_range("ExtractConfig", "chunk_size", self.chunk_size, 1, 4096)
         check_range("ExtractConfig", "min_tissue", self.min_tissue, 0.0, 1.0)
+        if self.encoder_id is not None:
+            from fpstore.store.layout import check_partition_value
+
+            check_partition_value("--encoder-id", self.encoder_id)
+
+    def build_encoder(self):
+        """The encoder this run extracts with, under ``encoder_id`` when one is given."""
+        from fpstore.encoders.registry import create_encoder
+
+        encoder = create_encoder(self.encoder, **self.encoder_options)
+        if self.encoder_id is not None:
+            encoder.id = self.encoder_id
+        return encoder
 
     def resolved_batch_size(self, device: str) -> int:
         return self.batch_size or (256 if device == "cuda" else 32)

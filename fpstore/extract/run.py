@@ -36,7 +36,6 @@ def extract(
     ``engine``: None runs in this process (``LocalEngine``); a ``RayEngine``
     (fpstore.extract.ray) plans and extracts on a Ray cluster with the same rules.
     """
-    from fpstore.encoders.registry import create_encoder
     from fpstore.extract.local import LocalEngine
 
     started = time.perf_counter()
@@ -45,7 +44,7 @@ def extract(
     engine.check_store(layout)
     slides = read_cohort(layout, cohort).slide_records()
     device = engine.device(config)
-    encoder = create_encoder(config.encoder, **config.encoder_options)
+    encoder = config.build_encoder()
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
     spec = PatchSpec(

@@ -57,6 +57,25 @@ def site_targets(cores: CoreSet, rows: np.ndarray) -> dict[str, np.ndarray]:
     return targets
 
 
+def fitted_normaliser(method: str, target: np.ndarray):
+    """A tiatoolbox normaliser (macenko, reinhard, vahadane) fitted to ``target``."""
+    from tiatoolbox.tools.stainnorm import get_normalizer
+
+    norm = get_normalizer(method)
+    norm.fit(target)
+    return norm
+
+
+def normalise_image(norm, image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(``image`` in the normaliser's target style, True), or (``image``, False) when its
+    stains cannot be estimated (too little tissue)."""
+    image = np.ascontiguousarray(image)
+    try:
+        return np.clip(norm.transform(image), 0, 255).astype(np.uint8), True
+    except (ValueError, np.linalg.LinAlgError):
+        return image, False
+
+
 def classical_copies(
     cores: CoreSet, method: str, targets: dict[str, np.ndarray], progress: bool = True
 ) -> tuple[np.ndarray, int]:
@@ -64,39 +83,37 @@ def classical_copies(
 
     A half whose stains cannot be estimated (too little tissue) keeps its pixels in that copy.
     """
-    from tiatoolbox.tools.stainnorm import get_normalizer
-
-    normalisers = []
-    for site in sorted(targets):
-        norm = get_normalizer(method)
-        norm.fit(targets[site])
-        normalisers.append(norm)
+    normalisers = [fitted_normaliser(method, targets[site]) for site in sorted(targets)]
     out = np.empty((len(cores), len(normalisers), *cores.left.shape[1:]), np.uint8)
     failures = 0
     for i in tqdm(range(len(cores)), desc=f"{method} normalise", unit="core", disable=not progress):
-        image = np.ascontiguousarray(cores.left[i])
         for k, norm in enumerate(normalisers):
-            try:
-                out[i, k] = np.clip(norm.transform(image), 0, 255).astype(np.uint8)
-            except (ValueError, np.linalg.LinAlgError):  # stain estimation needs enough tissue
-                out[i, k] = image
-                failures += 1
+            out[i, k], ok = normalise_image(norm, cores.left[i])
+            failures += not ok
     return out, failures
 
 
 def fit_site_cyclegan(
     cores: CoreSet, rows: np.ndarray, cfg: CycleGANConfig, device="cpu", progress: bool = True
 ) -> CycleGAN:
-    """A CycleGAN between the two largest sites among ``rows`` (left halves' crops)."""
+    """A CycleGAN between the reference site (the one with most cores among ``rows``) and all
+    other sites pooled (left halves' crops).
+
+    With two sites this is the paper's pairing. With many (a TCGA cohort has dozens of
+    tissue-source sites) one generator pair is trained, not one per site: a CycleGAN per
+    site pair grows with the square of the sites and one per site with their number, each
+    minutes of CPU, while the pair loss only needs every core in a style other than its own.
+    Each core thus gets a reference-styled and an other-styled copy.
+    """
     sites = site_order(cores, rows)
     if len(sites) < 2:
         raise TrainingError(
-            f"style transfer needs sections from two sites; the training cores are all "
-            f"from site {sites[0]!r}"
+            "CycleGAN needs cores from two sites; the training cores are all from site "
+            f"{sites[0]!r}"
         )
     streams = []
-    for site in sites[:2]:
-        sel = rows[cores.site[rows] == site]
+    reference = cores.site[rows] == sites[0]
+    for sel in (rows[reference], rows[~reference]):
         stream = CropStream(
             cores.left,
             sel,
@@ -107,15 +124,17 @@ def fit_site_cyclegan(
             seed=cfg.seed + len(streams),
         )
         streams.append(b["x1"] for b in stream)
+    others = sites[1] if len(sites) == 2 else f"{len(sites) - 1} other sites"
     return train_cyclegan(
-        streams[0], streams[1], cfg, sites=tuple(sites[:2]), device=device, progress=progress
+        streams[0], streams[1], cfg, sites=(sites[0], others), device=device, progress=progress
     )
 
 
 def cyclegan_copies(
     cores: CoreSet, gan: CycleGAN, device="cpu", progress: bool = True
 ) -> np.ndarray:
-    """[n, 2, H, W, 3]: each left half in site A style (g_ba) and site B style (g_ab)."""
+    """[n, 2, H, W, 3]: each left half in the reference style (g_ba) and the other sites'
+    style (g_ab)."""
     out = np.empty((len(cores), 2, *cores.left.shape[1:]), np.uint8)
     batch = 4
     for start in tqdm(
