@@ -1,12 +1,13 @@
 # The two commands of the README's quick start: `make demo` and `make test`.
-# Both create the virtual environment .venv in the checkout and install fpstore into it.
+# Both create the virtual environment .venv in the checkout and install fpstore into it, with
+# the Ray and S3 extras and the lint tools, so that the reliability tests run everywhere.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DIR ?= fpstore-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow lint bench install clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
@@ -22,6 +23,13 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
+
+# Style, formatting, the import layers (pyproject.toml [tool.importlinter]) and types.
+lint: $(STAMP)
+	$(BIN)/ruff check fpstore cli tests benchmarks
+	$(BIN)/ruff format --check fpstore cli tests benchmarks
+	cd $(CURDIR) && $(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) build *.egg-info

@@ -182,8 +182,10 @@ def main(argv=None):
         t["mean per patient: numpy on the materialised matrix"],
     )
     print(
-        f"\n  ratios: top-10 numpy vs DuckDB brute force {t['top-10 cosine: DuckDB brute force over Parquet'] / top:.1f}x, "
-        f"vs the materialised DuckDB table {t['top-10 cosine: DuckDB materialised FLOAT[512] table'] / top:.1f}x; "
+        "\n  ratios: top-10 numpy vs DuckDB brute force "
+        f"{t['top-10 cosine: DuckDB brute force over Parquet'] / top:.1f}x, "
+        "vs the materialised DuckDB table "
+        f"{t['top-10 cosine: DuckDB materialised FLOAT[512] table'] / top:.1f}x; "
         f"mean pooling on the materialised matrix vs over Parquet "
         f"{t['mean per patient: numpy over Parquet (mean_fingerprints)'] / pool:.0f}x"
         + (

@@ -118,7 +118,7 @@ def end_to_end(
     import shutil
 
     from fpstore.extract.config import ExtractConfig
-from fpstore.extract.run import extract
+    from fpstore.extract.run import extract
 
     for table in ("fingerprints", "status"):  # time a full extraction, not a resume
         shutil.rmtree(
@@ -310,7 +310,10 @@ def main(argv=None):
                 precision, "fp32 channels_last"
             )
         ]
-        line = f"  {name:6s} {precision:5s} {n:6d} patches {rate:10.1f} patches/s  = {rate / best_model:.2f} x model-only"
+        line = (
+            f"  {name:6s} {precision:5s} {n:6d} patches {rate:10.1f} patches/s  "
+            f"= {rate / best_model:.2f} x model-only"
+        )
         if tia:
             line += f"  = {rate / tia:.2f} x TIAToolbox ({tia:.1f}/s)"
         print(line)

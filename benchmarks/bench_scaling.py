@@ -141,7 +141,7 @@ def main(argv=None):
     from bench_extract import add_cohort_for, tiled_real_slide
 
     from fpstore.extract.config import ExtractConfig
-from fpstore.extract.run import extract
+    from fpstore.extract.run import extract
 
     config = ExtractConfig(
         encoder="random-resnet34",

@@ -178,6 +178,9 @@ def _print_summary(summary, as_json: bool) -> None:
     )
     if summary.unused_mpp_overrides:
         _print_list("mpp overrides naming no slide of the cohort", summary.unused_mpp_overrides)
+    if any(summary.removed.values()):
+        removed = ", ".join(f"{n} {what} file(s)" for what, n in summary.removed.items() if n)
+        click.echo(f"removed what belonged only to slides the cohort no longer has: {removed}")
 
 
 def _print_list(title: str, items: list[str]) -> None:

@@ -162,6 +162,8 @@ def extract(
     if as_json:
         echo_json(summary.to_dict())
     else:
+        for note in summary.notes:
+            click.echo(f"note: {note}")
         rows = [r for r in summary.to_dict()["slides"] if r["status"] != "skipped"]
         if rows:
             echo_table(rows, ["slide_id", "status", "n_patches", "seconds", "error"])
@@ -169,7 +171,8 @@ def extract(
         click.echo(
             f"\n{summary.encoder} on {cohort} ({summary.device}, {summary.precision}): "
             f"{d['ok']} ok, {d['skipped']} already done, {d['elsewhere']} done by another "
-            f"process, {d['failed']} failed; {d['patches']} patches in {d['seconds']:.1f} s "
+            f"process, {d['no_patient']} without a patient (skipped), {d['failed']} failed; "
+            f"{d['patches']} patches in {d['seconds']:.1f} s "
             f"({d['patches_per_s']:.1f} patches/s)"
         )
         if d["int8_agreement"]:
@@ -180,7 +183,10 @@ def extract(
             )
     if summary.failed:
         click.echo(
-            f"{len(summary.failed)} slide(s) failed; fix them and rerun to extract only those",
+            f"{len(summary.failed)} slide(s) not extracted or not confirmed: "
+            + ", ".join(r.slide_id for r in summary.failed[:10])
+            + (" ..." if len(summary.failed) > 10 else "")
+            + "; fix them (errors above) and rerun to extract only those",
             err=True,
         )
         sys.exit(1)

@@ -7,6 +7,7 @@ purpose print as one line and exit non-zero; ``--debug`` shows the traceback.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import pkgutil
 import sys
@@ -17,6 +18,14 @@ import fpstore
 from fpstore.errors import FpstoreError
 
 _NOT_COMMAND_MODULES = {"main", "common"}
+# Errors of the machine, not of fpstore: one line each, with what to do.
+_FILESYSTEM_ERRORS = {
+    errno.ENOSPC: "free some space and rerun (finished work is kept)",
+    errno.EDQUOT: "the disk quota is full: free some space and rerun",
+    errno.EACCES: "check the permissions of the store and the slides",
+    errno.EPERM: "check the permissions of the store and the slides",
+    errno.EROFS: "the file system is read-only: choose another --store",
+}
 
 
 class FpstoreGroup(click.Group):
@@ -28,6 +37,16 @@ class FpstoreGroup(click.Group):
                 raise
             click.echo(f"error: {error}", err=True)
             sys.exit(error.exit_code)
+        except OSError as error:
+            if ctx.obj and ctx.obj.get("debug") or error.errno not in _FILESYSTEM_ERRORS:
+                raise
+            where = f" ({error.filename})" if error.filename else ""
+            click.echo(
+                f"error: {error.strerror}{where}: {_FILESYSTEM_ERRORS[error.errno]}; "
+                "files already written are whole (each is written aside and renamed)",
+                err=True,
+            )
+            sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             sys.exit(130)

@@ -31,7 +31,7 @@ def sql(query, fmt, store_path):
     """
     import fpstore.store
 
-    with fpstore.store.open(store_path) as store:
+    with fpstore.store.open(store_path, read_only=True) as store:
         rows = store.sql(query).rows()
     if fmt == "json":
         echo_json(rows)

@@ -39,7 +39,9 @@ def _thresholds(values):
         try:
             given[key] = float(value)
         except ValueError:
-            raise click.BadParameter(f"{key}={value!r} is not a number", param_hint="--threshold")
+            raise click.BadParameter(
+                f"{key}={value!r} is not a number", param_hint="--threshold"
+            ) from None
     return RuleThresholds(**given)
 
 

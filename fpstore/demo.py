@@ -103,7 +103,7 @@ def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False)
     """Run the whole pipeline into ``out`` and return what it measured."""
     from fpstore.cohort.cohorts import add_cohort
     from fpstore.extract.config import ExtractConfig
-from fpstore.extract.run import extract
+    from fpstore.extract.run import extract
     from fpstore.fingerprint.experiment import match, train_fingerprint
     from fpstore.store.io import write_json_atomic
     from fpstore.synth import synthesize

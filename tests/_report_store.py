@@ -101,7 +101,7 @@ def build_store(root: Path) -> Path:
     x_all, y_all, col_all, row_all = grid_xy()
     centres = rng.normal(size=(4, DIM)) * 6
     fp_rows, vectors, patch_rows = [], [], []
-    for i, (slide, patient, site) in enumerate(zip(slides, patients, sites)):
+    for slide, patient, site in zip(slides, patients, sites):
         pick = rng.choice(len(x_all), FP_PER_SLIDE, replace=False)
         for j in pick:
             k = int(rng.integers(0, 4))

@@ -45,9 +45,10 @@ def test_scores_lie_in_minus_one_one_and_a_patient_is_the_mean_of_its_patches():
 def test_mil_is_deterministic_by_seed_and_keeps_its_best_early_stopping_epoch():
     bags, y = make_bags(n_patients=60, n_patches=10, dim=16, seed=1)
     train, es = bags.subset(np.arange(40)), bags.subset(np.arange(40, 60))
-    fit = lambda seed: MILHead(MILConfig(seed=seed, **FAST)).fit(
-        train, y[:40], eval_set=(es, y[40:])
-    )
+
+    def fit(seed):
+        return MILHead(MILConfig(seed=seed, **FAST)).fit(train, y[:40], eval_set=(es, y[40:]))
+
     a, b, c = fit(0), fit(0), fit(1)
     assert np.array_equal(a.decision_function(es), b.decision_function(es))
     assert not np.array_equal(a.decision_function(es), c.decision_function(es))

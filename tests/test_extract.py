@@ -222,7 +222,8 @@ def _run_script(tmp_path, store, name, delay):
     script.write_text(
         TINY
         + (
-            "\nimport json, sys\nfrom fpstore.extract.config import ExtractConfig\nfrom fpstore.extract.run import extract\n"
+            "\nimport json, sys\nfrom fpstore.extract.config import ExtractConfig\n"
+            "from fpstore.extract.run import extract\n"
             f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, patches=None,\n"
             "                    device='cpu', num_workers=1, batch_size=16, chunk_size=16)\n"
             f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"

@@ -88,11 +88,12 @@ def store(tmp_path):
     write_parquet_atomic(
         pa.table(
             {
-                "slide_id": list(slides),
-                "patient_id": list(slides.values()),
-                "path": [f"/x/{s}.svs" for s in slides],
-                "site": ["A", "A", "B"],
-                "mpp_override": [None] * 3,
+                # S4 has no fingerprints yet: a test adds them.
+                "slide_id": [*slides, "S4"],
+                "patient_id": [*slides.values(), "P2"],
+                "path": [f"/x/{s}.svs" for s in [*slides, "S4"]],
+                "site": ["A", "A", "B", "B"],
+                "mpp_override": [None] * 4,
             },
             schema=SLIDES,
         ),
@@ -241,7 +242,7 @@ def test_similar_matches_brute_force_and_tracks_new_files(store):
         write_parquet_atomic(
             fingerprint_table("S4", "P2", twin),
             StoreLayout(root).fingerprint_file("fingerprint", "c", "S4"),
-            file_metadata("fingerprints"),
+            file_metadata("fingerprints", encoder="fingerprint"),
         )
         assert similar(fs, "S1/0_0_224", k=1).hits[0]["slide_id"] == "S4"
         assert len(vector_index(fs, "fingerprint").vectors) == 14

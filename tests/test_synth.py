@@ -103,8 +103,12 @@ def test_layout_names_and_tables_follow_the_contract(synth_small):
         for r in rows:
             per_patient[r["patient_id"]] = per_patient.get(r["patient_id"], 0) + 1
         assert set(per_patient.values()) <= {1, 2}
-    train = {r["patient_id"] for r in csv.DictReader(open(synth_small / "tma/train/array_map.csv"))}
-    test = {r["patient_id"] for r in csv.DictReader(open(synth_small / "tma/test/array_map.csv"))}
+
+    def patients(array: str) -> set[str]:
+        with open(synth_small / "tma" / array / "array_map.csv") as handle:
+            return {r["patient_id"] for r in csv.DictReader(handle)}
+
+    train, test = patients("train"), patients("test")
     assert train.isdisjoint(test)
     sites = {
         s["path"]: s["site"]

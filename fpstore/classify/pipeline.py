@@ -16,7 +16,7 @@ from fpstore.classify.splits import SPLITS
 from fpstore.config import MARKERS, check_choice, check_range
 from fpstore.errors import ClassifyError, ConfigError
 from fpstore.store.cohorts import read_cohort_document
-from fpstore.store.fingerprints import cohort_encoders, resolve_encoder
+from fpstore.store.fingerprints import cohort_encoders, partition_settings, resolve_encoder
 
 DEFAULT_COMPARE_METHODS = ("mil", "logreg", "logreg-tissue", "xgboost", "xgboost-tissue")
 
@@ -91,6 +91,11 @@ def score_range(method: str, predictions) -> list[float]:
     return [0.0, 1.0]
 
 
+def _extraction(store, encoder: str | None, cohort: str) -> dict:
+    """The extraction settings of the fingerprints a run read (none for pixel methods)."""
+    return {} if encoder is None else partition_settings(store, encoder, cohort)
+
+
 def _images(store, cohort, bags, method):
     if method != "patch-cnn":
         return None
@@ -143,6 +148,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         "kind": "classify",
         "score_range": score_range(cfg.method, cv.predictions),
         "data": data.summary(),
+        "extraction": _extraction(store, encoder, cfg.cohort),
         "cv": cv.to_dict(),
         "classifier": cv.classifier,
         "fold_assignment": groups,
@@ -160,7 +166,11 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
             test_images=_images(store, cfg.external, ext_data.bags, cfg.method),
             **common,
         )
-        document["external_validation"] = {**ext.to_dict(), "data": ext_data.summary()}
+        document["external_validation"] = {
+            **ext.to_dict(),
+            "data": ext_data.summary(),
+            "extraction": _extraction(store, encoder, cfg.external),
+        }
         predictions.append((cfg.external, "external", ext.predictions))
     if cfg.site_probe:
         document["site_probe"] = _probe(data.bags, cfg.folds, cfg.seed)
@@ -318,6 +328,10 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
                 "compare_id": compare_id,
                 "score_range": score_range(method, res.predictions),
                 res.kind: res.to_dict(),
+                "extraction": {
+                    c: _extraction(store, run_config["encoder"], c)
+                    for c in filter(None, (cfg.cohort, cfg.external))
+                },
                 "fold_assignment": result["groups"],
             }
             block = (cfg.external or cfg.cohort, "external" if res.kind == "external" else "test")

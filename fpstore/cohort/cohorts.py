@@ -30,6 +30,7 @@ from fpstore.errors import CohortError, SlideError
 from fpstore.slides.slide import Slide, load_mpp_overrides, open_slide
 from fpstore.store.cohorts import (
     CohortSlide,
+    cohort_lock,
     cohort_names,
     read_cohort,
     read_cohort_document,
@@ -67,6 +68,8 @@ class CohortSummary:
     slides_without_patients: list[dict]  # slide_id, path, reason
     problems: list[dict]  # slide_id, path, patient_id, problem: listed but not usable
     unused_mpp_overrides: list[str] = field(default_factory=list)
+    # Files of slides the cohort no longer has, removed when it was re-added: {what: count}.
+    removed: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +79,7 @@ class CohortSummary:
         data = dict(data)
         for key in ("markers", "markers_with_slides"):
             data[key] = {m: MarkerCounts(**c) for m, c in data[key].items()}
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
 @dataclass
@@ -297,6 +300,40 @@ def add_cohort(
         raise CohortError(
             f"cohort {name!r} already exists in {str(store)!r}; pass --force to replace it"
         )
+    with cohort_lock(store, name) as lock:
+        if not lock.acquire():
+            raise CohortError(
+                f"cohort {name!r} is being extracted (or added) by another process; wait for "
+                "it to finish or stop it, then rerun `fpstore cohort add`"
+            )
+        return _add_cohort(
+            store,
+            name,
+            slides,
+            clinical,
+            fmt,
+            mpp_overrides,
+            site_column,
+            columns,
+            slides_dir,
+            her2_fish_resolves_equivocal,
+            validate,
+        )
+
+
+def _add_cohort(
+    store,
+    name,
+    slides,
+    clinical,
+    fmt,
+    mpp_overrides,
+    site_column,
+    columns,
+    slides_dir,
+    her2_fish_resolves_equivocal,
+    validate,
+) -> CohortSummary:
     if clinical is None:
         raise CohortError("a cohort needs a clinical table; pass --clinical FILE")
     table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
@@ -368,7 +405,7 @@ def add_cohort(
         },
         "slide_info": slide_info,
     }
-    write_cohort(store, name, slides_table, labels_table, document)
+    summary.removed = write_cohort(store, name, slides_table, labels_table, document)
     return summary
 
 

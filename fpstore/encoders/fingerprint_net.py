@@ -56,10 +56,7 @@ def to_input(
 
     Normalisation runs on the batch's device so that only uint8 crosses the bus.
     """
-    if batch.dtype == torch.uint8:
-        x = batch.permute(0, 3, 1, 2).float().div_(255.0)
-    else:
-        x = batch
+    x = batch.permute(0, 3, 1, 2).float().div_(255.0) if batch.dtype == torch.uint8 else batch
     if out_px is not None and x.shape[-1] != out_px:
         x = nn.functional.interpolate(
             x, size=(out_px, out_px), mode="bilinear", antialias=True, align_corners=False

@@ -11,51 +11,13 @@ scheduler (the Ray driver) hands each slide to exactly one task.
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sys
 import time
-from pathlib import Path
 
 from fpstore.extract.config import SlideResult
 from fpstore.store.fingerprints import stored_state
 from fpstore.store.layout import StoreLayout
-
-
-class SlideClaim:
-    """An exclusive, non-blocking flock on ``.<slide>.lock``; released on close or death."""
-
-    def __init__(self, path: Path | None):
-        self.path = path  # None: object storage, where the scheduler alone hands out slides
-        self.fd: int | None = None
-
-    def acquire(self) -> bool:
-        if self.path is None:
-            return True
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.uname().nodename} {os.getpid()}\n".encode())
-        self.fd = fd
-        return True
-
-    def holder(self) -> str:
-        """'host pid' of the process that holds (or last held) the claim."""
-        try:
-            return self.path.read_text().strip() if self.path else ""
-        except OSError:
-            return ""
-
-    def release(self) -> None:
-        if self.fd is not None:
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+from fpstore.store.locks import FileLock
 
 
 class Claims:
@@ -67,13 +29,13 @@ class Claims:
         self.deferred: list = []  # plans whose claim another process held
         self.decided: dict[str, SlideResult] = {}  # slides settled without encoding them
 
-    def _claim(self, slide_id: str) -> SlideClaim:
+    def _claim(self, slide_id: str) -> FileLock:
         path = None
         if not self.layout.is_remote:
             path = self.layout.claim_file(self.encoder, self.cohort, slide_id)
-        return SlideClaim(path)
+        return FileLock(path)
 
-    def take(self, plan) -> SlideClaim | None:
+    def take(self, plan) -> FileLock | None:
         """The slide's claim if this run must encode it; None when it was deferred (another
         process holds it) or settled (``decided``: done elsewhere, or a conflict)."""
         claim = self._claim(plan.slide_id)

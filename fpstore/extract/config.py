@@ -85,6 +85,7 @@ class ExtractSummary:
     seconds: float
     loop_seconds: float = 0.0  # claim-read-encode-write only (no model build, no planning)
     int8_agreement: dict | None = None  # int8: cosine with fp32 on held-out calibration patches
+    notes: list[str] = field(default_factory=list)  # what the run decided for the user
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.slides)
@@ -121,5 +122,6 @@ class ExtractSummary:
             if self.loop_seconds
             else 0.0,
             "int8_agreement": self.int8_agreement,
+            "notes": self.notes,
             "slides": [asdict(r) for r in self.slides],
         }

@@ -23,10 +23,10 @@ import torch
 
 from fpstore.encoders.base import resolve_device
 from fpstore.errors import StoreError
-from fpstore.extract.claims import SlideClaim
 from fpstore.extract.config import ExtractConfig, SlideResult
 from fpstore.extract.plan import SlidePlan
 from fpstore.extract.write import EncoderInfo, record_failure, write_slide
+from fpstore.store.locks import FileLock
 
 
 class LocalEngine:
@@ -118,7 +118,7 @@ def _worker_init(_):
 @dataclass
 class _Slot:
     plan: SlidePlan
-    claim: SlideClaim
+    claim: FileLock
     vectors: np.ndarray
     remaining: int
     started: float

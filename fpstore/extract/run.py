@@ -11,6 +11,7 @@ run could not confirm.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from fpstore.config import PatchSpec
@@ -19,7 +20,7 @@ from fpstore.extract.claims import Claims
 from fpstore.extract.config import ExtractConfig, ExtractSummary, SlideResult
 from fpstore.extract.plan import calibration_set, plan_slides, read_calibration, resume_key
 from fpstore.extract.write import EncoderInfo, record_failure
-from fpstore.store.cohorts import read_cohort
+from fpstore.store.cohorts import cohort_lock, read_cohort
 from fpstore.store.fingerprints import stored_state
 from fpstore.store.layout import StoreLayout, check_partition_value
 
@@ -42,6 +43,19 @@ def extract(
     layout = StoreLayout.of(store)
     engine = engine or LocalEngine()
     engine.check_store(layout)
+    with cohort_lock(layout, cohort) as lock:
+        # Shared: runs of one cohort share it; `cohort add --force` waits for none of them.
+        if not lock.acquire(shared=True):
+            raise StoreError(
+                f"cohort {cohort!r} is being re-added (`fpstore cohort add --force`) by "
+                f"{lock.holder() or 'another process'}; rerun when it has finished"
+            )
+        return _extract(layout, cohort, config, progress, engine, started)
+
+
+def _extract(layout, cohort, config, progress, engine, started) -> ExtractSummary:
+    from fpstore.encoders.registry import create_encoder
+
     slides = read_cohort(layout, cohort).slide_records()
     device = engine.device(config)
     encoder = config.build_encoder()
@@ -59,6 +73,17 @@ def extract(
             )
         calibration, key["calibration"] = calibration_set(slides, spec)
     info = EncoderInfo.of(encoder)
+    notes = []
+    stored = _stored_states(layout, encoder.id, cohort, slides, key)
+    if config.patches is not None and _all_patches_stored(stored.values()):
+        # One all-patch extraction serves every sample size: classify draws its own.
+        config = dataclasses.replace(config, patches=None)
+        key["patches"] = "all"
+        stored = _stored_states(layout, encoder.id, cohort, slides, key)
+        notes.append(
+            "the store holds every tissue patch of this cohort and encoder: reusing them "
+            "(`classify --patches N` draws N per patient); missing slides get all patches too"
+        )
 
     results: dict[str, SlideResult] = {}
     pending, mismatched = [], {}
@@ -66,17 +91,17 @@ def extract(
         if slide.patient_id is None:
             results[slide.slide_id] = SlideResult(slide.slide_id, "no-patient")
             continue
-        path = layout.fingerprint_file(encoder.id, cohort, slide.slide_id)
-        stored = stored_state(path, key)
-        if stored.state in ("missing", "corrupt") or (
-            stored.state == "other-settings" and config.force
+        state = stored[slide.slide_id]
+        if state.state in ("missing", "corrupt") or (
+            state.state == "other-settings" and config.force
         ):
             pending.append(slide)
-        elif stored.state == "other-settings":
-            mismatched[slide.slide_id] = stored
-        elif stored.state == "foreign":
+        elif state.state == "other-settings":
+            mismatched[slide.slide_id] = state
+        elif state.state == "foreign":
+            path = layout.fingerprint_file(encoder.id, cohort, slide.slide_id)
             results[slide.slide_id] = SlideResult(
-                slide.slide_id, "failed", error=f"{path}: {stored.describe()}; move it away"
+                slide.slide_id, "failed", error=f"{path}: {state.describe()}; move it away"
             )
         else:
             results[slide.slide_id] = SlideResult(slide.slide_id, "skipped")
@@ -124,6 +149,25 @@ def extract(
         time.perf_counter() - started,
         loop_seconds,
         agreement,
+        notes,
+    )
+
+
+def _stored_states(layout, encoder: str, cohort: str, slides, key: dict) -> dict:
+    return {
+        s.slide_id: stored_state(layout.fingerprint_file(encoder, cohort, s.slide_id), key)
+        for s in slides
+        if s.patient_id is not None
+    }
+
+
+def _all_patches_stored(states) -> bool:
+    """True when some slides are stored, and every stored one differs from the wanted
+    settings only in holding all its patches."""
+    stored = [s for s in states if s.state != "missing"]
+    return bool(stored) and all(
+        s.state == "other-settings" and set(s.diff) == {"patches"} and s.diff["patches"][0] == "all"
+        for s in stored
     )
 
 

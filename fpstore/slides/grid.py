@@ -31,6 +31,7 @@ GRID_SCHEMA = pa.schema(
     ]
 )
 PAPER_PATCHES_PER_PATIENT = 120
+GRID_BAND = 1 << 20  # squares scored at a time
 
 
 def grid_squares(width: int, height: int, size_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +58,23 @@ def patch_grid(slide, spec: PatchSpec = PatchSpec(), mask=None) -> pa.Table:
         mask = tissue_mask(slide)
     size_px = slide.patch_size_px(spec.patch_um)
     xs, ys = grid_squares(slide.info.width, slide.info.height, size_px)
-    fraction = mask.fraction_in(xs, ys, size_px)
-    # A hair of tolerance: an all-tissue square computes to 0.9999999 in floating point.
-    keep = fraction >= spec.min_tissue - 1e-6
+    kept = {"x": [], "y": [], "tissue_fraction": []}
+    # Band by band: memory follows the tissue squares kept, not the slide's whole grid.
+    for start in range(0, len(xs), GRID_BAND):
+        x, y = xs[start : start + GRID_BAND], ys[start : start + GRID_BAND]
+        fraction = mask.fraction_in(x, y, size_px)
+        # A hair of tolerance: an all-tissue square computes to 0.9999999 in floating point.
+        keep = fraction >= spec.min_tissue - 1e-6
+        kept["x"].append(x[keep])
+        kept["y"].append(y[keep])
+        kept["tissue_fraction"].append(fraction[keep].astype(np.float32))
+    columns = {k: np.concatenate(v) if v else np.zeros(0) for k, v in kept.items()}
     return pa.table(
         {
-            "x": xs[keep],
-            "y": ys[keep],
-            "size_px": np.full(int(keep.sum()), size_px, np.float32),
-            "tissue_fraction": fraction[keep].astype(np.float32),
+            "x": columns["x"].astype(np.int64),
+            "y": columns["y"].astype(np.int64),
+            "size_px": np.full(len(columns["x"]), size_px, np.float32),
+            "tissue_fraction": columns["tissue_fraction"].astype(np.float32),
         },
         schema=GRID_SCHEMA,
     )

@@ -27,9 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-# Microns per pixel outside this range are not a microscope scan: 72/96/300 dpi
-# written by image software (352.8/264.6/84.7 um/px) must not pass for a scale.
-PLAUSIBLE_MPP = (0.01, 50.0)
+from fpstore.slides.scale import PLAUSIBLE_MPP
+
 PAD_VALUE = 255
 _UM_PER_UNIT = {"nm": 1e-3, "µm": 1.0, "um": 1.0, "mm": 1e3, "cm": 1e4, "m": 1e6}
 _NOT_A_TIFF = "tifffile cannot parse it"

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fpstore.errors import ConfigError, MppMissingError, SlideError
+from fpstore.slides.scale import check_extent, check_mpp
 
 # A level up to 2% coarser than the target still counts as the target: nominal
 # 40x scanners sit at 0.252-0.2527 um/px, and reading the 4x larger level below
@@ -118,11 +119,7 @@ def load_mpp_overrides(path: str | Path) -> dict[str, float]:
             mpp = float(row["mpp"])
         except (TypeError, ValueError):
             mpp = float("nan")
-        if not (math.isfinite(mpp) and mpp > 0):
-            raise ConfigError(
-                f"{path} line {line}: mpp={row['mpp']!r} for slide {row['slide']!r}; "
-                "give microns per pixel as a positive number, e.g. 0.25 (40x) or 0.5 (20x)"
-            )
+        check_mpp(mpp, f"slide {row['slide']!r} ({path} line {line})")
         overrides[slide_id_from_path(row["slide"].strip())] = mpp
     return overrides
 
@@ -157,10 +154,8 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
     from fpstore.slides.readers import open_backend
 
     path = Path(path)
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ConfigError(
-            f"mpp={mpp!r} for slide {path}; give a positive number of microns per pixel"
-        )
+    if mpp is not None:
+        check_mpp(mpp, f"slide {path}")
     if not path.exists():
         raise SlideError(f"slide {path} does not exist")
     try:
@@ -186,6 +181,11 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
             f"for a cohort"
         )
     width, height = backend.level_dims[0]
+    try:
+        check_extent(path, width, height, mpp or backend.mpp, "override" if mpp else "metadata")
+    except SlideError:
+        backend.close()
+        raise
     info = SlideInfo(
         slide_id=slide_id,
         path=str(path),

@@ -58,6 +58,14 @@ class TissueMask:
     mask: np.ndarray
     downsample: float
 
+    def _summed_area(self) -> np.ndarray:
+        # Built once per mask: a grid asks for it band by band.
+        if getattr(self, "_table", None) is None:
+            table = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.float64)
+            table[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
+            self._table = table
+        return self._table
+
     @property
     def fraction(self) -> float:
         """Share of the slide that is tissue."""
@@ -70,8 +78,7 @@ class TissueMask:
         pixel, so interpolating it gives the exact covered area even when square
         edges cut mask pixels.
         """
-        table = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.float64)
-        table[1:, 1:] = self.mask.astype(np.float64).cumsum(0).cumsum(1)
+        table = self._summed_area()
         x0 = np.asarray(x, np.float64) / self.downsample
         y0 = np.asarray(y, np.float64) / self.downsample
         side = size_px / self.downsample

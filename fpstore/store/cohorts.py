@@ -20,7 +20,8 @@ import pyarrow.parquet as pq
 
 from fpstore.errors import CohortError
 from fpstore.store.io import write_parquet_atomic
-from fpstore.store.layout import StoreLayout
+from fpstore.store.layout import StoreLayout, partitions, visible_files
+from fpstore.store.locks import FileLock
 from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES, file_metadata, read_metadata
 
 
@@ -99,10 +100,46 @@ def read_cohort(store, name: str) -> StoredCohort:
     )
 
 
-def write_cohort(store, name: str, slides: pa.Table, labels: pa.Table, document: dict) -> None:
-    """Build the cohort in a temporary folder, then swap it in: readers see old or new,
-    never half."""
+def write_cohort(store, name: str, slides: pa.Table, labels: pa.Table, document: dict) -> dict:
+    """Write the cohort (readers see the old one or the new one, never half), then remove
+    what belonged only to slides it no longer has; returns {what: files removed}.
+
+    Callers hold the cohort's lock (``cohort_lock``) so that no extraction runs meanwhile.
+    """
+    _publish(StoreLayout.of(store), name, slides, labels, document)
+    return remove_stale_slides(store, name, set(slides.column("slide_id").to_pylist()))
+
+
+def cohort_lock(store, name: str) -> FileLock:
+    """The lock an extraction of ``name`` holds shared, and ``cohort add`` exclusively."""
     layout = StoreLayout.of(store)
+    return FileLock(None if layout.is_remote else layout.cohort_lock_file(name))
+
+
+def remove_stale_slides(store, name: str, keep: set[str]) -> dict[str, int]:
+    """Delete the fingerprints, status files, claims and tissue types of ``name``'s slides
+    that are not in ``keep``. Idempotent: rerunning finishes an interrupted clean-up."""
+    layout = StoreLayout.of(store)
+    stale: dict[str, list] = {"fingerprints": [], "status": [], "tissue": []}
+    encoders = set(partitions(layout.fingerprints_dir, "encoder"))
+    for encoder in sorted(encoders | set(partitions(layout.status_root, "encoder"))):
+        folder = layout.fingerprint_dir(encoder, name)
+        stale["fingerprints"] += [f for f in visible_files(folder) if f.stem not in keep]
+        status = layout.status_dir(encoder, name)
+        stale["status"] += [f for f in visible_files(status, "*.json") if f.stem not in keep]
+        stale["status"] += [
+            f
+            for f in (status.glob(".*.lock") if status.is_dir() else [])
+            if f.name[1:-5] not in keep
+        ]
+    stale["tissue"] = [f for f in visible_files(layout.tissue_dir(name)) if f.stem not in keep]
+    for paths in stale.values():
+        for path in paths:
+            path.unlink(missing_ok=True)
+    return {what: len(paths) for what, paths in stale.items()}
+
+
+def _publish(layout: StoreLayout, name: str, slides, labels, document: dict) -> None:
     target = layout.cohort_dir(name)
     if layout.is_remote:
         # No folder rename on object storage: publish the tables, then cohort.json (the key

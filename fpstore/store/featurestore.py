@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
 from fpstore.store.cohorts import cohort_names
+from fpstore.store.fingerprints import partition_settings
 from fpstore.store.layout import StoreLayout, partitions, visible_files
 from fpstore.store.pooling import segment_mean
 from fpstore.store.remote import register_with_duckdb
@@ -37,7 +38,6 @@ from fpstore.store.schema import (
     PATCH_KEY_FIELDS,
     PATCH_PREDICTIONS,
     PATIENT_PREDICTIONS,
-    SCHEMA_VERSION,
     SLIDES,
     TISSUE,
     fingerprint_schema,
@@ -141,7 +141,7 @@ class Fingerprints:
 class FeatureStore:
     """A store folder seen through DuckDB views; see the module docstring."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, read_only: bool = False):
         import duckdb
 
         self.layout = StoreLayout.of(path)
@@ -154,7 +154,22 @@ class FeatureStore:
         self.connection = duckdb.connect()
         register_with_duckdb(self.connection, self.path)
         self.dims: dict[str, int] = {}
+        self.settings: dict[tuple[str, str], dict] = {}  # (encoder, cohort) -> their settings
         self.refresh()
+        self.read_only = read_only
+        if read_only:
+            self._lock_down()
+
+    def _lock_down(self) -> None:
+        """DuckDB may read the store's own files and nothing else, and its settings stay so
+        (``fpstore sql``: a query tool over a store reads the store only)."""
+        root = str(self.path)
+        if isinstance(self.path, Path):
+            root = str(self.path.resolve())
+        root = root.rstrip("/") + "/"
+        self.connection.execute("SET allowed_directories = [?]", [root])
+        self.connection.execute("SET enable_external_access = false")
+        self.connection.execute("SET lock_configuration = true")
 
     def close(self) -> None:
         self.connection.close()
@@ -192,6 +207,8 @@ class FeatureStore:
             files = [f for c in partitions(folder, "cohort").values() for f in visible_files(c)]
             if not files:
                 continue
+            for cohort in partitions(folder, "cohort"):  # the views never mix settings
+                self.settings[(encoder, cohort)] = partition_settings(self.layout, encoder, cohort)
             self.dims[encoder] = pq.read_schema(files[0]).field("fingerprint").type.list_size
             selects.append((encoder, f"{folder}/cohort=*/*.parquet"))
         keys = ", ".join(KEY_COLUMNS)
@@ -266,9 +283,7 @@ class FeatureStore:
             ),
         )
 
-    def _parquet_view(
-        self, name, folder: Path, pattern: str, schema: pa.Schema, hive=False
-    ) -> None:
+    def _parquet_view(self, name, folder, pattern: str, schema: pa.Schema, hive=False) -> None:
         files = visible_files(folder, pattern) if folder.is_dir() else []
         if not files:
             fields = ([pa.field("cohort", pa.string())] if hive else []) + list(schema)
@@ -282,7 +297,10 @@ class FeatureStore:
 
     # -- queries --
     def sql(self, text: str, params: list | None = None) -> Query:
-        """A lazy query over the views (for users and the CLI)."""
+        """A lazy query over the views (for users and the CLI). On a read-only store only
+        SELECT (and EXPLAIN) statements run: no COPY, ATTACH, INSTALL/LOAD, SET or writes."""
+        if self.read_only:
+            check_read_only(text)
         return Query(self, text, params)
 
     def columns(self, view: str) -> list[str]:
@@ -337,7 +355,11 @@ class FeatureStore:
     def fingerprint_files(
         self, encoder: str, cohort: str | None = None, slide_ids=None
     ) -> list[tuple[str, Path]]:
-        """(cohort, file) of every slide's fingerprints for ``encoder`` (and cohort, slides)."""
+        """(cohort, file) of every slide's fingerprints for ``encoder`` (and cohort, slides).
+
+        Each cohort's files must share one set of extraction settings
+        (``partition_settings``): a mixed, corrupt or stale partition is refused, not read.
+        """
         folder = self.layout.fingerprints_dir / f"encoder={encoder}"
         if not folder.is_dir():
             known = [row["encoder"] for row in self.encoders()]
@@ -350,26 +372,24 @@ class FeatureStore:
         for name, sub in partitions(folder, "cohort").items():
             if cohort is not None and name != cohort:
                 continue
+            self.settings[(encoder, name)] = partition_settings(self.layout, encoder, name)
             out += [(name, f) for f in visible_files(sub) if wanted is None or f.stem in wanted]
         return out
 
     def fingerprints(self, encoder: str, cohort: str | None = None, slide_ids=None) -> Fingerprints:
-        """Keys and an (N, dim) float32 matrix of ``encoder``'s fingerprints, read with pyarrow."""
+        """Keys and an (N, dim) float32 matrix of ``encoder``'s fingerprints, read with pyarrow;
+        ``metadata`` holds the extraction settings they share (one cohort) ."""
         files = self.fingerprint_files(encoder, cohort, slide_ids)
-        keys, vectors, metadata = [], [], {}
+        keys, vectors = [], []
         for name, path in files:
             table = pq.read_table(path)
-            metadata = read_metadata(table.schema)
-            if metadata.get("schema_version") != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{path} has schema version {metadata.get('schema_version')!r}, "
-                    f"this fpstore reads {SCHEMA_VERSION!r}; re-extract with --force"
-                )
             vectors.append(column_to_numpy(table.column("fingerprint")))
             k = table.select(KEY_COLUMNS)
             keys.append(k.append_column("cohort", pa.array([name] * len(k), pa.string())))
         dim = self.dims.get(encoder, 512)
         schema = pa.schema(list(PATCH_KEY_FIELDS) + [pa.field("cohort", pa.string())])
+        cohorts = sorted({name for name, _ in files})
+        metadata = self.settings.get((encoder, cohorts[0]), {}) if len(cohorts) == 1 else {}
         return Fingerprints(
             keys=pa.concat_tables(keys) if keys else schema.empty_table(),
             vectors=np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32),
@@ -405,6 +425,27 @@ class FeatureStore:
         return ids, segment_mean(fp.vectors, index, len(ids))
 
 
-def open(path: str | Path) -> FeatureStore:  # noqa: A001 - the public name the contract gives
-    """Open a store folder: ``fpstore.store.open("fpstore-store").sql("SELECT ...")``."""
-    return FeatureStore(path)
+READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
+
+
+def check_read_only(text: str) -> None:
+    """StoreError unless every statement of ``text`` only reads (SELECT, EXPLAIN)."""
+    import duckdb
+
+    try:
+        statements = duckdb.extract_statements(text)
+    except duckdb.Error as error:
+        raise StoreError(f"query failed: {error}\n  query: {text}") from error
+    for statement in statements:
+        kind = statement.type.name
+        if kind not in READ_ONLY_STATEMENTS:
+            raise StoreError(
+                f"{kind} statements are not allowed: `fpstore sql` only reads the store "
+                "(SELECT, EXPLAIN, DESCRIBE, SHOW); save results with --format csv > out.csv"
+            )
+
+
+def open(path: str | Path, read_only: bool = False) -> FeatureStore:  # noqa: A001
+    """Open a store folder: ``fpstore.store.open("fpstore-store").sql("SELECT ...")``;
+    ``read_only`` (what ``fpstore sql`` uses): DuckDB reads the store's files and nothing else."""
+    return FeatureStore(path, read_only)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,8 +19,14 @@ import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
-from fpstore.store.layout import StoreLayout, check_partition_value
-from fpstore.store.schema import KEY_COLUMNS, fingerprint_schema, patch_id, read_metadata
+from fpstore.store.layout import StoreLayout, check_partition_value, visible_files
+from fpstore.store.schema import (
+    KEY_COLUMNS,
+    SCHEMA_VERSION,
+    fingerprint_schema,
+    patch_id,
+    read_metadata,
+)
 
 # zstd over byte-stream-split floats stores ReLU features in ~70% of their raw size
 # (benchmarks/bench_storage.py).
@@ -152,6 +159,87 @@ def stored_state(path, key: dict[str, str]) -> StoredFile:
         return state
     diff = {k: (stored.get(k, "?"), v) for k, v in key.items() if stored.get(k) != v}
     return StoredFile("other-settings", diff) if diff else state
+
+
+# Metadata that differs from slide to slide of one extraction; everything else is a setting.
+PER_SLIDE_FIELDS = ("slide_id", "n_patches", "fpstore_version")
+_CHECKED: dict = {}  # (folder, listing) -> settings: a partition is read once per listing
+
+
+def partition_settings(store, encoder: str, cohort: str) -> dict[str, str]:
+    """The extraction settings every fingerprint file of (encoder, cohort) shares.
+
+    Raises StoreError, naming the files and the repair, when a file is corrupt or not
+    fpstore's, belongs to a slide the cohort no longer has, or when the files were made
+    with different settings (two runs with other settings, or a killed ``--force`` run).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fpstore.store.cohorts import read_cohort
+
+    layout = StoreLayout.of(store)
+    folder = layout.fingerprint_dir(encoder, cohort)
+    files = visible_files(folder)
+    listing = (str(folder), tuple((f.name, _stamp(f)) for f in files))
+    if listing in _CHECKED:
+        return _CHECKED[listing]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # footers only; threads hide latency
+        inspected = list(pool.map(_inspect, files))
+    repair = f"`fpstore extract --cohort {cohort} --encoder {encoder}`"
+    broken = [(f, state) for f, (state, _) in zip(files, inspected) if state.state != "match"]
+    if broken:
+        path, state = broken[0]
+        raise StoreError(
+            f"{len(broken)} fingerprint file(s) of cohort {cohort!r}, encoder {encoder!r} "
+            f"are corrupt or not fpstore's (e.g. {path}: {state.detail}); {repair} rewrites "
+            "corrupt files of its own; move foreign files out of the store"
+        )
+    known = {s.slide_id for s in read_cohort(layout, cohort).slide_records()}
+    stale = [f.stem for f in files if f.stem not in known]
+    if stale:
+        raise StoreError(
+            f"cohort {cohort!r}, encoder {encoder!r}: fingerprints of {len(stale)} slide(s) no "
+            f"longer in the cohort ({', '.join(stale[:5])}{' ...' if len(stale) > 5 else ''}); "
+            f"re-add the cohort with `fpstore cohort add {cohort} ... --force`, which removes them"
+        )
+    groups: dict[tuple, list[str]] = {}
+    for path, (_, metadata) in zip(files, inspected):
+        key = tuple(sorted((k, v) for k, v in metadata.items() if k not in PER_SLIDE_FIELDS))
+        groups.setdefault(key, []).append(path.stem)
+    if len(groups) > 1:
+        raise StoreError(_mixed(cohort, encoder, groups, repair))
+    settings: dict[str, str] = dict(next(iter(groups))) if groups else {}
+    if settings and settings.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(
+            f"cohort {cohort!r}, encoder {encoder!r}: fingerprints of schema version "
+            f"{settings.get('schema_version')!r}; this fpstore reads {SCHEMA_VERSION!r}: "
+            f"re-extract with {repair} --force"
+        )
+    _CHECKED[listing] = settings
+    return settings
+
+
+def _stamp(path) -> tuple:
+    if isinstance(path, Path):
+        stat = path.stat()
+        return stat.st_size, stat.st_mtime_ns
+    info = path.fs.info(path.path)  # object storage: size and ETag/mtime where given
+    return info.get("size"), str(info.get("ETag") or info.get("LastModified") or info.get("mtime"))
+
+
+def _mixed(cohort: str, encoder: str, groups: dict, repair: str) -> str:
+    ordered = sorted(groups.items(), key=lambda item: -len(item[1]))
+    common = set.intersection(*(set(settings) for settings, _ in ordered))
+    parts = []
+    for settings, slides in ordered:
+        differ = ", ".join(f"{k}={v}" for k, v in settings if (k, v) not in common)
+        named = ", ".join(slides[:3]) + (" ..." if len(slides) > 3 else "")
+        parts.append(f"{len(slides)} slide(s) with {differ} ({named})")
+    return (
+        f"cohort {cohort!r}, encoder {encoder!r}: fingerprints made with {len(groups)} sets of "
+        f"settings ({'; '.join(parts)}); readers refuse to mix them. Repair with {repair} "
+        "--force and the settings you want (e.g. --patches all)"
+    )
 
 
 def read_slide_file(path, with_fingerprints: bool = True):

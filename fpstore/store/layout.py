@@ -4,6 +4,7 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
 ``fpstore.store.remote``); the same layout holds for both:
 
     cohorts/<cohort>/slides.parquet, labels.parquet, cohort.json
+    locks/cohort=<cohort>.lock     held by extraction (shared) and cohort add (exclusive)
     fingerprints/encoder=<id>/cohort=<cohort>/<slide_id>.parquet
     status/encoder=<id>/cohort=<cohort>/<slide_id>.json (and .<slide_id>.lock claims)
     tissue/cohort=<cohort>/<slide_id>.parquet
@@ -89,6 +90,10 @@ class StoreLayout:
         """``slides.parquet``, ``labels.parquet`` or ``cohort.json`` of a cohort."""
         return self.cohort_dir(cohort) / name
 
+    def cohort_lock_file(self, cohort: str):
+        """Extraction holds it shared for its whole run; ``cohort add`` exclusively."""
+        return self.root / "locks" / f"cohort={cohort}.lock"
+
     # -- fingerprints and their status --
     @property
     def fingerprints_dir(self):
@@ -100,8 +105,12 @@ class StoreLayout:
     def fingerprint_file(self, encoder: str, cohort: str, slide_id: str):
         return self.fingerprint_dir(encoder, cohort) / f"{slide_id}.parquet"
 
+    @property
+    def status_root(self):
+        return self.root / "status"
+
     def status_dir(self, encoder: str, cohort: str):
-        return self.root / "status" / f"encoder={encoder}" / f"cohort={cohort}"
+        return self.status_root / f"encoder={encoder}" / f"cohort={cohort}"
 
     def status_file(self, encoder: str, cohort: str, slide_id: str):
         return self.status_dir(encoder, cohort) / f"{slide_id}.json"

@@ -36,17 +36,18 @@ def is_remote(store) -> bool:
     """True for a URL with a scheme other than file:// (s3://, gs://, memory://...)."""
     if isinstance(store, RemotePath):
         return True
-    match = _URL.match(str(store)) if isinstance(store, str) else None
-    return bool(match) and match.group(1).lower() != "file"
+    match = _URL.match(store) if isinstance(store, str) else None
+    return match is not None and match.group(1).lower() != "file"
 
 
 def store_root(store) -> Path | RemotePath:
     """A local store as a Path; a URL as a RemotePath on its fsspec filesystem."""
     if isinstance(store, RemotePath):
         return store
-    if not is_remote(store):
+    match = _URL.match(store) if isinstance(store, str) else None
+    if match is None or match.group(1).lower() == "file":
         return Path(str(store).removeprefix("file://"))
-    protocol = _URL.match(store).group(1).lower()
+    protocol = match.group(1).lower()
     try:
         import fsspec
     except ImportError as error:  # pragma: no cover - fsspec comes with tiatoolbox

@@ -55,11 +55,12 @@ class SlidePatches:
 
 def stored_slide_files(store, cohort: str, encoder: str | None) -> tuple[str, list]:
     """(encoder, the cohort's per-slide fingerprint files) for ``encoder`` or the only one."""
-    from fpstore.store.fingerprints import resolve_encoder
+    from fpstore.store.fingerprints import partition_settings, resolve_encoder
     from fpstore.store.layout import StoreLayout, visible_files
 
     layout = StoreLayout.of(store)
     encoder = resolve_encoder(layout, cohort, encoder)
+    partition_settings(layout, encoder, cohort)  # one set of settings, nothing corrupt
     return encoder, visible_files(layout.fingerprint_dir(encoder, cohort))
 
 
