@@ -44,9 +44,9 @@ _SHOWN = 10  # patches listed in the text summary; --json and the CSV hold them 
 @json_option
 def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
     """Find the tissue of SLIDE and the patches an extraction would read from it: write the
-    thumbnail with the tissue mask and the patch grid drawn over it (PNG), the patch list
-    (CSV, level-0 pixels), and print the mpp used and where it came from, the pyramid level
-    read, and the patch count.
+    thumbnail with the tissue mask, the pen and ink removed from it, and the patch grid drawn
+    over it (PNG), the patch list (CSV, level-0 pixels), and print the mpp used and where it
+    came from, the pyramid level read, the patch count and the share removed as pen or ink.
 
     \b
     fpstore patches slides/CMU-1-Small-Region.svs --out preview/
@@ -77,7 +77,8 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
         f"{d['patch_count']} patches of {d['patch_um']:g} um = {d['size_px']:.1f} level-0 px, "
         f"read at level {d['level_read']} (downsample {d['level_downsample']:.3g}, "
         f"{d['read_px']} px) and resized to {d['out_px']} px; "
-        f"tissue {100 * d['tissue_fraction']:.1f}% of the slide\n"
+        f"tissue {100 * d['tissue_fraction']:.1f}% of the slide, "
+        f"{100 * d['pen_fraction']:.1f}% of the would-be tissue removed as pen or ink\n"
         f"preview {d['image']}, patch list {d['patches_csv']}"
     )
 

@@ -19,10 +19,17 @@ def tma():
 @click.option(
     "--array-map",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="CSV with row, column, core_index, patient_id (rows may be letters).",
+    help="CSV with row, column, core_index, patient_id (rows may be letters), and block "
+    "for an array of several blocks.",
 )
 @click.option(
     "--mpp", type=float, help="The slide's microns per pixel, when its metadata lacks it."
+)
+@click.option(
+    "--core-um",
+    type=float,
+    help="Punch diameter in microns (0.6 mm: 600). Without an mpp it sets the image's scale "
+    "from the measured core diameter; with one it is checked against the cores.",
 )
 @click.option(
     "--out",
@@ -43,16 +50,21 @@ def tma():
 )
 @click.option("--force", is_flag=True, help="Overwrite a previous dearray in --out.")
 @json_option
-def dearray(slide, array_map, mpp, out, crop_mpp, crop_px, thumbnail_px, force, as_json):
-    """Find the cores of SLIDE, order them by row and column, join the array map, and write a
-    crop of each core at --crop-mpp (default 0.5 um/px, 1600 px) with its left/right halves.
+def dearray(slide, array_map, mpp, core_um, out, crop_mpp, crop_px, thumbnail_px, force, as_json):
+    """Find the cores of SLIDE, fit the array's lattice (blocks, rows, columns, tilt, warp),
+    mark empty positions and orientation cores, join the array map, and write a crop of each
+    core at --crop-mpp (default 0.5 um/px, 1600 px) with its left/right halves.
+
+    Blocks count from 1 in reading order; rows and columns from 1 within each block. An
+    array map with more than one block needs a block column.
 
     \b
     fpstore tma dearray array1.svs --array-map array_map.csv --out cores/array1
+    fpstore tma dearray overview.jpg --core-um 600 --out cores/overview
     """
     from fpstore.slides.tma import TmaSpec, export_cores
 
-    spec = TmaSpec(thumbnail_px=thumbnail_px, crop_mpp=crop_mpp, crop_px=crop_px)
+    spec = TmaSpec(thumbnail_px=thumbnail_px, crop_mpp=crop_mpp, crop_px=crop_px, core_um=core_um)
     document = export_cores(slide, out, array_map=array_map, mpp=mpp, spec=spec, force=force)
     if as_json:
         echo_json(document)
@@ -61,8 +73,11 @@ def dearray(slide, array_map, mpp, out, crop_mpp, crop_px, thumbnail_px, force, 
         [
             {
                 "name": c["name"],
+                "block": c["block"],
                 "row": c["row"],
                 "column": c["column"],
+                "status": c["status"],
+                "confidence": c["confidence"],
                 "core_index": c["core_index"],
                 "patient_id": c["patient_id"],
                 "x": c["centre"][0],
@@ -72,13 +87,17 @@ def dearray(slide, array_map, mpp, out, crop_mpp, crop_px, thumbnail_px, force, 
             for c in document["cores"]
         ]
     )
+    shapes = ", ".join(f"{b['rows']}x{b['columns']}" for b in document["blocks"])
+    click.echo(f"scale: {document['scale']['text']}")
     click.echo(
-        f"{document['n_cores']} cores in {document['n_rows']} rows x {document['n_columns']} "
-        f"columns; crops, overlay.png and cores.csv in {out}"
+        f"{document['n_cores']} cores, {document['n_empty']} empty positions in "
+        f"{len(document['blocks'])} block(s) of rows x columns {shapes}; "
+        f"{document['n_orientation']} orientation cores; tilt {document['tilt_deg']:.1f} deg"
     )
+    click.echo(f"crops, overlay.png and cores.csv in {out}")
     if document["map_entries_without_core"]:
         missing = ", ".join(
-            f"{m['core_index']} (row {m['row']}, column {m['column']})"
+            f"{m['core_index']} (block {m['block']} row {m['row']} column {m['column']})"
             for m in document["map_entries_without_core"]
         )
         click.echo(f"array map cores not found on the slide: {missing}")

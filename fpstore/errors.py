@@ -26,6 +26,14 @@ class MppMissingError(SlideError):
     """A slide without microns-per-pixel in its metadata and no override."""
 
 
+class StainError(FpstoreError):
+    """Stains that cannot be estimated: an image or a slide's sample without enough tissue."""
+
+
+class TmaError(SlideError):
+    """A tissue microarray whose cores cannot be found or numbered."""
+
+
 class CohortError(FpstoreError):
     """A cohort definition that does not fit: clinical table, slide list, mapping."""
 

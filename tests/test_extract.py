@@ -264,7 +264,6 @@ def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
     assert len(fingerprint_files(store)) == 3
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch: ~50 s on 2 busy cores
 def test_two_processes_share_the_work_without_duplicates(tmp_path):
     store = make_cohort(tmp_path, bad=False)
     procs = [_run_script(tmp_path, store, f"p{i}", delay=0.2) for i in range(2)]

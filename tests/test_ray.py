@@ -1,6 +1,7 @@
 """Extraction on a real local Ray cluster (loopback only): equal to the local engine row for
 row, resumable by either engine, bad slides recorded, a killed encoder worker loses and
-duplicates nothing. Ray takes ~30 s to start on 2 busy cores: the cluster tests are slow."""
+duplicates nothing. Ray takes ~30 s to start on 2 busy cores; these reliability tests run by
+default (make test), int8 on every actor is marked slow."""
 
 from __future__ import annotations
 
@@ -148,7 +149,6 @@ def ray_extract(store, config=CONFIG, **ray_config):
     return extract_on_ray(store, "tcga", config, RayConfig(**ray_config), progress=False)
 
 
-@pytest.mark.slow
 def test_ray_store_equals_the_local_engine_and_either_engine_resumes_it(
     ray_cluster, reference, synth_small, tmp_path
 ):
@@ -167,7 +167,6 @@ def test_ray_store_equals_the_local_engine_and_either_engine_resumes_it(
     assert ray_extract(store).count("skipped") == n_ok
 
 
-@pytest.mark.slow
 def test_bad_slide_is_recorded_failed_and_the_others_are_written(
     ray_cluster, synth_small, tmp_path
 ):
@@ -190,7 +189,7 @@ def test_bad_slide_is_recorded_failed_and_the_others_are_written(
     assert '"failed"' in recorded.read_text()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # quantizes ResNet34 in every actor: ~10 min on 2 cores
 def test_int8_on_ray_calibrates_every_actor_alike_and_the_local_engine_resumes_it(
     ray_cluster, synth_small, tmp_path
 ):
@@ -229,7 +228,6 @@ def _encoder_actor_pids() -> list[int]:
     return pids
 
 
-@pytest.mark.slow
 def test_a_killed_encoder_worker_loses_and_duplicates_no_slide(
     ray_cluster, reference, synth_small, tmp_path
 ):
@@ -260,7 +258,6 @@ def test_a_killed_encoder_worker_loses_and_duplicates_no_slide(
     assert killed[0][0] not in _encoder_actor_pids()
 
 
-@pytest.mark.slow
 def test_ray_extracts_into_an_s3_store_and_duckdb_queries_it(
     ray_cluster, s3_url, reference, synth_small, tmp_path
 ):

@@ -18,6 +18,7 @@ import torch
 from fpstore.config import PatchSpec
 from fpstore.errors import FpstoreError
 from fpstore.extract.config import ExtractConfig
+from fpstore.slides.tissue_mask import TissueMaskSpec
 from fpstore.store.cohorts import CohortSlide
 from fpstore.store.schema import SCHEMA_VERSION
 
@@ -111,6 +112,7 @@ def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
         "seed": str(config.seed),
         "min_tissue": str(config.min_tissue),
         "precision": config.precision,
+        "tissue_mask": TissueMaskSpec().digest,
     }
 
 

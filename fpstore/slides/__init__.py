@@ -1,1 +1,2 @@
-"""Slides: readers and mpp, tissue masks, patch grids, TMA dearraying, previews, the patch cache."""
+"""Slides: readers and mpp, tissue masks (pen and ink removed), patch grids, TMA dearraying,
+stain operations, previews, the patch cache."""

@@ -1,7 +1,8 @@
 """Preview one slide before a long run: tissue mask and patch grid over the thumbnail.
 
 ``preview_patches`` writes ``<slide_id>.patches.png`` (thumbnail, non-tissue
-tinted blue, kept squares outlined green) and ``<slide_id>.patches.csv`` (the
+tinted blue, pen and ink removed from the tissue tinted orange, kept squares
+outlined green) and ``<slide_id>.patches.csv`` (the
 patch list, level-0 pixels) and returns the summary the ``fpstore patches``
 command prints.
 """
@@ -20,6 +21,7 @@ from fpstore.errors import ConfigError
 from fpstore.slides.slide import SlideInfo, open_slide
 
 _GLASS_TINT = np.array([70, 110, 255], np.float32)  # blue over what is not tissue
+_PEN_TINT = np.array([255, 140, 0], np.float32)  # orange over pen and ink removed from it
 _SQUARE_COLOUR = (0, 200, 0)
 
 
@@ -31,6 +33,7 @@ class PatchPreview:
     level_downsample: float
     read_px: int  # side of a patch in pixels of that level, before resizing to out_px
     tissue_fraction: float  # share of the slide that is tissue
+    pen_fraction: float  # share of the would-be tissue removed as pen or ink
     grid: pa.Table  # x, y, size_px, tissue_fraction
     image: Path
     patches_csv: Path
@@ -59,6 +62,7 @@ class PatchPreview:
             "read_px": self.read_px,
             "patch_count": self.patch_count,
             "tissue_fraction": self.tissue_fraction,
+            "pen_fraction": self.pen_fraction,
             "image": str(self.image),
             "patches_csv": str(self.patches_csv),
         }
@@ -68,16 +72,21 @@ class PatchPreview:
 
 
 def draw_preview(thumb: np.ndarray, downsample: float, mask, grid: pa.Table) -> np.ndarray:
-    """The thumbnail with non-tissue tinted and each grid square outlined."""
+    """The thumbnail with non-tissue and removed pen tinted and each grid square outlined."""
     import cv2
 
     height, width = thumb.shape[:2]
-    tissue = cv2.resize(
-        mask.mask.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST
-    )
+
+    def at_thumb(layer: np.ndarray) -> np.ndarray:
+        size = (width, height)
+        return cv2.resize(layer.view(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+
     image = thumb.astype(np.float32)
-    glass = tissue == 0
+    glass = ~at_thumb(mask.mask)
     image[glass] = image[glass] * 0.55 + _GLASS_TINT * 0.45
+    if mask.pen is not None:
+        pen = at_thumb(mask.pen)
+        image[pen] = image[pen] * 0.4 + _PEN_TINT * 0.6
     image = np.ascontiguousarray(image.astype(np.uint8))
     for x, y, size in zip(
         grid.column("x").to_numpy(), grid.column("y").to_numpy(), grid.column("size_px").to_numpy()
@@ -127,6 +136,7 @@ def preview_patches(
         level_downsample=float(level_downsample),
         read_px=max(1, int(round(size_px / level_downsample))),
         tissue_fraction=mask.fraction,
+        pen_fraction=mask.pen_fraction,
         grid=grid,
         image=image_path,
         patches_csv=csv_path,
