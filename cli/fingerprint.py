@@ -9,7 +9,8 @@ import click
 
 from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
 
-STAINS = ("none", "macenko", "reinhard", "vahadane", "cyclegan")  # fpstore.fingerprint.stain.STAINS
+# fpstore.fingerprint.stain.STAINS
+STAINS = ("none", "hed", "macenko", "reinhard", "vahadane", "cyclegan")
 
 
 def sources_options(f):
@@ -174,8 +175,11 @@ def train_options(f):
     type=click.Choice(STAINS),
     default="none",
     show_default=True,
-    help="Stain invariance: restyled copies of every core (macenko, reinhard, vahadane: to "
-    "each site's target; cyclegan: reference site <-> the other sites pooled) + the pair loss.",
+    help="Stain invariance by the pair loss (CE + CE + 0.5 x squared distance of the "
+    "fingerprints): hed pairs two H&E stain jitters of each crop (Tellez et al. 2019, drawn on "
+    "the fly); macenko, reinhard, vahadane pair it with its copy normalised to another "
+    "site's target; cyclegan with its copy restyled between the reference site and the "
+    "other sites pooled.",
 )
 @click.option(
     "--section", "sections", multiple=True, help="Train on these TMA sections only (default: all)."

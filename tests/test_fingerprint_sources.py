@@ -47,7 +47,9 @@ def test_table_names_the_row_and_the_column_of_a_bad_entry(tmp_path):
 
 
 def test_table_reads_paths_relative_to_itself_and_defaults(tmp_path):
-    path = _table(tmp_path, "File, Array ,SITE,array_map\ns1.tiff,BR1,USC,map.csv\n", "sections.csv")
+    path = _table(
+        tmp_path, "File, Array ,SITE,array_map\ns1.tiff,BR1,USC,map.csv\n", "sections.csv"
+    )
     (section,) = read_tma_table(tmp_path)  # the folder: sections.csv is looked for
     assert section.file == tmp_path / "s1.tiff" and section.array_map == tmp_path / "map.csv"
     assert (section.role, section.name, section.site, section.line) == ("train", "s1", "USC", 2)
@@ -146,20 +148,33 @@ def test_train_from_a_cohort_and_from_both_then_match_held_out_patients(synth_sm
     summary = _json(runner.invoke(cli, ["train-fingerprint", *cohort, "--out", str(model), *TINY]))
     pseudo = summary["sources"]["cohort"]
     assert pseudo["square_um"] == 200 and pseudo["cores"] >= pseudo["patients_with_cores"] >= 6
-    assert summary["holdout_patients"] == 2 and summary["n_classes"] == pseudo["patients_with_cores"] - 2
+    assert (
+        summary["holdout_patients"] == 2
+        and summary["n_classes"] == pseudo["patients_with_cores"] - 2
+    )
     game = _json(runner.invoke(cli, ["match", "--model", str(model), *cohort, "--json"]))
     assert game["game"] == "held-out patients of tcga" and game["n_patients"] == 2
     # TCGA sites are the barcodes' tissue-source sites: one site per patient here, so the
     # right halves are restyled to another site's stains
-    assert game["sections"]["restyled"] == game["n_cores"] and game["sections"]["cross_site_pairs"] == 0
+    assert (
+        game["sections"]["restyled"] == game["n_cores"]
+        and game["sections"]["cross_site_pairs"] == 0
+    )
     assert 0 < game["chance_core"] < 1
 
     both = tmp_path / "both.pt"
     summary = _json(
         runner.invoke(
             cli,
-            ["train-fingerprint", "--tma", str(synth_small / "tma"), *cohort[:-2], "--out",
-             str(both), *TINY],
+            [
+                "train-fingerprint",
+                "--tma",
+                str(synth_small / "tma"),
+                *cohort[:-2],
+                "--out",
+                str(both),
+                *TINY,
+            ],
         )
     )
     assert summary["sources"]["tma"]["train_cores"] == 18 and summary["holdout_patients"] == 0
@@ -168,9 +183,9 @@ def test_train_from_a_cohort_and_from_both_then_match_held_out_patients(synth_sm
 
 @pytest.mark.slow
 def test_cohort_errors_say_what_is_missing(synth_small, tmp_path):
+    from fpstore.fingerprint.cyclegan import CYCLEGAN_CONFIGS
     from fpstore.fingerprint.experiment import Sources, training_set
     from fpstore.fingerprint.stain import fit_site_cyclegan
-    from fpstore.fingerprint.cyclegan import CYCLEGAN_CONFIGS
 
     store = _small_store(synth_small, tmp_path)
     with pytest.raises(TrainingError, match=r"0 of 8 patients have a square of 2000 um"):

@@ -101,6 +101,27 @@ def test_pair_loss_training_uses_the_restyled_twins():
         train_network(cores, _tiny(), style="cyclegan", progress=False)
 
 
+def test_hed_stain_jitter_pairs_two_stainings_of_each_crop(monkeypatch):
+    from fpstore.fingerprint import train as train_module
+    from fpstore.slides.stain import StainAugmentConfig
+
+    seen = []
+
+    def spy(x, cfg, generator):
+        out = stain_jitter(x, cfg, generator)
+        seen.append((x.shape, float((out - x).abs().mean())))
+        return out
+
+    stain_jitter = train_module.stain_jitter
+    monkeypatch.setattr(train_module, "stain_jitter", spy)
+    jitter = StainAugmentConfig(scale=0.3, shift=0.05, vector=0.08)
+    result = train_network(
+        _cores(), _tiny(max_steps=2, eval_every=1, stain_jitter=jitter), progress=False
+    )
+    assert all(h["se"] is not None and h["se"] >= 0 for h in result.history)
+    assert len(seen) == 4 and all(shape[0] == 16 and change > 0 for shape, change in seen)
+
+
 def test_training_refuses_bad_settings():
     with pytest.raises(TrainingError, match="at least 2 cores"):
         train_network(_cores(n_classes=1), _tiny(), progress=False)

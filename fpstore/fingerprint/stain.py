@@ -1,12 +1,14 @@
-"""Stain invariance: restyled copies of every core's left half, made once, offline.
+"""Stain invariance for training: the second image of each pair for the paper's pair loss.
 
-Each core gets one copy per site style: classical normalisation (Macenko, Reinhard,
-Vahadane through tiatoolbox) to a target core of each site, or a CycleGAN trained between
-the two sites' sections of the training array. A core of site A thus has [A-styled, B-styled]
-copies (the first is near the original), like the paper's "original, virtual USC stain and
-virtual Biomax stain". Training pairs each crop with the same crop of a random copy and adds
-the fingerprint-distance term of the loss, so the network learns invariance; matching and
-extraction see the original pixels, with no normalisation step at inference.
+``hed``: two independent H&E stain jitters of each crop, drawn on the fly by the trainer
+(``fpstore.slides.stain.stain_jitter``; Tellez et al. 2019), nothing cached. The others are
+restyled copies of every core's left half, made once, offline: classical normalisation
+(Macenko, Reinhard, Vahadane; ``fpstore.slides.stain``) to a target core of each site, or a
+CycleGAN between the reference site and the other sites (``fit_site_cyclegan``). A core of
+site A thus has [A-styled, B-styled, ...] copies, like the paper's "original, virtual USC stain
+and virtual Biomax stain". Training pairs each crop with the same crop of a random copy and
+adds the fingerprint-distance term of the loss, so the network learns invariance; matching
+sees the original pixels (``extract --stain-norm`` normalises at extraction, separately).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fpstore.errors import TrainingError, unknown_name
+from fpstore.errors import StainError, TrainingError, unknown_name
 from fpstore.fingerprint.cyclegan import (
     CYCLEGAN_CONFIGS,
     CycleGAN,
@@ -27,9 +29,10 @@ from fpstore.fingerprint.cyclegan import (
     train_cyclegan,
 )
 from fpstore.fingerprint.data import CoreSet, CropStream, save_restyled
+from fpstore.slides.stain import StainNormalizer, StainNormConfig
 
 CLASSICAL = ("macenko", "reinhard", "vahadane")
-STAINS = ("none", *CLASSICAL, "cyclegan")
+STAINS = ("none", "hed", *CLASSICAL, "cyclegan")
 
 
 def check_stain(name: str) -> str:
@@ -58,12 +61,9 @@ def site_targets(cores: CoreSet, rows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def fitted_normaliser(method: str, target: np.ndarray):
-    """A tiatoolbox normaliser (macenko, reinhard, vahadane) fitted to ``target``."""
-    from tiatoolbox.tools.stainnorm import get_normalizer
-
-    norm = get_normalizer(method)
-    norm.fit(target)
-    return norm
+    """A normaliser (macenko, reinhard, vahadane; ``fpstore.slides.stain``) fitted to
+    ``target``, applied with ``normalise_image``."""
+    return StainNormalizer(StainNormConfig(method), target=target)
 
 
 def normalise_image(norm, image: np.ndarray) -> tuple[np.ndarray, bool]:
@@ -71,9 +71,10 @@ def normalise_image(norm, image: np.ndarray) -> tuple[np.ndarray, bool]:
     stains cannot be estimated (too little tissue)."""
     image = np.ascontiguousarray(image)
     try:
-        return np.clip(norm.transform(image), 0, 255).astype(np.uint8), True
-    except (ValueError, np.linalg.LinAlgError):
+        source = norm.fit_source(image[None])
+    except StainError:
         return image, False
+    return norm.transform(image, source), True
 
 
 def classical_copies(
