@@ -49,6 +49,18 @@ def _patches(value: str) -> int | None:
     "checkpoint gets fingerprint-<file name>-<hash>), so several networks share one store.",
 )
 @click.option(
+    "--stain-norm",
+    type=click.Choice(["macenko", "vahadane", "reinhard"]),
+    help="Normalise each patch's stains to --stain-target before the encoder (fpstore.slides."
+    "stain, fitted once to the target, applied per patch). The encoder id gains +METHOD, so "
+    "both settings can share a store; the resume key records it.",
+)
+@click.option(
+    "--stain-target",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="H&E image the normaliser is fitted to (default: tiatoolbox's target image).",
+)
+@click.option(
     "--patches",
     default="120",
     show_default=True,
@@ -107,6 +119,8 @@ def extract(
     checkpoint,
     weights,
     encoder_id,
+    stain_norm,
+    stain_target,
     patches,
     device,
     precision,
@@ -138,6 +152,8 @@ def extract(
         encoder=encoder,
         encoder_options=options,
         encoder_id=encoder_id,
+        stain_norm=stain_norm,
+        stain_target=str(stain_target) if stain_target else None,
         patches=_patches(patches),
         device=device,
         precision=precision,
