@@ -194,3 +194,17 @@ def test_cohort_errors_say_what_is_missing(synth_small, tmp_path):
     one_site = data.rows[data.cores.site[data.rows] == data.cores.site[data.rows][0]]
     with pytest.raises(TrainingError, match=r"^CycleGAN needs cores from two sites"):
         fit_site_cyclegan(data.cores, one_site, CYCLEGAN_CONFIGS["demo"])
+
+
+@pytest.mark.slow
+def test_synth_writes_its_arrays_as_a_tma_table(synth_small):
+    sections = read_tma_table(synth_small / "tma")
+    rows = [(s.array, s.name, s.site, s.role) for s in sections]
+    assert rows == [
+        ("train", "section1", "A", "train"),
+        ("train", "section2", "B", "train"),
+        ("train", "section3", "B", "train"),
+        ("test", "section1", "A", "test"),
+        ("test", "section2", "B", "test"),
+    ]
+    assert all(s.file.is_file() and s.array_map.name == "array_map.csv" for s in sections)
