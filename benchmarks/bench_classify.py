@@ -40,11 +40,12 @@ def make_data(patients: int, patches: int, dim: int, seed: int = 0):
 
 
 def run_cv(bags, y, method: str, threads: int | None):
+    from fpstore.classify.methods import create_classifier
     from fpstore.classify.protocol import cross_validate
 
-    kw = {"threads": threads} if threads is not None else None
+    estimator = create_classifier(method, **({"threads": threads} if threads is not None else {}))
     start = time.perf_counter()
-    result = cross_validate(bags, y, method=method, classifier_kw=kw, progress=False)
+    result = cross_validate(bags, y, estimator, progress=False)
     return time.perf_counter() - start, result
 
 

@@ -6,13 +6,20 @@ import json
 
 import click
 
-from fpstore.classify.methods import METHODS
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
-from fpstore.config import MARKERS
+from fpstore.classify.methods import SAVE_MODELS, compare_methods, method_names, method_spec
+from fpstore.cli.common import (
+    echo_json,
+    echo_table,
+    json_option,
+    resolve_cohort,
+    seed_option,
+    store_option,
+)
+from fpstore.config import MARKERS, POOLS, SPLITS
 
-# Kept here so that `fpstore --help` imports no numpy (fpstore.classify.bags has them too).
-POOLS_HELP = "all | epithelium | stroma | fat | epithelium+stroma (any '+'-joined tissue types)"
-SPLITS = ("patient", "site")
+# The registries above are light (no numpy, no torch): `fpstore --help` stays fast.
+POOLS_HELP = f"{' | '.join(POOLS)} (any '+'-joined tissue types)"
+METHODS_HELP = "; ".join(f"{m}: {method_spec(m).summary}" for m in method_names())
 
 
 def _settings(values) -> dict:
@@ -35,7 +42,9 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 
 common_options = [
     click.option("--marker", type=click.Choice(MARKERS), required=True, help="The receptor."),
-    click.option("--cohort", required=True, help="The training cohort (cross-validated)."),
+    click.option(
+        "--cohort", help="The training cohort, cross-validated (default: the store's only one)."
+    ),
     click.option("--external", help="Train on the whole --cohort, test once on this cohort."),
     click.option(
         "--folds",
@@ -57,6 +66,13 @@ common_options = [
         default=2000,
         show_default=True,
         help="Bootstrap resamples for the 95% CI.",
+    ),
+    click.option(
+        "--patches",
+        type=click.IntRange(1),
+        help="Patches per patient, a seeded random draw from the stored ones (the paper: "
+        "120); default: every stored patch. On an all-patch store it draws what "
+        "`extract --patches N --seed SEED` would have extracted.",
     ),
 ]
 
@@ -84,11 +100,10 @@ def _auc_cell(m: dict) -> str:
 )
 @click.option(
     "--method",
-    type=click.Choice(METHODS),
+    type=click.Choice(method_names()),
     default="mil",
     show_default=True,
-    help="mil: the paper's head; logreg/xgboost: pooled fingerprints (-tissue: mean "
-    "per tissue type); patch-cnn: a ResNet on patch pixels (slow on CPU).",
+    help=METHODS_HELP + ".",
 )
 @click.option(
     "--encoder", help="Fingerprints of this encoder (default: the only one in the store)."
@@ -109,6 +124,14 @@ def _auc_cell(m: dict) -> str:
     help="Rerun the CV on labels shuffled within sites N times: the AUC's null "
     "distribution and a p-value (e.g. 200).",
 )
+@click.option(
+    "--save-models",
+    type=click.Choice(SAVE_MODELS),
+    default="final",
+    show_default=True,
+    help="final: the model trained on the whole cohort, for `fpstore predict`; all: the "
+    "fold models too; none.",
+)
 @seed_option
 @store_option
 @json_option
@@ -119,12 +142,14 @@ def classify_command(
     folds,
     split,
     n_boot,
+    patches,
     pool,
     method,
     encoder,
     settings,
     no_site_probe,
     permutations,
+    save_models,
     seed,
     store_path,
     as_json,
@@ -132,17 +157,18 @@ def classify_command(
     """Predict a receptor per patient with the paper's cross-validation protocol.
 
     \b
-    fpstore classify --marker ER --cohort tcga
+    fpstore classify --marker ER --cohort tcga --patches 120
     fpstore classify --marker Her2 --cohort tcga --pool epithelium --split site
     fpstore classify --marker ER --cohort tcga --permutations 200   # null AUC and p-value
     fpstore classify --marker ER --cohort tcga --external abctb --json
-    Predictions and the run's config go to STORE/runs/<run_id>/.
+    Predictions and the run's config go to STORE/runs/<run_id>/, the final model (trained on
+    the whole cohort) to STORE/models/classify/<run_id>/ for `fpstore predict`.
     """
     from fpstore.classify.pipeline import ClassifyConfig, classify
 
     cfg = ClassifyConfig(
         marker=marker,
-        cohort=cohort,
+        cohort=resolve_cohort(store_path, cohort),
         pool=pool,
         method=method,
         encoder=encoder,
@@ -154,11 +180,15 @@ def classify_command(
         site_probe=not no_site_probe,
         permutations=permutations,
         classifier=_settings(settings),
+        patches=patches,
+        save_models=save_models,
     )
     document = classify(store_path, cfg, progress=not as_json)
     if as_json:
         echo_json(document)
         return
+    for note in document.get("notes", []):
+        click.echo(f"note: {note}")
     cv = document["cv"]
     rows = [
         {
@@ -183,7 +213,7 @@ def classify_command(
         )
     data = document["data"]
     click.echo(
-        f"{marker} | {method} | {document['encoder'] or 'pixels'} | pool {pool} | "
+        f"{marker} | {method} | {document['config']['encoder'] or 'pixels'} | pool {pool} | "
         f"split {split} | {data['patients']} patients, {data['patches']} patches "
         f"(excluded: {data.get('missing_label', 0)} without a label, "
         f"{data.get('no_patches', 0)} without patches, "
@@ -200,6 +230,11 @@ def classify_command(
     if "permutation" in document:
         click.echo(_permutation_line(document["permutation"]))
     click.echo(f"saved {document.get('run_path')}")
+    if "model" in document:
+        click.echo(
+            f"model {document['model']['model_id']} saved in {document['model']['path']}; "
+            f"score other cohorts with `fpstore predict --model {document['model']['model_id']}`"
+        )
 
 
 def _probe_line(probe: dict) -> str:
@@ -225,14 +260,15 @@ def _permutation_line(perm: dict) -> str:
 @_with(common_options)
 @click.option(
     "--methods",
-    default="mil,logreg,logreg-tissue,xgboost,xgboost-tissue",
+    default=",".join(compare_methods()),
     show_default=True,
-    help=f"Comma-separated, from: {', '.join(METHODS)}.",
+    help=f"Comma-separated, from: {', '.join(method_names())}.",
 )
 @click.option("--encoders", help="Comma-separated encoder ids (default: all with fingerprints).")
 @click.option(
     "--pools",
-    help=f"Comma-separated pools (default: all five if tissue types exist, else all). {POOLS_HELP}.",
+    help="Comma-separated pools (default: all five if tissue types exist, else all). "
+    f"{POOLS_HELP}.",
 )
 @seed_option
 @store_option
@@ -244,6 +280,7 @@ def compare_command(
     folds,
     split,
     n_boot,
+    patches,
     methods,
     encoders,
     pools,
@@ -255,20 +292,22 @@ def compare_command(
 
     \b
     fpstore compare --marker ER --cohort tcga
-    fpstore compare --marker PR --cohort tcga --encoders fingerprint,imagenet-resnet34 --pools all,epithelium
+    fpstore compare --marker PR --cohort tcga --encoders fingerprint,imagenet-resnet34 \\
+        --pools all,epithelium
     fpstore compare --marker ER --cohort tcga --external abctb
     p vs first: DeLong's paired test against the first row, on the patients both scored.
     """
     from fpstore.classify.pipeline import CompareConfig, compare
 
     for m in _csv(methods) or ():
-        if m not in METHODS:
+        if m not in method_names():
             raise click.BadParameter(
-                f"unknown method {m!r}; choose from {', '.join(METHODS)}", param_hint="--methods"
+                f"unknown method {m!r}; choose from {', '.join(method_names())}",
+                param_hint="--methods",
             )
     cfg = CompareConfig(
         marker=marker,
-        cohort=cohort,
+        cohort=resolve_cohort(store_path, cohort),
         external=external,
         methods=_csv(methods) or (),
         encoders=_csv(encoders),
@@ -277,6 +316,7 @@ def compare_command(
         split=split,
         seed=seed,
         n_boot=n_boot,
+        patches=patches,
     )
     document = compare(store_path, cfg, progress=not as_json)
     if as_json:

@@ -29,8 +29,8 @@ def cohort():
 @click.option(
     "--clinical",
     type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="Clinical table: TCGA BCR Biotab patient file, or a CSV/TSV with --format csv.",
+    help="Clinical table: TCGA BCR Biotab patient file, or a CSV/TSV with --format csv. "
+    "Without it the cohort is unlabelled: each slide its own patient (for `fpstore predict`).",
 )
 @click.option(
     "--format", "fmt", type=click.Choice(["tcga", "csv"]), default="tcga", show_default=True
@@ -62,6 +62,23 @@ def cohort():
     help="TCGA: an IHC 'Equivocal' Her2 takes the FISH result when there is one.",
 )
 @click.option(
+    "--slide-types",
+    default="DX",
+    show_default=True,
+    metavar="TYPES",
+    help="TCGA slides to keep by the slide part of their name, comma-separated: DX "
+    "(diagnostic, FFPE), TS/BS/MS (frozen section: top/bottom/middle), or 'all'. "
+    "Names that are not TCGA barcodes are always kept.",
+)
+@click.option(
+    "--sample-types",
+    default="01",
+    show_default=True,
+    metavar="CODES",
+    help="TCGA slides to keep by sample type (barcode characters 14-15), comma-separated: "
+    "01 primary tumour, 06 metastatic, 11 solid tissue normal, ..., or 'all'.",
+)
+@click.option(
     "--validate", is_flag=True, help="Open every slide and read a patch; report unreadable ones."
 )
 @click.option("--force", is_flag=True, help="Replace a cohort of the same name.")
@@ -77,6 +94,8 @@ def add(
     site_column,
     columns,
     her2_fish_resolves_equivocal,
+    slide_types,
+    sample_types,
     validate,
     force,
     store_path,
@@ -84,13 +103,19 @@ def add(
 ):
     """Add cohort NAME to the store; exits 1 when some listed slides are not usable.
 
+    TCGA slides other than diagnostic slides of primary tumours (frozen sections, normal
+    tissue, metastases) are left out unless --slide-types / --sample-types ask for them;
+    the summary counts them.
+
     \b
     fpstore cohort add tcga-brca --slides gdc_manifest.txt --slides-dir gdc/ \\
         --clinical nationwidechildrens.org_clinical_patient_brca.txt
     fpstore cohort add ext --format csv --clinical labels.csv --slides 'scans/*.tiff'
+    fpstore cohort add hospital --slides 'scans/*.svs'       # unlabelled
     """
     from fpstore.cohort.clinical import parse_column_mapping
     from fpstore.cohort.cohorts import add_cohort
+    from fpstore.cohort.slide_types import TypeChoice
 
     summary = add_cohort(
         store_path,
@@ -105,6 +130,7 @@ def add(
         her2_fish_resolves_equivocal=her2_fish_resolves_equivocal,
         validate=validate,
         force=force,
+        types=TypeChoice.parse(slide_types, sample_types),
     )
     _print_summary(summary, as_json)
     if summary.problems:
@@ -143,8 +169,9 @@ def _print_summary(summary, as_json: bool) -> None:
         echo_json(summary.to_dict())
         return
     click.echo(
-        f"cohort {summary.name} ({summary.fmt}): {summary.n_patients} patients in "
-        f"{Path(summary.clinical).name}, {summary.n_patients_with_slides} with slides, "
+        f"cohort {summary.name} ({summary.fmt}): {summary.n_patients} patients "
+        + (f"in {Path(summary.clinical).name}" if summary.clinical else "(one per slide)")
+        + f", {summary.n_patients_with_slides} with slides, "
         f"{summary.n_slides} usable slides"
     )
     rows = []
@@ -167,7 +194,15 @@ def _print_summary(summary, as_json: bool) -> None:
         if c.unrecognised_values:
             values = ", ".join(f"{v!r}: {n}" for v, n in c.unrecognised_values.items())
             click.echo(f"{marker}: values that are not a status (counted as missing): {values}")
-    _print_list("patients without slides", summary.patients_without_slides)
+    _print_types(summary)
+    only_left_out = set(summary.patients_without_slides) & {
+        s["patient_id"] for s in summary.left_out_by_type
+    }
+    _print_list(
+        "patients without slides",
+        summary.patients_without_slides,
+        f" ({len(only_left_out)} with slides left out by type only)" if only_left_out else "",
+    )
     _print_list(
         "slides without patients",
         [f"{s['slide_id']}: {s['reason']}" for s in summary.slides_without_patients],
@@ -183,8 +218,28 @@ def _print_summary(summary, as_json: bool) -> None:
         click.echo(f"removed what belonged only to slides the cohort no longer has: {removed}")
 
 
-def _print_list(title: str, items: list[str]) -> None:
-    click.echo(f"{title}: {len(items)}")
+def _print_types(summary) -> None:
+    """Which TCGA slides the cohort keeps, and those it left out, counted by reason."""
+    left_out = summary.left_out_by_type
+    if summary.fmt != "tcga" and not left_out and not summary.untyped:
+        return  # a cohort of plain slide names: types do not apply
+    click.echo(
+        f"TCGA slides kept: {summary.type_choice.describe()}; "
+        f"{len(left_out)} left out by type (--slide-types, --sample-types keep others)"
+    )
+    for reason, n in summary.left_out_counts().items():
+        click.echo(f"  {reason}: {n}")
+    if left_out:
+        _print_list(
+            "slides left out by type",
+            [f"{s['slide_id']}: {'; '.join(s['reasons'])}" for s in left_out],
+        )
+    if summary.untyped:
+        _print_list("TCGA slides kept whose name does not say their type", summary.untyped)
+
+
+def _print_list(title: str, items: list[str], note: str = "") -> None:
+    click.echo(f"{title}: {len(items)}{note}")
     for item in items[:SHOW_AT_MOST]:
         click.echo(f"  {item}")
     if len(items) > SHOW_AT_MOST:

@@ -8,13 +8,27 @@ import re
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 DEFAULT_STORE = "fpstore-store"
+# Where a command's --store comes from, first found wins: the command's own --store
+# (`fpstore sql Q --store S`), the one given before the command (`fpstore --store S sql Q`,
+# kept by cli/main.py in ctx.obj), $FPSTORE_STORE, ./fpstore-store.
+GLOBAL_STORE_KEY = "store"
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
 
 
+def _store_before_command(ctx, param, value):
+    """The --store given before the command, where the command's own was not given."""
+    given = (ctx.find_root().obj or {}).get(GLOBAL_STORE_KEY)
+    if given is None or ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT:
+        return value
+    return param.type.convert(given, param, ctx)
+
+
 def _local_store(ctx, param, value):
+    value = _store_before_command(ctx, param, value)
     # click.Path has already folded "s3://b/p" into "s3:/b/p": catch it before a folder "s3:" is made.
     if value is not None and _URL.match(str(value)) and not str(value).startswith("file:"):
         raise click.BadParameter(
@@ -27,6 +41,7 @@ def _local_store(ctx, param, value):
 def _any_store(ctx, param, value):
     from fpstore.store.remote import is_remote
 
+    value = _store_before_command(ctx, param, value)
     return value if is_remote(value) else Path(value)
 
 
@@ -35,19 +50,33 @@ store_option = click.option(
     "store_path",
     type=click.Path(path_type=Path, file_okay=False),
     default=lambda: os.environ.get("FPSTORE_STORE", DEFAULT_STORE),
-    show_default=f"$FPSTORE_STORE or ./{DEFAULT_STORE}",
+    show_default=f"fpstore --store, $FPSTORE_STORE or ./{DEFAULT_STORE}",
     callback=_local_store,
-    help="The fpstore store folder.",
+    help="The fpstore store folder (here or before the command: fpstore --store DIR ...).",
 )
 # For the commands that also work on object storage (see fpstore/store/remote.py).
 store_url_option = click.option(
     "--store",
     "store_path",
     default=lambda: os.environ.get("FPSTORE_STORE", DEFAULT_STORE),
-    show_default=f"$FPSTORE_STORE or ./{DEFAULT_STORE}",
+    show_default=f"fpstore --store, $FPSTORE_STORE or ./{DEFAULT_STORE}",
     callback=_any_store,
-    help="The fpstore store: a folder, or an object-storage URL such as s3://bucket/prefix.",
+    help="The fpstore store: a folder, or an object-storage URL such as s3://bucket/prefix "
+    "(here or before the command: fpstore --store S ...).",
 )
+cohort_option = click.option(
+    "--cohort",
+    help="The cohort (see `fpstore cohort list`); default: the store's only cohort.",
+)
+
+
+def resolve_cohort(store_path, cohort: str | None) -> str:
+    """The cohort given, or the store's only one (one line naming them otherwise)."""
+    from fpstore.store.cohorts import resolve_cohort as resolve
+
+    return resolve(store_path, cohort)
+
+
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 seed_option = click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 

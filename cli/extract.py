@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_url_option
+from fpstore.cli.common import (
+    cohort_option,
+    echo_json,
+    echo_table,
+    json_option,
+    resolve_cohort,
+    seed_option,
+    store_url_option,
+)
 
 
 def _patches(value: str) -> int | None:
@@ -25,7 +33,7 @@ def _patches(value: str) -> int | None:
 
 
 @click.command("extract")
-@click.option("--cohort", required=True, help="The cohort to extract (see `fpstore cohort list`).")
+@cohort_option
 @click.option(
     "--encoder",
     default="fingerprint",
@@ -65,6 +73,14 @@ def _patches(value: str) -> int | None:
     default="120",
     show_default=True,
     help="Patches per patient, pooled over its slides (the paper: 120), or 'all'.",
+)
+@click.option(
+    "--min-tissue",
+    type=click.FloatRange(0.0, 1.0),
+    default=0.5,
+    show_default=True,
+    help="Keep squares with at least this tissue fraction (preview with `fpstore patches`); "
+    "a slide with none fails with its tissue fraction.",
 )
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
@@ -122,6 +138,7 @@ def extract(
     stain_norm,
     stain_target,
     patches,
+    min_tissue,
     device,
     precision,
     batch_size,
@@ -143,6 +160,8 @@ def extract(
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract as run_extract
 
+    cohort = resolve_cohort(store_path, cohort)
+
     options = {}
     if checkpoint:
         options["checkpoint"] = checkpoint
@@ -155,6 +174,7 @@ def extract(
         stain_norm=stain_norm,
         stain_target=str(stain_target) if stain_target else None,
         patches=_patches(patches),
+        min_tissue=min_tissue,
         device=device,
         precision=precision,
         batch_size=batch_size,

@@ -3,6 +3,10 @@
 Commands are discovered from the modules of this package: each module lists its
 click commands in a module-level ``commands`` list. Errors that fpstore raises on
 purpose print as one line and exit non-zero; ``--debug`` shows the traceback.
+
+``--store`` may come before the command, as with git (``fpstore --store S sql Q``), or
+after it (``fpstore sql Q --store S``); the command's own wins when both are given (see
+``GLOBAL_STORE_KEY`` in common.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 import click
 
 import fpstore
+from fpstore.cli.common import DEFAULT_STORE, GLOBAL_STORE_KEY
 from fpstore.errors import FpstoreError
 
 _NOT_COMMAND_MODULES = {"main", "common"}
@@ -64,9 +69,17 @@ def _discover(group: click.Group) -> None:
 
 @click.group(cls=FpstoreGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(fpstore.__version__, prog_name="fpstore")
+@click.option(
+    "--store",
+    metavar="STORE",
+    help="The store for the command that follows (a folder, or an object-storage URL where "
+    "the command takes one); the same as the command's own --store, which wins if both are "
+    f"given. Default: $FPSTORE_STORE or ./{DEFAULT_STORE}. Commands without a store "
+    "(synth, demo, patches, tma, ...) ignore it, as they ignore $FPSTORE_STORE.",
+)
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
-def cli(ctx, debug):
+def cli(ctx, store, debug):
     """fpstore: tissue fingerprints from H&E slides into a queryable store.
 
     A typical run: synth (or cohort add) -> train-fingerprint -> extract ->
@@ -74,6 +87,7 @@ def cli(ctx, debug):
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj[GLOBAL_STORE_KEY] = store
 
 
 _discover(cli)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -26,10 +27,10 @@ _SHOWN = 10  # patches listed in the text summary; --json and the CSV hold them 
 )
 @click.option(
     "--min-tissue",
-    type=float,
+    type=click.FloatRange(0.0, 1.0),
     default=0.5,
     show_default=True,
-    help="Keep squares with at least this tissue fraction.",
+    help="Keep squares with at least this tissue fraction (as `fpstore extract --min-tissue`).",
 )
 @click.option(
     "--out",
@@ -47,6 +48,8 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
     thumbnail with the tissue mask, the pen and ink removed from it, and the patch grid drawn
     over it (PNG), the patch list (CSV, level-0 pixels), and print the mpp used and where it
     came from, the pyramid level read, the patch count and the share removed as pen or ink.
+    Exits 1 when the slide has no patch (no tissue found: a blank or a fluorescence scan),
+    as extraction would fail it; the preview is still written, to show why.
 
     \b
     fpstore patches slides/CMU-1-Small-Region.svs --out preview/
@@ -64,6 +67,7 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
     document = preview.to_dict()
     if as_json:
         echo_json(document)
+        _exit_without_patches(preview)
         return
     shown = document["patches"][:_SHOWN]
     if shown:
@@ -81,6 +85,13 @@ def patches(slide, mpp, patch_um, out_px, min_tissue, out, max_px, as_json):
         f"{100 * d['pen_fraction']:.1f}% of the would-be tissue removed as pen or ink\n"
         f"preview {d['image']}, patch list {d['patches_csv']}"
     )
+    _exit_without_patches(preview)
+
+
+def _exit_without_patches(preview) -> None:
+    if preview.no_patch_reason:
+        click.echo(f"error: {preview.info.slide_id}: {preview.no_patch_reason}", err=True)
+        sys.exit(1)
 
 
 commands = [patches]

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.cli.common import (
+    cohort_option,
+    echo_json,
+    echo_table,
+    json_option,
+    resolve_cohort,
+    seed_option,
+    store_option,
+)
 
 
 @click.command()
@@ -63,7 +71,7 @@ def heatmap(run_id, slide_ids, out, max_px, no_geojson, store_path, as_json):
 
 
 @click.command()
-@click.option("--cohort", required=True, help="Cohort name.")
+@cohort_option
 @click.option(
     "--encoder", default=None, help="Encoder id [default: the run's, or the only one stored]."
 )
@@ -132,6 +140,7 @@ def embed(
     """
     from fpstore.report.embed import ClusterConfig, EmbedConfig, embed_cohort
 
+    cohort = resolve_cohort(store_path, cohort)
     config = EmbedConfig(method=method, n_jobs=jobs, seed=seed, max_points=max_points)
     clusters = ClusterConfig(n_clusters=n_clusters)
     out = out or store_path / "figures" / "embed" / (

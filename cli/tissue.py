@@ -7,12 +7,18 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
-
-# Kept here (not imported from fpstore.tissue) so that `fpstore --help` imports no numpy.
-METHODS = ("rules", "fingerprint-logreg", "fingerprint-knn", "pixel-logreg")
-TRAINED = METHODS[1:]
-TYPES = ("background", "epithelium", "stroma", "fat")
+from fpstore.cli.common import (
+    cohort_option,
+    echo_json,
+    echo_table,
+    json_option,
+    resolve_cohort,
+    seed_option,
+    store_option,
+)
+from fpstore.config import TISSUE_TYPES as TYPES
+from fpstore.tissue.methods import METHODS
+from fpstore.tissue.methods import TRAINED_METHODS as TRAINED
 
 
 def _pairs(values, flag: str) -> dict[str, str]:
@@ -64,7 +70,7 @@ def tissue():
 
 
 @tissue.command("predict")
-@click.option("--cohort", required=True, help="The cohort whose stored patches to type.")
+@cohort_option
 @click.option(
     "--method",
     type=click.Choice(METHODS),
@@ -97,6 +103,8 @@ def predict(cohort, method, model, encoder, thresholds, batch, store_path, as_js
     Exits 1 when some slides could not be typed (the others are written).
     """
     from fpstore.tissue.predict import predict_tissue
+
+    cohort = resolve_cohort(store_path, cohort)
 
     summary = predict_tissue(
         store_path,
@@ -253,7 +261,7 @@ def train(
 
 
 @tissue.command("evaluate")
-@click.option("--cohort", required=True)
+@cohort_option
 @click.option(
     "--truth",
     type=click.Path(path_type=Path),
@@ -293,6 +301,8 @@ def evaluate(cohort, truth, downsample, methods, models, encoder, thresholds, st
         --method rules --method fingerprint-logreg --method pixel-logreg
     """
     from fpstore.tissue.evaluate import evaluate_tissue
+
+    cohort = resolve_cohort(store_path, cohort)
 
     model_paths = {m: Path(p) for m, p in _pairs(models, "--model").items()}
     report = evaluate_tissue(

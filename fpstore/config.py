@@ -13,6 +13,10 @@ from fpstore.errors import ConfigError
 
 MARKERS = ("ER", "PR", "Her2")
 TISSUE_TYPES = ("background", "epithelium", "stroma", "fat")
+# The pools the CLI offers (any "+"-joined set of tissue types is accepted) and the CV splits:
+# here, beside the markers, so that the CLI's choice lists import no numpy.
+POOLS = ("all", "epithelium", "stroma", "fat", "epithelium+stroma")
+SPLITS = ("patient", "site")
 SYNTH_PARTS = ("tcga", "external", "tma")  # what `fpstore synth` writes, alone or together
 # One resampling method everywhere a patch is resized (reader, TMA crops, cache):
 # area averaging when shrinking (no aliasing of nuclei), bilinear when enlarging.

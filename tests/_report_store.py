@@ -168,11 +168,15 @@ def build_store(root: Path) -> Path:
             json.dumps(
                 {
                     "run_id": run_id,
-                    "cohort": COHORT,
-                    "marker": "ER",
-                    "method": method,
-                    "encoder": ENCODER,
-                    "pool": "all",
+                    "kind": "classify",
+                    "config": {
+                        "cohort": COHORT,
+                        "marker": "ER",
+                        "method": method,
+                        "encoder": ENCODER,
+                        "pool": "all",
+                    },
+                    "score_range": [-1.0, 1.0] if method == "mil" else [0.0, 1.0],
                 }
             )
         )

@@ -19,3 +19,41 @@ def synth_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "small"
     synthesize("small", out, seed=0, progress=False)
     return out
+
+
+def _tiled_tiff(path: Path, pixels, mpp: float = 0.5) -> Path:
+    """A tiled, JPEG-compressed RGB TIFF with its scale, as scanners write them."""
+    import tifffile
+
+    tifffile.imwrite(
+        path,
+        pixels,
+        tile=(256, 256),
+        photometric="rgb",
+        compression="jpeg",
+        resolution=(1e4 / mpp, 1e4 / mpp),
+        resolutionunit="CENTIMETER",
+    )
+    return path
+
+
+@pytest.fixture
+def blank_tiff(tmp_path) -> Path:
+    """A 4000 x 3000 px scan of bare glass at 0.5 um/px: no tissue anywhere."""
+    import numpy as np
+
+    return _tiled_tiff(tmp_path / "blank.tiff", np.full((3000, 4000, 3), 242, np.uint8))
+
+
+@pytest.fixture
+def speck_tiff(tmp_path) -> Path:
+    """2000 x 2000 px of glass at 0.5 um/px with one 120 x 120 um piece of the real CMU
+    tissue centred on a corner of the 112-um grid: 1.6% of the slide is tissue, and every
+    square it touches is about 31% tissue, so none reaches the default 50%."""
+    import numpy as np
+    import tifffile
+
+    cmu = tifffile.imread(Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs")
+    pixels = np.full((2000, 2000, 3), 240, np.uint8)
+    pixels[552:792, 552:792] = cmu[2300:2540, 1000:1240]  # 672 = 3 squares of 224 px
+    return _tiled_tiff(tmp_path / "speck.tiff", pixels)

@@ -69,7 +69,7 @@ def test_methods_find_a_planted_signal(method):
     kw = FAST if method == "mil" else None
     bags, y = make_bags(n_patients=120, n_patches=12, dim=16, seed=2)
     result = cross_validate(
-        bags, y, method=method, seed=0, n_boot=500, classifier_kw=kw, progress=False
+        bags, y, create_classifier(method, **(kw or {})), seed=0, n_boot=500, progress=False
     )
     assert result.metrics["ci_low"] > 0.75
 
@@ -82,7 +82,12 @@ def test_methods_find_no_signal_where_there_is_none(method):
     kw = FAST if method == "mil" else None
     null_bags, null_y = make_bags(n_patients=120, n_patches=12, dim=16, seed=2, signal=False)
     null = cross_validate(
-        null_bags, null_y, method=method, seed=0, n_boot=500, classifier_kw=kw, progress=False
+        null_bags,
+        null_y,
+        create_classifier(method, **(kw or {})),
+        seed=0,
+        n_boot=500,
+        progress=False,
     )
     assert null.metrics["ci_low"] < 0.5 < null.metrics["ci_high"]
 
@@ -90,7 +95,7 @@ def test_methods_find_no_signal_where_there_is_none(method):
 def test_cross_validation_tests_every_patient_once_in_its_groups_fold():
     bags, y = make_bags(n_patients=80, n_patches=6, dim=8, seed=3)
     result = cross_validate(
-        bags, y, method="mil", seed=5, n_boot=200, classifier_kw=FAST, progress=False
+        bags, y, create_classifier("mil", **FAST), seed=5, n_boot=200, progress=False
     )
     p = result.predictions
     assert sorted(p.patient_ids) == sorted(bags.patient_ids)
@@ -109,7 +114,9 @@ def test_cross_validation_tests_every_patient_once_in_its_groups_fold():
 
 def test_site_split_cross_validation_keeps_sites_out_of_their_training_folds():
     bags, y = make_bags(n_patients=120, n_patches=6, dim=8, seed=4, n_sites=8)
-    result = cross_validate(bags, y, method="logreg", split="site", n_boot=200, progress=False)
+    result = cross_validate(
+        bags, y, create_classifier("logreg"), split="site", n_boot=200, progress=False
+    )
     site_of = dict(zip(bags.patient_ids, bags.sites))
     for fold in range(5):
         tested = {
@@ -129,9 +136,9 @@ def test_external_validation_tests_once_on_a_disjoint_cohort():
     train, y = make_bags(n_patients=100, n_patches=8, dim=8, seed=5)
     test, y_test = make_bags(n_patients=40, n_patches=8, dim=8, seed=6)
     with pytest.raises(ClassifyError, match="both the training and the external"):
-        external_validate(train, y, test, y_test, method="logreg")
+        external_validate(train, y, test, y_test, create_classifier("logreg"))
     test.patient_ids = np.array([f"X{p}" for p in test.patient_ids])
-    result = external_validate(train, y, test, y_test, method="logreg", n_boot=200)
+    result = external_validate(train, y, test, y_test, create_classifier("logreg"), n_boot=200)
     assert result.kind == "external" and result.metrics["n"] == 40
     assert (result.predictions.folds == -1).all()
     assert result.folds[0]["n_train"] + result.folds[0]["n_es"] == 100
@@ -143,9 +150,9 @@ def test_compare_uses_identical_splits_and_gives_paired_p_values():
     noise, _ = make_bags(n_patients=100, n_patches=8, dim=8, seed=7, signal=False)
     out = compare(
         [
-            Entry("signal", bags, y, "logreg"),
-            Entry("noise", noise, y, "logreg"),
-            Entry("signal-xgb", bags, y, "xgboost"),
+            Entry("signal", bags, y, create_classifier("logreg")),
+            Entry("noise", noise, y, create_classifier("logreg")),
+            Entry("signal-xgb", bags, y, create_classifier("xgboost")),
         ],
         n_boot=200,
         progress=False,
@@ -210,3 +217,30 @@ def test_missing_labels_are_excluded_and_counted():
     assert counts == {"labelled": 2, "missing_label": 4, "no_patches": 1}
     with pytest.raises(ClassifyError, match="1, 0 or missing"):
         align_labels(bags, ids[:1], [2])
+
+
+@pytest.mark.parametrize("method", ["mil", "logreg", "logreg-tissue", "xgboost", "xgboost-tissue"])
+def test_a_saved_state_scores_exactly_as_the_fitted_model(method, tmp_path):
+    bags, y = make_bags(n_patients=40, n_patches=6, dim=8, seed=9)
+    settings = FAST if method == "mil" else {}
+    train, es = np.arange(30), np.arange(30, 40)
+    model = create_classifier(method, **settings).fit(
+        bags.subset(train), y[train], eval_set=(bags.subset(es), y[es])
+    )
+    np.savez(tmp_path / "state.npz", **model.get_state())
+    with np.load(tmp_path / "state.npz", allow_pickle=False) as saved:  # arrays, no objects
+        state = {k: saved[k] for k in saved.files}
+    again = create_classifier(method, **settings).set_state(state)
+    test, _ = make_bags(n_patients=12, n_patches=5, dim=8, seed=10)
+    np.testing.assert_array_equal(again.decision_function(test), model.decision_function(test))
+
+
+def test_registry_properties_drive_the_harness():
+    from fpstore.classify.methods import compare_methods, method_names, method_spec
+
+    assert "patch-cnn" in method_names() and "patch-cnn" not in compare_methods()
+    assert method_spec("mil").score_range == "tanh" and method_spec("logreg-tissue").by_tissue
+    with pytest.raises(ConfigError, match="fixes pooling"):
+        create_classifier("logreg-tissue", pooling="mean")
+    with pytest.raises(ConfigError, match="no setting 'epochs'"):
+        create_classifier("mil", epochs=3)

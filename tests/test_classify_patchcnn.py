@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from fpstore.classify.bags import Bags
+from fpstore.classify.methods import create_classifier
 from fpstore.classify.patchcnn import PatchCNN, PatchCNNConfig
 from fpstore.classify.protocol import cross_validate
 from fpstore.errors import ClassifyError
@@ -56,14 +57,19 @@ def test_patch_cnn_refuses_a_bad_image_source_and_missing_weights():
 @pytest.mark.slow
 def test_patch_cnn_learns_a_colour_signal_under_the_cv_protocol():
     bags, y, images = _image_bags(40, 4, seed=1)
-    result = cross_validate(
-        bags,
-        y,
-        method="patch-cnn",
-        images=images,
-        n_boot=300,
-        progress=False,
-        classifier_kw={"max_epochs": 4, "patience": 2, "batch_size": 16, "device": "cpu"},
+    estimator = create_classifier(
+        "patch-cnn", images=images, max_epochs=4, patience=2, batch_size=16, device="cpu"
     )
+    result = cross_validate(bags, y, estimator, n_boot=300, progress=False)
     assert result.metrics["auc"] > 0.8
     assert len(result.predictions.patch_scores) == len(bags.bag_index)
+
+
+def test_a_saved_patch_cnn_state_scores_as_the_fitted_one():
+    bags, y, images = _image_bags(6, 2)
+    model = create_classifier(
+        "patch-cnn", images=images, max_epochs=1, batch_size=8, device="cpu"
+    ).fit(bags, y)
+    state = model.get_state()
+    again = create_classifier("patch-cnn", images=images, device="cpu").set_state(state)
+    np.testing.assert_array_equal(again.patch_scores(bags), model.patch_scores(bags))

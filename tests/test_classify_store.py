@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -14,116 +12,11 @@ from fpstore.classify.leakage import site_probe
 from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
 from fpstore.cli.main import cli
 from fpstore.errors import CohortError, StoreError
-from fpstore.store.schema import (
-    LABELS,
-    PATCH_PREDICTIONS,
-    PATIENT_PREDICTIONS,
-    SLIDES,
-    TISSUE,
-    file_metadata,
-    fingerprint_schema,
-    patch_id,
-)
+from fpstore.store.schema import PATCH_PREDICTIONS, PATIENT_PREDICTIONS
 from tests._classify_bags import make_bags
+from tests._classify_store import add_cohort as _add_cohort
 
-DIM = 8
 FAST = {"max_epochs": 20, "patience": 4}
-
-
-def _write(table, path: Path, name: str):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table.replace_schema_metadata(file_metadata(name)), path)
-
-
-def _add_cohort(store: Path, cohort: str, n: int, seed: int, tissue: bool, encoders=("enc",)):
-    """n patients (one slide each, 8 patches); ER planted in epithelium, PR without signal.
-
-    Patient 0 has no ER label (missing), patient 1 no fingerprints, patient 2 no epithelium.
-    """
-    bags, y = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed, n_sites=6)
-    _, y_null = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed + 100, signal=False)
-    ids = np.array([f"{cohort}-{p}" for p in bags.patient_ids])
-    tissue_types = bags.tissue.copy()
-    tissue_types[bags.bag_index == 2] = "stroma"
-    folder = store / "cohorts" / cohort
-    slides = [
-        {
-            "slide_id": f"{p}-S",
-            "patient_id": p,
-            "path": f"/nowhere/{p}.svs",
-            "site": s,
-            "mpp_override": None,
-        }
-        for p, s in zip(ids, bags.sites)
-    ]
-    _write(pa.Table.from_pylist(slides, schema=SLIDES), folder / "slides.parquet", "slides")
-    labels = []
-    for i, (p, s) in enumerate(zip(ids, bags.sites)):
-        labels.append(
-            {
-                "patient_id": p,
-                "marker": "ER",
-                "status": None if i == 0 else int(y[i]),
-                "raw_value": "x",
-                "site": s,
-            }
-        )
-        labels.append(
-            {"patient_id": p, "marker": "PR", "status": int(y_null[i]), "raw_value": "x", "site": s}
-        )
-    _write(pa.Table.from_pylist(labels, schema=LABELS), folder / "labels.parquet", "labels")
-    (folder / "cohort.json").write_text(json.dumps({"name": cohort}))
-    schema = fingerprint_schema(DIM)
-    for e, encoder in enumerate(encoders):
-        for i, p in enumerate(ids):
-            if i == 1:
-                continue
-            rows = np.flatnonzero(bags.bag_index == i)
-            slide = f"{p}-S"
-            pids = [patch_id(slide, 224 * k, 0, 224) for k in range(len(rows))]
-            columns = {
-                "patient_id": [p] * len(rows),
-                "slide_id": [slide] * len(rows),
-                "patch_id": pids,
-                "site": [bags.sites[i]] * len(rows),
-                "x": [224 * k for k in range(len(rows))],
-                "y": [0] * len(rows),
-                "size_px": [224.0] * len(rows),
-                "x_um": [112.0 * k for k in range(len(rows))],
-                "y_um": [0.0] * len(rows),
-                "patch_um": [112.0] * len(rows),
-                "out_px": [224] * len(rows),
-                "tissue_fraction": [1.0] * len(rows),
-            }
-            vectors = bags.features[rows] * (1 + e)
-            columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.ravel()), DIM
-            )
-            _write(
-                pa.table(columns, schema=schema),
-                store
-                / "fingerprints"
-                / f"encoder={encoder}"
-                / f"cohort={cohort}"
-                / f"{slide}.parquet",
-                "fingerprints",
-            )
-            if tissue and e == 0:
-                t = tissue_types[rows]
-                table = pa.table(
-                    {
-                        "slide_id": [slide] * len(rows),
-                        "patch_id": pids,
-                        "tissue_type": t,
-                        **{
-                            f"p_{k}": [0.25] * len(rows)
-                            for k in ("background", "epithelium", "stroma", "fat")
-                        },
-                        "method": ["rules"] * len(rows),
-                    },
-                    schema=TISSUE,
-                )
-                _write(table, store / "tissue" / f"cohort={cohort}" / f"{slide}.parquet", "tissue")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +139,7 @@ def test_cli_classify_json_and_table(store):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert doc["marker"] == "PR" and len(doc["cv"]["folds"]) == 5
+    assert doc["config"]["marker"] == "PR" and len(doc["cv"]["folds"]) == 5
     assert (
         doc["cv"]["metrics"]["ci_low"] < 0.5 < doc["cv"]["metrics"]["ci_high"]
     )  # PR has no signal

@@ -15,12 +15,16 @@ from click.testing import CliRunner
 from fpstore.cli.main import cli
 from fpstore.cohort.clinical import read_csv_clinical, read_tcga_clinical
 from fpstore.cohort.cohorts import add_cohort, cohort_summary, list_cohorts, load_cohort
+from fpstore.cohort.slide_types import TcgaName, TypeChoice, tcga_name
 from fpstore.errors import CohortError
 from fpstore.store.schema import LABELS, SLIDES, read_metadata
 
 DATA = Path(__file__).parent / "data"
 TCGA = DATA / "clinical" / "nationwidechildrens.org_clinical_patient_brca.txt"
 MANIFEST = DATA / "clinical" / "gdc_manifest_monuseg_dx.txt"
+# The real manifest's 6 BRCA diagnostic slides + 6 frozen/normal/metastasis slides named
+# after real barcodes (tests/data/PROVENANCE.md).
+MIXED = DATA / "clinical" / "gdc_manifest_brca_slide_types.txt"
 SLIDES_DIR = DATA / "slides"
 
 
@@ -304,3 +308,153 @@ def test_mpp_overrides_fix_a_slide_without_scale_and_unused_ones_are_reported(tm
     )
     assert summary.problems == [] and summary.unused_mpp_overrides == ["not-in-cohort"]
     assert load_cohort(store, "b").slides.column("mpp_override").to_pylist() == [0.5]
+
+
+def download_rows(manifest):
+    with open(manifest) as handle:
+        return list(csv.DictReader(handle, delimiter="\t"))
+
+
+def download(manifest, gdc):
+    """Every file of a GDC manifest, where gdc-client puts it (a small real SVS each)."""
+    rows = download_rows(manifest)
+    for row in rows:
+        (gdc / row["id"]).mkdir(parents=True)
+        shutil.copy(SLIDES_DIR / "openslide-small.svs", gdc / row["id"] / row["filename"])
+    return {row["filename"].rsplit(".", 2)[0]: row["filename"][:-4] for row in rows}
+
+
+def test_tcga_names_say_their_sample_and_slide_type():
+    dx = "TCGA-A7-A13F-01Z-00-DX1.AB4ADDD3-8E1C-4AB9-813E-D137A2CFB950"
+    assert (tcga_name(dx).sample_type, tcga_name(dx).slide_type) == ("01", "DX")
+    assert tcga_name("TCGA-AR-A1AK-11A-01-MSA.CA532551").slide_type == "MS"  # lettered order
+    assert tcga_name("tcga-e2-a14v-06z-00-dx1").sample_type == "06"
+    renamed = TcgaName(None, None)  # a file renamed to its patient: the name says no type
+    assert tcga_name("TCGA-AR-A1AS") == tcga_name("TCGA-AR-A1AS_scan2") == renamed
+    assert tcga_name("CMU-1-Small-Region") is None and tcga_name("TCGA_AR_A1AS") is None
+    default = TypeChoice()
+    assert default.left_out_because(dx) == []
+    assert default.left_out_because("CMU-1-Small-Region") == []  # plain names: never judged
+    assert default.left_out_because("TCGA-E2-A1B5-11A-01-TS1.05372EF4") == [
+        "sample type 11 (solid tissue normal)",
+        "slide type TS (frozen section, top of the block)",
+    ]
+    assert default.cannot_tell("TCGA-AR-A1AS") and not default.cannot_tell(dx)
+    assert TypeChoice.parse("all", "all").left_out_because("TCGA-E2-A1B5-11A-01-TS1") == []
+    assert TypeChoice.parse("dx, ts", "01").slide_types == ("DX", "TS")
+    with pytest.raises(CohortError, match=r"--slide-types 'XS'.*DX \(diagnostic"):
+        TypeChoice.parse("XS", "01")
+    with pytest.raises(CohortError, match=r"--sample-types '1'.*two-digit"):
+        TypeChoice.parse("DX", "1")
+
+
+def test_tcga_cohort_keeps_diagnostic_slides_of_primary_tumours_and_counts_the_rest(tmp_path):
+    gdc = tmp_path / "gdc"
+    ids = download(MIXED, gdc)
+    plain = tmp_path / "CMU-1-Small-Region.svs"  # not a TCGA name: kept, as before
+    plain.symlink_to(SLIDES_DIR / "CMU-1-Small-Region.svs")
+    renamed = tmp_path / "TCGA-AR-A1AS.svs"  # a file renamed to its patient: type unknown
+    shutil.copy(SLIDES_DIR / "openslide-small.svs", renamed)
+    store = tmp_path / "store"
+    summary = add_cohort(
+        store, "brca", slides=[MIXED, plain, renamed], clinical=TCGA, slides_dir=gdc
+    )
+
+    dx = {i for i, name in ids.items() if "-01Z-00-DX" in name}
+    assert len(dx) == 6 and summary.problems == []
+    kept = {s["slide_id"] for s in load_cohort(store, "brca").slides.to_pylist()}
+    assert kept == {ids[i] for i in dx} | {"CMU-1-Small-Region", "TCGA-AR-A1AS"}
+    left = {s["slide_id"][:23]: s for s in summary.left_out_by_type}
+    assert set(left) == {
+        "TCGA-A7-A13F-01A-01-TS1",
+        "TCGA-A7-A13F-01A-01-BS1",
+        "TCGA-E2-A1B5-11A-01-TS1",
+        "TCGA-E2-A14V-06Z-00-DX1",
+        "TCGA-3C-AAAU-01A-01-TS1",
+        "TCGA-AR-A1AK-11A-01-MSA",
+    }
+    assert left["TCGA-E2-A14V-06Z-00-DX1"]["reasons"] == ["sample type 06 (metastatic)"]
+    assert left["TCGA-A7-A13F-01A-01-TS1"]["patient_id"] == "TCGA-A7-A13F"
+    assert summary.left_out_counts() == {
+        "slide type TS (frozen section, top of the block)": 3,
+        "sample type 11 (solid tissue normal)": 2,
+        "slide type BS (frozen section, bottom of the block)": 1,
+        "sample type 06 (metastatic)": 1,
+        "slide type MS (frozen section, middle of the block)": 1,
+    }
+    assert (summary.slide_types, summary.sample_types) == (["DX"], ["01"])
+    assert summary.untyped == ["TCGA-AR-A1AS"]
+    # A patient whose only slide is frozen has no slide; the plain name has no patient.
+    assert "TCGA-3C-AAAU" in summary.patients_without_slides
+    assert [s["slide_id"] for s in summary.slides_without_patients] == ["CMU-1-Small-Region"]
+    assert summary.n_patients_with_slides == 6
+    stored = json.loads((store / "cohorts" / "brca" / "cohort.json").read_text())
+    assert stored["options"]["slide_types"] == ["DX"] and len(stored["left_out_by_type"]) == 6
+
+    frozen = add_cohort(
+        store,
+        "frozen",
+        slides=MIXED,
+        clinical=TCGA,
+        slides_dir=gdc,
+        types=TypeChoice.parse("DX,TS,BS", "01,11"),
+    )
+    assert {s["slide_id"][:23] for s in frozen.left_out_by_type} == {
+        "TCGA-E2-A14V-06Z-00-DX1",
+        "TCGA-AR-A1AK-11A-01-MSA",
+    }
+    owners = [s["patient_id"] for s in load_cohort(store, "frozen").slides.to_pylist()]
+    assert owners.count("TCGA-A7-A13F") == 3 and frozen.n_slides == 10
+    every = add_cohort(
+        store, "all", slides=MIXED, clinical=TCGA, slides_dir=gdc, types=TypeChoice(None, None)
+    )
+    assert every.n_slides == 12 and every.left_out_by_type == []
+    # A listed frozen slide that was never downloaded is left out by type, not a problem.
+    shutil.rmtree(gdc / next(r for r in download_rows(MIXED) if "-BS1" in r["filename"])["id"])
+    again = add_cohort(store, "brca", slides=MIXED, clinical=TCGA, slides_dir=gdc, force=True)
+    assert again.problems == [] and len(again.left_out_by_type) == 6
+
+
+def test_cli_cohort_add_and_show_name_the_slides_left_out_by_type(tmp_path):
+    gdc = tmp_path / "gdc"
+    download(MIXED, gdc)
+    store = str(tmp_path / "store")
+    runner = CliRunner()
+    add = ["--store", store, "cohort", "add", "brca", "--slides", str(MIXED)]
+    add += ["--slides-dir", str(gdc), "--clinical", str(TCGA)]
+    result = runner.invoke(cli, add)
+    assert result.exit_code == 0, result.output  # leaving out frozen slides is no problem
+    assert "TCGA slides kept: DX slides, sample type 01; 6 left out by type" in result.output
+    assert "slide type TS (frozen section, top of the block): 3" in result.output
+    assert "patients without slides: 1093 (1 with slides left out by type only)" in result.output
+    text = runner.invoke(cli, ["--store", store, "cohort", "show", "brca"]).output
+    assert "TCGA-E2-A1B5-11A-01-TS1" in text and "sample type 11 (solid tissue normal)" in text
+    shown = json.loads(
+        runner.invoke(cli, ["--store", store, "cohort", "show", "brca", "--json"]).stdout
+    )
+    assert shown["left_out_by_type_counts"]["sample type 06 (metastatic)"] == 1
+    assert len(shown["left_out_by_type"]) == 6 and shown["n_slides"] == 6
+    listing = json.loads(runner.invoke(cli, ["cohort", "list", "--store", store, "--json"]).stdout)
+    assert listing[0]["left_out_by_type"] == 6
+    more = add[:4] + ["frozen"] + add[5:] + ["--slide-types", "dx,ts,bs", "--sample-types", "all"]
+    result = runner.invoke(cli, more)
+    assert result.exit_code == 0 and "DX/TS/BS slides, any sample type; 1 left out" in result.output
+    bad = runner.invoke(cli, add[:4] + ["bad"] + add[5:] + ["--slide-types", "FFPE"])
+    assert bad.exit_code != 0 and "--slide-types 'FFPE'" in bad.output and "DX" in bad.output
+
+
+def test_cohort_json_written_before_slide_types_still_reads(tmp_path):
+    store = tmp_path / "store"
+    add_cohort(store, "old", slides=MANIFEST, clinical=TCGA, slides_dir=tmp_path)
+    path = store / "cohorts" / "old" / "cohort.json"
+    document = json.loads(path.read_text())
+    for key in ("slide_types", "sample_types", "left_out_by_type", "untyped"):
+        del document[key]
+    del document["left_out_by_type_counts"]
+    path.write_text(json.dumps(document))
+    summary = cohort_summary(store, "old")
+    assert summary.left_out_by_type == [] and summary.slide_types is None  # it kept every type
+    assert summary.type_choice.describe() == "any slide type, any sample type"
+    result = CliRunner().invoke(cli, ["cohort", "show", "old", "--store", str(store)])
+    assert result.exit_code == 0 and "any slide type, any sample type; 0 left out" in result.output
+    assert list_cohorts(store)[0]["left_out_by_type"] == 0

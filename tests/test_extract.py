@@ -306,3 +306,42 @@ def test_extraction_after_threaded_opencv_and_torch_work_does_not_hang(tmp_path)
     )
     assert done.returncode == 0, done.stderr
     assert len(fingerprint_files(store)) == 3
+
+
+def test_slide_without_tissue_fails_in_one_line_and_min_tissue_reaches_the_key(
+    tmp_path, blank_tiff, speck_tiff
+):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "S1.svs").symlink_to(CMU)
+    (folder / "stray.svs").symlink_to(CMU)  # no patient: skipped and counted, not failed
+    blank_tiff, speck_tiff = (path.rename(folder / path.name) for path in (blank_tiff, speck_tiff))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "patient_id,slide,ER\n"
+        f"P1,{folder / 'S1.svs'},Positive\nP2,{blank_tiff},Negative\nP3,{speck_tiff},Negative\n"
+    )
+    store = tmp_path / "store"
+    add_cohort(store, "c", slides=str(folder), clinical=labels, fmt="csv")
+    summary = extract(store, "c", config(), progress=False)
+    rows = {r.slide_id: r for r in summary.slides}
+    assert {s: r.status for s, r in rows.items()} == {
+        "S1": "ok",
+        "stray": "no-patient",
+        "blank": "failed",
+        "speck": "failed",
+    }
+    assert rows["blank"].error == (
+        "no tissue found (tissue fraction 0.0% of the slide, no 112-um square with >= 50% "
+        "tissue): a fluorescence scan or a blank? a lower --min-tissue (now 0.5) finds none; "
+        "leave the slide out"
+    )
+    assert (
+        "1.6% of the slide" in rows["speck"].error and "lower --min-tissue" in rows["speck"].error
+    )
+    lower = extract(store, "c", config(min_tissue=0.25, force=True), progress=False)
+    rows = {r.slide_id: r for r in lower.slides}
+    assert (rows["speck"].status, rows["speck"].n_patches) == ("ok", 4)
+    assert rows["blank"].status == "failed" and rows["S1"].status == "ok"
+    metas = [read_metadata(pq.read_schema(p)) for p in fingerprint_files(store)]
+    assert {m["min_tissue"] for m in metas} == {"0.25"}

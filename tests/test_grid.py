@@ -204,3 +204,34 @@ def test_patches_command_without_mpp_names_the_fix(tmp_path):
     result = CliRunner().invoke(cli, ["patches", str(boxes), "--out", str(tmp_path)])
     assert result.exit_code != 0
     assert "openslide-boxes" in result.output and "--mpp" in result.output
+
+
+def test_patches_command_names_a_slide_without_tissue_and_min_tissue(
+    tmp_path, blank_tiff, speck_tiff
+):
+    runner = CliRunner()
+    out = tmp_path / "preview"
+    blank = runner.invoke(cli, ["patches", str(blank_tiff), "--out", str(out)])
+    assert blank.exit_code == 1
+    line = (
+        "error: blank: no tissue found (tissue fraction 0.0% of the slide, no 112-um square "
+        "with >= 50% tissue): a fluorescence scan or a blank? a lower --min-tissue (now 0.5) "
+        "finds none; leave the slide out"
+    )
+    assert blank.stderr.strip() == line
+    assert (out / "blank.patches.png").is_file()  # the preview shows why
+    speck = runner.invoke(cli, ["patches", str(speck_tiff), "--out", str(out), "--json"])
+    assert speck.exit_code == 1 and json.loads(speck.stdout)["patch_count"] == 0
+    reason = json.loads(speck.stdout)["no_patch_reason"]
+    assert "tissue fraction 1.6% of the slide" in reason
+    assert "lower --min-tissue (now 0.5) or leave the slide out" in reason
+    lower = runner.invoke(
+        cli, ["patches", str(speck_tiff), "--out", str(out), "--min-tissue", "0.25", "--json"]
+    )
+    assert lower.exit_code == 0 and json.loads(lower.stdout)["patch_count"] == 4
+    cmu = runner.invoke(cli, ["patches", str(CMU), "--out", str(out), "--min-tissue", "0.9"])
+    assert cmu.exit_code == 0 and "tissue 37.2% of the slide" in cmu.output
+    tiny = DATA / "slides" / "openslide-small.svs"
+    small = runner.invoke(cli, ["patches", str(tiny), "--out", str(out), "--mpp", "0.5"])
+    assert small.exit_code == 1
+    assert "(16x16 px at 0.5 um/px) is smaller than one 112-um square (224 px)" in small.stderr

@@ -15,9 +15,6 @@ import numpy as np
 from fpstore.config import TISSUE_TYPES
 from fpstore.errors import ClassifyError, ConfigError
 
-# The pools the CLI offers; any "+"-joined set of tissue types is accepted by parse_pool.
-POOLS = ("all", "epithelium", "stroma", "fat", "epithelium+stroma")
-
 
 def parse_pool(pool: str) -> tuple[str, ...] | None:
     """'all' -> None (every patch); 'epithelium+stroma' -> ('epithelium', 'stroma')."""
@@ -90,11 +87,18 @@ class Bags:
     ) -> Bags:
         """Build bags from per-patch columns in any order (sorted here, stably)."""
         patient_of_patch = np.asarray(patient_of_patch).astype(str)
-        patient_ids, bag_index = np.unique(patient_of_patch, return_inverse=True)
-        order = np.argsort(bag_index, kind="stable")
+        patient_ids, bag_index = _factorize(patient_of_patch)
+        # Patches read patient by patient are in order already: no copy of the matrix then.
+        order = (
+            None
+            if np.all(bag_index[1:] >= bag_index[:-1])
+            else np.argsort(bag_index, kind="stable")
+        )
 
         def take(column):
-            return None if column is None else np.asarray(column)[order]
+            if column is None:
+                return None
+            return np.asarray(column) if order is None else np.asarray(column)[order]
 
         sites = None
         if site_of_patch is not None:
@@ -105,8 +109,8 @@ class Bags:
             sites = site_of_patch[first]
         return cls(
             patient_ids=patient_ids,
-            features=np.asarray(features, dtype=np.float32)[order],
-            bag_index=bag_index[order],
+            features=take(np.asarray(features, dtype=np.float32)),
+            bag_index=take(bag_index),
             tissue=take(tissue),
             patch_ids=take(patch_ids),
             slide_ids=take(slide_ids),
@@ -143,6 +147,32 @@ class Bags:
             self.patient_ids[patients],
             None if self.sites is None else self.sites[patients],
         )
+
+    def sample(self, n: int | None, seed: int = 0) -> Bags:
+        """At most ``n`` patches per patient (None: all), drawn the way extraction draws them.
+
+        A patient's patches are taken in slide-id order (each slide's rows as stored, the
+        grid's raster order) and chosen by ``fpstore.slides.grid.sample_rows`` seeded by
+        (seed, patient id): a patient's draw does not depend on the other patients, and on an
+        all-patch store it picks the patches ``extract --patches n --seed seed`` extracts.
+        """
+        from fpstore.slides.grid import sample_rows
+
+        if n is None:
+            return self
+        if n < 1:
+            raise ConfigError(f"patches per patient {n!r}: give a positive number, or all")
+        counts = self.n_patches()
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        keep = np.ones(len(self.bag_index), dtype=bool)
+        for p in np.flatnonzero(counts > n):
+            rows = np.arange(starts[p], starts[p + 1])
+            if self.slide_ids is not None:
+                rows = rows[np.argsort(self.slide_ids[rows], kind="stable")]
+            keep[rows] = False
+            keep[rows[sample_rows(len(rows), n, seed, str(self.patient_ids[p]))]] = True
+        rows = np.flatnonzero(keep)
+        return self._take(rows, self.bag_index[rows], self.patient_ids, self.sites)
 
     def pool(self, pool: str) -> Bags:
         """Only the patches of the pooled tissue types; patients left with none are dropped."""
@@ -204,6 +234,16 @@ class Bags:
             blocks.append(sums / np.maximum(count, 1)[:, None])
             blocks.append((count / total)[:, None])
         return np.hstack(blocks).astype(np.float32)
+
+
+def _factorize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(values, return_inverse=True)``, fast when equal values come in runs (a
+    patient's patches are read file by file): one comparison per row, np.unique over the runs."""
+    if len(values) == 0:
+        return np.unique(values, return_inverse=True)
+    starts = np.flatnonzero(np.r_[True, values[1:] != values[:-1]])
+    runs, inverse = np.unique(values[starts], return_inverse=True)
+    return runs, np.repeat(inverse, np.diff(np.r_[starts, len(values)]))
 
 
 def _segment_sum(values: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:

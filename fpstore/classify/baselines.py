@@ -22,12 +22,20 @@ POOLINGS = ("mean", "tissue-mean")
 _TYPES = tuple(t for t in TISSUE_TYPES if t != "background")
 
 
-def pooled_features(bags: Bags, pooling: str) -> np.ndarray:
-    """(P, features) per patient for the pooled baselines."""
+def tissue_types_of(bags: Bags, pooling: str) -> tuple[str, ...]:
+    """The tissue types a model pools by: those present in its training bags."""
+    if pooling == "mean":
+        return ()
+    present = tuple(t for t in _TYPES if bags.tissue is not None and (bags.tissue == t).any())
+    return present or _TYPES
+
+
+def pooled_features(bags: Bags, pooling: str, types: tuple[str, ...] = ()) -> np.ndarray:
+    """(P, features) per patient for the pooled baselines; ``types``: those of the training
+    bags (a test patient's features line up with the model's whatever types it has)."""
     if pooling == "mean":
         return bags.mean_features()
-    present = tuple(t for t in _TYPES if bags.tissue is not None and (bags.tissue == t).any())
-    return bags.mean_per_tissue(present or _TYPES)
+    return bags.mean_per_tissue(tuple(types) or tissue_types_of(bags, pooling))
 
 
 def _check_fit(bags: Bags, y) -> np.ndarray:
@@ -54,11 +62,13 @@ class LogRegConfig:
 class PooledLogReg(ClassifierMixin, BaseEstimator):
     """Standardised L2 logistic regression on pooled fingerprints; C chosen on the es group."""
 
+    config_class = LogRegConfig
+
     def __init__(self, config: LogRegConfig | None = None):
         self.config = config
 
     @property
-    def _cfg(self) -> LogRegConfig:
+    def settings(self) -> LogRegConfig:
         return self.config or LogRegConfig()
 
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
@@ -66,44 +76,80 @@ class PooledLogReg(ClassifierMixin, BaseEstimator):
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        cfg = self._cfg
+        cfg = self.settings
         y = _check_fit(bags, y)
-        x = pooled_features(bags, cfg.pooling)
+        self.types_ = tissue_types_of(bags, cfg.pooling)
+        x = pooled_features(bags, cfg.pooling, self.types_)
         grid = cfg.c_grid if eval_set is not None else (float(np.median(cfg.c_grid)),)
         es_y = None if eval_set is None else np.asarray(eval_set[1])
-        es_x = None if eval_set is None else pooled_features(eval_set[0], cfg.pooling)
-        best = None
-        for c in grid:
+        es_x = None if eval_set is None else pooled_features(eval_set[0], cfg.pooling, self.types_)
+
+        def fitted(c):
             model = make_pipeline(
                 StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=cfg.seed)
             ).fit(x, y)
             score = 0.0
             if es_y is not None and len(np.unique(es_y)) == 2:
                 score = auc(es_y, model.decision_function(es_x))
-            if best is None or score > best[0]:
-                best = (score, c, model)
-        self.es_score_, self.c_, self.model_ = best
+            return score, c, model
+
+        # The first C with the best score (LogRegConfig keeps the grid non-empty).
+        self.es_score_, self.c_, self.model_ = max(map(fitted, grid), key=lambda b: b[0])
         self.classes_ = np.array([0, 1])
         return self
 
+    def _pooled(self, bags: Bags) -> np.ndarray:
+        return pooled_features(bags, self.settings.pooling, self.types_)
+
     def decision_function(self, bags: Bags) -> np.ndarray:
-        return self.model_.decision_function(pooled_features(bags, self._cfg.pooling))
+        return self.model_.decision_function(self._pooled(bags))
 
     def predict_proba(self, bags: Bags) -> np.ndarray:
-        return self.model_.predict_proba(pooled_features(bags, self._cfg.pooling))
+        return self.model_.predict_proba(self._pooled(bags))
 
     def predict(self, bags: Bags) -> np.ndarray:
-        return self.model_.predict(pooled_features(bags, self._cfg.pooling))
+        return self.model_.predict(self._pooled(bags))
 
     def patch_scores(self, bags: Bags) -> np.ndarray | None:
         """With mean pooling the model is linear, so a patch's score is the same function of
         its own fingerprint, and a patient's score is the mean of its patches' scores."""
-        if self._cfg.pooling != "mean":
+        if self.settings.pooling != "mean":
             return None
         return self.model_.decision_function(bags.features).astype(np.float32)
 
     def describe(self) -> dict:
-        return {"method": "logreg", **asdict(self._cfg), "chosen_C": getattr(self, "c_", None)}
+        return {"method": "logreg", **asdict(self.settings), "chosen_C": getattr(self, "c_", None)}
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The scaler's and the regression's fitted arrays: the whole model, no pickle."""
+        scaler, regression = self.model_.steps[0][1], self.model_.steps[1][1]
+        return {
+            "mean": scaler.mean_,
+            "scale": scaler.scale_,
+            "var": scaler.var_,
+            "coef": regression.coef_,
+            "intercept": regression.intercept_,
+            "c": np.array(self.c_),
+            "types": np.array(self.types_, dtype=str),
+        }
+
+    def set_state(self, state: dict[str, np.ndarray]) -> PooledLogReg:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        scaler = StandardScaler()
+        scaler.mean_, scaler.scale_, scaler.var_ = state["mean"], state["scale"], state["var"]
+        scaler.n_features_in_ = len(state["mean"])
+        self.c_ = float(state["c"])
+        regression = LogisticRegression(C=self.c_, max_iter=2000, random_state=self.settings.seed)
+        regression.coef_, regression.intercept_ = state["coef"], state["intercept"]
+        regression.classes_ = np.array([0, 1])
+        regression.n_features_in_ = state["coef"].shape[1]
+        self.model_ = make_pipeline(scaler, regression)
+        self.types_ = tuple(str(t) for t in state["types"])
+        self.classes_ = np.array([0, 1])
+        return self
 
 
 @dataclass(frozen=True)
@@ -131,22 +177,25 @@ class XGBConfig:
 class PooledXGBoost(ClassifierMixin, BaseEstimator):
     """Gradient-boosted trees on pooled fingerprints; trees added until the es AUC stalls."""
 
+    config_class = XGBConfig
+
     def __init__(self, config: XGBConfig | None = None):
         self.config = config
 
     @property
-    def _cfg(self) -> XGBConfig:
+    def settings(self) -> XGBConfig:
         return self.config or XGBConfig()
 
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
         from xgboost import XGBClassifier
 
-        cfg = self._cfg
+        cfg = self.settings
         y = _check_fit(bags, y)
-        x = pooled_features(bags, cfg.pooling)
+        self.types_ = tissue_types_of(bags, cfg.pooling)
+        x = pooled_features(bags, cfg.pooling, self.types_)
         es = None
         if eval_set is not None and len(np.unique(eval_set[1])) == 2:
-            es = [(pooled_features(eval_set[0], cfg.pooling), np.asarray(eval_set[1]))]
+            es = [(pooled_features(eval_set[0], cfg.pooling, self.types_), np.asarray(eval_set[1]))]
         self.model_ = XGBClassifier(
             n_estimators=cfg.n_estimators,
             max_depth=cfg.max_depth,
@@ -164,7 +213,7 @@ class PooledXGBoost(ClassifierMixin, BaseEstimator):
         return self
 
     def predict_proba(self, bags: Bags) -> np.ndarray:
-        return self.model_.predict_proba(pooled_features(bags, self._cfg.pooling))
+        return self.model_.predict_proba(pooled_features(bags, self.settings.pooling, self.types_))
 
     def decision_function(self, bags: Bags) -> np.ndarray:
         return self.predict_proba(bags)[:, 1]
@@ -179,6 +228,26 @@ class PooledXGBoost(ClassifierMixin, BaseEstimator):
     def describe(self) -> dict:
         return {
             "method": "xgboost",
-            **asdict(self._cfg),
+            **asdict(self.settings),
             "best_iteration": getattr(self, "best_iteration_", None),
         }
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The booster in XGBoost's own UBJSON format (readable by later XGBoost versions),
+        as bytes in an array, and the pooled tissue types."""
+        raw = self.model_.get_booster().save_raw(raw_format="ubj")
+        return {
+            "booster": np.frombuffer(bytes(raw), np.uint8),
+            "best_iteration": np.array(self.best_iteration_),
+            "types": np.array(self.types_, dtype=str),
+        }
+
+    def set_state(self, state: dict[str, np.ndarray]) -> PooledXGBoost:
+        from xgboost import XGBClassifier
+
+        self.model_ = XGBClassifier(n_jobs=self.settings.threads)
+        self.model_.load_model(bytearray(np.asarray(state["booster"], np.uint8).tobytes()))
+        self.best_iteration_ = int(state["best_iteration"])
+        self.types_ = tuple(str(t) for t in state["types"])
+        self.classes_ = np.array([0, 1])
+        return self

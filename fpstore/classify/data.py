@@ -106,8 +106,8 @@ def load_bags(
         counts["patches_without_tissue_type"] = int((tissue == "unknown").sum())
     elif tissue_required:
         raise StoreError(
-            f"cohort {cohort!r} has no tissue types; run `fpstore tissue predict --cohort {cohort}` "
-            "or use --pool all"
+            f"cohort {cohort!r} has no tissue types; run "
+            f"`fpstore tissue predict --cohort {cohort}` or use --pool all"
         )
     n = keys.num_rows
     features = vectors if vectors is not None else np.zeros((n, 0), np.float32)
@@ -130,11 +130,18 @@ def load_dataset(
     pool: str = "all",
     bags: Bags | None = None,
     counts: dict | None = None,
+    patches: int | None = None,
+    seed: int = 0,
 ) -> Dataset:
-    """Labelled, pooled bags of one cohort and marker; ``bags`` reuses an earlier load."""
+    """Labelled, pooled bags of one cohort and marker; ``bags`` reuses an earlier load.
+
+    ``patches``: at most this many stored patches per patient, drawn before pooling (as an
+    extraction of that many would have drawn them: ``Bags.sample``); None keeps them all.
+    """
     types = parse_pool(pool)
     if bags is None:
         bags, counts = load_bags(store, cohort, encoder, tissue_required=types is not None)
+    bags = bags.sample(patches, seed)
     counts = dict(counts or {})
     patient_ids, status, sites = load_labels(store, cohort, marker)
     labelled, y, label_counts = align_labels(bags, patient_ids, status)
@@ -167,6 +174,97 @@ def load_dataset(
     )
 
 
+def load_scoring_bags(
+    store: Path,
+    cohort: str,
+    marker: str,
+    encoder: str | None,
+    pool: str = "all",
+    patches: int | None = None,
+    seed: int = 0,
+) -> tuple[Bags, np.ndarray, dict]:
+    """Every patient of a cohort with patches, for a saved model to score: (pooled bags,
+    labels with NO_LABEL where the cohort has none for ``marker``, counts)."""
+    from fpstore.classify.protocol import NO_LABEL
+
+    types = parse_pool(pool)
+    bags, counts = load_bags(store, cohort, encoder, tissue_required=types is not None)
+    bags = bags.sample(patches, seed)
+    check_choice("predict", "marker", marker, MARKERS)
+    rows = read_cohort(store, cohort).marker_labels(marker)
+    known = {
+        p: s
+        for p, s in zip(rows.column("patient_id").to_pylist(), rows.column("status").to_pylist())
+        if s is not None
+    }
+    pooled = bags.pool(pool)
+    if pooled.n_patients == 0:
+        raise ClassifyError(f"no patient of cohort {cohort!r} has {pool} patches")
+    y = np.array([known.get(p, NO_LABEL) for p in pooled.patient_ids], dtype=np.int8)
+    counts = {
+        **counts,
+        "patients": int(pooled.n_patients),
+        "labelled": int((y != NO_LABEL).sum()),
+        "no_pool_patches": int(bags.n_patients - pooled.n_patients),
+        "patches": int(len(pooled.bag_index)),
+    }
+    return pooled, y, counts
+
+
+# Extraction settings a model depends on, from the fingerprint files' metadata. A file
+# without ``stain_norm`` was written before stain normalisation existed: none.
+SETTING_KEYS = (
+    "encoder_hash",
+    "dim",
+    "precision",
+    "stain_norm",
+    "weights_hash",
+    "patch_um",
+    "out_px",
+    "patches",
+    "seed",
+    "min_tissue",
+    "encoder_spec",
+)
+
+
+def ensure_tissue_types(store, cohort: str, encoder: str | None, progress: bool = True) -> str:
+    """Tissue types for a pool that needs them: computed from the fingerprints when the store
+    holds a tissue model trained on this encoder's (seconds for a cohort), else a one-line
+    StoreError naming `fpstore tissue predict`. Returns a note of what was done ('' if none)."""
+    from fpstore.store.tissue import read_tissue_types
+    from fpstore.tissue.methods import FINGERPRINT_METHODS
+    from fpstore.tissue.predict import predict_tissue
+    from fpstore.tissue.trained import TissueModel
+
+    if read_tissue_types(store, cohort) is not None:
+        return ""
+    layout = StoreLayout.of(store)
+    for method in FINGERPRINT_METHODS:
+        path = layout.tissue_model_file(method)
+        if (
+            encoder is not None
+            and path.is_file()
+            and (TissueModel.load(path).encoder or {}).get("id") == encoder
+        ):
+            summary = predict_tissue(store, cohort, method, encoder=encoder, progress=progress)
+            if not summary.failed:
+                return f"typed the tissue of cohort {cohort!r} with the stored {method} model"
+    raise StoreError(
+        f"cohort {cohort!r} has no tissue types for this pool; run `fpstore tissue predict "
+        f"--cohort {cohort}` first (label-free rules on the patches' pixels), or use --pool all"
+    )
+
+
+def fingerprint_settings(store: Path, cohort: str, encoder: str) -> dict:
+    """The extraction settings a cohort's fingerprints share (``partition_settings`` refuses
+    a mixed set, naming the repair)."""
+    from fpstore.store.fingerprints import partition_settings
+
+    settings = partition_settings(store, encoder, cohort)
+    return {k: settings.get(k, "none" if k == "stain_norm" else None) for k in SETTING_KEYS}
+
+
 def cache_images(
     store: Path, cohort: str, bags: Bags, out_px: int | None = None, progress: bool = True
 ):
@@ -181,6 +279,8 @@ def cache_images(
     from fpstore.cohort.cohorts import open_cohort_slide
     from fpstore.slides.cache import PatchCache
 
+    if bags.patch_ids is None:
+        raise ClassifyError("reading patch images needs bags with patch ids")
     folder = StoreLayout.of(store).cache_dir("patches", f"cohort={cohort}")
     keys = _patch_keys(store, cohort, None)[0]
     info = {
@@ -194,7 +294,7 @@ def cache_images(
     missing = [p for p in bags.patch_ids if p not in have]
     if missing:
         slides = read_cohort(store, cohort).slide_records()
-        by_slide = {}
+        by_slide: dict[str, list[str]] = {}
         for p in missing:
             by_slide.setdefault(p.rsplit("/", 1)[0], []).append(p)
         bar = tqdm(

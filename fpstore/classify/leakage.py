@@ -30,7 +30,7 @@ def site_probe(bags: Bags, n_folds: int = 5, seed: int = 0) -> dict:
     names, counts = np.unique(sites[known], return_counts=True)
     kept_names = names[counts >= n_folds]
     keep = known & np.isin(sites, kept_names)
-    result = {
+    result: dict[str, object] = {
         "n_sites": int(len(kept_names)),
         "n_patients": int(keep.sum()),
         "dropped_patients": int((~keep).sum()),

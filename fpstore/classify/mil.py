@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -62,6 +63,9 @@ class MILNet(nn.Module):
     gradients as scaling the inputs, without a scaled copy of every patch.
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__; declared here for their type
+    inv_std: torch.Tensor
+
     def __init__(self, dim: int, hidden: int = 8, mean=None, std=None):
         super().__init__()
         self.layers = nn.Sequential(
@@ -73,7 +77,7 @@ class MILNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.layers[0]
+        first = cast(nn.Linear, self.layers[0])  # indexing a Sequential gives a Module
         weight = first.weight * self.inv_std
         hidden = nn.functional.linear(x, weight, first.bias - weight @ self.mean)
         return self.layers[1:](hidden).squeeze(-1)
@@ -129,15 +133,17 @@ def _early_stopping_value(bags: Bags, y, patch_scores: np.ndarray) -> float:
 class MILHead(ClassifierMixin, BaseEstimator):
     """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es))."""
 
+    config_class = MILConfig
+
     def __init__(self, config: MILConfig | None = None):
         self.config = config
 
     @property
-    def _cfg(self) -> MILConfig:
+    def settings(self) -> MILConfig:
         return self.config or MILConfig()
 
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
-        cfg = self._cfg
+        cfg = self.settings
         y = np.asarray(y)
         if len(y) != bags.n_patients:
             raise ClassifyError(f"{len(y)} labels for {bags.n_patients} bags")
@@ -221,7 +227,7 @@ class MILHead(ClassifierMixin, BaseEstimator):
         out = np.empty(len(bags.bag_index), dtype=np.float32)
         with (
             torch.no_grad(),
-            _Threads(_auto_threads(self._cfg.threads, min(len(out), _CHUNK) * bags.dim)),
+            _Threads(_auto_threads(self.settings.threads, min(len(out), _CHUNK) * bags.dim)),
         ):
             for start in range(0, len(out), _CHUNK):
                 chunk = torch.from_numpy(bags.features[start : start + _CHUNK])
@@ -243,4 +249,27 @@ class MILHead(ClassifierMixin, BaseEstimator):
         return (self.decision_function(bags) > 0).astype(np.int8)
 
     def describe(self) -> dict:
-        return {"method": "mil", **asdict(self._cfg)}
+        return {"method": "mil", **asdict(self.settings)}
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The fitted network's weights and standardisation, as arrays."""
+        if not hasattr(self, "net_"):
+            raise ClassifyError("the MIL head is not fitted; call fit first")
+        state = {k: v.numpy() for k, v in self.net_.state_dict().items()}
+        return {**state, "std": self.std_}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> MILHead:
+        """A fitted head from ``get_state``'s arrays (the config must match: hidden units)."""
+        std = np.asarray(state["std"], np.float32)
+        weights = {k: torch.from_numpy(np.asarray(v)) for k, v in state.items() if k != "std"}
+        net = MILNet(len(std), self.settings.hidden)
+        try:
+            net.load_state_dict(weights)
+        except RuntimeError as error:
+            raise ClassifyError(
+                f"saved MIL weights do not fit the head's config: {error}"
+            ) from None
+        self.net_ = net.eval()
+        self.mean_, self.std_ = weights["mean"].numpy(), std
+        self.classes_ = np.array([0, 1])
+        return self

@@ -74,8 +74,18 @@ def build_network(arch: str, weights: str | None) -> nn.Module:
     return net
 
 
+def _patch_ids(bags: Bags) -> np.ndarray:
+    if bags.patch_ids is None:
+        raise ClassifyError("patch-cnn needs patch ids in the bags")
+    return bags.patch_ids
+
+
 class PatchCNN(ClassifierMixin, BaseEstimator):
     """fit(bags, y, eval_set) where bags carry patch_ids the ``images`` callable can read."""
+
+    config_class = PatchCNNConfig
+    # Where training started from: a fitted model needs it no more (nor the file, elsewhere).
+    training_only = ("weights",)
 
     def __init__(
         self,
@@ -86,11 +96,11 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         self.images = images
 
     @property
-    def _cfg(self) -> PatchCNNConfig:
+    def settings(self) -> PatchCNNConfig:
         return self.config or PatchCNNConfig()
 
     def _device(self) -> torch.device:
-        wanted = self._cfg.device
+        wanted = self.settings.device
         if wanted == "auto":
             wanted = "cuda" if torch.cuda.is_available() else "cpu"
         return torch.device(wanted)
@@ -111,21 +121,22 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         return ((x - _MEAN) / _STD).to(self._device())
 
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
-        cfg = self._cfg
+        cfg = self.settings
         y = np.asarray(y)
-        if bags.patch_ids is None:
-            raise ClassifyError("patch-cnn needs patch ids in the bags")
+        patch_ids = _patch_ids(bags)
         if len(np.unique(y)) != 2:
             raise ClassifyError("patch-cnn needs training patients of both classes")
         old_threads = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
         try:
-            self._fit(bags, y, eval_set, cfg)
+            self._fit(bags, patch_ids, y, eval_set, cfg)
         finally:
             torch.set_num_threads(old_threads)
         return self
 
-    def _fit(self, bags: Bags, y: np.ndarray, eval_set, cfg: PatchCNNConfig) -> None:
+    def _fit(
+        self, bags: Bags, patch_ids: np.ndarray, y: np.ndarray, eval_set, cfg: PatchCNNConfig
+    ) -> None:
         rng = np.random.default_rng(cfg.seed)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -152,7 +163,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
                 disable=len(batches) < 20,
             ):
                 rows = order[start : start + cfg.batch_size]
-                logits = net(self._batch(bags.patch_ids[rows], rng)).squeeze(1)
+                logits = net(self._batch(patch_ids[rows], rng)).squeeze(1)
                 loss = loss_fn(logits, labels[rows].to(logits.device))
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
@@ -180,11 +191,12 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         """(N,) probability of the positive class per patch."""
         if not hasattr(self, "net_"):
             raise ClassifyError("patch-cnn is not fitted; call fit first")
+        patch_ids = _patch_ids(bags)
         self.net_.eval()
         out = np.empty(len(bags.bag_index), dtype=np.float32)
         with torch.no_grad():
-            for start in range(0, len(out), self._cfg.batch_size):
-                ids = bags.patch_ids[start : start + self._cfg.batch_size]
+            for start in range(0, len(out), self.settings.batch_size):
+                ids = patch_ids[start : start + self.settings.batch_size]
                 out[start : start + len(ids)] = (
                     torch.sigmoid(self.net_(self._batch(ids, None)).squeeze(1)).cpu().numpy()
                 )
@@ -205,4 +217,22 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         return (self.decision_function(bags) > 0.5).astype(np.int8)
 
     def describe(self) -> dict:
-        return {"method": "patch-cnn", **asdict(self._cfg)}
+        return {"method": "patch-cnn", **asdict(self.settings)}
+
+    def get_state(self) -> dict[str, np.ndarray]:
+        """The fitted network's state dict, as arrays."""
+        if not hasattr(self, "net_"):
+            raise ClassifyError("patch-cnn is not fitted; call fit first")
+        return {k: v.detach().cpu().numpy() for k, v in self.net_.state_dict().items()}
+
+    def set_state(self, state: dict[str, np.ndarray]) -> PatchCNN:
+        net = build_network(self.settings.arch, None)
+        try:
+            net.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in state.items()})
+        except RuntimeError as error:
+            raise ClassifyError(
+                f"saved patch-cnn weights do not fit a {self.settings.arch}: {error}"
+            ) from None
+        self.net_ = net.to(self._device()).eval()
+        self.classes_ = np.array([0, 1])
+        return self

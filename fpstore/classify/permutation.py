@@ -47,12 +47,10 @@ def permutation_test(
     y,
     observed_auc: float,
     n_permutations: int,
-    method: str = "mil",
+    estimator,
     split: str = "patient",
     n_folds: int = 5,
     seed: int = 0,
-    classifier_kw: dict | None = None,
-    images=None,
     progress: bool = True,
 ) -> dict:
     """Null distribution of the CV AUC under shuffled labels and the one-sided p-value.
@@ -69,34 +67,33 @@ def permutation_test(
     y = np.asarray(y)
     strata = _strata(bags)
     rng = np.random.default_rng([seed, 7919])
-    null, skipped = [], 0
+    aucs, skipped = [], 0
+    name = estimator.describe()["method"]
     for _ in tqdm(
-        range(n_permutations), desc=f"{method} permutations", file=sys.stderr, disable=not progress
+        range(n_permutations), desc=f"{name} permutations", file=sys.stderr, disable=not progress
     ):
         shuffled = shuffle_within(y, strata, rng)
         try:
             result = cross_validate(
                 bags,
                 shuffled,
-                method,
+                estimator,
                 n_folds=n_folds,
                 split=split,
                 seed=seed,
                 n_boot=100,
-                classifier_kw=classifier_kw,
-                images=images,
                 progress=False,
             )
         except ClassifyError:
             skipped += 1
             continue
-        null.append(result.metrics["auc"])
-    if not null:
+        aucs.append(result.metrics["auc"])
+    if not aucs:
         raise ClassifyError(
             f"all {n_permutations} label shuffles left a fold with one class; "
             "lower --folds or use --split patient"
         )
-    null = np.asarray(null)
+    null = np.asarray(aucs)
     return {
         "n_permutations": len(null),
         "skipped": skipped,

@@ -1,26 +1,33 @@
 """Cross-validation, external validation and comparisons on numpy bags (no store needed).
 
+Every function takes an estimator (the protocol in ``fpstore.classify.methods``) and fits
+fresh copies of it (scikit-learn's ``clone``, the seed set per fit), so one harness runs every
+method.
+
 cross_validate: the paper's protocol (5 groups; train on 3, early-stop on 1, test on 1; every
 patient tested exactly once), per-fold and pooled test AUC with a bootstrap CI.
-external_validate: a final model trained on the whole first cohort (4 groups train, 1 group
-early-stops) and tested once on the other cohort.
-compare: several (method, features, pool) entries on identical splits, with DeLong p-values on
-the patients that each pair shares.
+fit_final: the final model, trained on the whole cohort (4 groups train, 1 group early-stops).
+score: a fitted model's patient (and patch) scores on any bags, with metrics where labelled.
+external_validate: fit_final, then score once on the other cohort.
+compare: several entries (method, features, pool) on identical splits, with DeLong p-values
+on the patients that each pair shares.
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from fpstore.classify.bags import Bags
-from fpstore.classify.methods import create_classifier
 from fpstore.classify.metrics import auc, delong_test, roc_points, summarize
 from fpstore.classify.splits import Fold, cv_folds, final_fold, make_groups
 from fpstore.errors import ClassifyError
+
+NO_LABEL = -1  # a scored patient without a clinical label (stored as null)
 
 
 @dataclass
@@ -28,31 +35,35 @@ class Predictions:
     """Scores per tested patient and, where the method has them, per patch."""
 
     patient_ids: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray  # 0, 1 or NO_LABEL
     scores: np.ndarray
-    folds: np.ndarray  # -1 for an external test
+    folds: np.ndarray  # -1 for an external test or a prediction
     n_patches: np.ndarray
     patch_ids: np.ndarray | None = None
     slide_ids: np.ndarray | None = None
     patch_folds: np.ndarray | None = None
     patch_scores: np.ndarray | None = None
 
+    def labelled(self) -> np.ndarray:
+        """Mask of the patients with a label."""
+        return self.labels != NO_LABEL
+
 
 @dataclass
 class ValidationResult:
-    kind: str  # "cv" or "external"
-    method: str
+    kind: str  # "cv", "external" or "predict"
     classifier: dict
     predictions: Predictions
-    metrics: dict
+    metrics: dict  # empty when fewer than two classes are labelled
     roc: dict
     folds: list[dict] = field(default_factory=list)
     groups: dict = field(default_factory=dict)  # patient_id -> group of the training cohort
+    # The fitted models: one per fold (cross_validate with keep_models), or the final one.
+    models: list = field(default_factory=list, repr=False)
 
     def to_dict(self, roc: bool = True) -> dict:
         out = {
             "kind": self.kind,
-            "method": self.method,
             "metrics": self.metrics,
             "folds": self.folds,
             "classifier": self.classifier,
@@ -60,6 +71,20 @@ class ValidationResult:
         if roc:
             out["roc"] = self.roc
         return out
+
+
+def score_range(kind: str, predictions: Predictions) -> list[float]:
+    """The range a run's scores live in, for heatmaps (``MethodSpec.score_range``): tanh
+    [-1, 1], probabilities [0, 1], logits symmetric around 0 to their largest magnitude."""
+    if kind == "tanh":
+        return [-1.0, 1.0]
+    if kind == "probability":
+        return [0.0, 1.0]
+    values = [predictions.scores] + (
+        [] if predictions.patch_scores is None else [predictions.patch_scores]
+    )
+    bound = float(max(np.abs(v).max() for v in values if len(v))) or 1.0
+    return [-bound, bound]
 
 
 def assign_groups(
@@ -85,19 +110,26 @@ def _group_array(bags: Bags, groups: dict[str, int]) -> np.ndarray:
     return np.array([groups[p] for p in bags.patient_ids], dtype=np.int64)
 
 
-def _fit(method, bags: Bags, y, fold: Fold, seed: int, images, classifier_kw):
+def fresh(estimator, seed: int):
+    """An unfitted copy of ``estimator`` (scikit-learn's ``clone``) with ``seed`` in its config."""
+    from sklearn.base import clone
+
+    model = clone(estimator)
+    return model.set_params(config=replace(model.settings, seed=seed))
+
+
+def _fit(estimator, bags: Bags, y, fold: Fold, seed: int):
     if len(np.unique(y[fold.train])) != 2:
         raise ClassifyError(
             f"fold {fold.index}: the training groups hold one class only; "
             "too few patients of the other class for this pool and split"
         )
-    model = create_classifier(method, seed=seed, images=images, **(classifier_kw or {}))
-    return model.fit(
+    return fresh(estimator, seed).fit(
         bags.subset(fold.train), y[fold.train], eval_set=(bags.subset(fold.es), y[fold.es])
     )
 
 
-def _score(model, bags: Bags) -> tuple[np.ndarray, np.ndarray | None]:
+def score_bags(model, bags: Bags) -> tuple[np.ndarray, np.ndarray | None]:
     """Patient scores and patch scores; where a method has patch scores, the patient score
     is their mean (what its decision_function computes), so patches are scored only once."""
     patch = model.patch_scores(bags)
@@ -111,36 +143,50 @@ def _metrics(y, scores, n_boot: int, seed: int) -> tuple[dict, dict]:
     return summarize(y, scores, n_boot=n_boot, seed=seed), roc_points(y, scores)
 
 
+def _fit_info(model) -> dict:
+    return {
+        "es_score": getattr(model, "es_score_", None),
+        "best_epoch": getattr(model, "best_epoch_", getattr(model, "best_iteration_", None)),
+    }
+
+
 def cross_validate(
     bags: Bags,
     y,
-    method: str = "mil",
+    estimator,
     groups: dict[str, int] | None = None,
     n_folds: int = 5,
     split: str = "patient",
     seed: int = 0,
     n_boot: int = 2000,
-    classifier_kw: dict | None = None,
-    images=None,
     progress: bool = True,
+    keep_models: bool = False,
 ) -> ValidationResult:
-    """The paper's k-fold protocol; every patient of ``bags`` is tested exactly once."""
+    """The paper's k-fold protocol; every patient of ``bags`` is tested exactly once.
+
+    Fold k's model is a fresh copy of ``estimator`` seeded ``seed + k``; ``keep_models``
+    keeps the fitted fold models in the result (to save them).
+    """
     y = np.asarray(y)
     if groups is None:
         groups = assign_groups(bags.patient_ids, y, split, bags.sites, n_folds, seed)
     g = _group_array(bags, groups)
     scores = np.full(bags.n_patients, np.nan)
     fold_of = np.full(bags.n_patients, -1, dtype=np.int64)
-    patch_parts, fold_rows, classifier = [], [], {}
+    patch_parts, fold_rows, models = [], [], []
+    classifier: dict = {}
     folds = cv_folds(g)
-    for fold in tqdm(folds, desc=f"{method} folds", file=sys.stderr, disable=not progress):
-        model = _fit(method, bags, y, fold, seed + fold.index, images, classifier_kw)
+    name = estimator.describe()["method"]
+    for fold in tqdm(folds, desc=f"{name} folds", file=sys.stderr, disable=not progress):
+        model = _fit(estimator, bags, y, fold, seed + fold.index)
         test = bags.subset(fold.test)
-        scores[fold.test], patch = _score(model, test)
+        scores[fold.test], patch = score_bags(model, test)
         fold_of[fold.test] = fold.index
         if patch is not None:
             patch_parts.append((test, fold.index, patch))
         classifier = classifier or model.describe()
+        if keep_models:
+            models.append(model)
         yt = y[fold.test]
         fold_rows.append(
             {
@@ -150,10 +196,7 @@ def cross_validate(
                 "n_test": len(fold.test),
                 "n_test_pos": int(yt.sum()),
                 "auc": auc(yt, scores[fold.test]) if len(np.unique(yt)) == 2 else None,
-                "es_score": getattr(model, "es_score_", None),
-                "best_epoch": getattr(
-                    model, "best_epoch_", getattr(model, "best_iteration_", None)
-                ),
+                **_fit_info(model),
             }
         )
     metrics, roc = _metrics(y, scores, n_boot, seed)
@@ -165,13 +208,13 @@ def cross_validate(
     )
     return ValidationResult(
         "cv",
-        method,
         classifier,
         predictions,
         metrics,
         roc,
         fold_rows,
         {p: int(v) for p, v in zip(bags.patient_ids, g)},
+        models,
     )
 
 
@@ -191,76 +234,113 @@ def _patch_columns(parts) -> tuple:
     )
 
 
+def fit_final(
+    estimator,
+    bags: Bags,
+    y,
+    groups: dict[str, int] | None = None,
+    n_folds: int = 5,
+    split: str = "patient",
+    seed: int = 0,
+) -> tuple[Any, dict]:
+    """The final model: trained on the whole cohort, all groups but group 0, which early-stops
+    it. Returns the fitted model and its row for the per-fold table."""
+    y = np.asarray(y)
+    if groups is None:
+        groups = assign_groups(bags.patient_ids, y, split, bags.sites, n_folds, seed)
+    fold = final_fold(_group_array(bags, groups))
+    model = _fit(estimator, bags, y, fold, seed)
+    return model, {
+        "fold": None,
+        "n_train": len(fold.train),
+        "n_es": len(fold.es),
+        **_fit_info(model),
+    }
+
+
+def score(
+    model, bags: Bags, y=None, n_boot: int = 2000, seed: int = 0, kind: str = "predict"
+) -> ValidationResult:
+    """A fitted model's scores on ``bags``; AUC, CI and ROC over the labelled patients
+    (``y``: 0, 1 or NO_LABEL per patient; None: none labelled) when both classes are there."""
+    y = np.full(bags.n_patients, NO_LABEL, np.int8) if y is None else np.asarray(y)
+    scores, patch = score_bags(model, bags)
+    labelled = y != NO_LABEL
+    metrics: dict = {}
+    roc: dict = {}
+    if len(np.unique(y[labelled])) == 2:
+        metrics, roc = _metrics(y[labelled], scores[labelled], n_boot, seed)
+    predictions = Predictions(
+        bags.patient_ids,
+        y,
+        scores,
+        np.full(bags.n_patients, -1),
+        bags.n_patches(),
+        *_patch_columns([] if patch is None else [(bags, -1, patch)]),
+    )
+    return ValidationResult(kind, model.describe(), predictions, metrics, roc, models=[model])
+
+
 def external_validate(
     train_bags: Bags,
     train_y,
     test_bags: Bags,
     test_y,
-    method: str = "mil",
+    estimator,
     groups: dict[str, int] | None = None,
     n_folds: int = 5,
     split: str = "patient",
     seed: int = 0,
     n_boot: int = 2000,
-    classifier_kw: dict | None = None,
-    images=None,
     test_images=None,
 ) -> ValidationResult:
     """Train the final model on the whole training cohort, then test once on the other."""
-    train_y, test_y = np.asarray(train_y), np.asarray(test_y)
     overlap = set(train_bags.patient_ids) & set(test_bags.patient_ids)
     if overlap:
         raise ClassifyError(
             f"{len(overlap)} patients are in both the training and the external cohort, e.g. "
             f"{sorted(overlap)[0]!r}; an external test must be disjoint"
         )
-    if groups is None:
-        groups = assign_groups(
-            train_bags.patient_ids, train_y, split, train_bags.sites, n_folds, seed
-        )
-    fold = final_fold(_group_array(train_bags, groups))
-    model = _fit(method, train_bags, train_y, fold, seed, images, classifier_kw)
+    model, info = fit_final(estimator, train_bags, train_y, groups, n_folds, split, seed)
     if test_images is not None:
         model.images = test_images
-    scores, patch = _score(model, test_bags)
-    metrics, roc = _metrics(test_y, scores, n_boot, seed)
-    parts = [] if patch is None else [(test_bags, -1, patch)]
-    predictions = Predictions(
-        test_bags.patient_ids,
-        test_y,
-        scores,
-        np.full(test_bags.n_patients, -1),
-        test_bags.n_patches(),
-        *_patch_columns(parts),
-    )
-    info = {
-        "fold": None,
-        "n_train": len(fold.train),
-        "n_es": len(fold.es),
-        "n_test": test_bags.n_patients,
-        "n_test_pos": int(test_y.sum()),
-        "auc": metrics["auc"],
-        "es_score": getattr(model, "es_score_", None),
-        "best_epoch": getattr(model, "best_epoch_", getattr(model, "best_iteration_", None)),
-    }
-    return ValidationResult(
-        "external", method, model.describe(), predictions, metrics, roc, [info], dict(groups)
-    )
+    return external_score(model, info, test_bags, test_y, n_boot, seed)
+
+
+def external_score(model, info: dict, test_bags: Bags, test_y, n_boot: int, seed: int):
+    """The external-validation result of a final model (``fit_final``) on a labelled cohort."""
+    test_y = np.asarray(test_y)
+    result = score(model, test_bags, test_y, n_boot, seed, kind="external")
+    if not result.metrics:
+        raise ClassifyError(
+            f"the external cohort's {test_bags.n_patients} patients are not of both classes"
+        )
+    result.folds = [
+        {
+            **info,
+            "n_test": test_bags.n_patients,
+            "n_test_pos": int(test_y.sum()),
+            "auc": result.metrics["auc"],
+        }
+    ]
+    return result
 
 
 @dataclass
 class Entry:
-    """One row of a comparison: a name, its bags and labels, and the method to run."""
+    """One row of a comparison: its display name, bags and labels, and the estimator to run.
+
+    ``tags`` (e.g. method, encoder, pool) are copied into the row as data.
+    """
 
     name: str
     bags: Bags
     y: np.ndarray
-    method: str
+    estimator: object
     test_bags: Bags | None = None  # given: external validation on these
     test_y: np.ndarray | None = None
-    classifier_kw: dict | None = None
-    images: object = None
     test_images: object = None
+    tags: dict = field(default_factory=dict)
 
 
 def compare(
@@ -284,23 +364,31 @@ def compare(
         groups = _union_groups(entries, n_folds, split, seed)
     results = []
     for e in tqdm(entries, desc="compare", file=sys.stderr, disable=not progress):
-        common = dict(
-            method=e.method,
-            groups=groups,
-            n_folds=n_folds,
-            seed=seed,
-            n_boot=n_boot,
-            classifier_kw=e.classifier_kw,
-            images=e.images,
-        )
         if e.test_bags is None:
-            results.append(cross_validate(e.bags, e.y, progress=False, **common))
-        else:
-            results.append(
-                external_validate(
-                    e.bags, e.y, e.test_bags, e.test_y, test_images=e.test_images, **common
-                )
+            result = cross_validate(
+                e.bags,
+                e.y,
+                e.estimator,
+                groups=groups,
+                n_folds=n_folds,
+                seed=seed,
+                n_boot=n_boot,
+                progress=False,
             )
+        else:
+            result = external_validate(
+                e.bags,
+                e.y,
+                e.test_bags,
+                e.test_y,
+                e.estimator,
+                groups=groups,
+                n_folds=n_folds,
+                seed=seed,
+                n_boot=n_boot,
+                test_images=e.test_images,
+            )
+        results.append(result)
     pvalues = [[_paired_p(a, b) for b in results] for a in results]
     rows = []
     for e, r, p in zip(entries, results, pvalues):
@@ -308,7 +396,7 @@ def compare(
         rows.append(
             {
                 "name": e.name,
-                "method": e.method,
+                **e.tags,
                 "n": m["n"],
                 "auc": m["auc"],
                 "ci_low": m["ci_low"],
@@ -339,15 +427,25 @@ def _union_groups(entries: list[Entry], n_folds: int, split: str, seed: int) -> 
 
 
 def _paired_p(a: ValidationResult, b: ValidationResult) -> float | None:
-    """DeLong p-value on the patients both results scored (None if not two classes)."""
     if a is b:
         return None
-    index_b = {p: i for i, p in enumerate(b.predictions.patient_ids)}
-    shared = [(i, index_b[p]) for i, p in enumerate(a.predictions.patient_ids) if p in index_b]
+    pa, pb = a.predictions, b.predictions
+    n, test = shared_delong(pa.patient_ids, pa.labels, pa.scores, pb.patient_ids, pb.scores)
+    return None if test is None else test["p"]
+
+
+def shared_delong(ids_a, labels_a, scores_a, ids_b, scores_b) -> tuple[int, dict | None]:
+    """(patients shared, DeLong's test) of two scorings on the labelled patients both scored;
+    the test (``delong_test``: auc_a, auc_b, diff, z, p) is None unless both classes are there."""
+    index_b = {p: i for i, p in enumerate(ids_b)}
+    labels_a = np.asarray(labels_a)
+    shared = [
+        (i, index_b[p]) for i, p in enumerate(ids_a) if p in index_b and labels_a[i] != NO_LABEL
+    ]
     if not shared:
-        return None
+        return 0, None
     ia, ib = np.array(shared).T
-    y = a.predictions.labels[ia]
+    y = labels_a[ia]
     if len(np.unique(y)) != 2:
-        return None
-    return delong_test(y, a.predictions.scores[ia], b.predictions.scores[ib])["p"]
+        return len(shared), None
+    return len(shared), delong_test(y, np.asarray(scores_a)[ia], np.asarray(scores_b)[ib])

@@ -1,8 +1,9 @@
 """Saving classifier runs: ``store/runs/<run_id>/{patients.parquet, patches.parquet, run.json}``.
 
 The prediction tables are written first and run.json last, each atomically, so a folder with
-a run.json holds a whole run. run.json carries the full config, the metrics, the per-fold
-table, the ROC points and the fold assignment of every patient.
+a run.json holds a whole run. run.json carries the config (one shape for every kind of run,
+see ``fpstore.store.runs``), the score range, the metrics, the per-fold table, the ROC points
+and the fold assignment of every patient.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import numpy as np
 import pyarrow as pa
 
 import fpstore
-from fpstore.classify.protocol import Predictions
+from fpstore.classify.protocol import NO_LABEL, Predictions
+from fpstore.errors import ClassifyError
 from fpstore.store.runs import write_run
 from fpstore.store.schema import PATCH_PREDICTIONS, PATIENT_PREDICTIONS
 
@@ -38,7 +40,7 @@ def patient_table(run_id: str, cohort: str, role: str, p: Predictions) -> pa.Tab
             "patient_id": p.patient_ids.tolist(),
             "fold": pa.array(folds, pa.int16()),
             "role": [role] * n,
-            "label": pa.array(p.labels.astype(np.int8)),
+            "label": pa.array(p.labels.astype(np.int8), mask=p.labels == NO_LABEL),
             "score": pa.array(p.scores.astype(np.float32)),
             "n_patches": pa.array(p.n_patches.astype(np.int32)),
         },
@@ -49,14 +51,16 @@ def patient_table(run_id: str, cohort: str, role: str, p: Predictions) -> pa.Tab
 def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
     if p.patch_scores is None:
         return None
+    if p.patch_folds is None:
+        raise ClassifyError("predictions with patch scores need patch_folds (-1: no fold)")
     n = len(p.patch_scores)
     folds = [None if f < 0 else int(f) for f in p.patch_folds]
     return pa.table(
         {
             "run_id": [run_id] * n,
             "cohort": [cohort] * n,
-            "slide_id": p.slide_ids.tolist(),
-            "patch_id": p.patch_ids.tolist(),
+            "slide_id": pa.array(p.slide_ids, pa.string()),
+            "patch_id": pa.array(p.patch_ids, pa.string()),
             "fold": pa.array(folds, pa.int16()),
             "score": pa.array(p.patch_scores.astype(np.float32)),
         },
@@ -67,7 +71,8 @@ def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
 def save_run(
     store, run_id: str, document: dict, predictions: list[tuple[str, str, Predictions]]
 ) -> Path:
-    """Write one run; ``predictions`` lists (cohort, role, Predictions) blocks (test, external)."""
+    """Write one run; ``predictions`` lists (cohort, role, Predictions) blocks (test, external,
+    predict)."""
     patients = pa.concat_tables(patient_table(run_id, c, role, p) for c, role, p in predictions)
     patches = [t for c, _, p in predictions if (t := patch_table(run_id, c, p)) is not None]
     document = {

@@ -3,7 +3,9 @@
 ``add_cohort`` writes ``store/cohorts/<name>/{slides,labels}.parquet`` (schemas SLIDES,
 LABELS) and ``cohort.json`` (the summary below). Nothing is dropped silently: patients
 without slides, slides without patients, slides listed but not usable and status values
-that are not a status are all counted and named in the summary.
+that are not a status are all counted and named in the summary. TCGA slides of other
+types than the cohort keeps (frozen sections, normal tissue: see ``slide_types``) are left
+out, and counted and named too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fpstore.cohort.clinical import (
     tcga_patient,
 )
 from fpstore.cohort.slide_list import SlideEntry, list_slides, slide_id_of
+from fpstore.cohort.slide_types import TypeChoice
 from fpstore.config import MARKERS
 from fpstore.errors import CohortError, SlideError
 from fpstore.slides.slide import Slide, load_mpp_overrides, open_slide
@@ -70,9 +73,30 @@ class CohortSummary:
     unused_mpp_overrides: list[str] = field(default_factory=list)
     # Files of slides the cohort no longer has, removed when it was re-added: {what: count}.
     removed: dict[str, int] = field(default_factory=dict)
+    # The TCGA slide and sample types kept (None: every type; so for cohorts added before
+    # fpstore chose types, which kept them all), and the TCGA slides of other types, left out:
+    # slide_id, path, patient_id, reasons.
+    slide_types: list[str] | None = None
+    sample_types: list[str] | None = None
+    left_out_by_type: list[dict] = field(default_factory=list)
+    # Kept TCGA slides whose name does not carry the type chosen on (renamed files).
+    untyped: list[str] = field(default_factory=list)
+
+    @property
+    def type_choice(self) -> TypeChoice:
+        return TypeChoice(
+            None if self.slide_types is None else tuple(self.slide_types),
+            None if self.sample_types is None else tuple(self.sample_types),
+        )
+
+    def left_out_counts(self) -> dict[str, int]:
+        """Slides left out per reason ("slide type TS (...)": 12); a slide left out for two
+        reasons counts under both."""
+        counts = Counter(r for s in self.left_out_by_type for r in s["reasons"])
+        return dict(counts.most_common())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "left_out_by_type_counts": self.left_out_counts()}
 
     @classmethod
     def from_dict(cls, data: dict) -> CohortSummary:
@@ -198,6 +222,18 @@ def _match_by_id(table: ClinicalTable, entries: list[SlideEntry]):
     return entries, owners, orphans
 
 
+def _choose_types(entries: list[SlideEntry], types: TypeChoice):
+    """(the entries kept, {slide_id: (entry, reasons)} of the TCGA slides left out by type)."""
+    kept, left_out = [], {}
+    for entry in entries:
+        reasons = types.left_out_because(entry.slide_id)
+        if reasons:
+            left_out[entry.slide_id] = (entry, reasons)
+        else:
+            kept.append(entry)
+    return kept, left_out
+
+
 def _validate(entries: list[SlideEntry], overrides: dict[str, float]) -> dict[str, dict]:
     """Open each usable slide and read one small patch; failures become the entry's problem."""
     from tqdm import tqdm
@@ -274,6 +310,16 @@ def _tables(table: ClinicalTable, usable: list[SlideEntry], owners, overrides):
     return pa.table(slides, schema=SLIDES), pa.table(labels, schema=LABELS)
 
 
+def _unlabelled_table(entries: list[SlideEntry]) -> ClinicalTable:
+    """A clinical table with one unlabelled patient per slide, named after the slide."""
+    return ClinicalTable(
+        Path("."),
+        "unlabelled",
+        {e.slide_id: PatientRecord(e.slide_id) for e in entries},
+        {m: Counter() for m in MARKERS},
+    )
+
+
 def add_cohort(
     store: Path,
     name: str,
@@ -287,13 +333,19 @@ def add_cohort(
     her2_fish_resolves_equivocal: bool = False,
     validate: bool = False,
     force: bool = False,
+    types: TypeChoice = TypeChoice(),
 ) -> CohortSummary:
     """Parse the clinical table, list and match the slides, and write the cohort to the store.
 
     ``slides``: globs, folders, slide files or GDC manifests (a str or a list of them); for
-    ``fmt="csv"`` it may be left out when the table's slide column holds paths.
+    ``fmt="csv"`` it may be left out when the table's slide column holds paths. Without a
+    ``clinical`` table the cohort is unlabelled: each slide is its own patient (patient id =
+    slide id), with no status and no site (slides a saved model is to score).
     ``validate`` opens every slide and reads a patch (unreadable ones become problems and
     are left out of slides.parquet). An existing cohort is replaced only with ``force``.
+    ``types``: the TCGA slide and sample types to keep (default: diagnostic slides of
+    primary tumours); slides of other types are left out and listed in the summary. Slide
+    names that are not TCGA barcodes are kept whatever ``types`` says.
     """
     check_name(name)
     if StoreLayout.of(store).cohort_dir(name).exists() and not force:
@@ -318,6 +370,7 @@ def add_cohort(
             slides_dir,
             her2_fish_resolves_equivocal,
             validate,
+            types,
         )
 
 
@@ -333,14 +386,28 @@ def _add_cohort(
     slides_dir,
     her2_fish_resolves_equivocal,
     validate,
+    types,
 ) -> CohortSummary:
-    if clinical is None:
-        raise CohortError("a cohort needs a clinical table; pass --clinical FILE")
-    table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
     sources = [slides] if isinstance(slides, (str, Path)) else list(slides or [])
     entries = list_slides(sources, slides_dir) if sources else None
+    if clinical is None:
+        if entries is None:
+            raise CohortError(
+                "a cohort needs --clinical FILE, or --slides alone for an unlabelled cohort"
+            )
+        if site_column or columns or her2_fish_resolves_equivocal:
+            raise CohortError(
+                "--site-column, --column and --her2-fish-resolves-equivocal read a clinical "
+                "table; pass --clinical FILE"
+            )
+        fmt = "unlabelled"
+        table = _unlabelled_table(entries)
+    else:
+        table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
 
-    if fmt == "tcga":
+    if fmt == "unlabelled":
+        entries, owners, orphans = _match_by_id(table, entries)
+    elif fmt == "tcga":
         if entries is None:
             raise CohortError("a TCGA cohort needs its slides; pass --slides GLOB|FOLDER|MANIFEST")
         entries, owners, orphans = _match_tcga(table, entries)
@@ -353,6 +420,8 @@ def _add_cohort(
                 "or map one with --column slide=COLUMN"
             )
         entries, owners, orphans = _match_by_id(table, entries)
+    entries, left_out = _choose_types(entries, types)
+    orphans = [(e, reason) for e, reason in orphans if e.slide_id not in left_out]
 
     overrides = load_mpp_overrides(mpp_overrides) if mpp_overrides else {}
     known = {e.slide_id for e in entries}
@@ -364,7 +433,7 @@ def _add_cohort(
     summary = CohortSummary(
         name=name,
         fmt=fmt,
-        clinical=os.path.abspath(table.path),
+        clinical=os.path.abspath(table.path) if clinical is not None else "",
         n_patients=len(table.patients),
         n_slides=len(usable),
         n_patients_with_slides=len(with_slides),
@@ -388,6 +457,18 @@ def _add_cohort(
             if e.problem
         ],
         unused_mpp_overrides=unused,
+        slide_types=None if types.slide_types is None else list(types.slide_types),
+        sample_types=None if types.sample_types is None else list(types.sample_types),
+        left_out_by_type=[
+            {
+                "slide_id": e.slide_id,
+                "path": os.path.abspath(e.path),
+                "patient_id": owners.get(e.slide_id),
+                "reasons": reasons,
+            }
+            for e, reasons in left_out.values()
+        ],
+        untyped=sorted(e.slide_id for e in entries if types.cannot_tell(e.slide_id)),
     )
     slides_table, labels_table = _tables(table, usable, owners, overrides)
     document = {
@@ -402,6 +483,8 @@ def _add_cohort(
             "columns": columns or {},
             "her2_fish_resolves_equivocal": her2_fish_resolves_equivocal,
             "validated": validate,
+            "slide_types": summary.slide_types,
+            "sample_types": summary.sample_types,
         },
         "slide_info": slide_info,
     }
@@ -422,6 +505,7 @@ def list_cohorts(store) -> list[dict]:
                 "patients_with_slides": doc["n_patients_with_slides"],
                 "slides": doc["n_slides"],
                 "problems": len(doc["problems"]),
+                "left_out_by_type": len(doc.get("left_out_by_type", [])),
                 "created": doc.get("created"),
             }
         )

@@ -76,6 +76,9 @@ class Encoder(torch.nn.Module):
         self.preprocessing = preprocessing
         self.weights_hash = weights_hash
         self.description = description
+        # How to build it again: {"name": registry name, "options": {...}} (create_encoder
+        # sets it); saved with fingerprints so a trained classifier can extract new slides.
+        self.spec: dict = {}
         std = torch.tensor(preprocessing.std).view(1, 3, 1, 1)
         mean = torch.tensor(preprocessing.mean).view(1, 3, 1, 1)
         # (x/255 - mean)/std as one multiply-add: x*scale + shift.
@@ -232,6 +235,7 @@ class Encoder(torch.nn.Module):
             "preprocessing": self.preprocessing.to_dict(),
             "stain_norm": None if self.stain_norm is None else self.stain_norm.describe(),
             "description": self.description,
+            "spec": self.spec,
         }
 
 

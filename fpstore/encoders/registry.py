@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from pathlib import Path
 
 from fpstore.errors import EncoderError, unknown_name
 
@@ -72,4 +73,14 @@ def create_encoder(name: str, **kw):
     except TypeError as error:
         params = [p for p in inspect.signature(factory).parameters if p != "arch"]
         raise EncoderError(f"encoder {name!r} takes options {params}, got {sorted(kw)}") from error
-    return factory(*args, **kw)
+    encoder = factory(*args, **kw)
+    encoder.spec = {"name": name, "options": {k: _portable(v) for k, v in kw.items()}}
+    return encoder
+
+
+def _portable(value):
+    """An option as JSON: paths absolute (a file named relative to one folder is found from
+    any other)."""
+    if isinstance(value, Path):
+        return str(value.resolve())
+    return value

@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 
 from fpstore.config import PatchSpec
-from fpstore.errors import FpstoreError
+from fpstore.errors import FpstoreError, SlideError
 from fpstore.extract.config import ExtractConfig
 from fpstore.slides.tissue_mask import TissueMaskSpec
 from fpstore.store.cohorts import CohortSlide
@@ -40,13 +40,18 @@ class SlidePlan:
 
 
 def _grid(slide: CohortSlide, spec: PatchSpec):
-    """(slide info, grid table) of one cohort slide; raises FpstoreError on a bad slide."""
+    """(slide info, grid table) of one cohort slide; raises FpstoreError on a bad slide,
+    and on one without a single tissue square (a blank, a fluorescence scan)."""
     from fpstore.cohort.cohorts import open_cohort_slide
-    from fpstore.slides.grid import patch_grid
+    from fpstore.slides.grid import no_patch_reason, patch_grid
     from fpstore.slides.tissue_mask import tissue_mask
 
     with open_cohort_slide(slide) as opened:
-        return opened.info, patch_grid(opened, spec, tissue_mask(opened))
+        mask = tissue_mask(opened)
+        grid = patch_grid(opened, spec, mask)
+        if not len(grid):
+            raise SlideError(no_patch_reason(opened, spec, mask))
+        return opened.info, grid
 
 
 def grid_or_error(slide: CohortSlide, spec: PatchSpec):

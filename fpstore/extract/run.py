@@ -31,11 +31,14 @@ def extract(
     config: ExtractConfig = ExtractConfig(),
     progress: bool = True,
     engine=None,
+    encoder=None,
 ) -> ExtractSummary:
     """Extract the fingerprints of every slide of ``cohort`` not yet in the store.
 
     ``engine``: None runs in this process (``LocalEngine``); a ``RayEngine``
     (fpstore.extract.ray) plans and extracts on a Ray cluster with the same rules.
+    ``encoder``: the encoder ``config`` names, already built (``fpstore predict`` builds it
+    to check its hash first); None builds it here.
     """
     from fpstore.extract.local import LocalEngine
 
@@ -50,15 +53,14 @@ def extract(
                 f"cohort {cohort!r} is being re-added (`fpstore cohort add --force`) by "
                 f"{lock.holder() or 'another process'}; rerun when it has finished"
             )
-        return _extract(layout, cohort, config, progress, engine, started)
+        return _extract(layout, cohort, config, progress, engine, encoder, started)
 
 
-def _extract(layout, cohort, config, progress, engine, started) -> ExtractSummary:
-    from fpstore.encoders.registry import create_encoder
-
+def _extract(layout, cohort, config, progress, engine, encoder, started) -> ExtractSummary:
     slides = read_cohort(layout, cohort).slide_records()
     device = engine.device(config)
-    encoder = config.build_encoder()
+    if encoder is None:
+        encoder = config.build_encoder()
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
     spec = PatchSpec(

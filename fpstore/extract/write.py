@@ -32,11 +32,17 @@ class EncoderInfo:
     weights_hash: str
     dim: int
     preprocessing: Preprocessing
+    spec: str = "{}"  # JSON: how to build the encoder again (Encoder.spec)
 
     @classmethod
     def of(cls, encoder) -> EncoderInfo:
         return cls(
-            encoder.id, encoder.hash, encoder.weights_hash, encoder.dim, encoder.preprocessing
+            encoder.id,
+            encoder.hash,
+            encoder.weights_hash,
+            encoder.dim,
+            encoder.preprocessing,
+            json.dumps(encoder.spec, sort_keys=True),
         )
 
 
@@ -71,6 +77,7 @@ def slide_file(
         out_px=spec.out_px,
         n_patches=len(keys),
         preprocessing=json.dumps(encoder.preprocessing.to_dict()),
+        encoder_spec=encoder.spec,
     )
     return table, metadata
 

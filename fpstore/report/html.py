@@ -25,6 +25,8 @@ from fpstore.store.cohorts import read_cohort
 REPORT_EMBED = EmbedConfig(max_points=20_000)
 REPORT_CLUSTERS = ClusterConfig()
 CATEGORIES = ("true positive", "true negative", "false positive", "false negative")
+# A predicted patient without a clinical label (a `predict` run on unlabelled slides).
+UNLABELLED = ("predicted positive, no label", "predicted negative, no label")
 
 
 @dataclass
@@ -78,12 +80,20 @@ def cohort_summary_rows(store: Path, cohort: str) -> list[dict]:
 
 
 def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
-    """Every stored run of the same marker and cohort: AUC (CI) per role, DeLong p vs ``run``."""
+    """Every stored run of the same marker that scored patients of ``run``'s cohorts (a
+    classify run's CV and external cohorts, a predict run's cohort): AUC (CI) per role on
+    those cohorts, DeLong p vs ``run`` on the patients both scored."""
+    import pyarrow.compute as pc
+
     from fpstore.classify.metrics import delong_test, summarize
     from fpstore.store.runs import list_runs, load_run
 
+    scored_cohorts = run.patients.column("cohort").unique()
+
     def scores_by_role(r):
         table = r.patients
+        table = table.filter(table.column("label").is_valid())  # AUCs need labels
+        table = table.filter(pc.is_in(table.column("cohort"), value_set=scored_cohorts))
         out = {}
         for role in set(table.column("role").to_pylist()):
             part = table.filter(table.column("role").to_numpy(zero_copy_only=False) == role)
@@ -98,11 +108,16 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
             )
         return out
 
-    mine = scores_by_role(run)
+    # Patient ids are unique across a run's roles (an external cohort is disjoint).
+    mine = {p: v for by_patient in scores_by_role(run).values() for p, v in by_patient.items()}
     rows = []
     for run_id in list_runs(store):
-        other = run if run_id == run.run_id else load_run(store, run_id)
-        if other.marker != run.marker or other.cohort != run.cohort:
+        try:
+            other = run if run_id == run.run_id else load_run(store, run_id)
+        except FpstoreError as error:  # e.g. a run an older fpstore wrote
+            rows.append({"run": run_id, "note": str(error)})
+            continue
+        if other.marker != run.marker:
             continue
         for role, by_patient in sorted(scores_by_role(other).items()):
             y = np.array([v[0] for v in by_patient.values()])
@@ -111,7 +126,7 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
                 "run": run_id,
                 "method": other.method,
                 "encoder": other.encoder,
-                "pool": other.config.get("pool"),
+                "pool": other.pool,
                 "role": role,
             }
             try:
@@ -120,12 +135,12 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
                 row["note"] = str(error)
                 rows.append(row)
                 continue
-            shared = sorted(set(by_patient) & set(mine.get(role, {})))
+            shared = sorted(set(by_patient) & set(mine))
             if run_id != run.run_id and len(shared) >= 4:
-                ys = np.array([mine[role][p][0] for p in shared])
+                ys = np.array([mine[p][0] for p in shared])
                 try:
                     row["p_vs_this_run"] = delong_test(
-                        ys, [mine[role][p][1] for p in shared], [by_patient[p][1] for p in shared]
+                        ys, [mine[p][1] for p in shared], [by_patient[p][1] for p in shared]
                     )["p"]
                 except FpstoreError as error:
                     row["note"] = str(error)
@@ -143,7 +158,9 @@ def pick_examples(store: Path, run, n: int) -> list[tuple[str, str, str, float]]
                 slides_of.setdefault(row["patient_id"], []).append(row["slide_id"])
     lo, hi = run.score_range
     mid = (lo + hi) / 2
-    patients = [p for p in run.patients.to_pylist() if p["patient_id"] in slides_of]
+    rows = [p for p in run.patients.to_pylist() if p["patient_id"] in slides_of]
+    patients = [p for p in rows if p["label"] is not None]
+    unlabelled = [p for p in rows if p["label"] is None]
     queues = {
         "true positive": sorted(
             (p for p in patients if p["label"] > 0 and p["score"] >= mid), key=lambda p: -p["score"]
@@ -158,10 +175,16 @@ def pick_examples(store: Path, run, n: int) -> list[tuple[str, str, str, float]]
         "false negative": sorted(
             (p for p in patients if p["label"] > 0 and p["score"] < mid), key=lambda p: p["score"]
         ),
+        UNLABELLED[0]: sorted(
+            (p for p in unlabelled if p["score"] >= mid), key=lambda p: -p["score"]
+        ),
+        UNLABELLED[1]: sorted(
+            (p for p in unlabelled if p["score"] < mid), key=lambda p: p["score"]
+        ),
     }
     picked = []
     while len(picked) < n and any(queues.values()):
-        for category in CATEGORIES:
+        for category in CATEGORIES + UNLABELLED:
             if queues[category] and len(picked) < n:
                 p = queues[category].pop(0)
                 picked.append(
@@ -360,10 +383,14 @@ def _section(title: str, body: str, intro: str = "") -> str:
 def _header(run) -> str:
     facts = {
         "run": run.run_id,
+        "kind": run.kind,
         "marker": run.marker,
         "method": run.method,
         "encoder": run.encoder,
+        "pool": run.pool,
         "cohort": run.cohort,
+        "model": run.config.get("model"),
+        "trained on": run.config.get("trained_on"),
         "score range": run.score_range,
         "written": datetime.datetime.now().isoformat(timespec="seconds"),
     }

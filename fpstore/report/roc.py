@@ -116,6 +116,7 @@ def plot_roc(
 def run_roc_curves(run, n_boot: int = 1000, seed: int = 0) -> list[RocCurve]:
     """One curve per role of a run (cross-validated test patients pooled over folds; external)."""
     table = run.patients
+    table = table.filter(table.column("label").is_valid())  # a curve needs labels
     roles = table.column("role").to_numpy(zero_copy_only=False).astype(str)
     labels = table.column("label").to_numpy()
     scores = table.column("score").to_numpy().astype(np.float64)

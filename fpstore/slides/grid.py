@@ -80,10 +80,41 @@ def patch_grid(slide, spec: PatchSpec = PatchSpec(), mask=None) -> pa.Table:
     )
 
 
+def no_patch_reason(slide, spec: PatchSpec, mask) -> str:
+    """One line saying why a slide's grid is empty, with its tissue fraction and the fix:
+    a slide smaller than one square, or no square with ``min_tissue`` (a fluorescence scan,
+    a blank, a --min-tissue above what the tissue fills)."""
+    size_px = slide.patch_size_px(spec.patch_um)
+    width, height = slide.info.width, slide.info.height
+    if min(width, height) < size_px:
+        return (
+            f"the slide ({width}x{height} px at {slide.info.mpp:.4g} um/px) is smaller than one "
+            f"{spec.patch_um:g}-um square ({size_px:.0f} px): check its mpp, or leave it out"
+        )
+    fraction = mask.fraction
+    shown = f"{100 * fraction:.1f}%" if fraction == 0 or fraction >= 0.0005 else "<0.1%"
+    fix = (
+        f"lower --min-tissue (now {spec.min_tissue:g}) or leave the slide out"
+        if fraction > 0
+        else f"a lower --min-tissue (now {spec.min_tissue:g}) finds none; leave the slide out"
+    )
+    return (
+        f"no tissue found (tissue fraction {shown} of the slide, no {spec.patch_um:g}-um "
+        f"square with >= {100 * spec.min_tissue:g}% tissue): a fluorescence scan or a blank? {fix}"
+    )
+
+
 def _patient_seed(seed: int, patient_id: str) -> list[int]:
     """A seed for one patient that does not depend on the other patients (nor on PYTHONHASHSEED)."""
     digest = hashlib.sha256(patient_id.encode()).digest()
     return [int(seed), int.from_bytes(digest[:8], "little")]
+
+
+def sample_rows(total: int, n: int, seed: int, patient_id: str) -> np.ndarray:
+    """Sorted indices of the ``n`` of a patient's ``total`` patches that sampling keeps (all
+    of them when ``total <= n``); the one draw extraction and ``classify --patches`` share."""
+    rng = np.random.default_rng(_patient_seed(seed, patient_id))
+    return np.sort(rng.choice(total, size=min(n, total), replace=False))
 
 
 def sample_patches(
@@ -114,8 +145,7 @@ def sample_patches(
     for patient_id, slide_ids in by_patient.items():
         counts = [grids[s].num_rows for s in slide_ids]
         total = sum(counts)
-        rng = np.random.default_rng(_patient_seed(seed, patient_id))
-        chosen = np.sort(rng.choice(total, size=min(n, total), replace=False))
+        chosen = sample_rows(total, n, seed, patient_id)
         starts = np.cumsum([0] + counts)
         for slide_id, start, stop in zip(slide_ids, starts[:-1], starts[1:]):
             rows = chosen[(chosen >= start) & (chosen < stop)] - start

@@ -37,6 +37,7 @@ class PatchPreview:
     grid: pa.Table  # x, y, size_px, tissue_fraction
     image: Path
     patches_csv: Path
+    no_patch_reason: str = ""  # why the grid is empty (no tissue found...); "" when it is not
 
     @property
     def patch_count(self) -> int:
@@ -65,6 +66,7 @@ class PatchPreview:
             "pen_fraction": self.pen_fraction,
             "image": str(self.image),
             "patches_csv": str(self.patches_csv),
+            "no_patch_reason": self.no_patch_reason,
         }
         if with_patches:
             summary["patches"] = self.grid.to_pylist()
@@ -107,7 +109,7 @@ def preview_patches(
     """Open a slide, find its tissue and patch grid, and write the preview PNG and CSV."""
     import cv2
 
-    from fpstore.slides.grid import patch_grid
+    from fpstore.slides.grid import no_patch_reason, patch_grid
     from fpstore.slides.tissue_mask import tissue_mask
 
     out = Path(out)
@@ -115,6 +117,7 @@ def preview_patches(
     with open_slide(path, mpp=mpp) as slide:
         mask = tissue_mask(slide)
         grid = patch_grid(slide, spec, mask)
+        reason = "" if grid.num_rows else no_patch_reason(slide, spec, mask)
         size_px = slide.patch_size_px(spec.patch_um)
         level = slide.level_for(size_px / spec.out_px)
         level_downsample = slide.info.level_downsamples[level]
@@ -140,4 +143,5 @@ def preview_patches(
         grid=grid,
         image=image_path,
         patches_csv=csv_path,
+        no_patch_reason=reason,
     )

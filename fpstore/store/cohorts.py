@@ -71,6 +71,17 @@ def unknown_cohort(store, name: str) -> CohortError:
     return CohortError(f"no cohort {name!r} in store {str(store)!r}; cohorts: {listing}")
 
 
+def resolve_cohort(store, name: str | None) -> str:
+    """``name``, or the store's only cohort when none is given."""
+    if name is not None:
+        return name
+    names = cohort_names(store)
+    if len(names) == 1:
+        return names[0]
+    listing = ", ".join(names) if names else "none yet; add one with `fpstore cohort add`"
+    raise CohortError(f"pass --cohort: the store {str(store)!r} holds cohorts {listing}")
+
+
 def read_cohort_document(store, name: str) -> dict:
     path = StoreLayout.of(store).cohort_file(name, "cohort.json")
     if not path.is_file():

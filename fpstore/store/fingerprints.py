@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from fpstore.errors import StoreError
+from fpstore.errors import CohortError, StoreError
 from fpstore.store.io import write_json_atomic, write_parquet_atomic
 from fpstore.store.layout import StoreLayout, check_partition_value, visible_files
 from fpstore.store.schema import (
@@ -161,8 +161,10 @@ def stored_state(path, key: dict[str, str]) -> StoredFile:
     return StoredFile("other-settings", diff) if diff else state
 
 
-# Metadata that differs from slide to slide of one extraction; everything else is a setting.
+# Metadata that differs from slide to slide of one extraction, or says how to rebuild the
+# encoder (paths may differ between resumed runs); everything else is a setting.
 PER_SLIDE_FIELDS = ("slide_id", "n_patches", "fpstore_version")
+INFO_FIELDS = ("encoder_spec",)
 _CHECKED: dict = {}  # (folder, listing) -> settings: a partition is read once per listing
 
 
@@ -194,7 +196,13 @@ def partition_settings(store, encoder: str, cohort: str) -> dict[str, str]:
             f"are corrupt or not fpstore's (e.g. {path}: {state.detail}); {repair} rewrites "
             "corrupt files of its own; move foreign files out of the store"
         )
-    known = {s.slide_id for s in read_cohort(layout, cohort).slide_records()}
+    try:
+        known = {s.slide_id for s in read_cohort(layout, cohort).slide_records()}
+    except CohortError:
+        raise StoreError(
+            f"fingerprints of cohort {cohort!r} (encoder {encoder!r}), which the store no "
+            f"longer has: re-add the cohort, or remove {folder}"
+        ) from None
     stale = [f.stem for f in files if f.stem not in known]
     if stale:
         raise StoreError(
@@ -204,11 +212,20 @@ def partition_settings(store, encoder: str, cohort: str) -> dict[str, str]:
         )
     groups: dict[tuple, list[str]] = {}
     for path, (_, metadata) in zip(files, inspected):
-        key = tuple(sorted((k, v) for k, v in metadata.items() if k not in PER_SLIDE_FIELDS))
+        key = tuple(
+            sorted(
+                (k, v)
+                for k, v in metadata.items()
+                if k not in PER_SLIDE_FIELDS and k not in INFO_FIELDS
+            )
+        )
         groups.setdefault(key, []).append(path.stem)
     if len(groups) > 1:
         raise StoreError(_mixed(cohort, encoder, groups, repair))
     settings: dict[str, str] = dict(next(iter(groups))) if groups else {}
+    if inspected:  # how to rebuild the encoder: the most recent file's word
+        newest = inspected[-1][1]
+        settings.update({k: newest[k] for k in INFO_FIELDS if k in newest})
     if settings and settings.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(
             f"cohort {cohort!r}, encoder {encoder!r}: fingerprints of schema version "

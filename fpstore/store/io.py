@@ -89,3 +89,13 @@ def write_json_atomic(document, path: Path) -> Path:
 def write_npy_atomic(array, path: Path) -> Path:
     """Write a numpy array as .npy atomically (same temp-and-rename rule)."""
     return _replace_atomically(path, lambda handle: np.save(handle, array))
+
+
+def write_npz_atomic(arrays: dict, path: Path) -> Path:
+    """Write named arrays as an uncompressed .npz atomically (same temp-and-rename rule)."""
+    return _replace_atomically(path, lambda handle: np.savez(handle, **arrays))
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    """Write a UTF-8 text file atomically (same temp-and-rename rule)."""
+    return _replace_atomically(path, lambda handle: handle.write(text.encode()))

@@ -10,6 +10,7 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
     tissue/cohort=<cohort>/<slide_id>.parquet
     runs/<run_id>/run.json, patients.parquet, patches.parquet (compare.json for comparisons)
     models/tissue/<method>.npz
+    models/classify/<model_id>/card.json, README.md, final.npz, fold-<k>.npz
     cache/...                      derived data, rebuilt when stale, safe to delete
 
 Temporary files start with '.' and end in '.tmp' (``fpstore.store.io``): every listing
@@ -145,6 +146,14 @@ class StoreLayout:
 
     def tissue_model_file(self, method: str):
         return self.root / "models" / "tissue" / f"{method}.npz"
+
+    @property
+    def models_dir(self):
+        """Saved classifier models, one folder each (see ``fpstore.store.models``)."""
+        return self.root / "models" / "classify"
+
+    def model_dir(self, model_id: str):
+        return self.models_dir / model_id
 
     # -- derived data --
     def cache_dir(self, *parts: str):

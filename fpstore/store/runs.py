@@ -1,7 +1,14 @@
 """Classifier runs in the store: ``runs/<run_id>/{patients.parquet, patches.parquet, run.json}``.
 
 The prediction tables are written first and run.json last, each atomically, so a folder with
-a run.json holds a whole run.
+a run.json holds a whole run. Every run.json has one shape:
+
+    run_id, kind        classify, cv / external (a compare member), predict
+    config              the run's settings; every kind has marker, cohort (the cohort the run
+                        scored; a cross-validated one for classify), method, encoder (null for
+                        pixels) and pool, then its own settings
+    score_range         [low, high] of its scores (heatmap and map colours)
+    ...                 metrics, folds, ROC points, fold assignment, by kind
 """
 
 from __future__ import annotations
@@ -35,11 +42,6 @@ def write_run(
     return folder
 
 
-# Methods whose scores are tanh outputs in [-1, 1] (the paper's MIL head); the others
-# (logistic regression, XGBoost, the patch CNN) give probabilities in [0, 1].
-SIGNED_METHODS = {"mil"}
-
-
 def write_compare(store, compare_id: str, document: dict) -> Path:
     """A comparison's summary (its member runs are written with ``write_run``)."""
     return write_json_atomic(document, StoreLayout.of(store).run_dir(compare_id) / "compare.json")
@@ -54,55 +56,50 @@ def list_runs(store) -> list[str]:
     )
 
 
-def _setting(config: dict, key: str):
-    """A run setting, top level first, then in a nested "config" block."""
-    if config.get(key) is not None:
-        return config[key]
-    nested = config.get("config")
-    return nested.get(key) if isinstance(nested, dict) else None
+RUN_SETTINGS = ("marker", "cohort", "method", "encoder", "pool")
 
 
 @dataclass
 class Run:
-    """One classifier run: its settings and per-patient predictions."""
+    """One classifier run: its run.json document and per-patient predictions."""
 
     run_id: str
     path: Path
-    config: dict
+    document: dict
     patients: pa.Table  # PATIENT_PREDICTIONS
 
     @property
+    def config(self) -> dict:
+        return self.document["config"]
+
+    @property
+    def kind(self) -> str:
+        return self.document["kind"]
+
+    @property
     def cohort(self) -> str:
-        value = _setting(self.config, "cohort")
-        if value:
-            return str(value)
-        cohorts = self.patients.column("cohort").unique().to_pylist()
-        return str(cohorts[0]) if cohorts else ""
+        return self.config["cohort"]
 
     @property
-    def marker(self) -> str | None:
-        return _setting(self.config, "marker")
+    def marker(self) -> str:
+        return self.config["marker"]
 
     @property
-    def method(self) -> str | None:
-        return _setting(self.config, "method")
+    def method(self) -> str:
+        return self.config["method"]
 
     @property
     def encoder(self) -> str | None:
-        return _setting(self.config, "encoder")
+        return self.config["encoder"]
+
+    @property
+    def pool(self) -> str:
+        return self.config["pool"]
 
     @property
     def score_range(self) -> tuple[float, float]:
-        """The run's score range: (-1, 1) for the MIL head, (0, 1) for probabilities."""
-        given = _setting(self.config, "score_range")
-        if given:
-            return float(given[0]), float(given[1])
-        if self.method in SIGNED_METHODS:
-            return -1.0, 1.0
-        scores = self.patients.column("score").to_numpy()
-        if len(scores) and scores.min() >= 0.0 and scores.max() <= 1.0 and self.method is not None:
-            return 0.0, 1.0
-        return -1.0, 1.0
+        low, high = self.document["score_range"]
+        return float(low), float(high)
 
     @property
     def patches_path(self) -> Path:
@@ -143,8 +140,15 @@ def load_run(store, run_id: str) -> Run:
             f"no run {run_id!r} in {str(store)!r}; runs there: "
             f"{', '.join(known) or 'none, run `fpstore classify` first'}"
         )
-    config = json.loads((folder / "run.json").read_text())
+    document = json.loads((folder / "run.json").read_text())
+    config = document.get("config")
+    missing = [k for k in RUN_SETTINGS if not isinstance(config, dict) or k not in config]
+    if missing or "score_range" not in document or "kind" not in document:
+        raise StoreError(
+            f"run {run_id!r} has no {', '.join(missing) or 'kind or score_range'} in its "
+            "run.json: an older fpstore wrote it; rerun it with `fpstore classify`"
+        )
     patients_path = folder / "patients.parquet"
     if not patients_path.is_file():
         raise StoreError(f"run {run_id!r} has no {patients_path}; the run did not finish, rerun it")
-    return Run(run_id, folder, config, pq.read_table(patients_path))
+    return Run(run_id, folder, document, pq.read_table(patients_path))

@@ -13,6 +13,7 @@ Layout of a store folder (readable by DuckDB or any Parquet reader without fpsto
     tissue/cohort=<cohort>/<slide_id>.parquet                       TISSUE
     status/encoder=<id>/cohort=<cohort>/<slide_id>.json             per-slide extraction status
     runs/<run_id>/run.json, patients.parquet, patches.parquet       classifier runs
+    models/classify/<model_id>/card.json, *.npz                     saved classifiers
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ PATIENT_PREDICTIONS = pa.schema(
         pa.field("cohort", pa.string(), nullable=False),
         pa.field("patient_id", pa.string(), nullable=False),
         pa.field("fold", pa.int16()),  # null for an external test
-        pa.field("role", pa.string(), nullable=False),  # test, external
-        pa.field("label", pa.int8(), nullable=False),
+        pa.field("role", pa.string(), nullable=False),  # test, external, predict
+        pa.field("label", pa.int8()),  # null: a predicted patient without a clinical label
         pa.field("score", pa.float32(), nullable=False),
         pa.field("n_patches", pa.int32(), nullable=False),
     ]

@@ -36,11 +36,9 @@ from fpstore.tissue.data import (
     read_slide_patches,
     stored_slide_files,
 )
+from fpstore.tissue.methods import METHODS, PIXEL_METHODS
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
-from fpstore.tissue.trained import TRAINED_METHODS, TissueModel
-
-METHODS = ("rules",) + TRAINED_METHODS
-PIXEL_METHODS = ("rules", "pixel-logreg")
+from fpstore.tissue.trained import TissueModel
 
 
 @dataclass

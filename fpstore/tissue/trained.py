@@ -24,8 +24,8 @@ import numpy as np
 import fpstore
 from fpstore.config import TISSUE_TYPES, check_choice, check_range
 from fpstore.errors import ConfigError, StoreError, TrainingError
+from fpstore.tissue.methods import TRAINED_METHODS
 
-TRAINED_METHODS = ("fingerprint-logreg", "fingerprint-knn", "pixel-logreg")
 _FORMAT = "fpstore-tissue-model-1"
 
 

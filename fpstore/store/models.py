@@ -1,0 +1,100 @@
+"""Saved classifier models: one folder per model, in a store or wherever a user copies it.
+
+    <model>/final.npz       the final model's learned arrays (trained on the whole cohort)
+    <model>/fold-<k>.npz    the cross-validation fold models, where they were saved
+    <model>/README.md       the model card as a short page
+    <model>/card.json       the model card: what the model is, how it was trained, how to
+                            rebuild it (``fpstore.classify.models`` writes it); written last,
+                            so a folder with a card.json holds a whole model
+
+The arrays are plain numpy ``.npz`` files read with ``allow_pickle=False``: loading a model
+someone sent runs none of their code. In a store, ``models/classify/<model_id>/``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fpstore.errors import StoreError
+from fpstore.store.io import write_json_atomic, write_npz_atomic, write_text_atomic
+from fpstore.store.layout import StoreLayout
+
+MODEL_FORMAT = 1
+CARD = "card.json"
+PAGE = "README.md"
+
+
+def state_file(name: str) -> str:
+    """``final`` -> final.npz, ``fold-0`` -> fold-0.npz."""
+    return f"{name}.npz"
+
+
+def write_model(folder, card: dict, states: dict[str, dict], page: str) -> Path:
+    """Write a model folder: its states (``{name: {array name: array}}``), the page, the card."""
+    folder = Path(folder)
+    if (folder / CARD).exists():
+        raise StoreError(f"{folder} holds a model already; models are written once")
+    for name, arrays in states.items():
+        write_npz_atomic(arrays, folder / state_file(name))
+    write_text_atomic(page, folder / PAGE)
+    write_json_atomic({**card, "format": MODEL_FORMAT}, folder / CARD)
+    return folder
+
+
+def list_models(store) -> list[str]:
+    """The ids of the store's saved models, oldest first (ids start with a UTC time)."""
+    folder = StoreLayout.of(store).models_dir
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / CARD).is_file())
+
+
+def model_folder(store, ref: str | Path) -> Path:
+    """A model folder from a path to one (a shipped model) or a model id in the store."""
+    path = Path(ref)
+    if (path / CARD).is_file():
+        return path
+    if path.name == str(ref) and store is not None:  # a bare id, not a path
+        folder = StoreLayout.of(store).model_dir(str(ref))
+        if (folder / CARD).is_file():
+            return folder
+    known = list_models(store) if store is not None else []
+    raise StoreError(
+        f"no model {str(ref)!r}: not a model folder (with a {CARD}) nor a model of store "
+        f"{str(store)!r}; models there: "
+        f"{', '.join(known[-10:]) or 'none, run `fpstore classify` first'}"
+    )
+
+
+def read_card(folder) -> dict:
+    path = Path(folder) / CARD
+    try:
+        card = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise StoreError(f"cannot read model card {str(path)!r}: {error}") from None
+    if card.get("format") != MODEL_FORMAT:
+        raise StoreError(
+            f"{str(path)!r} is model format {card.get('format')!r}; this fpstore reads "
+            f"{MODEL_FORMAT}: load it with the fpstore version named in the card "
+            f"({card.get('fpstore_version', '?')})"
+        )
+    return card
+
+
+def read_state(folder, name: str) -> dict[str, np.ndarray]:
+    """The arrays of one saved model of a folder (``final`` or ``fold-<k>``)."""
+    path = Path(folder) / state_file(name)
+    if not path.is_file():
+        saved = sorted(p.stem for p in Path(folder).glob("*.npz"))
+        raise StoreError(
+            f"model folder {str(folder)!r} has no {name!r} model; saved: {', '.join(saved)}"
+            + ("" if name == "final" else "; classify with --save-models all saves fold models")
+        )
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except (OSError, ValueError) as error:
+        raise StoreError(f"cannot read model weights {str(path)!r}: {error}") from None
