@@ -101,6 +101,7 @@ TRAIN_FIELDS = {
     "eval_every": "eval_every",
     "patience": "patience",
     "device": "device",
+    "precision": "precision",
     "seed": "seed",
 }
 
@@ -155,6 +156,12 @@ def train_options(f):
                 help="Evaluations without improvement before stopping (demo 3, full 6).",
             ),
             device_option,
+            click.option(
+                "--precision",
+                type=click.Choice(["auto", "fp32", "bf16"]),
+                help="auto (default): bf16 autocast on CUDA and on CPUs with bf16 units "
+                "(AVX-512 BF16, AMX), else fp32.",
+            ),
             seed_option,
         ]
     ):

@@ -7,8 +7,9 @@ halves is monitored every ``eval_every`` steps; training stops when it has not i
 invariance) each crop comes with its twin from a restyled copy and the paper's pair loss
 is used (``fpstore.fingerprint.losses``).
 
-On CUDA: bf16 autocast and channels_last; on the CPU: fp32 (bf16 autocast measured several
-times slower on CPUs without native bf16), threads as torch sets them.
+Precision ``auto``: bf16 autocast and channels_last on CUDA and on CPUs with bf16 units
+(AVX-512 BF16 / AMX: about twice the fp32 rate on such a Xeon), fp32 on other CPUs (there bf16
+autocast measured several times slower); threads as torch sets them.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fpstore.fingerprint.losses import DEFAULT_GAMMA, fingerprint_loss
 from fpstore.slides.stain import StainAugmentConfig, stain_jitter
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     compile: bool = False  # torch.compile on CUDA (a minute of compiling, ~30% faster steps)
     seed: int = 0
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 units, else fp32
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # H&E stain jitter (Tellez et al. 2019): each crop is seen as two independent jitters, the
     # pair loss pulls their fingerprints together (``train-fingerprint --stain hed``)
@@ -72,6 +75,7 @@ class TrainConfig:
         check_range("TrainConfig", "eval_per_half", self.eval_per_half, 1, 256)
         check_range("TrainConfig", "num_workers", self.num_workers, 0, 64)
         check_choice("TrainConfig", "device", self.device, DEVICES)
+        check_choice("TrainConfig", "precision", self.precision, PRECISIONS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +116,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def cpu_has_bf16() -> bool:
+    """True on CPUs with native bf16 arithmetic (AVX-512 BF16 or AMX), where oneDNN runs bf16
+    convolutions faster than fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' on CUDA and on CPUs with bf16 units, else 'fp32'."""
+    check_choice("train", "precision", precision, PRECISIONS)
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" or cpu_has_bf16() else "fp32"
+    return precision
+
+
 @dataclass
 class TrainResult:
     model: FingerprintNet
@@ -125,6 +144,7 @@ class TrainResult:
     seconds: float
     images_per_s: float
     history: list[dict]
+    precision: str = "fp32"
 
     def summary(self) -> dict:
         return {
@@ -134,6 +154,7 @@ class TrainResult:
             "stopped": self.stopped,
             "seconds": round(self.seconds, 1),
             "images_per_s": round(self.images_per_s, 1),
+            "precision": self.precision,
             "n_classes": len(self.classes),
         }
 
@@ -173,7 +194,7 @@ def evaluate(
     labels: np.ndarray,
     pre: dict,
     device,
-    channels_last: bool,
+    bf16: bool,
     batch_size: int = 128,
 ) -> float:
     """Patch accuracy of predicting the core class from uint8 crops."""
@@ -181,8 +202,8 @@ def evaluate(
     correct = 0
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start : start + batch_size]).to(device)
-        x = to_input(batch, pre["mean"], pre["std"], pre["out_px"], channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        x = to_input(batch, pre["mean"], pre["std"], pre["out_px"], channels_last=bf16)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             pred = model(x).argmax(dim=1).cpu().numpy()
         correct += int((pred == labels[start : start + batch_size]).sum())
     model.train()
@@ -283,7 +304,7 @@ def train_network(
                 torch.cuda.synchronize()  # queued steps belong to this window
             now = time.perf_counter()
             rate = (seen - window[1]) / max(1e-9, now - window[0])
-            acc = evaluate(model, eval_images, eval_labels, pre, device, cuda)
+            acc = evaluate(model, eval_images, eval_labels, pre, device, stepper.bf16)
             record = {
                 "step": step,
                 "loss": round(parts.total.item(), 4),
@@ -328,18 +349,21 @@ def train_network(
         seconds=seconds,
         images_per_s=float(np.median(rates)) if rates else 0.0,
         history=history,
+        precision="bf16" if stepper.bf16 else "fp32",
     )
 
 
 class Stepper:
     """One optimisation step on a batch from ``CropStream``: upload uint8, augment on the
-    device, normalise, forward (bf16 autocast and channels_last on CUDA), loss, backward."""
+    device, normalise, forward (bf16 autocast and channels_last where ``cfg.precision``
+    resolves to bf16), loss, backward."""
 
     def __init__(self, model: FingerprintNet, cfg: TrainConfig, mean, std, device: torch.device):
         self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
         self.cuda = device.type == "cuda"
+        self.bf16 = resolve_precision(cfg.precision, device) == "bf16"
         self.model = model.to(device).train()
-        if self.cuda:
+        if self.bf16:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.forward = _Both(self.model)
         if cfg.compile and self.cuda:
@@ -365,8 +389,8 @@ class Stepper:
             x1 = stain_jitter(x1, self.cfg.stain_jitter, self.stain_generator)
         x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
         x = torch.cat([x1, x2]) if x2 is not None else x1
-        x = to_input(x, self.mean, self.std, self.cfg.out_px, channels_last=self.cuda)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda):
+        x = to_input(x, self.mean, self.std, self.cfg.out_px, channels_last=self.bf16)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             fp, logits = self.forward(x)
         if x2 is not None:
             n = len(y)
