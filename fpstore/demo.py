@@ -30,9 +30,10 @@ class DemoSettings:
     """How the demo trains and extracts; the defaults are the best setting of each encoder that
     docs/results.md measured (stain invariance in training, normalisation at extraction).
 
-    ``evidence`` adds what that comparison needs: a second network trained without stain
-    invariance, every encoder extracted both plain and normalised (``norm``), and the direct
-    patch CNN (``patch_cnn``, a ResNet trained on the labelled patches; slow on CPUs).
+    ``evidence`` adds what that comparison needs: every encoder extracted both plain and
+    normalised (``norm``) and, unless ``invariance`` is False, a second network trained without
+    stain invariance; ``patch_cnn`` adds the direct patch CNN (a ResNet34 trained on the
+    labelled patches; slow on CPUs).
     """
 
     stain: str = "hed"  # the network's stain invariance (train-fingerprint --stain)
@@ -41,6 +42,7 @@ class DemoSettings:
     crop_px: int = 800  # cores and pseudo-cores: 400 um squares (the demo slides are 0.8 mm high)
     steps: int | None = None  # training steps (None: the demo configuration's)
     evidence: bool = False
+    invariance: bool = True  # evidence: also a network without stain invariance
     norm: str = "macenko"  # the normalisation the evidence compares against none
     patch_cnn: bool = False
 
@@ -59,7 +61,7 @@ class DemoSettings:
     def networks(self) -> dict[str, str]:
         """{encoder id: stain invariance} of the networks to train."""
         nets = {"fingerprint-" + self.stain: self.stain}
-        if self.evidence and self.stain != "none":
+        if self.evidence and self.invariance and self.stain != "none":
             nets["fingerprint-none"] = "none"
         return nets
 
@@ -255,7 +257,10 @@ def run_demo(
             ],
         )
     main_encoder = _encoder_id("fingerprint-" + settings.stain, settings.fingerprint_norm)
-    analyse(store, out / "report", seed, steps, progress, main_encoder, settings.patch_cnn)
+    # The evidence compares encoders and settings on all tissue pooled; the plain demo also
+    # compares each tissue type (in the report and the store's runs/).
+    pools = ("all",) if settings.evidence else None
+    analyse(store, out / "report", seed, steps, progress, main_encoder, settings.patch_cnn, pools)
     write_json_atomic(result.to_dict(), out / "demo.json")
     return result
 
@@ -278,9 +283,10 @@ def analyse(
     progress: bool,
     encoder: str,
     patch_cnn: bool = False,
+    pools: tuple[str, ...] | None = None,
 ) -> None:
-    """The steps after extraction: tissue types, compare, classify ER with ``encoder``'s
-    fingerprints, the report."""
+    """The steps after extraction: tissue types, compare (``pools``; None: all tissue and each
+    tissue type), classify ER with ``encoder``'s fingerprints, the report."""
     from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
     from fpstore.report.html import build_report
     from fpstore.tissue.predict import predict_tissue
@@ -321,6 +327,7 @@ def analyse(
                 external="external",
                 seed=seed,
                 folds=folds,
+                pools=pools,
                 methods=("mil", "logreg", "xgboost") + (("patch-cnn",) if patch_cnn else ()),
                 classifier={"patch-cnn": {"arch": "resnet34"}},
             ),

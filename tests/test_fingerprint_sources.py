@@ -208,3 +208,33 @@ def test_synth_writes_its_arrays_as_a_tma_table(synth_small):
         ("test", "section2", "B", "test"),
     ]
     assert all(s.file.is_file() and s.array_map.name == "array_map.csv" for s in sections)
+
+
+@pytest.mark.slow
+def test_a_folder_that_tma_dearray_wrote_is_a_section(synth_small, tmp_path):
+    from fpstore.fingerprint.sources import prepare_tma
+    from fpstore.slides.tma import TmaSpec, export_cores
+
+    array = synth_small / "tma" / "test"
+    export_cores(
+        array / "section1.tiff",
+        tmp_path / "dearrayed",
+        array_map=array / "array_map.csv",
+        spec=TmaSpec(crop_px=600),
+    )
+    table = tmp_path / "arrays.csv"
+    table.write_text(
+        "file,array,site,array_map,role\n"
+        f"dearrayed,BR1,Biomax,,train\n{array / 'section1.tiff'},BR1b,Biomax,"
+        f"{array / 'array_map.csv'},train\n"
+    )
+    cores = prepare_tma(table, tmp_path / "cache", size=512, progress=False)["train"]
+    from_folder, from_slide = cores.section == "dearrayed", cores.section == "section1"
+    assert from_folder.sum() == from_slide.sum() == 5
+    assert sorted(cores.patient_id[from_folder]) == sorted(cores.patient_id[from_slide])
+    # the folder's 600 px crops, centre-cropped to 512: the same pixels as cropping the slide
+    a = cores.left[from_folder].astype(int)
+    b = cores.left[from_slide].astype(int)
+    order_a = np.argsort(cores.core_index[from_folder])
+    order_b = np.argsort(cores.core_index[from_slide])
+    assert np.abs(a[order_a] - b[order_b]).mean() < 3

@@ -34,7 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -182,37 +182,32 @@ def _signature(sections: list[TmaSection], mpp: float, size: int) -> dict:
     return {"mpp": mpp, "size": size, "files": files, "sections": rows}
 
 
-def _slide_cores(section: TmaSection):
-    """(core list, opener) of a section: dearrayed now (a slide) or read from its folder."""
+def _slide_cores(section: TmaSection) -> list[tuple]:
+    """[(core, crop)] of a section: dearrayed now (a slide; crop None) or read from a folder
+    `fpstore tma dearray` wrote (crop: the folder's cores.json and the core's crop name)."""
     from fpstore.slides.tma import Core, dearray, join_array_map, read_array_map
 
     if section.is_dearrayed:
         doc = json.loads((section.file / "cores.json").read_text())
+        names = {f.name for f in fields(Core)}
+        entries = [c for c in doc["cores"] if c.get("status", "core") == "core"]
         cores = [
-            Core(
-                row=c["row"],
-                column=c["column"],
-                centre=tuple(c["centre"]),
-                diameter_px=c["diameter_px"],
-                bbox=tuple(c["bbox"]),
-                core_index=c.get("core_index"),
-                patient_id=c.get("patient_id"),
-            )
-            for c in doc["cores"]
+            Core(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.items() if k in names})
+            for c in entries  # not the empty positions or orientation cores
         ]
         if section.array_map is not None:
-            join_array_map(cores, read_array_map(section.array_map))
-        return cores, doc
+            join_array_map(cores, read_array_map(section.array_map), str(section.file))
+        return [(core, (doc, c["name"])) for core, c in zip(cores, entries)]
     from fpstore.slides.slide import open_slide
 
     slide = open_slide(section.file, mpp=section.mpp)
     try:
-        return dearray(slide, section.array_map), None
+        return [(core, None) for core in dearray(slide, section.array_map)]
     finally:
         slide.close()
 
 
-def _dearrayed_halves(section: TmaSection, doc: dict, core, mpp: float, size: int):
+def _dearrayed_halves(section: TmaSection, doc: dict, name: str, mpp: float, size: int):
     """The left and right halves of a core that `fpstore tma dearray` cropped, resampled to
     ``size`` px at ``mpp`` (its crop must cover that much tissue)."""
     import cv2
@@ -227,9 +222,9 @@ def _dearrayed_halves(section: TmaSection, doc: dict, core, mpp: float, size: in
             f"{size * mpp:.0f} um asked for; dearray again with a larger --crop-px, or train "
             f"with --crop-px {int(crop_px * crop_mpp / mpp)}"
         )
-    image = cv2.imread(str(section.file / "crops" / f"{core.name}.png"), cv2.IMREAD_COLOR)
+    image = cv2.imread(str(section.file / "crops" / f"{name}.png"), cv2.IMREAD_COLOR)
     if image is None:
-        raise TrainingError(f"cannot read the crop of core {core.name} in {section.file}/crops")
+        raise TrainingError(f"cannot read the crop of core {name} in {section.file}/crops")
     image = image[..., ::-1]
     start = int(round((crop_px - wanted) / 2))
     side = int(round(wanted))
@@ -262,19 +257,19 @@ def prepare_sections(
             return load_coreset(folder)
     found, skipped = [], []
     for section in sections:  # dearray first: the cache size must be known
-        cores, doc = _slide_cores(section)
+        cores = _slide_cores(section)
         if not cores:
             raise TrainingError(
                 f"no cores found in {section.file} (TMA table line {section.line}); is it a "
                 "tissue microarray section?"
             )
-        for core in cores:
+        for core, crop in cores:
             if core.core_index is None:
                 skipped.append(
                     {"section": section.name, "core": core.name, "why": "not in the array map"}
                 )
             else:
-                found.append((section, doc, core))
+                found.append((section, crop, core))
     if not found:
         names = ", ".join(s.name for s in sections)
         raise TrainingError(f"no core of the sections {names} matched their array maps")
@@ -284,11 +279,11 @@ def prepare_sections(
     right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (len(found), *half))
     items, slide, open_file = [], None, None
     try:
-        for j, (section, doc, core) in enumerate(
+        for j, (section, crop, core) in enumerate(
             tqdm(found, desc="crop cores", unit="core", disable=not progress)
         ):
-            if doc is not None:
-                left[j], right[j] = _dearrayed_halves(section, doc, core, mpp, size)
+            if crop is not None:
+                left[j], right[j] = _dearrayed_halves(section, *crop, mpp, size)
             else:
                 if section.file != open_file:
                     if slide is not None:
