@@ -18,28 +18,43 @@ from fpstore.cli.common import echo_json, echo_table, json_option, seed_option
     help="Folder for the data, store, model and report.",
 )
 @click.option("--force", is_flag=True, help="Replace an earlier demo in --out.")
+@click.option(
+    "--evidence",
+    is_flag=True,
+    help="Also train a network without stain invariance and extract every encoder with and "
+    "without --stain-norm macenko: the comparison of docs/results.md (about 3x longer).",
+)
+@click.option(
+    "--patch-cnn",
+    is_flag=True,
+    help="Also compare the direct patch CNN (ResNet34 trained on the labelled patches; "
+    "hours on 2 CPU cores).",
+)
+@click.option("--steps", type=click.IntRange(1), help="Training steps of each network.")
 @seed_option
 @json_option
-def demo(out, force, seed, as_json):
+def demo(out, force, evidence, patch_cnn, steps, seed, as_json):
     """Synthesise the demo cohort and run every stage on it (about 15 min on 2 cores).
 
     Leaves the synthetic slides, the store, the trained model and the HTML report in
     --out for exploring with the other commands (e.g. `fpstore sql --store OUT/store`).
     """
-    from fpstore.demo import run_demo
+    from fpstore.demo import DemoSettings, run_demo
 
-    result = run_demo(out, seed=seed, force=force, quiet=as_json)
+    settings = DemoSettings(evidence=evidence, patch_cnn=patch_cnn, steps=steps)
+    result = run_demo(out, seed=seed, force=force, quiet=as_json, settings=settings)
     if as_json:
         echo_json(result.to_dict())
         return
     click.echo("\nsteps")
     echo_table(result.steps, ["step", "seconds"])
-    m = result.match
-    click.echo(
-        f"\nmatching game: core accuracy {m.get('core_accuracy', float('nan')):.2f} "
-        f"(chance {m.get('chance_core', float('nan')):.3f}), "
-        f"patient accuracy {m.get('patient_accuracy', float('nan')):.2f}"
-    )
+    for network, m in result.match.items():
+        click.echo(
+            f"\nmatching game ({network}, test array, left halves at site "
+            f"{m['sections']['left_site']}, right at {m['sections']['right_site']}): core "
+            f"accuracy {m['core_accuracy']:.2f} (chance {m['chance_core']:.3f}), patient "
+            f"accuracy {m['patient_accuracy']:.2f} (chance {m['chance_patient']:.3f})"
+        )
     click.echo(
         "\nresults on the external cohort, all tissue pooled (AUC with 95% CI; every pool "
         "is in the report and in `fpstore sql`)"
@@ -54,10 +69,7 @@ def demo(out, force, seed, as_json):
         f"(null mean {c['null_mean']:.2f}); the site probe's balanced accuracy "
         f"{c['site_probe_balanced_accuracy']:.2f}"
     )
-    click.echo(
-        f"\nstore:  {out / 'store'}\nmodel:  {out / 'model' / 'fingerprint.pt'}"
-        f"\nreport: {result.report}"
-    )
+    click.echo(f"\nstore:  {out / 'store'}\nmodels: {out / 'model'}\nreport: {result.report}")
 
 
 commands = [demo]

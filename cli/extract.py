@@ -43,13 +43,31 @@ def _patches(value: str) -> int | None:
 @click.option(
     "--checkpoint",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Fingerprint checkpoint (encoder fingerprint).",
+    help="Fingerprint checkpoint (encoder fingerprint; default: the store's only trained "
+    "network, STORE/models/fingerprint/*.pt).",
 )
 @click.option(
     "--weights",
     type=click.Path(path_type=Path, dir_okay=False),
     help="Local weights file (imagenet-resnet34, torchvision:ARCH, timm:ARCH); "
     "default: the torchvision cache. Never downloaded.",
+)
+@click.option(
+    "--encoder-id",
+    help="Store the fingerprints under this id (default: the encoder's name; a fingerprint "
+    "checkpoint gets fingerprint-<file name>-<hash>), so several networks share one store.",
+)
+@click.option(
+    "--stain-norm",
+    type=click.Choice(["macenko", "vahadane", "reinhard"]),
+    help="Normalise each patch's stains to --stain-target before the encoder (fpstore.slides."
+    "stain, fitted once to the target, applied per patch). The encoder id gains +METHOD, so "
+    "both settings can share a store; the resume key records it.",
+)
+@click.option(
+    "--stain-target",
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="H&E image the normaliser is fitted to (default: tiatoolbox's target image).",
 )
 @click.option(
     "--patches",
@@ -127,6 +145,9 @@ def extract(
     encoder,
     checkpoint,
     weights,
+    encoder_id,
+    stain_norm,
+    stain_target,
     patches,
     min_tissue,
     device,
@@ -154,6 +175,10 @@ def extract(
     cohort = resolve_cohort(store_path, cohort)
 
     options = {}
+    if encoder == "fingerprint" and not checkpoint:
+        from fpstore.store.models import stored_fingerprint_checkpoint
+
+        checkpoint = stored_fingerprint_checkpoint(store_path)
     if checkpoint:
         options["checkpoint"] = checkpoint
     if weights:
@@ -161,6 +186,9 @@ def extract(
     config = ExtractConfig(
         encoder=encoder,
         encoder_options=options,
+        encoder_id=encoder_id,
+        stain_norm=stain_norm,
+        stain_target=str(stain_target) if stain_target else None,
         patches=_patches(patches),
         min_tissue=min_tissue,
         device=device,

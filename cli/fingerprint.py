@@ -7,29 +7,84 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option
+from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
 
-STAINS = ("none", "macenko", "reinhard", "vahadane", "cyclegan")  # fpstore.fingerprint.stain.STAINS
+# fpstore.fingerprint.stain.STAINS
+STAINS = ("none", "hed", "macenko", "reinhard", "vahadane", "cyclegan")
 
-tma_option = click.option(
-    "--tma",
-    "tma_dir",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    required=True,
-    help="The tma/ folder of `fpstore synth` (train/ and test/ arrays with section*.tiff + array_map.csv).",
-)
-cache_option = click.option(
-    "--cache",
-    type=click.Path(path_type=Path, file_okay=False),
-    help="Where the cropped core halves are cached (default: TMA/cores).",
-)
-crop_option = click.option(
-    "--crop-px",
-    type=click.IntRange(64, 8192),
-    default=1600,
-    show_default=True,
-    help="Side of each core crop at 0.5 um/px (the paper: 1600; smaller for arrays of small cores).",
-)
+
+def sources_options(f):
+    """--tma, --cohort/--store and the core settings: where the cores come from."""
+    for option in reversed(
+        [
+            click.option(
+                "--tma",
+                type=click.Path(path_type=Path, exists=True),
+                help="TMA table: a CSV with columns file, array, site, array_map (optional role "
+                "train|test, section, mpp), or a folder holding sections.csv (what "
+                "`fpstore synth` writes in tma/); file may be a folder `fpstore tma dearray` "
+                "wrote.",
+            ),
+            click.option(
+                "--cohort",
+                help="A store cohort whose whole slides give pseudo-cores (one class per patient).",
+            ),
+            store_option,
+            click.option(
+                "--per-slide",
+                type=click.IntRange(1, 1000),
+                default=4,
+                show_default=True,
+                help="--cohort: pseudo-cores cut from each slide (most tissue first).",
+            ),
+            click.option(
+                "--min-tissue",
+                type=click.FloatRange(0.0, 1.0),
+                default=0.6,
+                show_default=True,
+                help="--cohort: tissue share a pseudo-core needs (by the slide's tissue mask).",
+            ),
+            click.option(
+                "--holdout",
+                type=click.IntRange(0),
+                help="--cohort: patients kept out of training for the matching game (default: "
+                "none when the table has a test array, else a fifth, at least 2).",
+            ),
+            click.option(
+                "--cache",
+                type=click.Path(path_type=Path, file_okay=False),
+                help="Where cropped cores are cached (default: TMA/cores and the store's "
+                "cache/fingerprint-cores).",
+            ),
+            click.option(
+                "--crop-px",
+                type=click.IntRange(64, 8192),
+                default=1600,
+                show_default=True,
+                help="Side of each core and pseudo-core at 0.5 um/px (the paper: 1600).",
+            ),
+        ]
+    ):
+        f = option(f)
+    return f
+
+
+def _sources(tma, cohort, store_path, per_slide, min_tissue, holdout, cache, crop_px, sections=()):
+    from fpstore.fingerprint.experiment import Sources
+
+    return Sources(
+        tma=tma,
+        store=store_path if cohort else None,
+        cohort=cohort,
+        crop_px=crop_px,
+        per_slide=per_slide,
+        min_tissue=min_tissue,
+        sections=tuple(sections) or None,
+        holdout=holdout,
+        cache=cache,
+    )
+
+
 device_option = click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
 )
@@ -115,45 +170,73 @@ def train_options(f):
     return f
 
 
+def _stored_checkpoint(store_path, stain: str) -> Path:
+    """STORE/models/fingerprint/<stain>.pt, never over a network already there."""
+    from fpstore.store.layout import StoreLayout
+
+    path = Path(str(StoreLayout.of(store_path).fingerprint_models_dir / f"{stain}.pt"))
+    if path.exists():
+        raise click.UsageError(
+            f"{path} holds a trained network already: give --out NAME.pt to keep both, or remove it"
+        )
+    return path
+
+
 @click.command("train-fingerprint")
-@tma_option
+@sources_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path, dir_okay=False),
-    required=True,
-    help="Checkpoint file to write.",
+    help="Checkpoint file to write (default: STORE/models/fingerprint/<stain>.pt, the "
+    "network `fpstore extract --encoder fingerprint` then uses when it is the store's only one).",
 )
 @click.option(
     "--stain",
     type=click.Choice(STAINS),
     default="none",
     show_default=True,
-    help="Stain invariance: restyled copies of every core + the pair loss.",
+    help="Stain invariance by the pair loss (CE + CE + 0.5 x squared distance of the "
+    "fingerprints): hed pairs two H&E stain jitters of each crop (Tellez et al. 2019, drawn on "
+    "the fly); macenko, reinhard, vahadane pair it with its copy normalised to another "
+    "site's target; cyclegan with its copy restyled between the reference site and the "
+    "other sites pooled.",
 )
 @click.option(
-    "--section", "sections", multiple=True, help="Train on these sections only (default: all)."
+    "--section", "sections", multiple=True, help="Train on these TMA sections only (default: all)."
 )
 @train_options
-@cache_option
-@crop_option
 @json_option
-def train_fingerprint(tma_dir, out, stain, sections, config_name, cache, crop_px, as_json, **train):
-    """Train the fingerprint network on the training array's left core halves.
+def train_fingerprint(
+    tma,
+    cohort,
+    store_path,
+    per_slide,
+    min_tissue,
+    holdout,
+    cache,
+    crop_px,
+    out,
+    stain,
+    sections,
+    config_name,
+    as_json,
+    **train,
+):
+    """Train the fingerprint network on left core halves: the train arrays of a TMA table,
+    pseudo-cores of a store cohort's whole slides, or both (the paper's large set).
 
     \b
-    fpstore train-fingerprint --tma demo/tma --out fingerprint.pt --stain cyclegan
-    fpstore train-fingerprint --tma demo/tma --out long.pt --steps 1200 --eval-every 100 --patience 4
+    fpstore train-fingerprint --tma arrays.csv --out fingerprint.pt --stain cyclegan
+    fpstore train-fingerprint --cohort tcga --crop-px 800 --stain hed
+    fpstore train-fingerprint --tma demo/tma --cohort tcga --out long.pt --steps 1200
     """
     from fpstore.fingerprint.experiment import train_fingerprint as run
 
     summary = run(
-        tma_dir,
-        out,
+        out or _stored_checkpoint(store_path, stain),
+        _sources(tma, cohort, store_path, per_slide, min_tissue, holdout, cache, crop_px, sections),
         config=config_name,
         stain=stain,
-        cache=cache,
-        sections=sections or None,
-        crop_px=crop_px,
         progress=not as_json,
         **_train_overrides(train),
     )
@@ -169,6 +252,7 @@ def train_fingerprint(tma_dir, out, stain, sections, config_name, cache, crop_px
                     "stain",
                     "train_cores",
                     "n_classes",
+                    "holdout_patients",
                     "steps",
                     "stopped",
                     "best_right_half_accuracy",
@@ -188,49 +272,64 @@ def train_fingerprint(tma_dir, out, stain, sections, config_name, cache, crop_px
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     required=True,
 )
-@tma_option
-@click.option("--left-section", help="Section giving the left halves (default: the first).")
+@sources_options
+@click.option("--left-section", help="Test section giving the left halves (default: the first).")
 @click.option(
-    "--right-section", help="Section giving the right halves (default: the first at another site)."
+    "--right-section",
+    help="Test section giving the right halves (default: the first at another site).",
 )
 @click.option(
     "--misses", type=click.IntRange(0), default=10, show_default=True, help="Misses to list."
 )
 @device_option
-@cache_option
-@crop_option
 @json_option
 def match(
-    model_path, tma_dir, left_section, right_section, misses, device, cache, crop_px, as_json
+    model_path,
+    tma,
+    cohort,
+    store_path,
+    per_slide,
+    min_tissue,
+    holdout,
+    cache,
+    crop_px,
+    left_section,
+    right_section,
+    misses,
+    device,
+    as_json,
 ):
-    """The matching game: left halves of one test section against right halves of another.
+    """The matching game: left halves against right halves stained at another site, on the
+    TMA table's test array, or else on the cohort patients the network was not trained on
+    (their halves from two sites, or right halves restyled to another site's stains).
 
     \b
     fpstore match --model fingerprint.pt --tma demo/tma
+    fpstore match --model fp.pt --cohort tcga --store store --crop-px 800
     """
     from fpstore.fingerprint.experiment import match as run
 
     result = run(
         model_path,
-        tma_dir,
-        cache,
+        _sources(tma, cohort, store_path, per_slide, min_tissue, holdout, cache, crop_px),
         left_section,
         right_section,
         device=device,
-        crop_px=crop_px,
         progress=not as_json,
     )
     if as_json:
         echo_json(result)
         return
     s = result["sections"]
+    click.echo(f"game: {result['game']}")
     click.echo(
-        f"left halves: {s['left']} (site {s['left_site']}); right halves: {s['right']} (site {s['right_site']})"
+        f"left halves: {s['left']} (site {s['left_site']}); right halves: {s['right']} "
+        f"(site {s['right_site']})"
     )
     echo_table(
         [
             {
-                "level": "core",
+                "level": "core" if result["game"] == "tma test array" else "half (same patient)",
                 "n": result["n_cores"],
                 "correct": result["core_correct"],
                 "accuracy": result["core_accuracy"],
@@ -248,8 +347,8 @@ def match(
         ]
     )
     click.echo(
-        f"true right half: median rank {result['median_rank']:g} of {round(1 / result['chance_core'])}, "
-        f"top-5 accuracy {result['top5_accuracy']:.3f} (chance {min(1.0, 5 * result['chance_core']):.3f})"
+        f"true right half: median rank {result['median_rank']:g}, "
+        f"top-5 accuracy {result['top5_accuracy']:.3f}"
     )
     if result["misses"] and misses:
         click.echo(
@@ -270,47 +369,42 @@ def match(
 
 
 @click.command("fingerprint-experiment")
-@tma_option
+@sources_options
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
     required=True,
     help="Folder for the four checkpoints and table2.json.",
 )
-@click.option(
-    "--extra-slides",
-    type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Whole slides of other patients for the large training set (default: TMA/../tcga/slides).",
-)
-@click.option(
-    "--per-slide",
-    type=click.IntRange(1, 100),
-    default=2,
-    show_default=True,
-    help="Pseudo-cores cut from each extra slide.",
-)
 @train_options
-@cache_option
-@crop_option
 @json_option
 def fingerprint_experiment(
-    tma_dir, out, extra_slides, per_slide, config_name, cache, crop_px, as_json, **train
+    tma,
+    cohort,
+    store_path,
+    per_slide,
+    min_tissue,
+    holdout,
+    cache,
+    crop_px,
+    out,
+    config_name,
+    as_json,
+    **train,
 ):
     """The paper's Table 2: small vs large training set, without vs with style transfer.
+    Small: the TMA table's first two training sections; large: those plus the pseudo-cores of
+    --cohort. The matching game is played on the table's test array.
 
     \b
-    fpstore fingerprint-experiment --tma demo/tma --out table2/
+    fpstore fingerprint-experiment --tma demo/tma --cohort tcga --store store --out table2/
     """
     from fpstore.fingerprint.experiment import run_table2
 
     result = run_table2(
-        tma_dir,
+        _sources(tma, cohort, store_path, per_slide, min_tissue, holdout, cache, crop_px),
         out,
         config=config_name,
-        extra_slides=extra_slides,
-        per_slide=per_slide,
-        cache=cache,
-        crop_px=crop_px,
         progress=not as_json,
         **_train_overrides(train),
     )
@@ -346,7 +440,12 @@ def fingerprint_experiment(
     type=click.Path(path_type=Path, dir_okay=False, exists=True),
     required=True,
 )
-@tma_option
+@click.option(
+    "--tma",
+    type=click.Path(path_type=Path, exists=True),
+    required=True,
+    help="TMA table (CSV, or a folder with sections.csv) with train and test arrays.",
+)
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
@@ -362,10 +461,20 @@ def fingerprint_experiment(
     help="Training cores to map, and test pairs to compare.",
 )
 @device_option
-@cache_option
-@crop_option
+@click.option(
+    "--cache",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where cropped cores are cached (default: TMA/cores).",
+)
+@click.option(
+    "--crop-px",
+    type=click.IntRange(64, 8192),
+    default=1600,
+    show_default=True,
+    help="Side of each core crop at 0.5 um/px (as the network was trained).",
+)
 @json_option
-def core_maps(model_path, tma_dir, out, n_cores, device, cache, crop_px, as_json):
+def core_maps(model_path, tma, out, n_cores, device, cache, crop_px, as_json):
     """Heat maps of recognised regions on training cores and similarity maps of test pairs.
 
     \b
@@ -375,7 +484,7 @@ def core_maps(model_path, tma_dir, out, n_cores, device, cache, crop_px, as_json
 
     result = run(
         model_path,
-        tma_dir,
+        tma,
         out,
         n_cores=n_cores,
         cache=cache,

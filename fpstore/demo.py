@@ -25,6 +25,55 @@ CONTROL_ENCODER = (
 )
 
 
+@dataclass(frozen=True)
+class DemoSettings:
+    """How the demo trains and extracts; the defaults are the best setting of each encoder that
+    docs/results.md measured (stain invariance in training, normalisation at extraction).
+
+    ``evidence`` adds what that comparison needs: every encoder extracted both plain and
+    normalised (``norm``) and, unless ``invariance`` is False, a second network trained without
+    stain invariance; ``patch_cnn`` adds the direct patch CNN (a ResNet34 trained on the
+    labelled patches; slow on CPUs).
+    """
+
+    stain: str = "hed"  # the network's stain invariance (train-fingerprint --stain)
+    fingerprint_norm: str | None = None  # extract --stain-norm for the fingerprints
+    control_norm: str | None = "macenko"  # extract --stain-norm for the control
+    crop_px: int = 800  # cores and pseudo-cores: 400 um squares (the demo slides are 0.8 mm high)
+    steps: int | None = None  # training steps (None: the demo configuration's)
+    evidence: bool = False
+    invariance: bool = True  # evidence: also a network without stain invariance
+    norm: str = "macenko"  # the normalisation the evidence compares against none
+    patch_cnn: bool = False
+
+    def __post_init__(self):
+        from fpstore.fingerprint.stain import check_stain
+        from fpstore.slides.stain import STAIN_METHODS
+
+        check_stain(self.stain)
+        for name in ("fingerprint_norm", "control_norm", "norm"):
+            value = getattr(self, name)
+            if value is not None and value not in STAIN_METHODS:
+                raise ConfigError(
+                    f"DemoSettings.{name}={value!r}; choose one of {', '.join(STAIN_METHODS)}"
+                )
+
+    def networks(self) -> dict[str, str]:
+        """{encoder id: stain invariance} of the networks to train."""
+        nets = {"fingerprint-" + self.stain: self.stain}
+        if self.evidence and self.invariance and self.stain != "none":
+            nets["fingerprint-none"] = "none"
+        return nets
+
+    def settings(self, best: str | None) -> tuple[str | None, ...]:
+        """The extraction settings of an encoder whose best is ``best``."""
+        return (None, self.norm) if self.evidence else (best,)
+
+
+def _encoder_id(base: str, norm: str | None) -> str:
+    return base if norm is None else f"{base}+{norm}"
+
+
 @dataclass
 class DemoResult:
     out: Path
@@ -99,22 +148,33 @@ def _prepare(out: Path, force: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False) -> DemoResult:
+def run_demo(
+    out: Path,
+    seed: int = 0,
+    force: bool = False,
+    quiet: bool = False,
+    settings: DemoSettings | None = None,
+) -> DemoResult:
     """Run the whole pipeline into ``out`` and return what it measured."""
     from fpstore.cohort.cohorts import add_cohort
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
-    from fpstore.fingerprint.experiment import match, train_fingerprint
+    from fpstore.fingerprint.experiment import Sources, match, train_fingerprint
     from fpstore.store.io import write_json_atomic
     from fpstore.synth import synthesize
 
+    settings = settings or DemoSettings()
     out = Path(out)
     _prepare(out, force)
-    data, store, model = out / "synth", out / "store", out / "model" / "fingerprint.pt"
-    model.parent.mkdir(parents=True, exist_ok=True)
+    data, store = out / "synth", out / "store"
+    (out / "model").mkdir(parents=True, exist_ok=True)
     progress = not quiet
     result = DemoResult(out=out)
-    steps = _Steps(result, total=11 + len(MARKERS), quiet=quiet)
+    networks = settings.networks()
+    n_extractions = len(networks) * len(settings.settings(settings.fingerprint_norm)) + len(
+        settings.settings(settings.control_norm)
+    )
+    steps = _Steps(result, total=7 + 2 * len(networks) + n_extractions + len(MARKERS), quiet=quiet)
 
     steps.run(
         "synthesise the demo cohorts",
@@ -144,72 +204,107 @@ def run_demo(out: Path, seed: int = 0, force: bool = False, quiet: bool = False)
         clinical=data / "external" / "labels.csv",
         fmt="csv",
     )
-    steps.run(
-        "train the fingerprint network",
-        train_fingerprint,
-        data / "tma",
-        model,
-        config="demo",
-        stain="none",
-        cache=out / "cores",
-        progress=progress,
-        seed=seed,
+    # The large training set: the training array's cores and pseudo-cores of the TCGA-like
+    # slides (no labels are read); the matching game is played on the test array.
+    sources = Sources(
+        tma=data / "tma", store=store, cohort="tcga", crop_px=settings.crop_px, cache=out / "cores"
     )
-    result.match = steps.run(
-        "matching game on the test array",
-        match,
-        model,
-        data / "tma",
-        cache=out / "cores",
-        progress=progress,
+    overrides = (
+        {"seed": seed} if settings.steps is None else {"seed": seed, "max_steps": settings.steps}
     )
-    fingerprint = ExtractConfig(
-        encoder="fingerprint", encoder_options={"checkpoint": str(model)}, patches=None, seed=seed
-    )
-    control = ExtractConfig(
-        encoder=CONTROL_ENCODER, encoder_options={"seed": seed}, patches=None, seed=seed
-    )
-    for cohort in ("tcga", "external"):
-        steps.run(f"extract fingerprints: {cohort}", extract, store, cohort, fingerprint, progress)
-    steps.run(
-        "extract control features (random ResNet34): tcga + external",
-        lambda: [extract(store, c, control, progress) for c in ("tcga", "external")],
-    )
-    analyse(store, out / "report", seed, steps, progress)
+    extractions = []
+    for base, stain in networks.items():
+        model = out / "model" / f"{base}.pt"
+        steps.run(
+            f"train the fingerprint network (stain invariance: {stain})",
+            train_fingerprint,
+            model,
+            sources,
+            config="demo",
+            stain=stain,
+            progress=progress,
+            **overrides,
+        )
+        result.match[base] = steps.run(
+            f"matching game on the test array ({base})", match, model, sources, progress=progress
+        )
+        for norm in settings.settings(settings.fingerprint_norm):
+            extractions.append(
+                ExtractConfig(
+                    encoder="fingerprint",
+                    encoder_options={"checkpoint": str(model)},
+                    encoder_id=_encoder_id(base, norm),
+                    stain_norm=norm,
+                    patches=None,
+                    seed=seed,
+                )
+            )
+    for norm in settings.settings(settings.control_norm):
+        extractions.append(
+            ExtractConfig(
+                encoder=CONTROL_ENCODER,
+                encoder_options={"seed": seed},
+                stain_norm=norm,
+                patches=None,
+                seed=seed,
+            )
+        )
+    for config in extractions:
+        steps.run(
+            f"extract {config.encoder_id or config.build_encoder().id}: tcga + external",
+            lambda c=config: [
+                extract(store, cohort, c, progress) for cohort in ("tcga", "external")
+            ],
+        )
+    main_encoder = _encoder_id("fingerprint-" + settings.stain, settings.fingerprint_norm)
+    # The evidence compares encoders and settings on all tissue pooled; the plain demo also
+    # compares each tissue type (in the report and the store's runs/).
+    pools = ("all",) if settings.evidence else None
+    analyse(store, out / "report", seed, steps, progress, main_encoder, settings.patch_cnn, pools)
     write_json_atomic(result.to_dict(), out / "demo.json")
     return result
 
 
-def _folds(store: Path, marker: str, wanted: int = 5) -> tuple[int, int, int]:
+def _folds(store: Path, marker: str, encoder: str, wanted: int = 5) -> tuple[int, int, int]:
     """(groups, positive, negative): the paper's 5 groups, fewer when a class has fewer
     patients with fingerprints than that (every group needs one of each)."""
     from fpstore.classify.data import load_dataset
 
-    y = load_dataset(store, "tcga", marker, "fingerprint", "all").y
+    y = load_dataset(store, "tcga", marker, encoder, "all").y
     positive = int(y.sum())
     return min(wanted, positive, len(y) - positive), positive, len(y) - positive
 
 
-def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: bool) -> None:
-    """The steps after extraction: tissue types, compare, classify ER, the report."""
+def analyse(
+    store: Path,
+    report_dir: Path,
+    seed: int,
+    steps: _Steps,
+    progress: bool,
+    encoder: str,
+    patch_cnn: bool = False,
+    pools: tuple[str, ...] | None = None,
+) -> None:
+    """The steps after extraction: tissue types, compare (``pools``; None: all tissue and each
+    tissue type), classify ER with ``encoder``'s fingerprints, the report."""
     from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
     from fpstore.report.html import build_report
     from fpstore.tissue.predict import predict_tissue
 
     result = steps.result
     for cohort in ("tcga", "external"):
-        # Both encoders share the patch grid, so one typing serves both.
+        # Every encoder shares the patch grid, so one typing serves all.
         steps.run(
             f"tissue types: {cohort}",
             predict_tissue,
             store,
             cohort,
             "rules",
-            encoder="fingerprint",
+            encoder=encoder,
             progress=progress,
         )
     for marker in MARKERS:
-        folds, positive, negative = _folds(store, marker)
+        folds, positive, negative = _folds(store, marker, encoder)
         if folds < 3:
             result.notes.append(
                 f"{marker}: skipped, {positive} positive and {negative} negative "
@@ -232,7 +327,9 @@ def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: b
                 external="external",
                 seed=seed,
                 folds=folds,
-                methods=("mil", "logreg", "xgboost"),
+                pools=pools,
+                methods=("mil", "logreg", "xgboost") + (("patch-cnn",) if patch_cnn else ()),
+                classifier={"patch-cnn": {"arch": "resnet34"}},
             ),
             progress=progress,
         )
@@ -240,9 +337,7 @@ def analyse(store: Path, report_dir: Path, seed: int, steps: _Steps, progress: b
         "classify ER (MIL head, fingerprints, 5-fold CV, 50 permutations)",
         classify,
         store,
-        ClassifyConfig(
-            marker="ER", cohort="tcga", encoder="fingerprint", seed=seed, permutations=50
-        ),
+        ClassifyConfig(marker="ER", cohort="tcga", encoder=encoder, seed=seed, permutations=50),
         progress=progress,
     )
     result.run_id = run["run_id"]

@@ -101,6 +101,44 @@ def test_pair_loss_training_uses_the_restyled_twins():
         train_network(cores, _tiny(), style="cyclegan", progress=False)
 
 
+def test_hed_stain_jitter_pairs_two_stainings_of_each_crop(monkeypatch):
+    from fpstore.fingerprint import train as train_module
+    from fpstore.slides.stain import StainAugmentConfig
+
+    seen = []
+
+    def spy(x, cfg, generator):
+        out = stain_jitter(x, cfg, generator)
+        seen.append((x.shape, float((out - x).abs().mean())))
+        return out
+
+    stain_jitter = train_module.stain_jitter
+    monkeypatch.setattr(train_module, "stain_jitter", spy)
+    jitter = StainAugmentConfig(scale=0.3, shift=0.05, vector=0.08)
+    result = train_network(
+        _cores(), _tiny(max_steps=2, eval_every=1, stain_jitter=jitter), progress=False
+    )
+    assert all(h["se"] is not None and h["se"] >= 0 for h in result.history)
+    assert len(seen) == 4 and all(shape[0] == 16 and change > 0 for shape, change in seen)
+
+
+def test_precision_auto_uses_bf16_where_the_cpu_has_bf16_units(monkeypatch):
+    from fpstore.fingerprint import train as train_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    assert train_module.resolve_precision("auto", cpu) == "fp32"
+    assert train_module.resolve_precision("auto", torch.device("cuda")) == "bf16"
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
+    assert train_module.resolve_precision("auto", cpu) == "bf16"
+    assert train_module.resolve_precision("fp32", cpu) == "fp32"
+    result = train_network(_cores(), _tiny(max_steps=2, eval_every=1), progress=False)
+    assert result.precision == "bf16" and result.summary()["precision"] == "bf16"
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+    with pytest.raises(ConfigError, match="precision"):
+        _tiny(precision="fp8")
+
+
 def test_training_refuses_bad_settings():
     with pytest.raises(TrainingError, match="at least 2 cores"):
         train_network(_cores(n_classes=1), _tiny(), progress=False)
@@ -162,7 +200,7 @@ def test_commands_explain_a_bad_tma_folder(tmp_path):
     result = CliRunner().invoke(
         cli, ["train-fingerprint", "--tma", str(tmp_path), "--out", str(tmp_path / "m.pt")]
     )
-    assert result.exit_code == 2 and "array_map.csv is missing" in result.output
+    assert result.exit_code == 2 and "has no sections.csv" in result.output
     result = CliRunner().invoke(
         cli,
         [
@@ -177,6 +215,13 @@ def test_commands_explain_a_bad_tma_folder(tmp_path):
     )
     assert result.exit_code == 2 and "sepia" in result.output
     assert not (tmp_path / "m.pt").exists()
+    kept = tmp_path / "store" / "models" / "fingerprint" / "none.pt"  # the default --out
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"a network trained before")
+    store = ["--store", str(tmp_path / "store")]
+    result = CliRunner().invoke(cli, ["train-fingerprint", "--tma", str(tmp_path), *store])
+    assert result.exit_code == 2 and "holds a trained network already: give --out" in result.output
+    assert kept.read_bytes() == b"a network trained before"
 
 
 @pytest.mark.slow

@@ -92,14 +92,36 @@ class Encoder(torch.nn.Module):
         self.precision = "fp32"
         self._forward = self.backbone
         self.calibration: dict | None = None  # int8 only: agreement with fp32
+        self.stain_norm = None  # a per-patch StainNormalizer applied before the backbone
 
     @property
     def hash(self) -> str:
-        """Weights and preprocessing together: what makes two extractions comparable."""
-        text = json.dumps(
-            {"weights": self.weights_hash, "pre": self.preprocessing.to_dict()}, sort_keys=True
-        )
+        """Weights, preprocessing and stain normalisation together: what makes two
+        extractions comparable."""
+        settings = {"weights": self.weights_hash, "pre": self.preprocessing.to_dict()}
+        if self.stain_norm is not None:
+            settings["stain_norm"] = self.stain_norm.digest
+        text = json.dumps(settings, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def stain_norm_key(self) -> str:
+        """'none', or the normaliser's method and digest (settings and target image)."""
+        if self.stain_norm is None:
+            return "none"
+        return f"{self.stain_norm.config.method}:{self.stain_norm.digest}"
+
+    def with_stain_norm(self, normaliser) -> Encoder:
+        """Normalise every batch's stains before the backbone, patch by patch, with a
+        ``fpstore.slides.stain.StainNormalizer`` (``per="patch"``: a patch's features depend
+        on its own pixels only, whichever slides share its batch); returns self."""
+        if normaliser.config.per != "patch":
+            raise EncoderError(
+                f"encoder {self.id}: stain normalisation in the encoder is per patch (batches "
+                f"mix slides); got per={normaliser.config.per!r}"
+            )
+        self.stain_norm = normaliser
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -181,12 +203,15 @@ class Encoder(torch.nn.Module):
         return self.calibration
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] normalised, channels_last strides."""
+        """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] normalised, channels_last strides (the
+        stains first, when ``with_stain_norm`` set a normaliser)."""
         if batch.dtype != torch.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
             raise EncoderError(
                 f"encoder {self.id} takes uint8 batches [N, H, W, 3], got {batch.dtype} "
                 f"{tuple(batch.shape)}"
             )
+        if self.stain_norm is not None:
+            batch = torch.from_numpy(self.stain_norm.transform(batch.cpu().numpy()))
         x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
         return torch.addcmul(self.shift, x, self.scale)
 
@@ -213,6 +238,7 @@ class Encoder(torch.nn.Module):
             "hash": self.hash,
             "weights_hash": self.weights_hash,
             "preprocessing": self.preprocessing.to_dict(),
+            "stain_norm": None if self.stain_norm is None else self.stain_norm.describe(),
             "description": self.description,
             "spec": self.spec,
         }

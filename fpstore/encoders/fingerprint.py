@@ -1,7 +1,14 @@
-"""The fingerprint network as an encoder: a checkpoint that ``fpstore train-fingerprint`` wrote."""
+"""The fingerprint network as an encoder: a checkpoint that ``fpstore train-fingerprint`` wrote.
+
+Each checkpoint gets its own encoder id, so that several trained networks live side by side in
+one store: ``fingerprint-<file name>-<first 8 hex digits of the weights' hash>`` (the same
+weights under the same name always get the same id; two networks never share one).
+``fpstore extract --encoder-id`` names it otherwise.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -28,6 +35,12 @@ class _FeaturesOnly(torch.nn.Module):
         return self.model.features(x)
 
 
+def checkpoint_encoder_id(checkpoint: str | Path, content_hash: str) -> str:
+    """``fingerprint-<file stem>-<hash[:8]>``, the stem reduced to letters, digits, ``_.-``."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(checkpoint).stem).strip("-.") or "model"
+    return f"fingerprint-{stem}-{content_hash[:8]}"
+
+
 @register_encoder("fingerprint")
 def fingerprint(checkpoint: str | Path | None = None) -> Encoder:
     if checkpoint is None:
@@ -48,7 +61,7 @@ def fingerprint(checkpoint: str | Path | None = None) -> Encoder:
     digest = meta.get("content_hash") or meta.get("hash") or state_dict_hash(model)
     dim = int(meta.get("dim", getattr(model, "feature_dim", 512)))
     return Encoder(
-        "fingerprint",
+        checkpoint_encoder_id(checkpoint, str(digest)),
         _FeaturesOnly(model),
         dim,
         preprocessing,

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 from fpstore.config import check_choice, check_range
 from fpstore.encoders.base import PRECISION_CHOICES
+from fpstore.errors import ConfigError
 
 DECODES = ("auto", "cpu")
 
@@ -29,6 +30,9 @@ class ExtractConfig:
     compile: bool = False
     channels_last: bool = True
     decode: str = "auto"  # JPEG tiles: auto = on the GPU when the device is CUDA; cpu = readers
+    encoder_id: str | None = None  # the store's name of the fingerprints (default: encoder's)
+    stain_norm: str | None = None  # macenko | vahadane | reinhard: patches normalised first
+    stain_target: str | None = None  # the image the normaliser fits (default: tiatoolbox's)
 
     def __post_init__(self):
         if self.patches is not None:
@@ -40,6 +44,35 @@ class ExtractConfig:
         check_range("ExtractConfig", "num_workers", self.num_workers, -1, 256)
         check_range("ExtractConfig", "chunk_size", self.chunk_size, 1, 4096)
         check_range("ExtractConfig", "min_tissue", self.min_tissue, 0.0, 1.0)
+        if self.encoder_id is not None:
+            from fpstore.store.layout import check_partition_value
+
+            check_partition_value("--encoder-id", self.encoder_id)
+        if self.stain_norm is not None:
+            from fpstore.slides.stain import STAIN_METHODS
+
+            check_choice("ExtractConfig", "stain_norm", self.stain_norm, STAIN_METHODS)
+        elif self.stain_target is not None:
+            raise ConfigError(
+                f"--stain-target {self.stain_target}: add --stain-norm macenko|vahadane|reinhard"
+            )
+
+    def build_encoder(self):
+        """The encoder this run extracts with: with its stain normaliser (``stain_norm``; the
+        id then ends in ``+<method>``, so both settings can share a store), under
+        ``encoder_id`` when one is given."""
+        from fpstore.encoders.registry import create_encoder
+
+        encoder = create_encoder(self.encoder, **self.encoder_options)
+        if self.stain_norm is not None:
+            from fpstore.slides.stain import StainNormalizer, StainNormConfig
+
+            config = StainNormConfig(self.stain_norm, per="patch", target=self.stain_target)
+            encoder.with_stain_norm(StainNormalizer(config))
+            encoder.id = f"{encoder.id}+{self.stain_norm}"
+        if self.encoder_id is not None:
+            encoder.id = self.encoder_id
+        return encoder
 
     def resolved_batch_size(self, device: str) -> int:
         return self.batch_size or (256 if device == "cuda" else 32)

@@ -168,6 +168,7 @@ def resume_key(encoder, config: ExtractConfig) -> dict[str, str]:
         "min_tissue": str(config.min_tissue),
         "precision": config.precision,
         "tissue_mask": TissueMaskSpec().digest,
+        "stain_norm": encoder.stain_norm_key,
     }
 
 

@@ -65,8 +65,6 @@ def extract(
 
 
 def _extract(layout, cohort, config, progress, engine, encoder, started) -> ExtractSummary:
-    from fpstore.encoders.registry import create_encoder
-
     slides = read_cohort(layout, cohort).slide_records()
     device = engine.device(config)
     choice = engine.precision(config)
@@ -74,7 +72,7 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
     if progress:
         print(f"precision {choice.describe()}", file=sys.stderr, flush=True)
     if encoder is None:
-        encoder = create_encoder(config.encoder, **config.encoder_options)
+        encoder = config.build_encoder()
     check_partition_value("encoder id", encoder.id)
     key = resume_key(encoder, config)
     spec = PatchSpec(

@@ -1,26 +1,39 @@
-"""The library calls behind the commands: train a fingerprint network from a TMA folder,
-play the matching game with a checkpoint, and run the Table 2 experiment.
+"""The library calls behind the commands: train a fingerprint network from a user's own
+slides (a TMA table, a store cohort, or both), play the matching game with a checkpoint, and
+run the Table 2 experiment.
+
+Training sources (``fpstore.fingerprint.sources``): the ``train`` arrays of a TMA table (one
+class per physical core, as in the paper) and pseudo-cores of a cohort's whole slides (one
+class per patient); together they are the paper's "large" training set.
+
+The matching game (``match``): on the ``test`` arrays of the table when it has them (left
+halves of one section against right halves of a section stained at another site); otherwise on
+the cohort patients held out of training: their left halves against right halves from another
+site where the patient has slides at two sites, else against right halves restyled to another
+site's stains (Macenko, to that site's target core). The result says which.
 
 Table 2 on the synthetic arrays: the small training set is the paper's (sections 1 and 2 of
-the training array: one section per site); the large one adds pseudo-cores cut from the
-whole slides of other patients (``extra_cores``), as the paper added 13,000 images from
-other sources. Each setting is trained without and with CycleGAN style transfer, then
-scored by the right-half accuracy on the training cores ("CV acc."), and the matching game
-on the test array (core and pooled patient accuracy).
+the training array: one section per site); the large one adds the pseudo-cores of a cohort's
+whole slides, as the paper added 13,000 images from other sources. Each setting is trained
+without and with CycleGAN style transfer, then scored by the right-half accuracy on the
+training cores ("CV acc."), and the matching game on the test array (core and pooled patient
+accuracy).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from fpstore.encoders.checkpoint import load_checkpoint, save_checkpoint
 from fpstore.errors import ConfigError, TrainingError
-from fpstore.fingerprint.data import CoreSet, load_coreset, tissue_grid, write_coreset
-from fpstore.fingerprint.prepare import prepare_cores
+from fpstore.fingerprint.data import CoreSet, load_coreset, read_meta, write_coreset
+from fpstore.fingerprint.sources import PseudoCoreSpec, cohort_cores, prepare_tma, table_path
 from fpstore.fingerprint.stain import (
     CLASSICAL,
     add_restyled,
@@ -30,6 +43,63 @@ from fpstore.fingerprint.stain import (
     site_targets,
 )
 from fpstore.fingerprint.train import TrainConfig, get_config, resolve_device, train_network
+from fpstore.slides.stain import StainAugmentConfig
+
+HOLDOUT_SHARE = 0.2  # cohort patients held out for the matching game when no test array exists
+# --stain hed: concentrations x U(0.7, 1.3) + U(-0.05, 0.05), stain vectors + N(0, 0.08) per OD
+# component (a median 5 and a 90th percentile 10 degrees off): beyond Tellez's "HED strong"
+# (0.2), since real sites differ in strength by a third and in hue by up to ~10 degrees.
+HED_JITTER = StainAugmentConfig(scale=0.3, shift=0.05, vector=0.08)
+
+
+@dataclass(frozen=True)
+class Sources:
+    """What ``train-fingerprint`` reads: a TMA table (``tma``), a store cohort (``store`` and
+    ``cohort``), or both. ``crop_px`` is the side of the cores and pseudo-cores at 0.5 um/px;
+    ``holdout`` cohort patients are kept out of training for the matching game (None: none
+    when the table has a test array, else a fifth of the patients, at least 2)."""
+
+    tma: Path | None = None
+    store: str | Path | None = None
+    cohort: str | None = None
+    crop_px: int = 1600
+    per_slide: int = 4
+    min_tissue: float = 0.6
+    sections: tuple[str, ...] | None = None
+    holdout: int | None = None
+    cache: Path | None = None
+
+    def __post_init__(self):
+        if self.tma is None and self.cohort is None:
+            raise ConfigError(
+                "train-fingerprint needs training data: --tma TABLE (tissue microarrays), "
+                "--cohort NAME (a store cohort's whole slides), or both"
+            )
+        if self.cohort is not None and self.store is None:
+            raise ConfigError(f"--cohort {self.cohort}: give the store that holds it (--store)")
+        if self.holdout is not None and self.holdout < 0:
+            raise ConfigError(f"--holdout {self.holdout}: give 0 or more patients")
+        PseudoCoreSpec(self.crop_px, 0.5, self.per_slide, self.min_tissue)
+
+    @property
+    def spec(self) -> PseudoCoreSpec:
+        return PseudoCoreSpec(self.crop_px, 0.5, self.per_slide, self.min_tissue)
+
+    def tma_cache(self) -> Path:
+        return Path(self.cache) / "tma" if self.cache else table_path(self.tma).parent / "cores"
+
+    def cohort_cache(self) -> Path | None:
+        return Path(self.cache) / "cohort" if self.cache else None
+
+
+@dataclass
+class TrainingSet:
+    cores: CoreSet  # every core of the sources (memory-mapped from ``folder``)
+    rows: np.ndarray  # the ones to train on
+    folder: Path  # where restyled copies are cached
+    test: CoreSet | None  # the TMA table's test arrays
+    holdout: list[str]  # cohort patients kept out of training
+    description: dict
 
 
 def _rows_for(cores: CoreSet, sections) -> np.ndarray:
@@ -39,9 +109,87 @@ def _rows_for(cores: CoreSet, sections) -> np.ndarray:
     bad = [s for s in sections if s not in known]
     if bad:
         raise ConfigError(
-            f"training section(s) {bad} not in the training array; sections: {', '.join(known)}"
+            f"training section(s) {bad} not in the training arrays; sections: {', '.join(known)}"
         )
     return np.flatnonzero(np.isin(cores.section, list(sections)))
+
+
+def _holdout(patients: list[str], n: int, seed: int) -> list[str]:
+    order = np.random.default_rng(seed).permutation(len(patients))
+    return sorted(patients[i] for i in order[:n])
+
+
+def training_set(sources: Sources, seed: int = 0, progress: bool = True) -> TrainingSet:
+    """The cores of ``sources``, the training rows and the held-out cohort patients."""
+    parts, description, test = [], {}, None
+    if sources.tma is not None:
+        prepared = prepare_tma(
+            sources.tma, sources.tma_cache(), size=sources.crop_px, progress=progress
+        )
+        test = prepared.get("test")
+        description["tma"] = {
+            "table": str(table_path(sources.tma)),
+            "train_cores": len(prepared["train"]) if "train" in prepared else 0,
+            "test_cores": len(test) if test is not None else 0,
+        }
+        if "train" in prepared:
+            parts.append(("tma", prepared["train"]))
+    holdout: list[str] = []
+    if sources.cohort is not None:
+        pseudo, summary = cohort_cores(
+            sources.store,
+            sources.cohort,
+            sources.spec,
+            sources.cohort_cache(),
+            progress=progress,
+        )
+        patients = sorted(set(pseudo.patient_id.tolist()))
+        n_out = sources.holdout
+        if n_out is None:
+            n_out = 0 if test is not None else max(2, round(HOLDOUT_SHARE * len(patients)))
+        if len(patients) - n_out < 2:
+            raise TrainingError(
+                f"cohort {sources.cohort!r}: {len(patients)} patients have pseudo-cores; "
+                f"holding out {n_out} for the matching game leaves fewer than 2 to train on. "
+                "Lower --holdout, or add a TMA table with a test array (--tma)"
+            )
+        holdout = _holdout(patients, n_out, seed)
+        description["cohort"] = {**summary, "holdout_patients": len(holdout)}
+        parts.append(("cohort", pseudo))
+    if not parts:
+        raise TrainingError(
+            f"nothing to train on: the TMA table {sources.tma} has only test sections; "
+            "mark some train (column 'role') or add --cohort"
+        )
+    if len(parts) == 1:
+        cores = parts[0][1]
+        folder = _folder_of(cores)
+    else:
+        cores, folder = _combined(parts, sources)
+    rows = np.arange(len(cores))
+    if sources.sections:
+        rows = np.intersect1d(rows, _rows_for(cores, sources.sections))
+    if holdout:
+        rows = rows[~np.isin(cores.patient_id[rows], holdout)]
+    if len(rows) == 0:
+        raise TrainingError("no training cores left after --section and --holdout")
+    description["train_cores"] = int(len(rows))
+    return TrainingSet(cores, rows, folder, test, holdout, description)
+
+
+def _folder_of(cores: CoreSet) -> Path:
+    return Path(cores.left.filename).parent
+
+
+def _combined(parts, sources: Sources) -> tuple[CoreSet, Path]:
+    """TMA cores and cohort pseudo-cores as one cached CoreSet (the large training set)."""
+    digest = hashlib.sha256(
+        json.dumps([read_meta(_folder_of(c))["source"] for _, c in parts]).encode()
+    ).hexdigest()[:16]
+    folder = sources.tma_cache() / f"train+{sources.cohort}"
+    if not (folder / "cores.json").is_file() or read_meta(folder).get("source") != digest:
+        write_coreset(CoreSet.concat([c for _, c in parts]), folder, {"source": digest})
+    return load_coreset(folder), folder
 
 
 def restyle_for(
@@ -56,7 +204,7 @@ def restyle_for(
 ):
     """Make the restyled copies ``stain`` of ``cores``; returns (style name or None, info, gan)."""
     check_stain(stain)
-    if stain == "none":
+    if stain in ("none", "hed"):  # hed: drawn on the fly by the trainer, nothing to cache
         return None, {}, None
     if stain in CLASSICAL:
         info = add_restyled(
@@ -74,6 +222,7 @@ def restyle_for(
             (gan_path.with_suffix(".json")).write_text(json.dumps(_gan_key(cfg, cores, rows)))
     info = add_restyled(folder, cores, "cyclegan", gan=gan, device=device, progress=progress)
     info["cyclegan_history"] = gan.history[-1:]
+    info["cyclegan_sites"] = list(gan.sites)
     return "cyclegan", info, gan
 
 
@@ -122,29 +271,30 @@ def _checkpoint_meta(
 
 
 def train_fingerprint(
-    tma_dir: Path,
     out: Path,
+    sources: Sources,
     config: str = "demo",
     stain: str = "none",
-    cache: Path | None = None,
-    sections=None,
-    crop_px: int = 1600,
     progress: bool = True,
     **overrides,
 ) -> dict:
-    """Prepare the cores of ``tma_dir``, make restyled copies for ``stain``, train, and save a
+    """Prepare the cores of ``sources``, make restyled copies for ``stain``, train, and save a
     self-describing checkpoint to ``out``. ``overrides`` are TrainConfig fields
     (max_steps, arch, device, seed, ...). Returns a summary."""
     check_stain(stain)
     cfg = get_config(config, **overrides)
+    if stain == "hed":
+        cfg = replace(cfg, stain_jitter=HED_JITTER)
     device = resolve_device(cfg.device)
-    cores_by_array = prepare_cores(tma_dir, cache, size=crop_px, arrays=("train",))
-    train = cores_by_array["train"]
-    folder = Path(cache) if cache else Path(tma_dir) / "cores"
-    rows = _rows_for(train, sections)
-    style, info, _ = restyle_for(folder / "train", train, rows, stain, config, device, progress)
-    result = train_network(train, cfg, rows, style=style, progress=progress)
-    meta = save_checkpoint(out, result.model, _checkpoint_meta(result, cfg, train, rows, stain, {}))
+    data = training_set(sources, seed=cfg.seed, progress=progress)
+    style, info, _ = restyle_for(
+        data.folder, data.cores, data.rows, stain, config, device, progress
+    )
+    result = train_network(data.cores, cfg, data.rows, style=style, progress=progress)
+    extra = {"sources": {**_source_args(sources), **data.description}, "holdout": data.holdout}
+    meta = save_checkpoint(
+        out, result.model, _checkpoint_meta(result, cfg, data.cores, data.rows, stain, extra)
+    )
     return {
         "checkpoint": str(out),
         "content_hash": meta["content_hash"],
@@ -152,155 +302,116 @@ def train_fingerprint(
         "stain": stain,
         "device": str(device),
         **result.summary(),
-        "train_cores": int(len(rows)),
+        "train_cores": int(len(data.rows)),
+        "holdout_patients": len(data.holdout),
+        "sources": data.description,
         "restyle": info,
     }
 
 
+def _source_args(sources: Sources) -> dict:
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(sources).items()}
+    args.pop("cache")
+    args["store"] = None if sources.store is None else str(sources.store)
+    return args
+
+
 def match(
     model_path: Path,
-    tma_dir: Path,
-    cache: Path | None = None,
+    sources: Sources,
     left_section: str | None = None,
     right_section: str | None = None,
     device: str = "auto",
-    crop_px: int = 1600,
     progress: bool = True,
 ) -> dict:
-    """The matching game of a checkpoint on the test array of ``tma_dir``."""
-    from fpstore.fingerprint.matching import play
+    """The matching game of a checkpoint: on the TMA table's test arrays when ``sources``
+    has them, else on the cohort patients the checkpoint held out of training."""
+    from fpstore.fingerprint.matching import cohort_game, play
 
     model, meta = load_checkpoint(model_path)
-    test = prepare_cores(tma_dir, cache, size=crop_px, arrays=("test",))["test"]
-    result = play(
-        model,
-        meta["preprocessing"],
-        test,
-        left_section,
-        right_section,
-        device=resolve_device(device),
-        progress=progress,
+    dev = resolve_device(device)
+    test = None
+    if sources.tma is not None:
+        test = prepare_tma(
+            sources.tma,
+            sources.tma_cache(),
+            size=sources.crop_px,
+            roles=("test",),
+            progress=progress,
+        ).get("test")
+    if test is not None:
+        result = play(
+            model,
+            meta["preprocessing"],
+            test,
+            left_section,
+            right_section,
+            device=dev,
+            progress=progress,
+        )
+        return {"checkpoint": str(model_path), "game": "tma test array", **result.to_dict()}
+    if sources.cohort is None:
+        raise ConfigError(
+            f"the TMA table {sources.tma} has no test array (column 'role'); mark one "
+            "test, or play on the held-out patients of a cohort with --cohort"
+        )
+    held = meta.get("data", {}).get("holdout", [])
+    trained_on = (meta.get("data", {}).get("sources") or {}).get("cohort")
+    if not held or trained_on != sources.cohort:
+        raise ConfigError(
+            f"{model_path} holds no patient of cohort {sources.cohort!r} out of training, so "
+            "it has none to match; train with --cohort and --holdout N, or match on a TMA "
+            "table's test array (--tma)"
+        )
+    pseudo, _ = cohort_cores(
+        sources.store, sources.cohort, sources.spec, sources.cohort_cache(), progress=progress
     )
-    return {"checkpoint": str(model_path), **result.to_dict()}
+    result = cohort_game(model, meta["preprocessing"], pseudo, held, device=dev, progress=progress)
+    return {
+        "checkpoint": str(model_path),
+        "game": f"held-out patients of {sources.cohort}",
+        **result.to_dict(),
+    }
 
 
 # --- Table 2 -----------------------------------------------------------------------------------
-
-
-def extra_cores(
-    slides: list[Path], size: int, mpp: float = 0.5, per_slide: int = 2, progress: bool = True
-) -> CoreSet:
-    """Pseudo-cores from whole slides of other patients: per slide, up to ``per_slide``
-    non-overlapping ``size`` px squares at ``mpp`` centred on the most tissue. Each square is
-    its own class (the paper's extra training images had one index each)."""
-    import cv2
-    from tqdm import tqdm
-
-    from fpstore.slides.slide import open_slide
-    from fpstore.slides.tissue_mask import tissue_mask
-    from fpstore.slides.tma import split_halves
-
-    lefts, rights, items = [], [], []
-    for path in tqdm(slides, desc="extra cores", unit="slide", disable=not progress):
-        slide = open_slide(path)
-        try:
-            found = tissue_mask(slide)
-            down = found.downsample
-            side = size * mpp / slide.info.mpp  # level-0 px
-            win = max(1, int(round(side / down)))
-            # Zero outside the slide, so the best window lies on it.
-            density = cv2.blur(
-                found.mask.astype(np.float32), (win, win), borderType=cv2.BORDER_CONSTANT
-            )
-            for k in range(per_slide):
-                cy, cx = np.unravel_index(np.argmax(density), density.shape)
-                if density[cy, cx] < 0.5:
-                    break
-                density[max(0, cy - win) : cy + win, max(0, cx - win) : cx + win] = 0
-                x0, y0 = int(cx * down - side / 2), int(cy * down - side / 2)
-                left, right = split_halves(slide.read_patch(x0, y0, side, size))
-                lefts.append(left)
-                rights.append(right)
-                sid = slide.info.slide_id
-                items.append(
-                    {
-                        "key": f"slide:{sid}:{k}",
-                        "patient_id": sid[:12],
-                        "section": sid,
-                        "site": "other",
-                    }
-                )
-        finally:
-            slide.close()
-    if not items:
-        raise TrainingError(f"no tissue squares of {size} px found in {len(slides)} slides")
-    left, right = np.stack(lefts), np.stack(rights)
-    col = lambda name: np.array([i[name] for i in items], object)  # noqa: E731
-    return CoreSet(
-        left=left,
-        right=right,
-        key=col("key"),
-        patient_id=col("patient_id"),
-        section=col("section"),
-        site=col("site"),
-        core_index=np.arange(len(items)),
-        mpp=mpp,
-        tissue_left=tissue_grid(left),
-        tissue_right=tissue_grid(right),
-    )
-
-
-def run_table2(
-    tma_dir: Path,
-    out: Path,
-    config: str = "demo",
-    extra_slides: Path | None = None,
-    per_slide: int = 2,
-    cache: Path | None = None,
-    crop_px: int = 1600,
-    progress: bool = True,
-    **overrides,
-) -> dict:
-    """Prepare the arrays (and the large set's pseudo-cores), then ``table2_from_cache``."""
-    prepared = prepare_cores(tma_dir, cache, size=crop_px)
-    train = prepared["train"]
-    folder = Path(cache) if cache else Path(tma_dir) / "cores"
-    slides_dir = Path(extra_slides) if extra_slides else Path(tma_dir).parent / "tcga" / "slides"
-    slides = sorted(
-        p for p in slides_dir.glob("*") if p.suffix.lower() in (".svs", ".tiff", ".tif")
-    )
-    if slides and not (folder / "large" / "cores.json").is_file():
-        small_rows = _rows_for(train, _small_sections(train))
-        extra = extra_cores(slides, train.half_shape[0], train.mpp, per_slide, progress)
-        write_coreset(CoreSet.concat([train.select(small_rows), extra]), folder / "large")
-    result = table2_from_cache(folder, out, config, progress=progress, **overrides)
-    if not slides:
-        result["rows"].append(
-            {"note": f"no whole slides in {slides_dir} for the large training set"}
-        )
-    return result
 
 
 def _small_sections(train: CoreSet) -> list[str]:
     return list(dict.fromkeys(train.section.tolist()))[:2]  # the paper's slides 1 and 2
 
 
-def table2_from_cache(
-    folder: Path, out: Path, config: str = "demo", progress: bool = True, **overrides
+def run_table2(
+    sources: Sources,
+    out: Path,
+    config: str = "demo",
+    progress: bool = True,
+    **overrides,
 ) -> dict:
-    """Train the four Table 2 networks from a prepared cache (``folder``/train, /test and,
-    when present, /large) and play the matching game with each; writes ``out``/table2.json."""
+    """Train the four Table 2 networks (small = the TMA's first two training sections, large =
+    those plus the cohort's pseudo-cores; each without and with CycleGAN) and play the matching
+    game on the TMA test array with each; writes ``out``/table2.json."""
     from fpstore.fingerprint.matching import play
 
-    folder, out = Path(folder), Path(out)
+    if sources.tma is None:
+        raise ConfigError("the Table 2 experiment needs a TMA table with train and test arrays")
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = get_config(config, **overrides)
     device = resolve_device(cfg.device)
-    train, test = load_coreset(folder / "train"), load_coreset(folder / "test")
-    sets = {"small": (folder / "train", train, _rows_for(train, _small_sections(train)))}
-    if (folder / "large" / "cores.json").is_file():
-        large = load_coreset(folder / "large")
-        sets["large"] = (folder / "large", large, np.arange(len(large)))
+    small = training_set(replace(sources, cohort=None), cfg.seed, progress)
+    if small.test is None:
+        raise ConfigError(f"the TMA table {sources.tma} has no test array for the matching game")
+    sets = {
+        "small": (small.folder, small.cores, _rows_for(small.cores, _small_sections(small.cores)))
+    }
+    if sources.cohort is not None:
+        large = training_set(replace(sources, holdout=0), cfg.seed, progress)
+        tma_rows = np.flatnonzero(
+            np.isin(large.cores.section, _small_sections(small.cores))
+            | ~np.isin(large.cores.section, small.cores.section)
+        )
+        sets["large"] = (large.folder, large.cores, tma_rows)
     gan, rows_out = None, []
     plan = [(size, style_on) for style_on in (False, True) for size in ("small", "large")]
     for number, (size, style_on) in enumerate(plan, 1):
@@ -317,7 +428,9 @@ def table2_from_cache(
         save_checkpoint(
             out / f"{name}.pt", result.model, _checkpoint_meta(result, cfg, cores, rows, stain, {})
         )
-        game = play(result.model, result.preprocessing, test, device=device, progress=progress)
+        game = play(
+            result.model, result.preprocessing, small.test, device=device, progress=progress
+        )
         rows_out.append(
             {
                 "experiment": number,
@@ -344,4 +457,6 @@ def table2_from_cache(
         (out / "table2.json").write_text(
             json.dumps({"config": cfg.to_dict(), "rows": rows_out}, indent=2)
         )
+    if "large" not in sets:
+        rows_out.append({"note": "no --cohort given: the large training set was left out"})
     return {"out": str(out), "rows": rows_out}

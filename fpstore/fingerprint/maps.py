@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fpstore.encoders.fingerprint_net import to_input
+from fpstore.errors import ConfigError
 from fpstore.fingerprint.data import crop_origins, on_tissue, tissue_grid
 
 OVERLAP = 0.8
@@ -166,7 +167,7 @@ def save_panel(
 
 def core_maps(
     model_path: Path,
-    tma_dir: Path,
+    tma: Path,
     out: Path,
     n_cores: int = 4,
     cache: Path | None = None,
@@ -181,12 +182,17 @@ def core_maps(
 
     from fpstore.encoders.checkpoint import load_checkpoint
     from fpstore.fingerprint.matching import default_sections
-    from fpstore.fingerprint.prepare import prepare_cores
+    from fpstore.fingerprint.sources import prepare_tma
     from fpstore.fingerprint.train import resolve_device
 
     model, meta = load_checkpoint(model_path)
     dev = resolve_device(device)
-    prepared = prepare_cores(tma_dir, cache, size=crop_px)
+    prepared = prepare_tma(tma, cache, size=crop_px, progress=progress)
+    if set(prepared) != {"train", "test"}:
+        raise ConfigError(
+            f"core-maps needs train and test arrays in the TMA table {tma}; it has "
+            f"{', '.join(prepared) or 'none'} (column 'role')"
+        )
     train, test = prepared["train"], prepared["test"]
     out = Path(out)
     written = []

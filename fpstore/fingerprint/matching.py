@@ -241,3 +241,83 @@ def play(
         "right_site": site[right_section],
     }
     return result
+
+
+RESTYLE_METHOD = "macenko"  # how the cohort game restyles right halves to another site
+
+
+def cohort_pairs(cores, patients) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(left rows, right rows, how) of the held-out ``patients``' pseudo-cores.
+
+    A patient with pseudo-cores at two or more sites gives the left halves of its first
+    site's cores and the right halves of its other sites' cores (a real cross-site pair);
+    a patient at one site gives left and right halves of the same cores, and ``how`` lists
+    those right rows for restyling to another site.
+    """
+    left, right, restyle = [], [], []
+    for patient in patients:
+        rows = np.flatnonzero(cores.patient_id == patient)
+        sites = sorted(set(cores.site[rows].tolist()))
+        if len(sites) > 1:
+            left.extend(rows[cores.site[rows] == sites[0]])
+            right.extend(rows[cores.site[rows] != sites[0]])
+        else:
+            left.extend(rows)
+            right.extend(rows)
+            restyle.extend(rows)
+    if not left:
+        raise TrainingError(f"none of the {len(patients)} held-out patients has a pseudo-core")
+    return np.array(left, int), np.array(right, int), {"restyle_rows": restyle}
+
+
+def cohort_game(model, pre: dict, cores, patients, device="cpu", progress=False) -> MatchResult:
+    """The matching game on a cohort's held-out patients (pseudo-cores): each left half against
+    every right half; correct when the nearest right half is the same patient's. Right halves
+    come from another site where the patient has one, else they are restyled (Macenko) to the
+    target core of another site of the cohort; ``sections`` says how many of each."""
+    from fpstore.fingerprint.stain import fitted_normaliser, normalise_image, site_targets
+
+    left_rows, right_rows, how = cohort_pairs(cores, patients)
+    right = np.asarray(cores.right[right_rows]).copy()
+    sites = sorted(set(cores.site.tolist()))
+    restyled, failures = 0, 0
+    if how["restyle_rows"] and len(sites) > 1:
+        targets = site_targets(cores, np.arange(len(cores)))
+        norms = {s: fitted_normaliser(RESTYLE_METHOD, targets[s]) for s in sites}
+        for j, row in enumerate(right_rows):
+            if row in how["restyle_rows"]:
+                other = sites[(sites.index(cores.site[row]) + 1) % len(sites)]
+                right[j], ok = normalise_image(norms[other], right[j])
+                restyled += ok
+                failures += not ok
+    left_fp = half_fingerprints(
+        model,
+        pre,
+        np.asarray(cores.left[left_rows]),
+        cores.tissue_left[left_rows],
+        cores.mpp,
+        device,
+        progress=progress,
+    )
+    right_fp = half_fingerprints(
+        model, pre, right, cores.tissue_right[right_rows], cores.mpp, device, progress=progress
+    )
+    patient_l, patient_r = cores.patient_id[left_rows], cores.patient_id[right_rows]
+    result = match_halves(left_fp, patient_l, patient_l, right_fp, patient_r, patient_r)
+    # A patient has several pseudo-cores: chance is the share of right halves that are its own.
+    result.chance_core = float(np.mean([np.mean(patient_r == p) for p in patient_l]))
+    cross = len(right_rows) - len(how["restyle_rows"])
+    result.sections = {
+        "left": "left halves of the held-out patients' pseudo-cores",
+        "right": (
+            f"{cross} right halves from another site, {restyled} restyled ({RESTYLE_METHOD}) "
+            f"to another site, {failures + (len(how['restyle_rows']) if len(sites) < 2 else 0)}"
+            " as they are (same site)"
+        ),
+        "left_site": ",".join(sorted(set(cores.site[left_rows].tolist()))),
+        "right_site": "other sites" if len(sites) > 1 else sites[0],
+        "cross_site_pairs": cross,
+        "restyled": restyled,
+        "same_site": failures + (len(how["restyle_rows"]) if len(sites) < 2 else 0),
+    }
+    return result

@@ -1,12 +1,14 @@
-"""Stain invariance: restyled copies of every core's left half, made once, offline.
+"""Stain invariance for training: the second image of each pair for the paper's pair loss.
 
-Each core gets one copy per site style: classical normalisation (Macenko, Reinhard,
-Vahadane through tiatoolbox) to a target core of each site, or a CycleGAN trained between
-the two sites' sections of the training array. A core of site A thus has [A-styled, B-styled]
-copies (the first is near the original), like the paper's "original, virtual USC stain and
-virtual Biomax stain". Training pairs each crop with the same crop of a random copy and adds
-the fingerprint-distance term of the loss, so the network learns invariance; matching and
-extraction see the original pixels, with no normalisation step at inference.
+``hed``: two independent H&E stain jitters of each crop, drawn on the fly by the trainer
+(``fpstore.slides.stain.stain_jitter``; Tellez et al. 2019), nothing cached. The others are
+restyled copies of every core's left half, made once, offline: classical normalisation
+(Macenko, Reinhard, Vahadane; ``fpstore.slides.stain``) to a target core of each site, or a
+CycleGAN between the reference site and the other sites (``fit_site_cyclegan``). A core of
+site A thus has [A-styled, B-styled, ...] copies, like the paper's "original, virtual USC stain
+and virtual Biomax stain". Training pairs each crop with the same crop of a random copy and
+adds the fingerprint-distance term of the loss, so the network learns invariance; matching
+sees the original pixels (``extract --stain-norm`` normalises at extraction, separately).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fpstore.errors import TrainingError, unknown_name
+from fpstore.errors import StainError, TrainingError, unknown_name
 from fpstore.fingerprint.cyclegan import (
     CYCLEGAN_CONFIGS,
     CycleGAN,
@@ -27,9 +29,10 @@ from fpstore.fingerprint.cyclegan import (
     train_cyclegan,
 )
 from fpstore.fingerprint.data import CoreSet, CropStream, save_restyled
+from fpstore.slides.stain import StainNormalizer, StainNormConfig
 
 CLASSICAL = ("macenko", "reinhard", "vahadane")
-STAINS = ("none", *CLASSICAL, "cyclegan")
+STAINS = ("none", "hed", *CLASSICAL, "cyclegan")
 
 
 def check_stain(name: str) -> str:
@@ -57,6 +60,23 @@ def site_targets(cores: CoreSet, rows: np.ndarray) -> dict[str, np.ndarray]:
     return targets
 
 
+def fitted_normaliser(method: str, target: np.ndarray):
+    """A normaliser (macenko, reinhard, vahadane; ``fpstore.slides.stain``) fitted to
+    ``target``, applied with ``normalise_image``."""
+    return StainNormalizer(StainNormConfig(method), target=target)
+
+
+def normalise_image(norm, image: np.ndarray) -> tuple[np.ndarray, bool]:
+    """(``image`` in the normaliser's target style, True), or (``image``, False) when its
+    stains cannot be estimated (too little tissue)."""
+    image = np.ascontiguousarray(image)
+    try:
+        source = norm.fit_source(image[None])
+    except StainError:
+        return image, False
+    return norm.transform(image, source), True
+
+
 def classical_copies(
     cores: CoreSet, method: str, targets: dict[str, np.ndarray], progress: bool = True
 ) -> tuple[np.ndarray, int]:
@@ -64,39 +84,37 @@ def classical_copies(
 
     A half whose stains cannot be estimated (too little tissue) keeps its pixels in that copy.
     """
-    from tiatoolbox.tools.stainnorm import get_normalizer
-
-    normalisers = []
-    for site in sorted(targets):
-        norm = get_normalizer(method)
-        norm.fit(targets[site])
-        normalisers.append(norm)
+    normalisers = [fitted_normaliser(method, targets[site]) for site in sorted(targets)]
     out = np.empty((len(cores), len(normalisers), *cores.left.shape[1:]), np.uint8)
     failures = 0
     for i in tqdm(range(len(cores)), desc=f"{method} normalise", unit="core", disable=not progress):
-        image = np.ascontiguousarray(cores.left[i])
         for k, norm in enumerate(normalisers):
-            try:
-                out[i, k] = np.clip(norm.transform(image), 0, 255).astype(np.uint8)
-            except (ValueError, np.linalg.LinAlgError):  # stain estimation needs enough tissue
-                out[i, k] = image
-                failures += 1
+            out[i, k], ok = normalise_image(norm, cores.left[i])
+            failures += not ok
     return out, failures
 
 
 def fit_site_cyclegan(
     cores: CoreSet, rows: np.ndarray, cfg: CycleGANConfig, device="cpu", progress: bool = True
 ) -> CycleGAN:
-    """A CycleGAN between the two largest sites among ``rows`` (left halves' crops)."""
+    """A CycleGAN between the reference site (the one with most cores among ``rows``) and all
+    other sites pooled (left halves' crops).
+
+    With two sites this is the paper's pairing. With many (a TCGA cohort has dozens of
+    tissue-source sites) one generator pair is trained, not one per site: a CycleGAN per
+    site pair grows with the square of the sites and one per site with their number, each
+    minutes of CPU, while the pair loss only needs every core in a style other than its own.
+    Each core thus gets a reference-styled and an other-styled copy.
+    """
     sites = site_order(cores, rows)
     if len(sites) < 2:
         raise TrainingError(
-            f"style transfer needs sections from two sites; the training cores are all "
-            f"from site {sites[0]!r}"
+            "CycleGAN needs cores from two sites; the training cores are all from site "
+            f"{sites[0]!r}"
         )
     streams = []
-    for site in sites[:2]:
-        sel = rows[cores.site[rows] == site]
+    reference = cores.site[rows] == sites[0]
+    for sel in (rows[reference], rows[~reference]):
         stream = CropStream(
             cores.left,
             sel,
@@ -107,15 +125,17 @@ def fit_site_cyclegan(
             seed=cfg.seed + len(streams),
         )
         streams.append(b["x1"] for b in stream)
+    others = sites[1] if len(sites) == 2 else f"{len(sites) - 1} other sites"
     return train_cyclegan(
-        streams[0], streams[1], cfg, sites=tuple(sites[:2]), device=device, progress=progress
+        streams[0], streams[1], cfg, sites=(sites[0], others), device=device, progress=progress
     )
 
 
 def cyclegan_copies(
     cores: CoreSet, gan: CycleGAN, device="cpu", progress: bool = True
 ) -> np.ndarray:
-    """[n, 2, H, W, 3]: each left half in site A style (g_ba) and site B style (g_ab)."""
+    """[n, 2, H, W, 3]: each left half in the reference style (g_ba) and the other sites'
+    style (g_ab)."""
     out = np.empty((len(cores), 2, *cores.left.shape[1:]), np.uint8)
     batch = 4
     for start in tqdm(

@@ -31,6 +31,7 @@ from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.augment import AugmentConfig, augment_pair
 from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops, gather
 from fpstore.fingerprint.losses import DEFAULT_GAMMA, fingerprint_loss
+from fpstore.slides.stain import StainAugmentConfig, stain_jitter
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need loss scaling; int8 does not train
@@ -57,6 +58,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile on CUDA (a minute of compiling, ~30% faster steps)
     seed: int = 0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # H&E stain jitter (Tellez et al. 2019): each crop is seen as two independent jitters, the
+    # pair loss pulls their fingerprints together (``train-fingerprint --stain hed``)
+    stain_jitter: StainAugmentConfig | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -286,7 +290,8 @@ def train_network(
     for step in range(1, cfg.max_steps + 1):
         batch = next(batches)
         parts = stepper(batch)
-        seen += len(batch["y"]) * (2 if "x2" in batch else 1)
+        paired = "x2" in batch or cfg.stain_jitter is not None
+        seen += len(batch["y"]) * (2 if paired else 1)
         bar.update(1)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             if cuda:
@@ -374,6 +379,7 @@ class Stepper:
             self.optimizer, lambda s: _lr_factor(s, cfg)
         )
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
+        self.stain_generator = torch.Generator().manual_seed(cfg.seed + 1)  # draws on the CPU
 
     def _upload(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
@@ -382,6 +388,9 @@ class Stepper:
         y = batch["y"].to(self.device, non_blocking=True)
         x1 = self._upload(batch["x1"])
         x2 = self._upload(batch["x2"]) if "x2" in batch else None
+        if self.cfg.stain_jitter is not None:
+            x2 = stain_jitter(x1, self.cfg.stain_jitter, self.stain_generator)
+            x1 = stain_jitter(x1, self.cfg.stain_jitter, self.stain_generator)
         x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
         x = torch.cat([x1, x2]) if x2 is not None else x1
         x = to_input(x, self.mean, self.std, self.cfg.out_px, channels_last=self.channels_last)

@@ -10,6 +10,7 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
     tissue/cohort=<cohort>/<slide_id>.parquet
     runs/<run_id>/run.json, patients.parquet, patches.parquet (compare.json for comparisons)
     models/tissue/<method>.npz
+    models/fingerprint/<name>.pt   trained fingerprint networks (``fpstore train-fingerprint``)
     models/classify/<model_id>/card.json, README.md, final.npz, fold-<k>.npz
     cache/...                      derived data, rebuilt when stale, safe to delete
     cache/tissue-masks/<settings>/<slide>.npz   a slide's tissue mask (``tissue_mask_file``)
@@ -155,6 +156,11 @@ class StoreLayout:
 
     def model_dir(self, model_id: str):
         return self.models_dir / model_id
+
+    @property
+    def fingerprint_models_dir(self):
+        """Trained fingerprint networks: the checkpoints ``--encoder fingerprint`` can use."""
+        return self.root / "models" / "fingerprint"
 
     # -- derived data --
     def cache_dir(self, *parts: str):

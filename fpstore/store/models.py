@@ -20,7 +20,7 @@ import numpy as np
 
 from fpstore.errors import StoreError
 from fpstore.store.io import write_json_atomic, write_npz_atomic, write_text_atomic
-from fpstore.store.layout import StoreLayout
+from fpstore.store.layout import StoreLayout, visible_files
 
 MODEL_FORMAT = 1
 CARD = "card.json"
@@ -66,6 +66,26 @@ def model_folder(store, ref: str | Path) -> Path:
         f"no model {str(ref)!r}: not a model folder (with a {CARD}) nor a model of store "
         f"{str(store)!r}; models there: "
         f"{', '.join(known[-10:]) or 'none, run `fpstore classify` first'}"
+    )
+
+
+def stored_fingerprint_checkpoint(store) -> Path:
+    """The store's one trained fingerprint network (``models/fingerprint/*.pt``): the
+    checkpoint ``--encoder fingerprint`` uses when none is named."""
+    layout = StoreLayout.of(store)
+    found = sorted(visible_files(layout.fingerprint_models_dir, "*.pt"))
+    if len(found) == 1:
+        return Path(str(found[0]))
+    if not found:
+        raise StoreError(
+            f"encoder 'fingerprint' needs a checkpoint: {layout} holds no trained network "
+            f"({layout.fingerprint_models_dir}/*.pt). Train one with `fpstore train-fingerprint "
+            "--store STORE ...`, or give --checkpoint PATH"
+        )
+    names = ", ".join(p.name for p in found)
+    raise StoreError(
+        f"{layout} holds {len(found)} trained fingerprint networks ({names}): name one with "
+        f"--checkpoint {layout.fingerprint_models_dir}/NAME.pt"
     )
 
 

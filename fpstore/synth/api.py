@@ -314,6 +314,27 @@ def _tma(out: Path, cfg: SynthPreset, seed: int, signal: bool, array: str) -> _P
     return _Part(jobs, [table], _cohort_row(f"tma-{array}", patients, len(jobs)), doc)
 
 
+def _tma_table(out: Path, *arrays: _Part) -> Path:
+    """``tma/sections.csv``: the arrays' sections as a user's TMA table (file, array, site,
+    array map, role; paths relative to the table), which ``train-fingerprint --tma`` reads."""
+    table = Path("tma/sections.csv")
+    rows = []
+    for part in arrays:
+        array = part.doc["array_map"].split("/")[1]
+        for job in part.jobs:
+            rows.append(
+                {
+                    "file": job.path.relative_to("tma").as_posix(),
+                    "array": array,
+                    "site": job.site,
+                    "array_map": Path(part.doc["array_map"]).relative_to("tma").as_posix(),
+                    "role": array,
+                }
+            )
+    clinical.write_csv(out / table, rows, ["file", "array", "site", "array_map", "role"])
+    return table
+
+
 def synthesize(
     preset: str,
     out: Path,
@@ -348,6 +369,7 @@ def synthesize(
     if "tma" in only:
         parts["train"] = _tma(out, cfg, seed, signal, "train")
         parts["test"] = _tma(out, cfg, seed, signal, "test")
+        parts["test"].tables.append(_tma_table(out, parts["train"], parts["test"]))
     jobs = [job for part in parts.values() for job in part.jobs]
     slides = _render_all(out, jobs, workers, progress)
 
