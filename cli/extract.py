@@ -172,6 +172,10 @@ def extract(
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract as run_extract
 
+    if address and engine != "ray":
+        raise click.BadParameter(
+            "--address joins a Ray cluster: add --engine ray", param_hint="--address"
+        )
     cohort = resolve_cohort(store_path, cohort)
 
     options = {}
@@ -205,10 +209,6 @@ def extract(
 
         summary = extract_on_ray(
             store_path, cohort, config, RayConfig(address=address), progress=not as_json
-        )
-    elif address:
-        raise click.BadParameter(
-            "--address joins a Ray cluster: add --engine ray", param_hint="--address"
         )
     else:
         summary = run_extract(store_path, cohort, config, progress=not as_json)

@@ -122,19 +122,17 @@ def test_hed_stain_jitter_pairs_two_stainings_of_each_crop(monkeypatch):
     assert len(seen) == 4 and all(shape[0] == 16 and change > 0 for shape, change in seen)
 
 
-def test_precision_auto_uses_bf16_where_the_cpu_has_bf16_units(monkeypatch):
-    from fpstore.fingerprint import train as train_module
+def test_precision_auto_trains_in_bf16_where_the_cpu_has_bf16_units(monkeypatch):
+    import fpstore.encoders.base as base
 
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
-    assert train_module.resolve_precision("auto", cpu) == "fp32"
-    assert train_module.resolve_precision("auto", torch.device("cuda")) == "bf16"
-    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
-    assert train_module.resolve_precision("auto", cpu) == "bf16"
-    assert train_module.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(base, "native_bf16_flags", lambda: ["amx_bf16"])
     result = train_network(_cores(), _tiny(max_steps=2, eval_every=1), progress=False)
-    assert result.precision == "bf16" and result.summary()["precision"] == "bf16"
+    assert result.precision.precision == "bf16" and result.summary()["precision"] == "bf16"
+    assert "amx_bf16" in result.summary()["precision_reason"]
     assert all(math.isfinite(h["loss"]) for h in result.history)
+    monkeypatch.setattr(base, "native_bf16_flags", lambda: [])
+    result = train_network(_cores(), _tiny(max_steps=1, eval_every=1), progress=False)
+    assert result.summary()["precision"] == "fp32"
     with pytest.raises(ConfigError, match="precision"):
         _tiny(precision="fp8")
 

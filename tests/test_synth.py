@@ -302,7 +302,7 @@ def test_only_tma_writes_the_same_arrays_as_a_full_synth_and_nothing_else(tmp_pa
     assert result.exit_code == 0, result.output
     assert not (out / "tcga").exists() and not (out / "external").exists()
     sections = sorted(p.relative_to(out) for p in (out / "tma").rglob("*") if p.is_file())
-    assert len(sections) == 7  # 3 + 2 sections and two array maps
+    assert len(sections) == 8  # 3 + 2 sections, two array maps and the table naming them
     for rel in sections:
         assert (out / rel).read_bytes() == (synth_small / rel).read_bytes(), rel
     manifest = json.loads((out / "manifest.json").read_text())
