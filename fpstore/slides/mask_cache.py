@@ -33,10 +33,10 @@ from fpstore.slides.tissue_mask import TissueMask, TissueMaskSpec, tissue_mask
 @lru_cache(maxsize=8)
 def settings_digest(spec: TissueMaskSpec) -> str:
     """The mask settings and the code that applies them, as one short digest."""
-    from fpstore.slides import tissue_mask as module
+    from fpstore.slides import pen, tissue_mask
 
     code = "".join(
-        inspect.getsource(part) for part in (module, Slide.read_downsampled, resize_image)
+        inspect.getsource(part) for part in (tissue_mask, pen, Slide.read_downsampled, resize_image)
     )
     text = json.dumps({"spec": dataclasses.asdict(spec), "code": code}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
