@@ -2,8 +2,9 @@
 training step fed from TMA cores (a TMA table) and from cohort pseudo-cores (a store cohort),
 beside the model-only rate, in one run on the same cores.
 
-  model_only        forward + backward + AdamW on a batch already on the device (CPU: fp32,
-                    channels_last; CUDA: bf16 + channels_last), as bench_train.py
+  model_only        forward + backward + AdamW on a batch already on the device, at the
+                    precision training resolves to (bf16 + channels_last on CUDA and on CPUs
+                    with bf16 units, else fp32), as bench_train.py
   tma / cohort      the real step (fpstore.fingerprint.train.Stepper: random crops of the
                     memory-mapped halves through a DataLoader, upload, augmentation,
                     normalisation, model step) from each source's cache
