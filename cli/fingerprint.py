@@ -347,8 +347,9 @@ def match(
         ]
     )
     click.echo(
-        f"true right half: median rank {result['median_rank']:g}, "
-        f"top-5 accuracy {result['top5_accuracy']:.3f}"
+        f"true right half: median rank {result['median_rank']:g} of "
+        f"{round(1 / result['chance_core'])}, top-5 accuracy {result['top5_accuracy']:.3f} "
+        f"(chance {min(1.0, 5 * result['chance_core']):.3f})"
     )
     if result["misses"] and misses:
         click.echo(

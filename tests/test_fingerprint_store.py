@@ -40,14 +40,19 @@ def test_two_checkpoints_side_by_side_in_one_store(synth_small, tmp_path):
     from fpstore.cli.main import cli
     from fpstore.cohort.cohorts import add_cohort
 
-    store = tmp_path / "store"
-    tcga = synth_small / "tcga"
-    add_cohort(
-        store,
-        "tcga",
-        slides=str(tcga / "slides"),
-        clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
+    # the small preset's own table has no ER-negative patient: labels that alternate instead
+    slides = sorted((synth_small / "tcga" / "slides").glob("*.svs"))
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "patient_id,slide,ER,PR,Her2,site\n"
+        + "".join(
+            f"{s.name[:12]},{s},{'Positive' if i % 2 else 'Negative'},Negative,Negative,"
+            f"{s.name[5:7]}\n"
+            for i, s in enumerate(slides)
+        )
     )
+    store = tmp_path / "store"
+    add_cohort(store, "tcga", clinical=labels, fmt="csv")
     runner = CliRunner()
     ids = []
     for name, seed in (("plain", 0), ("hed", 1)):
@@ -71,7 +76,9 @@ def test_two_checkpoints_side_by_side_in_one_store(synth_small, tmp_path):
         )
         assert result.exit_code == 0, result.output
         summary = json.loads(result.output[result.output.index("{") :])
-        assert summary["encoder"] == f"fingerprint-{name}-{digest[:8]}" and summary["ok"] == 8
+        assert summary["encoder"] == f"fingerprint-{name}-{digest[:8]}" and summary["ok"] == len(
+            slides
+        )
         ids.append(summary["encoder"])
     # the second network neither overwrote nor was refused by the first
     again = runner.invoke(
@@ -91,14 +98,15 @@ def test_two_checkpoints_side_by_side_in_one_store(synth_small, tmp_path):
             "--json",
         ],
     )
-    assert json.loads(again.output[again.output.index("{") :])["skipped"] == 8
+    assert json.loads(again.output[again.output.index("{") :])["skipped"] == len(slides)
     common = ["--store", str(store), "--cohort", "tcga", "--marker", "ER", "--folds", "3"]
     ambiguous = runner.invoke(cli, ["classify", *common])
     assert ambiguous.exit_code != 0 and all(i in ambiguous.output for i in ids)
     for encoder in ids:
         result = runner.invoke(cli, ["classify", *common, "--encoder", encoder, "--json"])
         assert result.exit_code == 0, result.output
-        assert json.loads(result.output[result.output.index("{") :])["encoder"] == encoder
+        document = json.loads(result.output[result.output.index("{") :])
+        assert document["config"]["encoder"] == encoder
     result = runner.invoke(
         cli, ["compare", *common, "--methods", "logreg", "--pools", "all", "--json"]
     )

@@ -258,7 +258,7 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
         and summary["n_classes"] == 6
         and summary["stain"] == "reinhard"
     )
-    assert (cache / "train" / "restyled" / "reinhard" / "left.npy").is_file()
+    assert (cache / "tma" / "train" / "restyled" / "reinhard" / "left.npy").is_file()
 
     result = runner.invoke(
         cli, ["match", "--model", str(model), *common, "--device", "cpu", "--json"]

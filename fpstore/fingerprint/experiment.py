@@ -356,7 +356,8 @@ def match(
             "test, or play on the held-out patients of a cohort with --cohort"
         )
     held = meta.get("data", {}).get("holdout", [])
-    trained_on = (meta.get("data", {}).get("sources") or {}).get("cohort")
+    # the checkpoint's sources describe the cohort it was trained on: {"cohort": name, ...}
+    trained_on = ((meta.get("data", {}).get("sources") or {}).get("cohort") or {}).get("cohort")
     if not held or trained_on != sources.cohort:
         raise ConfigError(
             f"{model_path} holds no patient of cohort {sources.cohort!r} out of training, so "
