@@ -73,3 +73,28 @@ def test_a_saved_patch_cnn_state_scores_as_the_fitted_one():
     state = model.get_state()
     again = create_classifier("patch-cnn", images=images, device="cpu").set_state(state)
     np.testing.assert_array_equal(again.patch_scores(bags), model.patch_scores(bags))
+
+
+def test_pixels_come_at_one_size_whatever_the_encoders_resize_to(tmp_path):
+    from fpstore.classify.data import PIXELS_PX, cache_images, load_bags
+    from fpstore.encoders.base import Encoder, Preprocessing
+    from fpstore.encoders.registry import list_encoders, register_encoder
+    from fpstore.extract.run import extract
+    from tests.test_extract import config
+    from tests.test_store_promises import make_store
+
+    if "tiny112" not in list_encoders():
+
+        @register_encoder("tiny112")
+        def tiny112():  # resizes its patches to 112 px, where "tiny" takes 224
+            from torch import nn
+
+            net = nn.Sequential(nn.Conv2d(3, 8, 16, 16), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            return Encoder("tiny112", net, 8, Preprocessing(out_px=112), "0" * 16, "test")
+
+    store, _ = make_store(tmp_path, slides=["S0", "S1"])
+    for encoder in ("tiny", "tiny112"):
+        assert not extract(store, "c", config(encoder=encoder, patches=3), progress=False).failed
+    bags, _ = load_bags(store, "c", None)
+    images = cache_images(store, "c", bags, progress=False)(list(bags.patch_ids))
+    assert images.shape == (len(bags.patch_ids), PIXELS_PX, PIXELS_PX, 3)

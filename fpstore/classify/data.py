@@ -23,6 +23,10 @@ from fpstore.store.cohorts import read_cohort
 from fpstore.store.layout import StoreLayout
 from fpstore.store.tissue import read_tissue_types
 
+# The pixel methods (the direct patch CNN) see every patch at this size, whichever encoder
+# placed it: the paper's 112 um patches at a ResNet's 224 px.
+PIXELS_PX = 224
+
 
 @dataclass
 class Dataset:
@@ -266,13 +270,14 @@ def fingerprint_settings(store: Path, cohort: str, encoder: str) -> dict:
 
 
 def cache_images(
-    store: Path, cohort: str, bags: Bags, out_px: int | None = None, progress: bool = True
+    store: Path, cohort: str, bags: Bags, out_px: int = PIXELS_PX, progress: bool = True
 ):
-    """An ``images(patch_ids)`` reader over the LMDB patch cache of the cohort.
+    """An ``images(patch_ids)`` reader over the LMDB patch cache of the cohort, every patch
+    at ``out_px`` (whatever size the encoders that placed the patches resize to).
 
-    The cache lives in ``store/cache/patches/cohort=<c>``; patches missing from it are read
-    from the slides (coordinates from the patch ids and the cohort's slide table) and added,
-    so the slow slide reads happen once per patch, not once per epoch.
+    The cache lives in ``store/cache/patches/cohort=<c>/px=<out_px>``; patches missing from it
+    are read from the slides (coordinates from the patch ids and the cohort's slide table) and
+    added, so the slow slide reads happen once per patch, not once per epoch.
     """
     from tqdm import tqdm
 
@@ -281,12 +286,12 @@ def cache_images(
 
     if bags.patch_ids is None:
         raise ClassifyError("reading patch images needs bags with patch ids")
-    folder = StoreLayout.of(store).cache_dir("patches", f"cohort={cohort}")
+    folder = StoreLayout.of(store).cache_dir("patches", f"cohort={cohort}", f"px={out_px}")
     keys = _patch_keys(store, cohort, None)[0]
     info = {
-        p: (x, y_, s, o)
-        for p, x, y_, s, o in zip(
-            *(keys.column(c).to_pylist() for c in ("patch_id", "x", "y", "size_px", "out_px"))
+        p: (x, y_, size)
+        for p, x, y_, size in zip(
+            *(keys.column(c).to_pylist() for c in ("patch_id", "x", "y", "size_px"))
         )
     }
     cache = PatchCache(folder, readonly=False)
@@ -309,9 +314,8 @@ def cache_images(
                 continue
             slide = open_cohort_slide(row)
             try:
-                size, px = info[wanted[0]][2], out_px or info[wanted[0]][3]
                 xy = np.array([info[p][:2] for p in wanted])
-                cache.put_many(wanted, slide.read_patches(xy, size, px))
+                cache.put_many(wanted, slide.read_patches(xy, info[wanted[0]][2], out_px))
             finally:
                 slide.close()
             bar.update(len(wanted))
