@@ -2,8 +2,9 @@
 
 Each patch gets its patient's label; training minimises the patch-level cross-entropy; early
 stopping uses the patient-level AUC of the early-stopping group, a patient's score being the
-mean of its patches' probabilities (the paper: ResNet34). On CPU, resnet18 at small patch
-sizes keeps the demo tolerable; the architecture is a setting. Precision ``auto``: bf16
+mean of its patches' probabilities (the paper: ResNet34; resnet18 by default, about 2.5x
+faster on CPUs; the architecture is a setting). Patches come at 224 px whatever the encoders
+resize to (``fpstore.classify.data.PIXELS_PX``). Precision ``auto``: bf16
 autocast where the device has bf16 units (GPUs, CPUs with AMX or AVX-512 BF16), else fp32
 (``fpstore.encoders.base.resolve_precision``); the fitted model says which and why.
 
