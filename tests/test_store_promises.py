@@ -310,3 +310,16 @@ def test_a_full_disk_ends_in_one_line_and_loses_nothing(tmp_path):
         assert {p.name: p.read_bytes() for p in files(store)} == before
     finally:
         subprocess.run(["umount", str(disk)])
+
+
+def test_a_slides_claim_holder_clears_what_a_killed_writer_left(tmp_path):
+    store, _ = make_store(tmp_path, slides=["S0"])
+    status = store / "status" / "encoder=tiny" / "cohort=c"
+    fingerprints = store / "fingerprints" / "encoder=tiny" / "cohort=c"
+    leftovers = [status / ".S0.json.k1ll3d.tmp", fingerprints / ".S0.parquet.k1ll3d.tmp"]
+    unrelated = status / ".S10.json.k1ll3d.tmp"  # another slide's, whose claim we never took
+    for path in [*leftovers, unrelated]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half a file")
+    assert not extract(store, "c", config(patches=4), progress=False).failed
+    assert not any(p.exists() for p in leftovers) and unrelated.exists()

@@ -16,6 +16,7 @@ import time
 
 from fpstore.extract.config import SlideResult
 from fpstore.store.fingerprints import stored_state
+from fpstore.store.io import remove_leftover_temporaries
 from fpstore.store.layout import StoreLayout
 from fpstore.store.locks import FileLock
 
@@ -42,6 +43,12 @@ class Claims:
         if not claim.acquire():
             self.deferred.append(plan)
             return None
+        if not self.layout.is_remote:  # what a run killed while writing this slide left
+            for path in (
+                self.layout.fingerprint_file(self.encoder, self.cohort, plan.slide_id),
+                self.layout.status_file(self.encoder, self.cohort, plan.slide_id),
+            ):
+                remove_leftover_temporaries(path)
         stored = stored_state(
             self.layout.fingerprint_file(self.encoder, self.cohort, plan.slide_id), self.key
         )

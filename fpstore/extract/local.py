@@ -413,10 +413,10 @@ class _Loop:
     def _planned(self, item: dict) -> None:
         claims = self.planning.pop(item["seq"])
         for slide_id, error in item["failed"].items():
-            claims.pop(slide_id).release()
             self.results[slide_id] = record_failure(
                 self.store, self.cohort, self.info, slide_id, error
             )
+            claims.pop(slide_id).release()  # after the status: only a claim holder writes it
             self.bar.update(1)
         for plan in item["plans"]:
             slot_id = self.next_slot

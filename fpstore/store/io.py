@@ -26,6 +26,21 @@ def _as_bytes(value) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
+def remove_leftover_temporaries(path: Path) -> int:
+    """Remove the temporary files of ``path`` that a killed writer left (``.<name>.*.tmp``).
+
+    Only for a caller that alone may write ``path`` now (the holder of its slide's claim):
+    a temporary file of that name can then belong to no live writer. Returns how many."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    removed = 0
+    for leftover in path.parent.glob(f".{path.name}.*{TEMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
 def check_not_null(table: pa.Table, path: Path | str = "") -> None:
     """Raise StoreError if a non-nullable field holds nulls (Parquet readers do not enforce it)."""
     for field in table.schema:
