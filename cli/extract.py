@@ -16,6 +16,7 @@ from fpstore.cli.common import (
     seed_option,
     store_url_option,
 )
+from fpstore.slides.stain import STAIN_METHODS
 
 
 def _patches(value: str) -> int | None:
@@ -59,7 +60,7 @@ def _patches(value: str) -> int | None:
 )
 @click.option(
     "--stain-norm",
-    type=click.Choice(["macenko", "vahadane", "reinhard"]),
+    type=click.Choice(STAIN_METHODS),
     help="Normalise each patch's stains to --stain-target before the encoder (fpstore.slides."
     "stain, fitted once to the target, applied per patch). The encoder id gains +METHOD, so "
     "both settings can share a store; the resume key records it.",

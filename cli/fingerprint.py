@@ -8,9 +8,10 @@ from pathlib import Path
 import click
 
 from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.slides.stain import STAIN_METHODS
 
-# fpstore.fingerprint.stain.STAINS
-STAINS = ("none", "hed", "macenko", "reinhard", "vahadane", "cyclegan")
+# fpstore.fingerprint.stain.STAINS, spelled out here so that the CLI starts without torch
+STAINS = ("none", "hed", *STAIN_METHODS, "cyclegan")
 
 
 def sources_options(f):
@@ -174,7 +175,7 @@ def _stored_checkpoint(store_path, stain: str) -> Path:
     """STORE/models/fingerprint/<stain>.pt, never over a network already there."""
     from fpstore.store.layout import StoreLayout
 
-    path = Path(str(StoreLayout.of(store_path).fingerprint_models_dir / f"{stain}.pt"))
+    path = StoreLayout.of(store_path).fingerprint_models_dir / f"{stain}.pt"
     if path.exists():
         raise click.UsageError(
             f"{path} holds a trained network already: give --out NAME.pt to keep both, or remove it"

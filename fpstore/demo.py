@@ -70,10 +70,6 @@ class DemoSettings:
         return (None, self.norm) if self.evidence else (best,)
 
 
-def _encoder_id(base: str, norm: str | None) -> str:
-    return base if norm is None else f"{base}+{norm}"
-
-
 @dataclass
 class DemoResult:
     out: Path
@@ -157,6 +153,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole pipeline into ``out`` and return what it measured."""
     from fpstore.cohort.cohorts import add_cohort
+    from fpstore.encoders.base import stain_normalised_id
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
     from fpstore.fingerprint.experiment import Sources, match, train_fingerprint
@@ -233,7 +230,7 @@ def run_demo(
                 ExtractConfig(
                     encoder="fingerprint",
                     encoder_options={"checkpoint": str(model)},
-                    encoder_id=_encoder_id(base, norm),
+                    encoder_id=stain_normalised_id(base, norm),
                     stain_norm=norm,
                     patches=None,
                     seed=seed,
@@ -256,7 +253,7 @@ def run_demo(
                 extract(store, cohort, c, progress) for cohort in ("tcga", "external")
             ],
         )
-    main_encoder = _encoder_id("fingerprint-" + settings.stain, settings.fingerprint_norm)
+    main_encoder = stain_normalised_id("fingerprint-" + settings.stain, settings.fingerprint_norm)
     # The evidence compares encoders and settings on all tissue pooled; the plain demo also
     # compares each tissue type (in the report and the store's runs/).
     pools = ("all",) if settings.evidence else None

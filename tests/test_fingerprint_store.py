@@ -54,51 +54,24 @@ def test_two_checkpoints_side_by_side_in_one_store(synth_small, tmp_path):
     store = tmp_path / "store"
     add_cohort(store, "tcga", clinical=labels, fmt="csv")
     runner = CliRunner()
+
+    def extract(checkpoint) -> dict:
+        args = ["extract", "--store", str(store), "--cohort", "tcga", "--encoder", "fingerprint"]
+        result = runner.invoke(
+            cli, [*args, "--checkpoint", str(checkpoint), "--patches", "3", "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output[result.output.index("{") :])
+
     ids = []
     for name, seed in (("plain", 0), ("hed", 1)):
         digest = _checkpoint(tmp_path / f"{name}.pt", seed)
-        result = runner.invoke(
-            cli,
-            [
-                "extract",
-                "--store",
-                str(store),
-                "--cohort",
-                "tcga",
-                "--encoder",
-                "fingerprint",
-                "--checkpoint",
-                str(tmp_path / f"{name}.pt"),
-                "--patches",
-                "3",
-                "--json",
-            ],
-        )
-        assert result.exit_code == 0, result.output
-        summary = json.loads(result.output[result.output.index("{") :])
-        assert summary["encoder"] == f"fingerprint-{name}-{digest[:8]}" and summary["ok"] == len(
-            slides
-        )
+        summary = extract(tmp_path / f"{name}.pt")
+        assert summary["encoder"] == f"fingerprint-{name}-{digest[:8]}"
+        assert summary["ok"] == len(slides)
         ids.append(summary["encoder"])
     # the second network neither overwrote nor was refused by the first
-    again = runner.invoke(
-        cli,
-        [
-            "extract",
-            "--store",
-            str(store),
-            "--cohort",
-            "tcga",
-            "--encoder",
-            "fingerprint",
-            "--checkpoint",
-            str(tmp_path / "plain.pt"),
-            "--patches",
-            "3",
-            "--json",
-        ],
-    )
-    assert json.loads(again.output[again.output.index("{") :])["skipped"] == len(slides)
+    assert extract(tmp_path / "plain.pt")["skipped"] == len(slides)
     common = ["--store", str(store), "--cohort", "tcga", "--marker", "ER", "--folds", "3"]
     ambiguous = runner.invoke(cli, ["classify", *common])
     assert ambiguous.exit_code != 0 and all(i in ambiguous.output for i in ids)

@@ -294,3 +294,10 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
     assert result.exit_code == 0, result.output
     files = json.loads(result.output[result.output.index("{") :])["files"]
     assert len(files) == 2 and all(f.endswith(".png") for f in files)
+
+
+def test_the_cli_offers_the_stain_methods_training_knows():
+    from fpstore.cli.fingerprint import STAINS as offered
+    from fpstore.fingerprint.stain import STAINS
+
+    assert offered == STAINS

@@ -321,5 +321,6 @@ def test_a_slides_claim_holder_clears_what_a_killed_writer_left(tmp_path):
     for path in [*leftovers, unrelated]:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half a file")
+    (status / ".S0.lock").write_text("host 4242\n")  # its claim, as kill -9 leaves it
     assert not extract(store, "c", config(patches=4), progress=False).failed
     assert not any(p.exists() for p in leftovers) and unrelated.exists()

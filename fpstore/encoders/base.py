@@ -57,6 +57,11 @@ class Preprocessing:
         return asdict(self)
 
 
+def stain_normalised_id(encoder_id: str, method: str | None) -> str:
+    """The encoder id of fingerprints extracted with ``--stain-norm method`` (None: as is)."""
+    return encoder_id if method is None else f"{encoder_id}+{method}"
+
+
 class Encoder(torch.nn.Module):
     """A backbone with its preprocessing: ``encode(uint8 NHWC) -> float32 [N, dim]``.
 
@@ -114,13 +119,15 @@ class Encoder(torch.nn.Module):
     def with_stain_norm(self, normaliser) -> Encoder:
         """Normalise every batch's stains before the backbone, patch by patch, with a
         ``fpstore.slides.stain.StainNormalizer`` (``per="patch"``: a patch's features depend
-        on its own pixels only, whichever slides share its batch); returns self."""
+        on its own pixels only, whichever slides share its batch); the id gains ``+<method>``
+        (``stain_normalised_id``), so both settings can share a store. Returns self."""
         if normaliser.config.per != "patch":
             raise EncoderError(
                 f"encoder {self.id}: stain normalisation in the encoder is per patch (batches "
                 f"mix slides); got per={normaliser.config.per!r}"
             )
         self.stain_norm = normaliser
+        self.id = stain_normalised_id(self.id, normaliser.config.method)
         return self
 
     @property

@@ -43,7 +43,7 @@ class Claims:
         if not claim.acquire():
             self.deferred.append(plan)
             return None
-        if not self.layout.is_remote:  # what a run killed while writing this slide left
+        if claim.abandoned:  # its last holder died, maybe mid-write: clear what it left
             for path in (
                 self.layout.fingerprint_file(self.encoder, self.cohort, plan.slide_id),
                 self.layout.status_file(self.encoder, self.cohort, plan.slide_id),
@@ -88,7 +88,8 @@ class Claims:
                     file=sys.stderr,
                     flush=True,
                 )
-            while not claim.acquire():
+            # A shared probe: it leaves an abandoned claim marked so for take() to see.
+            while not claim.acquire(shared=True):
                 time.sleep(poll_s)
             claim.release()
         return plans

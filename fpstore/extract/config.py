@@ -69,7 +69,6 @@ class ExtractConfig:
 
             config = StainNormConfig(self.stain_norm, per="patch", target=self.stain_target)
             encoder.with_stain_norm(StainNormalizer(config))
-            encoder.id = f"{encoder.id}+{self.stain_norm}"
         if self.encoder_id is not None:
             encoder.id = self.encoder_id
         return encoder

@@ -29,9 +29,9 @@ from fpstore.fingerprint.cyclegan import (
     train_cyclegan,
 )
 from fpstore.fingerprint.data import CoreSet, CropStream, save_restyled
-from fpstore.slides.stain import StainNormalizer, StainNormConfig
+from fpstore.slides.stain import STAIN_METHODS, StainNormalizer, StainNormConfig
 
-CLASSICAL = ("macenko", "reinhard", "vahadane")
+CLASSICAL = STAIN_METHODS
 STAINS = ("none", "hed", *CLASSICAL, "cyclegan")
 
 

@@ -30,7 +30,8 @@ def remove_leftover_temporaries(path: Path) -> int:
     """Remove the temporary files of ``path`` that a killed writer left (``.<name>.*.tmp``).
 
     Only for a caller that alone may write ``path`` now (the holder of its slide's claim):
-    a temporary file of that name can then belong to no live writer. Returns how many."""
+    a temporary file of that name can then belong to no live writer. It lists the folder, so
+    call it when a writer is known to have died, not on every write. Returns how many."""
     path = Path(path)
     if not path.parent.is_dir():
         return 0

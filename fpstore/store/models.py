@@ -69,13 +69,13 @@ def model_folder(store, ref: str | Path) -> Path:
     )
 
 
-def stored_fingerprint_checkpoint(store) -> Path:
+def stored_fingerprint_checkpoint(store):
     """The store's one trained fingerprint network (``models/fingerprint/*.pt``): the
     checkpoint ``--encoder fingerprint`` uses when none is named."""
     layout = StoreLayout.of(store)
     found = sorted(visible_files(layout.fingerprint_models_dir, "*.pt"))
     if len(found) == 1:
-        return Path(str(found[0]))
+        return found[0]
     if not found:
         raise StoreError(
             f"encoder 'fingerprint' needs a checkpoint: {layout} holds no trained network "
