@@ -104,6 +104,7 @@ TRAIN_FIELDS = {
     "device": "device",
     "precision": "precision",
     "seed": "seed",
+    "objective": "objective",
 }
 
 
@@ -143,6 +144,13 @@ def train_options(f):
                 help="Network input side (demo 112, full 224).",
             ),
             click.option("--batch-size", type=click.IntRange(2, 4096)),
+            click.option(
+                "--objective",
+                type=click.Choice(["cosface", "paper"]),
+                help="cosface (default): cosine head with an additive margin, trained in the "
+                "cosine space the matching game uses; paper: the paper's linear head and cross "
+                "entropy. Both add the pair loss for stain invariance.",
+            ),
             click.option(
                 "--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."
             ),

@@ -131,6 +131,31 @@ class _Steps:
         return value
 
 
+def register_cohorts(steps: _Steps, store: Path, data: Path) -> None:
+    """The synthetic TCGA-like cohort (BCR Biotab table) and the external one (CSV labels)."""
+    from fpstore.cohort.cohorts import add_cohort
+
+    tcga = data / "tcga"
+    steps.run(
+        "register cohort tcga",
+        add_cohort,
+        store,
+        "tcga",
+        slides=str(tcga / "slides"),
+        clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
+        fmt="tcga",
+    )
+    steps.run(
+        "register cohort external",
+        add_cohort,
+        store,
+        "external",
+        slides=str(data / "external" / "slides"),
+        clinical=data / "external" / "labels.csv",
+        fmt="csv",
+    )
+
+
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -152,7 +177,6 @@ def run_demo(
     settings: DemoSettings | None = None,
 ) -> DemoResult:
     """Run the whole pipeline into ``out`` and return what it measured."""
-    from fpstore.cohort.cohorts import add_cohort
     from fpstore.encoders.base import stain_normalised_id
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
@@ -182,25 +206,7 @@ def run_demo(
         workers=min(4, os.cpu_count() or 1),
         progress=progress,
     )
-    tcga = data / "tcga"
-    steps.run(
-        "register cohort tcga",
-        add_cohort,
-        store,
-        "tcga",
-        slides=str(tcga / "slides"),
-        clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
-        fmt="tcga",
-    )
-    steps.run(
-        "register cohort external",
-        add_cohort,
-        store,
-        "external",
-        slides=str(data / "external" / "slides"),
-        clinical=data / "external" / "labels.csv",
-        fmt="csv",
-    )
+    register_cohorts(steps, store, data)
     # The large training set: the training array's cores and pseudo-cores of the TCGA-like
     # slides (no labels are read); the matching game is played on the test array.
     sources = Sources(

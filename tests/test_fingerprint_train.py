@@ -9,10 +9,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from fpstore.encoders.fingerprint_net import to_input
+from fpstore.encoders.checkpoint import load_checkpoint, save_checkpoint
+from fpstore.encoders.fingerprint_net import FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
+from fpstore.fingerprint.augment import dihedral
 from fpstore.fingerprint.cyclegan import CycleGANConfig, restyle, train_cyclegan
 from fpstore.fingerprint.data import CoreSet, CropStream, crop_origins, fixed_crops, gather
+from fpstore.fingerprint.losses import Margin, fingerprint_loss
 from fpstore.fingerprint.train import TrainConfig, train_network
 
 COLOURS = np.array([[200, 60, 60], [60, 160, 60], [70, 70, 200], [190, 170, 40]], np.uint8)
@@ -76,7 +79,10 @@ def _mean_ce(model, pre, cores, patch_px):
     )
     y = torch.tensor([int(cores.key[i][2:]) for i, _, _ in crops])
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(model.eval()(x), y).item()
+        logits = model.eval()(x)
+        if model.head_kind == "cosine":  # cosines: the loss's scale makes them logits
+            logits = logits * TrainConfig().scale
+        return torch.nn.functional.cross_entropy(logits, y).item()
 
 
 def test_tiny_training_reduces_the_loss_on_unseen_right_halves():
@@ -301,3 +307,94 @@ def test_the_cli_offers_the_stain_methods_training_knows():
     from fpstore.fingerprint.stain import STAINS
 
     assert offered == STAINS
+
+
+# --- objectives, augmentation, the probe ---------------------------------------------------
+
+
+def test_the_cosine_head_scores_cosines_and_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = FingerprintNet(5, "resnet18", head="cosine").eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        fp, cosines = model.forward_both(x)
+        direct = (
+            torch.nn.functional.normalize(fp, dim=1)
+            @ torch.nn.functional.normalize(model.head.weight, dim=1).T
+        )
+    assert cosines.shape == (3, 5) and cosines.abs().max() <= 1 + 1e-5
+    assert torch.allclose(cosines, direct, atol=1e-5)
+    meta = save_checkpoint(tmp_path / "c.pt", model, {"preprocessing": {}})
+    assert meta["head"] == "cosine"
+    loaded, meta = load_checkpoint(tmp_path / "c.pt")
+    assert loaded.head_kind == "cosine"
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), cosines, atol=1e-5)
+
+
+def test_a_checkpoint_without_a_head_entry_loads_the_papers_linear_head(tmp_path):
+    model = FingerprintNet(3, "resnet18")
+    save_checkpoint(tmp_path / "old.pt", model, {"preprocessing": {}})
+    blob = torch.load(tmp_path / "old.pt", weights_only=True)
+    del blob["meta"]["head"]  # as written before the cosine head existed
+    torch.save(blob, tmp_path / "old.pt")
+    loaded, _ = load_checkpoint(tmp_path / "old.pt")
+    assert loaded.head_kind == "linear" and isinstance(loaded.head, torch.nn.Linear)
+
+
+def test_the_margin_is_taken_from_the_true_class_only():
+    cosines = torch.tensor([[0.5, 0.4, -0.1], [0.0, 0.9, 0.2]])
+    y = torch.tensor([0, 1])
+    logits = Margin(scale=10.0, margin=0.2).logits(cosines, y)
+    expected = 10.0 * torch.tensor([[0.3, 0.4, -0.1], [0.0, 0.7, 0.2]])
+    assert torch.allclose(logits, expected)
+    plain = fingerprint_loss(cosines, y).total
+    margined = fingerprint_loss(cosines, y, margin=Margin(1.0, 0.2)).total
+    assert margined > plain  # the margin makes the true class harder to win
+
+
+def test_objectives_are_named_and_checked():
+    assert TrainConfig().objective == "cosface" and TrainConfig().head == "cosine"
+    paper = TrainConfig(objective="paper")
+    assert paper.head == "linear" and paper.loss_margin is None
+    assert TrainConfig().loss_margin == Margin(16.0, 0.2)
+    with pytest.raises(ConfigError, match="objective"):
+        TrainConfig(objective="triplet")
+    with pytest.raises(ConfigError, match="margin"):
+        TrainConfig(margin=2.0)
+
+
+@pytest.mark.parametrize("objective", ["paper", "cosface"])
+def test_both_objectives_learn_the_tiny_cores(objective):
+    torch.manual_seed(0)
+    result = train_network(
+        _cores(), _tiny(objective=objective, max_steps=16, eval_every=8), progress=False
+    )
+    assert result.model.head_kind == TrainConfig(objective=objective).head
+    assert result.best_accuracy > 0.5  # chance is 1/4
+    assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_dihedral_applies_each_samples_own_turn_and_flip():
+    x = torch.arange(2 * 8 * 3 * 4 * 4, dtype=torch.float32).view(16, 3, 4, 4)
+    codes = torch.arange(16) % 8
+    out = dihedral(x, codes)
+    for i, code in enumerate(codes.tolist()):
+        expected = x[i].flip(-1) if code & 4 else x[i]
+        expected = torch.rot90(expected, k=code & 3, dims=(-2, -1))
+        assert torch.equal(out[i], expected), code
+
+
+def test_the_probe_joins_each_evaluation_and_does_not_count_as_training():
+    calls = []
+
+    def probe(model, pre):
+        calls.append(model.training)
+        assert pre["out_px"] == 24
+        return {"match_core": 0.5}
+
+    result = train_network(_cores(), _tiny(max_steps=4, eval_every=2), progress=False, probe=probe)
+    assert [h["match_core"] for h in result.history] == [0.5, 0.5]
+    assert calls == [False, False]  # the probe sees the network in eval mode
+    seconds = [h["train_seconds"] for h in result.history]
+    assert 0 < seconds[0] <= seconds[1] and result.seconds == pytest.approx(seconds[1], abs=0.1)

@@ -50,6 +50,7 @@ def save_checkpoint(path: Path, model: FingerprintNet, meta: dict) -> dict:
         "arch": model.arch,
         "dim": model.dim,
         "n_classes": model.n_classes,
+        "head": model.head_kind,
         "content_hash": weights_hash(state),
         "fpstore_version": fpstore.__version__,
     }
@@ -85,6 +86,9 @@ def load_checkpoint(
         raise EncoderError(f"{path}: checkpoint meta lacks {missing}")
     if verify and weights_hash(blob["state_dict"]) != meta.get("content_hash"):
         raise EncoderError(f"{path}: weights do not match their content hash; the file is damaged")
-    model = FingerprintNet(int(meta["n_classes"]), arch=meta["arch"])
+    # checkpoints from before the cosine head have a linear one
+    model = FingerprintNet(
+        int(meta["n_classes"]), arch=meta["arch"], head=meta.get("head", "linear")
+    )
     model.load_state_dict(blob["state_dict"])
     return model.eval(), meta

@@ -1,5 +1,13 @@
 """The fingerprint network: a randomly initialised torchvision ResNet whose
-penultimate 512-D vector is the fingerprint, plus a linear head over core classes."""
+penultimate 512-D vector is the fingerprint, plus a head over core classes.
+
+Two heads: ``linear`` (the paper's: logits = W fp + b) and ``cosine`` (logits are the cosines
+between the L2-normalised fingerprint and L2-normalised class weights; the loss scales them
+and subtracts a margin from the true class, CosFace / AM-softmax). The cosine head trains the
+fingerprint in the space the matching game and similarity search use (cosine), which is why
+it learns to tell unseen patients apart in fewer steps. Either way the fingerprint is the
+backbone's 512-D output; the head only matters in training.
+"""
 
 from __future__ import annotations
 
@@ -11,22 +19,46 @@ from fpstore.errors import unknown_name
 
 # Both have a 512-D penultimate layer; resnet18 is the fast choice for CPU demos.
 ARCHS = ("resnet18", "resnet34")
+HEADS = ("linear", "cosine")
 FINGERPRINT_DIM = 512
 
 
-class FingerprintNet(nn.Module):
-    """ResNet backbone (fc removed) -> 512-D fingerprint -> Linear(512, n_classes)."""
+class CosineHead(nn.Module):
+    """cos(fingerprint, class weight) per class, in [-1, 1] (scale and margin: the loss's)."""
 
-    def __init__(self, n_classes: int, arch: str = "resnet34"):
+    def __init__(self, dim: int, n_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_classes, dim))
+        nn.init.normal_(self.weight, std=0.01)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, fp: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(
+            nn.functional.normalize(fp.float(), dim=1),
+            nn.functional.normalize(self.weight.float(), dim=1),
+        )
+
+
+class FingerprintNet(nn.Module):
+    """ResNet backbone (fc removed) -> 512-D fingerprint -> head over n_classes."""
+
+    def __init__(self, n_classes: int, arch: str = "resnet34", head: str = "linear"):
         super().__init__()
         if arch not in ARCHS:
             raise unknown_name("architecture", arch, ARCHS)
+        if head not in HEADS:
+            raise unknown_name("head", head, HEADS)
         backbone = getattr(torchvision.models, arch)(weights=None)
-        self.arch = arch
+        self.arch, self.head_kind = arch, head
         self.dim = backbone.fc.in_features
         backbone.fc = nn.Identity()
         self.backbone = backbone
-        self.head = nn.Linear(self.dim, n_classes)
+        self.head = (
+            nn.Linear(self.dim, n_classes) if head == "linear" else CosineHead(self.dim, n_classes)
+        )
 
     @property
     def n_classes(self) -> int:

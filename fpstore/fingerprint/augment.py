@@ -41,18 +41,17 @@ def random_codes(n: int, generator: torch.Generator, device) -> torch.Tensor:
 
 
 def dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Apply per-sample quarter turns and horizontal flips to square images [N, C, S, S]."""
-    out = torch.empty_like(x)
-    for code in range(8):
-        idx = (codes == code).nonzero(as_tuple=True)[0]
-        if idx.numel() == 0:
-            continue
-        part = x.index_select(0, idx)
-        if code & 4:
-            part = part.flip(-1)
-        part = torch.rot90(part, k=code & 3, dims=(-2, -1))
-        out.index_copy_(0, idx, part)
-    return out
+    """Apply per-sample quarter turns and horizontal flips to square images [N, C, S, S].
+
+    Selected with ``torch.where`` rather than indexing by code, so that the device never
+    reports back to the host (indexing needs the count of each code) in the training step.
+    """
+    pick = codes.view(-1, 1, 1, 1)
+    x = torch.where((pick & 4) > 0, x.flip(-1), x)
+    turns = pick & 3
+    out = torch.where(turns == 1, torch.rot90(x, 1, dims=(-2, -1)), x)
+    out = torch.where(turns == 2, torch.rot90(x, 2, dims=(-2, -1)), out)
+    return torch.where(turns == 3, torch.rot90(x, 3, dims=(-2, -1)), out)
 
 
 def _uniform(n, spread, generator, device):
@@ -76,10 +75,9 @@ def _hue_matrices(angles: torch.Tensor) -> torch.Tensor:
 def photometric(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
     """Brightness, contrast, saturation, hue and random grayscale, per sample."""
     n, device = x.shape[0], x.device
-    gray_w = torch.tensor(_GRAY, device=device, dtype=x.dtype).view(1, 3, 1, 1)
 
-    def gray(t):
-        return (t * gray_w).sum(dim=1, keepdim=True)
+    def gray(t):  # weights as Python floats: no tensor to upload in the step
+        return (t[:, 0:1] * _GRAY[0]) + (t[:, 1:2] * _GRAY[1]) + (t[:, 2:3] * _GRAY[2])
 
     if cfg.brightness:
         x = x * _uniform(n, cfg.brightness, generator, device).view(n, 1, 1, 1)

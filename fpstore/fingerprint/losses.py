@@ -6,6 +6,11 @@ CE is the batch mean of the cross entropy; SE is the squared Euclidean distance 
 the L2-normalised fingerprints, summed over the 512 dimensions and averaged over the batch
 (so it lies in [0, 4] and gamma = 0.5 weighs it like one CE term near convergence).
 Without a restyled copy (stain "none") the loss is CE(img1, y) alone.
+
+With the cosine head (``fpstore.encoders.fingerprint_net.CosineHead``) the logits are cosines
+and each CE is CosFace's (Wang et al. 2018): CE(scale * (cos - margin * onehot(y)), y). The
+margin makes every core's crops cluster tighter than its neighbours' by an angle, which is what
+nearest-neighbour matching of unseen cores needs; ``margin`` None means plain logits.
 """
 
 from __future__ import annotations
@@ -33,6 +38,23 @@ def fingerprint_distance(fp1: torch.Tensor, fp2: torch.Tensor) -> torch.Tensor:
     return (n1 - n2).pow(2).sum(dim=1).mean()
 
 
+@dataclass(frozen=True)
+class Margin:
+    """CosFace's scale and additive cosine margin, for logits that are cosines."""
+
+    scale: float = 16.0
+    margin: float = 0.2
+
+    def logits(self, cosines: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        onehot = F.one_hot(y, cosines.shape[1]).to(cosines.dtype)
+        return self.scale * (cosines - self.margin * onehot)
+
+
+def _ce(logits: torch.Tensor, y: torch.Tensor, margin: Margin | None) -> torch.Tensor:
+    logits = logits.float()
+    return F.cross_entropy(margin.logits(logits, y) if margin else logits, y)
+
+
 def fingerprint_loss(
     logits1: torch.Tensor,
     y: torch.Tensor,
@@ -40,13 +62,14 @@ def fingerprint_loss(
     fp1: torch.Tensor | None = None,
     fp2: torch.Tensor | None = None,
     gamma: float = DEFAULT_GAMMA,
+    margin: Margin | None = None,
 ) -> LossParts:
     """CE(img1, y) [+ CE(img2, y) + gamma * SE(L2n(fp1), L2n(fp2)) when a pair is given]."""
-    ce1 = F.cross_entropy(logits1.float(), y)
+    ce1 = _ce(logits1, y, margin)
     if logits2 is None:
         return LossParts(total=ce1, ce1=ce1)
     if fp1 is None or fp2 is None:
         raise ValueError("a pair loss needs both fingerprints fp1 and fp2")
-    ce2 = F.cross_entropy(logits2.float(), y)
+    ce2 = _ce(logits2, y, margin)
     se = fingerprint_distance(fp1, fp2)
     return LossParts(total=ce1 + ce2 + gamma * se, ce1=ce1, ce2=ce2, se=se)

@@ -424,12 +424,19 @@ def apply_stain_params(x, params: dict, cfg: StainAugmentConfig):
 
     n = x.shape[0]
     device, dtype = x.device, torch.float32
-    basis = _basis(cfg.matrix).to(device)  # deconvolution with the configured stains
-    new = torch.cat([params["matrix"].to(device, dtype), basis[2:].expand(n, 1, 3)], dim=1)
-    alpha = torch.cat([params["alpha"], torch.ones(n, 1)], dim=1).to(device, dtype)
+    # The per-patch 3 x 3 maps are made on the CPU, where the parameters are drawn, and sent
+    # in one copy: on a GPU, inverting there would make the host wait for its error check.
+    basis = _basis(cfg.matrix)  # deconvolution with the configured stains
+    new = torch.cat([params["matrix"].to(dtype), basis[2:].expand(n, 1, 3)], dim=1)
+    alpha = torch.cat([params["alpha"].to(dtype), torch.ones(n, 1)], dim=1)
     # OD' = OD @ inv(B) @ diag(alpha) @ B' + beta @ B'[:2]: one 3 x 3 map and shift per patch.
     maps = torch.linalg.inv(basis) @ (alpha.unsqueeze(-1) * new)
-    shift = (params["beta"].to(device, dtype).unsqueeze(-1) * new[:, :2]).sum(dim=1)
+    shift = (params["beta"].to(dtype).unsqueeze(-1) * new[:, :2]).sum(dim=1)
+    packed = torch.cat([maps.reshape(n, 9), shift], dim=1)
+    if device.type == "cuda":
+        packed = packed.pin_memory()
+    packed = packed.to(device, non_blocking=True)
+    maps, shift = packed[:, :9].view(n, 3, 3), packed[:, 9:]
     od = -torch.log(x.to(dtype).clamp(1.0 / 255.0, 1.0))
     low, high = cfg.stained_od
     weight = ((od.sum(dim=1, keepdim=True) - low) / (high - low)).clamp_(0.0, 1.0)

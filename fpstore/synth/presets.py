@@ -88,6 +88,21 @@ PRESETS: dict[str, SynthPreset] = {
             render_mpp=1.0,
             tcga_sites=SIX_SITES,
         ),
+        # For evidence with power (fpstore evidence), not for the demo: the demo's world, sites
+        # and arrays with more patients (>= 200 TCGA-like, >= 150 external at the two unseen
+        # sites) on smaller slides (768 x 512 um: >= 12 squares of 112 um of tissue each), so
+        # that a difference of a few AUC points between encoders has a chance to show.
+        SynthPreset(
+            "evidence",
+            tcga_patients=200,
+            external_patients=150,
+            slide_size=(3072, 2048),
+            tma_train=(24, 36),
+            tma_test=(24, 36),
+            core_um=700.0,
+            render_mpp=1.0,
+            tcga_sites=SIX_SITES,
+        ),
         # The paper's scale: 104 patients per array, a few hundred whole-slide patients;
         # slides of 4 x 3 mm so the set stays in tens of GB. Hours; only on request.
         SynthPreset(
