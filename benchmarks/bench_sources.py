@@ -62,7 +62,9 @@ def step_rate(cores, cfg: TrainConfig, steps: int, warmup: int, device) -> float
         persistent_workers=cfg.num_workers > 0,
         prefetch_factor=4 if cfg.num_workers else None,
     )
-    stepper = Stepper(FingerprintNet(len(keys), cfg.arch), cfg, [0.7, 0.6, 0.7], [0.15] * 3, device)
+    stepper = Stepper(
+        FingerprintNet(len(keys), cfg.arch, head=cfg.head), cfg, [0.7, 0.6, 0.7], [0.15] * 3, device
+    )
     batches = iter(loader)
     for _ in range(warmup):
         stepper(next(batches))

@@ -125,7 +125,9 @@ def pipeline_rate(loader, arch, px, out_px, batch, steps, warmup, device, compil
         compile=compiled,
         warmup_steps=1,
     )
-    stepper = Stepper(FingerprintNet(100, arch), cfg, [0.7, 0.6, 0.7], [0.15, 0.15, 0.15], device)
+    stepper = Stepper(
+        FingerprintNet(100, arch, head=cfg.head), cfg, [0.7, 0.6, 0.7], [0.15, 0.15, 0.15], device
+    )
     it = iter(loader)
     for _ in range(warmup):
         stepper(next(it))

@@ -125,7 +125,11 @@ def test_a_few_training_steps_with_amp():
         arch="resnet18", patch_px=64, out_px=64, batch_size=8, num_workers=0, warmup_steps=1
     )
     stepper = Stepper(
-        FingerprintNet(4, "resnet18"), cfg, [0.7, 0.6, 0.7], [0.2, 0.2, 0.2], torch.device("cuda")
+        FingerprintNet(4, "resnet18", head=cfg.head),
+        cfg,
+        [0.7, 0.6, 0.7],
+        [0.2, 0.2, 0.2],
+        torch.device("cuda"),
     )
     if torch.cuda.is_bf16_supported(including_emulation=False):
         assert stepper.bf16 and stepper.precision.precision == "bf16"

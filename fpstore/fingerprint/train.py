@@ -419,6 +419,11 @@ class Stepper:
         self.precision = resolve_precision(cfg.precision, device)
         self.bf16 = self.precision.precision == "bf16"
         self.channels_last = self.cuda or self.bf16
+        if model.head_kind != cfg.head:
+            raise TrainingError(
+                f"objective {cfg.objective!r} trains a {cfg.head} head; the network has a "
+                f"{model.head_kind} one: build it with FingerprintNet(..., head={cfg.head!r})"
+            )
         self.margin = cfg.loss_margin
         self.model = model.to(device).train()
         if self.channels_last:
