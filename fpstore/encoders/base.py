@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpstore.config import check_choice, check_range
+from fpstore.config import check_choice, check_range, set_backend_flags
 from fpstore.errors import EncoderError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -156,6 +156,7 @@ class Encoder(torch.nn.Module):
                 f"precision 'int8' is a CPU path without --compile (got device "
                 f"{device.type}, compile={compile}); on CUDA use 'bf16'"
             )
+        set_backend_flags(device.type)
         self.to(device)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
