@@ -102,9 +102,8 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
     rates = {}
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device=device)
     for name, precision, channels_last, compile_ in variants:
+        # Not channels_last: contiguous weights and input (Encoder.encode), not just weights.
         enc = create_encoder("random-resnet34").prepare(device, precision, channels_last, compile_)
-        if not channels_last:
-            enc.backbone.to(memory_format=torch.contiguous_format)
         if precision == "int8":  # the speed does not depend on which pixels set the ranges
             enc.calibrate(pixels)
         for _ in range(3 if device == "cuda" else 1):
@@ -139,7 +138,9 @@ def child(argv: list[str]) -> None:
 
 def run_child(kind: str, document: dict) -> tuple[dict, float]:
     """(the child's JSON, whole-run seconds from process start to its last file)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The repository first, the caller's path after it (gpu_check.sh installs into a folder).
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *([path] if path else [])])}
     t_start = time.time()
     done = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(document)],

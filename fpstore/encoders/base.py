@@ -95,6 +95,7 @@ class Encoder(torch.nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
         self.precision = "fp32"
+        self.channels_last = True  # the layout batches reach the backbone in (see encode)
         self._forward = self.backbone
         self.calibration: dict | None = None  # int8 only: agreement with fp32
         self.stain_norm = None  # a per-patch StainNormalizer applied before the backbone
@@ -160,6 +161,7 @@ class Encoder(torch.nn.Module):
         self.to(device)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
         self.precision = precision
         self._forward = torch.compile(self.backbone) if compile else self.backbone
         self.calibration = None
@@ -227,6 +229,8 @@ class Encoder(torch.nn.Module):
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of a uint8 NHWC batch: float32 [N, dim] on the encoder's device."""
         x = self.normalise(batch)
+        if not self.channels_last:  # else a channels_last input makes the convolutions so
+            x = x.contiguous()
         if self.precision == "int8" and self.calibration is None:
             raise EncoderError("precision 'int8': call calibrate() with tissue patches first")
         if self.precision in ("fp32", "int8"):
