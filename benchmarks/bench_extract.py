@@ -177,6 +177,7 @@ def fpstore_run(store: Path, cohort: str, config: dict) -> dict:
         "precision": summary["precision"],
         "precision_reason": summary["precision_reason"],
         "decode": summary["decode"],
+        "decode_fallbacks": summary["decode_fallbacks"],
         "int8_agreement": summary["int8_agreement"],
     }
 
@@ -334,6 +335,25 @@ def main(argv=None):
     if "default-compiled" in runs:
         variants.append(("bf16 channels_last compiled", "bf16", True, True))
     rates = model_only(device, batch, 3.0 if args.quick else args.seconds, variants)
+    measured: list[dict] = []  # every fpstore run as it ends: figures written at once
+
+    def save(**more) -> None:
+        """--json: what is measured so far (a run cut short by a time limit keeps it)."""
+        if args.json:
+            document = {
+                "device": device,
+                "machine": machine,
+                "precision_auto": auto.describe(),
+                "model_only": rates,
+                "measured": measured,
+                "rounds": args.rounds,
+                **more,
+            }
+            part = args.json.with_name(args.json.name + ".part")  # whole or not at all
+            part.write_text(json.dumps(document, indent=2, default=str))
+            part.replace(args.json)
+
+    save()
     model_of = {
         "fp32": "fp32 channels_last",
         "bf16": "bf16 channels_last",
@@ -363,6 +383,17 @@ def main(argv=None):
             figures = fpstore_run(store, cohort, {**common, **runs[name]})
             vectors[(cohort, name)] = read_vectors(store, cohort)
             found[(cohort, name)] = figures
+            model = rates[model_of[figures["precision"]]]
+            measured.append(
+                {
+                    "round": r + 1,
+                    "cohort": cohort,
+                    "run": name,
+                    **figures,
+                    "loop_vs_model": figures["loop"] / model,
+                }
+            )
+            save()
             print(
                 f"  round {r + 1} {cohort} {name} ({figures['precision']}): {figures['patches']} "
                 f"patches, whole {figures['whole_s']:.1f} s = {figures['whole']:.1f}/s, loop "
@@ -440,22 +471,7 @@ def main(argv=None):
             f"  real   TIAToolbox        fp32  {tia[0]['patches']:6d} patches  whole "
             f"{whole:8.1f}/s  loop {loop:8.1f}/s ({tia_workers} loader workers)"
         )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "device": device,
-                    "machine": machine,
-                    "precision_auto": auto.describe(),
-                    "model_only": rates,
-                    "runs": table,
-                    "tiatoolbox": tia,
-                    "rounds": args.rounds,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+    save(runs=table, tiatoolbox=tia)
 
 
 if __name__ == "__main__":

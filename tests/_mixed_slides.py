@@ -57,3 +57,29 @@ def corrupt_a_tile(path: Path) -> int:
         f.seek(offset)
         f.write(bytes(count))
     return index
+
+
+def mixed_cohort(tmp_path, corrupt=False):
+    """One slide per patient: CMU itself (Aperio, R,G,B JPEG tiles), a YCbCr JPEG copy, a
+    deflate copy (never GPU-decoded) and, with ``corrupt``, a JPEG copy with a zeroed tile."""
+    from fpstore.cohort.cohorts import add_cohort
+
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "APERIO.svs").symlink_to(CMU)
+    paths = [
+        folder / "APERIO.svs",
+        rewrite_cmu(folder / "YCBCR.tiff", "jpeg"),
+        rewrite_cmu(folder / "DEFLATE.tiff", "zlib"),
+    ]
+    if corrupt:
+        paths.append(rewrite_cmu(folder / "BADTILE.tiff", "jpeg"))
+        corrupt_a_tile(paths[-1])
+    labels = tmp_path / "labels.csv"
+    labels.write_text(
+        "patient_id,slide,ER,PR,Her2\n"
+        + "".join(f"P{i},{p},Positive,Negative,Negative\n" for i, p in enumerate(paths))
+    )
+    store = tmp_path / "store"
+    add_cohort(store, "c", clinical=labels, fmt="csv")
+    return store

@@ -21,6 +21,7 @@ from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.config import ExtractConfig
 from fpstore.extract.run import extract
 from fpstore.store.schema import read_metadata
+from tests._mixed_slides import mixed_cohort
 
 DATA = Path(__file__).parent / "data" / "slides"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -483,32 +484,6 @@ def test_a_slide_failing_last_does_not_strand_the_patches_queued_before_it(tmp_p
     status = {r.slide_id: r.status for r in summary.slides}
     assert status == {"S1": "ok", "S2": "ok", "S3": "failed"}  # 20 = 16 + 4 left over
     assert "damaged tile" in summary.failed[0].error
-
-
-def mixed_cohort(tmp_path, corrupt=False):
-    """One slide per patient: CMU itself (Aperio, R,G,B JPEG tiles), a YCbCr JPEG copy, a
-    deflate copy (never GPU-decoded) and, with ``corrupt``, a JPEG copy with a zeroed tile."""
-    from tests._mixed_slides import corrupt_a_tile, rewrite_cmu
-
-    folder = tmp_path / "slides"
-    folder.mkdir()
-    (folder / "APERIO.svs").symlink_to(CMU)
-    paths = [
-        folder / "APERIO.svs",
-        rewrite_cmu(folder / "YCBCR.tiff", "jpeg"),
-        rewrite_cmu(folder / "DEFLATE.tiff", "zlib"),
-    ]
-    if corrupt:
-        paths.append(rewrite_cmu(folder / "BADTILE.tiff", "jpeg"))
-        corrupt_a_tile(paths[-1])
-    labels = tmp_path / "labels.csv"
-    labels.write_text(
-        "patient_id,slide,ER,PR,Her2\n"
-        + "".join(f"P{i},{p},Positive,Negative,Negative\n" for i, p in enumerate(paths))
-    )
-    store = tmp_path / "store"
-    add_cohort(store, "c", clinical=labels, fmt="csv")
-    return store
 
 
 def decoding_in_the_main_process(monkeypatch, decoder):
