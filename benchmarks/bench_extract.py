@@ -441,6 +441,7 @@ def main(argv=None):
                 "loop_vs_model": median(f["loop"] for f in figures) / rates[model_of[precision]],
                 "cosine_min": median(f.get("cosine_min") for f in figures),
                 "decode": figures[0]["decode"],
+                "decode_fallbacks": figures[0]["decode_fallbacks"],
                 "int8_agreement": figures[0]["int8_agreement"],
             }
             if tia and cohort == "real":
