@@ -21,6 +21,11 @@
 #
 #   bash benchmarks/gpu_check.sh                 # from anywhere in the repository
 #   WHEELS=/path/to/wheels OUT=/tmp/gpu PYTHON=python3.11 bash benchmarks/gpu_check.sh
+# A wheel folder for a machine without the registry (its Python's version; torch and
+# torchvision too if it has none):
+#   pip download -d wheels --only-binary=:all: --python-version 3.11 imagecodecs tifffile \
+#       opencv-python-headless pyarrow pandas defusedxml pillow click tqdm pytest
+# Each step may overrun its limit by the 5 s its kill takes: 465 s at most in all.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
