@@ -102,9 +102,8 @@ def model_only(device: str, batch: int, seconds: float, variants) -> dict[str, f
     rates = {}
     pixels = torch.randint(0, 256, (batch, 224, 224, 3), dtype=torch.uint8, device=device)
     for name, precision, channels_last, compile_ in variants:
+        # Not channels_last: contiguous weights and input (Encoder.encode), not just weights.
         enc = create_encoder("random-resnet34").prepare(device, precision, channels_last, compile_)
-        if not channels_last:
-            enc.backbone.to(memory_format=torch.contiguous_format)
         if precision == "int8":  # the speed does not depend on which pixels set the ranges
             enc.calibrate(pixels)
         for _ in range(3 if device == "cuda" else 1):
@@ -139,7 +138,9 @@ def child(argv: list[str]) -> None:
 
 def run_child(kind: str, document: dict) -> tuple[dict, float]:
     """(the child's JSON, whole-run seconds from process start to its last file)."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # The repository first, the caller's path after it (gpu_check.sh installs into a folder).
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *([path] if path else [])])}
     t_start = time.time()
     done = subprocess.run(
         [sys.executable, __file__, "--child", kind, json.dumps(document)],
@@ -176,6 +177,7 @@ def fpstore_run(store: Path, cohort: str, config: dict) -> dict:
         "precision": summary["precision"],
         "precision_reason": summary["precision_reason"],
         "decode": summary["decode"],
+        "decode_fallbacks": summary["decode_fallbacks"],
         "int8_agreement": summary["int8_agreement"],
     }
 
@@ -333,6 +335,25 @@ def main(argv=None):
     if "default-compiled" in runs:
         variants.append(("bf16 channels_last compiled", "bf16", True, True))
     rates = model_only(device, batch, 3.0 if args.quick else args.seconds, variants)
+    measured: list[dict] = []  # every fpstore run as it ends: figures written at once
+
+    def save(**more) -> None:
+        """--json: what is measured so far (a run cut short by a time limit keeps it)."""
+        if args.json:
+            document = {
+                "device": device,
+                "machine": machine,
+                "precision_auto": auto.describe(),
+                "model_only": rates,
+                "measured": measured,
+                "rounds": args.rounds,
+                **more,
+            }
+            part = args.json.with_name(args.json.name + ".part")  # whole or not at all
+            part.write_text(json.dumps(document, indent=2, default=str))
+            part.replace(args.json)
+
+    save()
     model_of = {
         "fp32": "fp32 channels_last",
         "bf16": "bf16 channels_last",
@@ -362,6 +383,17 @@ def main(argv=None):
             figures = fpstore_run(store, cohort, {**common, **runs[name]})
             vectors[(cohort, name)] = read_vectors(store, cohort)
             found[(cohort, name)] = figures
+            model = rates[model_of[figures["precision"]]]
+            measured.append(
+                {
+                    "round": r + 1,
+                    "cohort": cohort,
+                    "run": name,
+                    **figures,
+                    "loop_vs_model": figures["loop"] / model,
+                }
+            )
+            save()
             print(
                 f"  round {r + 1} {cohort} {name} ({figures['precision']}): {figures['patches']} "
                 f"patches, whole {figures['whole_s']:.1f} s = {figures['whole']:.1f}/s, loop "
@@ -409,6 +441,7 @@ def main(argv=None):
                 "loop_vs_model": median(f["loop"] for f in figures) / rates[model_of[precision]],
                 "cosine_min": median(f.get("cosine_min") for f in figures),
                 "decode": figures[0]["decode"],
+                "decode_fallbacks": figures[0]["decode_fallbacks"],
                 "int8_agreement": figures[0]["int8_agreement"],
             }
             if tia and cohort == "real":
@@ -439,22 +472,7 @@ def main(argv=None):
             f"  real   TIAToolbox        fp32  {tia[0]['patches']:6d} patches  whole "
             f"{whole:8.1f}/s  loop {loop:8.1f}/s ({tia_workers} loader workers)"
         )
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "device": device,
-                    "machine": machine,
-                    "precision_auto": auto.describe(),
-                    "model_only": rates,
-                    "runs": table,
-                    "tiatoolbox": tia,
-                    "rounds": args.rounds,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+    save(runs=table, tiatoolbox=tia)
 
 
 if __name__ == "__main__":

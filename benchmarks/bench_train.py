@@ -37,6 +37,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from fpstore.config import set_backend_flags  # noqa: E402
 from fpstore.encoders.base import resolve_precision  # noqa: E402
 from fpstore.encoders.fingerprint_net import FingerprintNet  # noqa: E402
 from fpstore.fingerprint.data import CropStream, tissue_grid  # noqa: E402
@@ -167,8 +168,7 @@ def main(argv=None) -> dict:
     workers = args.workers if args.workers is not None else max(0, (os.cpu_count() or 2) - 2)
     out_px = args.out_px or args.px
     h, w = (int(v) for v in args.half.split("x"))
-    if cuda:
-        torch.backends.cudnn.benchmark = True
+    set_backend_flags(device.type)  # what every fpstore command runs with
     result = {
         "precision": resolve_precision("auto", device).describe(),
         "device": torch.cuda.get_device_name()

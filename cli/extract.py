@@ -230,6 +230,10 @@ def extract(
             f"{d['patches']} patches in {d['seconds']:.1f} s "
             f"({d['patches_per_s']:.1f} patches/s)"
         )
+        if summary.device == "cuda":  # where JPEG tiles were decoded, and why
+            click.echo(summary.decode)
+        for r in summary.decode_fallbacks:
+            click.echo(f"  {r.slide_id}: decoded by the readers, not the GPU: {r.decode}")
         if d["int8_agreement"]:
             a = d["int8_agreement"]
             click.echo(

@@ -98,3 +98,23 @@ def test_pixels_come_at_one_size_whatever_the_encoders_resize_to(tmp_path):
     bags, _ = load_bags(store, "c", None)
     images = cache_images(store, "c", bags, progress=False)(list(bags.patch_ids))
     assert images.shape == (len(bags.patch_ids), PIXELS_PX, PIXELS_PX, 3)
+
+
+def test_batches_are_turned_as_uint8_and_normalised_as_imagenet_float():
+    """Turning uint8 pixels before the float conversion (a quarter of the bytes to move)
+    and normalising in one multiply-add gives the float path's batch, draw for draw."""
+    import torch
+
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3), dtype=np.uint8)
+    model = PatchCNN(PatchCNNConfig(device="cpu"), images=lambda ids: pixels[ids])
+    for seed in range(8):  # every turn, with and without the flip
+        batch = model._batch(np.arange(6), np.random.default_rng(seed))
+        draws = np.random.default_rng(seed)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
+        x = torch.rot90(x, int(draws.integers(4)), dims=(2, 3))
+        x = x.flip(3) if draws.random() < 0.5 else x
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        torch.testing.assert_close(batch, (x - mean) / std, rtol=0, atol=2e-6)
+    plain = model._batch(np.arange(6), None)
+    assert plain.dtype == torch.float32 and plain.shape == (6, 3, 16, 16)

@@ -97,3 +97,45 @@ def test_the_pinned_ring_gathers_pads_and_reuses_its_buffers_in_turn():
     ring.done()
     third = ring.gather(parts[1:], 3)
     assert third.data_ptr() == first.data_ptr() and third.eq(2).all()
+
+
+def test_host_batches_bound_for_a_gpu_are_copied_once_into_the_pinned_ring():
+    """The loader pins nothing: a host batch, one chunk or several, is copied once, into
+    the ring; beside GPU-decoded parts (``meta`` standing in for CUDA) the host parts are
+    uploaded from the ring and the batch is joined on the device, padded when compiled."""
+    from types import SimpleNamespace
+
+    from fpstore.extract.local import _Loop
+
+    loop = _Loop.__new__(_Loop)
+    loop.config, loop.batch_size = SimpleNamespace(compile=False), 8
+    loop.staging = PinnedBatches((8, 2, 2, 3), depth=2, pin=False)
+    part = torch.full((5, 2, 2, 3), 3, dtype=torch.uint8)
+    batch, staged = loop._join([part], 5)
+    assert staged and batch.data_ptr() == loop.staging.buffers[0].data_ptr() and batch.eq(3).all()
+    loop.staging.done()
+    decoded = torch.empty((2, 2, 2, 3), dtype=torch.uint8, device="meta")
+    batch, staged = loop._join([decoded, part, decoded], 9)
+    assert staged and batch.device.type == "meta" and tuple(batch.shape) == (9, 2, 2, 3)
+    assert loop.staging.buffers[1][:5].eq(3).all()  # the host part went through the ring
+    loop.config = SimpleNamespace(compile=True)
+    batch, staged = loop._join([decoded, part[:1]], 3)
+    assert batch.device.type == "meta" and len(batch) == 8
+
+
+def test_backend_flags_are_set_for_cuda_in_one_place_and_left_alone_on_the_cpu():
+    from fpstore.classify.patchcnn import PatchCNN, PatchCNNConfig
+    from fpstore.config import set_backend_flags
+    from fpstore.encoders.registry import create_encoder
+
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.benchmark, matmul.allow_tf32
+    try:
+        cudnn.benchmark = matmul.allow_tf32 = False
+        create_encoder("random-resnet34").prepare("cpu")
+        PatchCNN(PatchCNNConfig(device="cpu"))._device()
+        assert not cudnn.benchmark and not matmul.allow_tf32
+        set_backend_flags("cuda")  # what Encoder.prepare and the patch CNN call on a GPU
+        assert cudnn.benchmark and matmul.allow_tf32
+    finally:
+        cudnn.benchmark, matmul.allow_tf32 = saved

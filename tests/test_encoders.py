@@ -166,3 +166,23 @@ def test_auto_precision_on_a_gpu_follows_its_bf16_units(monkeypatch):
     )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert base.resolve_precision("auto", "cuda").precision == "fp32"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_the_backbone_gets_its_input_in_the_layout_prepare_chose(channels_last):
+    """A channels_last input makes the convolutions channels_last whatever the weights'
+    layout, so an encoder prepared without it is fed contiguous input."""
+    encoder = create_encoder("random-resnet34").prepare("cpu", "fp32", channels_last)
+    layouts = []
+    encoder.backbone.register_forward_pre_hook(
+        lambda module, args: layouts.append(
+            (
+                args[0].is_contiguous(memory_format=torch.channels_last),
+                args[0].is_contiguous(),
+                module.conv1.weight.is_contiguous(memory_format=torch.channels_last),
+            )
+        )
+    )
+    encoder.encode(torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8))
+    want = (True, False, True) if channels_last else (False, True, False)
+    assert layouts == [want]

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from click.testing import CliRunner
 
 import fpstore.store
@@ -20,6 +21,7 @@ from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.config import ExtractConfig
 from fpstore.extract.run import extract
 from fpstore.store.schema import read_metadata
+from tests._mixed_slides import mixed_cohort
 
 DATA = Path(__file__).parent / "data" / "slides"
 CMU = DATA / "CMU-1-Small-Region.svs"
@@ -482,3 +484,101 @@ def test_a_slide_failing_last_does_not_strand_the_patches_queued_before_it(tmp_p
     status = {r.slide_id: r.status for r in summary.slides}
     assert status == {"S1": "ok", "S2": "ok", "S3": "failed"}  # 20 = 16 + 4 left over
     assert "damaged tile" in summary.failed[0].error
+
+
+def decoding_in_the_main_process(monkeypatch, decoder):
+    import fpstore.extract.decode as decode
+
+    monkeypatch.setattr(decode, "choose_decoder", lambda device, how: (decoder, "test decoder"))
+
+
+def test_a_mixed_format_cohort_with_a_corrupt_tile_decodes_as_the_readers_do(tmp_path, monkeypatch):
+    """Batches mixing slides decoded in the main process (the GPU path, libjpeg-turbo
+    standing in for nvJPEG) with slides the readers decode: the readers' fingerprints,
+    the deflate slide's fallback named, the corrupt tile failing its slide alone."""
+    from fpstore.extract.decode import TileDecoder
+
+    store = mixed_cohort(tmp_path, corrupt=True)
+    settings = config(num_workers=1, patches=None, batch_size=16)
+    reference = extract(store, "c", settings, progress=False)
+    assert [r.slide_id for r in reference.failed] == ["BADTILE"]
+    assert "Not a JPEG file" in reference.failed[0].error
+    stored = {p.stem: pq.read_table(p) for p in fingerprint_files(store)}
+    for table in ("fingerprints", "status"):
+        shutil.rmtree(store / table)
+    decoding_in_the_main_process(monkeypatch, TileDecoder("cpu"))
+    summary = extract(store, "c", settings, progress=False)
+    status = {r.slide_id: (r.status, r.decode) for r in summary.slides}
+    assert status == {
+        "APERIO": ("ok", "gpu"),
+        "YCBCR": ("ok", "gpu"),
+        "DEFLATE": (
+            "ok",
+            f"slide {tmp_path / 'slides' / 'DEFLATE.tiff'}: level 0 is "
+            "compressed with ADOBE_DEFLATE, not JPEG",
+        ),
+        "BADTILE": ("failed", "gpu"),
+    }
+    assert summary.failed[0].error.startswith("GPU JPEG decoding: RuntimeError")
+    assert [r.slide_id for r in summary.decode_fallbacks] == ["DEFLATE"]
+    assert summary.to_dict()["decode_fallbacks"] == 1
+    assert "3 on the GPU, 1 by the readers" in summary.decode
+    for path in fingerprint_files(store):
+        table, ref = pq.read_table(path), stored[path.stem]
+        assert table.column("patch_id").equals(ref.column("patch_id"))
+        got = np.stack(table.column("fingerprint").to_numpy(zero_copy_only=False))
+        want = np.stack(ref.column("fingerprint").to_numpy(zero_copy_only=False))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_batches_mixing_decoder_and_reader_devices_are_joined_on_the_decoders(
+    tmp_path, monkeypatch
+):
+    """The decoder's patches on another device (``meta`` standing in for CUDA) and the
+    readers' on the CPU in one batch: the model gets one batch on the decoder's device."""
+    from fpstore.encoders.registry import create_encoder
+    from fpstore.extract.decode import TileDecoder
+
+    class OnMeta(TileDecoder):
+        def decode(self, payload):
+            return super().decode(payload).to("meta")
+
+    store = mixed_cohort(tmp_path)
+    decoding_in_the_main_process(monkeypatch, OnMeta("cpu"))
+    encoder = create_encoder("tiny")
+    batches = []
+
+    def encode(batch):
+        batches.append((batch.device.type, len(batch)))
+        return torch.zeros((len(batch), encoder.dim))
+
+    encoder.encode = encode
+    # APERIO (20, decoder), YCBCR (20, decoder), DEFLATE (20, readers): batches of 16 mix.
+    summary = extract(store, "c", config(batch_size=16), progress=False, encoder=encoder)
+    assert summary.failed == [] and summary.n_patches == 60
+    # The 2nd and 3rd batches mix them; the last holds only the readers' (the model uploads it).
+    assert batches == [("meta", 16)] * 3 + [("cpu", 12)]
+
+
+def test_a_decoder_error_fails_only_the_slide_it_was_decoding(tmp_path, monkeypatch):
+    from fpstore.extract.decode import TileDecoder
+
+    class FailsOnTheSecondChunk(TileDecoder):
+        calls = 0
+
+        def decode(self, payload):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("Error while decoding JPEG images\n(nvJPEG status 6)")
+            return super().decode(payload)
+
+    store = mixed_cohort(tmp_path)
+    decoding_in_the_main_process(monkeypatch, FailsOnTheSecondChunk("cpu"))
+    summary = extract(store, "c", config(batch_size=16), progress=False)
+    status = {r.slide_id: r.status for r in summary.slides}
+    # APERIO's 20 patches come in chunks of 16 and 4: its second chunk fails it.
+    assert status == {"APERIO": "failed", "YCBCR": "ok", "DEFLATE": "ok"}
+    assert summary.failed[0].error == (
+        "GPU JPEG decoding: RuntimeError: Error while decoding JPEG images (nvJPEG status 6)"
+    )
+    assert summary.n_patches == 40

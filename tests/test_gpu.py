@@ -16,6 +16,7 @@ from fpstore.extract.decode import TileDecoder, tiles_payload
 from fpstore.extract.local import PinnedBatches
 from fpstore.extract.run import extract
 from fpstore.slides.slide import open_slide
+from tests._mixed_slides import mixed_cohort, rewrite_cmu
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,24 +27,9 @@ CMU = DATA / "CMU-1-Small-Region.svs"
 
 
 def ycbcr_slide(tmp_path) -> Path:
-    """CMU-1-Small-Region rewritten as a tiled JPEG TIFF with YCbCr tiles (as scanners and
-    fpstore synth write them; CMU's own tiles hold R, G, B components)."""
-    import tifffile
-
-    with open_slide(CMU) as slide:
-        pixels = slide.read_region(0, 0, 0, slide.info.width, slide.info.height)
-    path = tmp_path / "cmu-ycbcr.tiff"
-    res = 1e4 / 0.499
-    tifffile.imwrite(
-        path,
-        pixels,
-        tile=(256, 256),
-        compression="jpeg",
-        photometric="rgb",
-        resolution=(res, res),
-        resolutionunit="CENTIMETER",
-    )
-    return path
+    """CMU-1-Small-Region rewritten with YCbCr JPEG tiles (as scanners and fpstore synth
+    write them; CMU's own tiles hold R, G, B components)."""
+    return rewrite_cmu(tmp_path / "cmu-ycbcr.tiff", "jpeg")
 
 
 def vectors(store, encoder="random-resnet34"):
@@ -94,7 +80,8 @@ def test_nvjpeg_decodes_ycbcr_tiles_as_the_readers_do(tmp_path):
             )
             assert decoded.device.type == "cuda" and tuple(decoded.shape) == reference.shape
             difference = np.abs(decoded.cpu().numpy().astype(int) - reference.astype(int))
-            assert difference.mean() < 1.5, difference.mean()
+            # torchvision's own nvJPEG-vs-libjpeg test allows a mean difference below 2.
+            assert difference.mean() < 2, difference.mean()
         same, difference = TileDecoder("cuda").agrees(*slide.jpeg_sample(224.4, 224))
         assert same, difference
 
@@ -144,3 +131,30 @@ def test_a_few_training_steps_with_amp():
         assert torch.isfinite(parts.total).item()
     changed = [not torch.equal(a, b) for a, b in zip(before, stepper.model.parameters())]
     assert all(p.dtype == torch.float32 for p in stepper.model.parameters()) and any(changed)
+
+
+def test_a_mixed_cohort_with_a_corrupt_tile_extracts_on_cuda_as_on_the_cpu(tmp_path):
+    """Aperio, YCbCr and deflate slides in one batch (GPU-decoded patches on the device
+    beside the readers' from the pinned ring), and a slide whose corrupt tile fails it alone,
+    named; the backend flags every command runs with are set."""
+    store = mixed_cohort(tmp_path, corrupt=True)
+    common = {"encoder": "random-resnet34", "patches": None, "num_workers": 2}
+    cpu = extract(store, "c", ExtractConfig(device="cpu", precision="fp32", **common), False)
+    cpu_ids, cpu_vectors = vectors(store)
+    for table in ("fingerprints", "status"):
+        shutil.rmtree(store / table)
+    gpu = extract(store, "c", ExtractConfig(device="cuda", **common), False)
+    gpu_ids, gpu_vectors = vectors(store)
+    assert [r.slide_id for r in cpu.failed] == [r.slide_id for r in gpu.failed] == ["BADTILE"]
+    assert "JPEG" in gpu.failed[0].error, gpu.failed[0].error
+    decoded = {r.slide_id: r.decode for r in gpu.slides}
+    assert decoded["YCBCR"] == "gpu" and "not JPEG" in decoded["DEFLATE"], decoded
+    # Aperio R,G,B tiles: on the GPU if nvJPEG honours their Adobe marker, else named.
+    assert decoded["APERIO"] == "gpu" or "differs by" in decoded["APERIO"], decoded
+    assert gpu.to_dict()["decode_fallbacks"] == len(gpu.decode_fallbacks) >= 1
+    assert gpu_ids == cpu_ids and len(gpu_ids) > 120
+    cosine = np.sum(gpu_vectors * cpu_vectors, 1) / (
+        np.linalg.norm(gpu_vectors, axis=1) * np.linalg.norm(cpu_vectors, axis=1)
+    )
+    assert cosine.min() >= 0.999, (gpu.decode, float(cosine.min()))
+    assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32

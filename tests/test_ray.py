@@ -274,3 +274,29 @@ def test_ray_extracts_into_an_s3_store_and_duckdb_queries_it(
     with fpstore.store.open(store) as there, fpstore.store.open(reference[0]) as here:
         assert there.sql(query).rows() == here.sql(query).rows()
     assert ray_extract(store).count("skipped") == len(reference[1])  # resumes from the objects
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_ray_encoders_pad_the_last_batch_when_compiled_as_the_local_engine_does(compiled):
+    """A compiled model sees one batch shape (a new one recompiles it); padding rows never
+    reach the results. The actor class runs here in process: no cluster needed."""
+    from fpstore.extract.ray import _Encoder
+
+    class Recording:
+        dim, shapes = 2, []
+
+        def prepare(self, device, precision, channels_last, compile_):
+            return self
+
+        def encode(self, batch):
+            self.shapes.append(tuple(batch.shape))
+            return batch.float().mean((1, 2, 3))[:, None].repeat(1, self.dim)
+
+    pixels = np.repeat(np.arange(20, dtype=np.uint8), 4 * 4 * 3).reshape(20, 4, 4, 3)
+    pixels.flags.writeable = False  # as object-store arrays come
+    config = ExtractConfig(encoder="tiny", device="cpu", batch_size=8, compile=compiled)
+    actor = _Encoder(Recording(), "cpu", config, threads=1)
+    out = actor.encode(pixels)
+    np.testing.assert_array_equal(out[:, 0], np.arange(20))
+    last = 8 if compiled else 4
+    assert Recording.shapes == [(8, 4, 4, 3)] * 2 + [(last, 4, 4, 3)]

@@ -28,13 +28,15 @@ from tqdm import tqdm
 from fpstore.classify.bags import Bags
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
-from fpstore.config import check_choice, check_range
+from fpstore.config import check_choice, check_range, set_backend_flags
 from fpstore.encoders.base import resolve_precision
 from fpstore.errors import ClassifyError
 
 ARCHS = ("resnet18", "resnet34")
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)  # ImageNet statistics
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+# (x / 255 - mean) / std as one multiply-add on uint8 pixels x
+_SCALE, _SHIFT = 1 / (255 * _STD), -_MEAN / _STD
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,7 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
         wanted = self.settings.device
         if wanted == "auto":
             wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        set_backend_flags(wanted)
         return torch.device(wanted)
 
     def _batch(self, patch_ids: np.ndarray, augment: np.random.Generator | None) -> torch.Tensor:
@@ -119,12 +122,19 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
             raise ClassifyError(
                 f"patch images must be uint8 (n, H, W, 3); got {array.dtype} {array.shape}"
             )
-        x = torch.from_numpy(array).permute(0, 3, 1, 2).float().div_(255)
+        # uint8 to the device (from pinned memory to a GPU: an asynchronous copy), turned
+        # there while a quarter of float32's size, then normalised in one multiply-add.
+        device = self._device()
+        x = torch.from_numpy(array)
+        if device.type == "cuda":
+            x = x.pin_memory()
+        x = x.to(device, non_blocking=True).permute(0, 3, 1, 2)
         if augment is not None:  # H&E has no orientation: flips and right-angle turns are free
             x = torch.rot90(x, int(augment.integers(4)), dims=(2, 3))
             if augment.random() < 0.5:
                 x = x.flip(3)
-        return ((x - _MEAN) / _STD).to(self._device())
+        scale, shift = _SCALE.to(device), _SHIFT.to(device)
+        return torch.addcmul(shift, x.float(), scale)
 
     def _logits(self, patch_ids: np.ndarray, augment: np.random.Generator | None):
         """float32 logits of the patches, under bf16 autocast when ``precision_`` is bf16."""

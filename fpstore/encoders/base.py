@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpstore.config import check_choice, check_range
+from fpstore.config import check_choice, check_range, set_backend_flags
 from fpstore.errors import EncoderError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -95,6 +95,7 @@ class Encoder(torch.nn.Module):
         self.register_buffer("scale", 1.0 / (255.0 * std), persistent=False)
         self.register_buffer("shift", -mean / std, persistent=False)
         self.precision = "fp32"
+        self.channels_last = True  # the layout batches reach the backbone in (see encode)
         self._forward = self.backbone
         self.calibration: dict | None = None  # int8 only: agreement with fp32
         self.stain_norm = None  # a per-patch StainNormalizer applied before the backbone
@@ -156,9 +157,11 @@ class Encoder(torch.nn.Module):
                 f"precision 'int8' is a CPU path without --compile (got device "
                 f"{device.type}, compile={compile}); on CUDA use 'bf16'"
             )
+        set_backend_flags(device.type)
         self.to(device)
         if channels_last:
             self.backbone.to(memory_format=torch.channels_last)
+        self.channels_last = channels_last
         self.precision = precision
         self._forward = torch.compile(self.backbone) if compile else self.backbone
         self.calibration = None
@@ -226,6 +229,8 @@ class Encoder(torch.nn.Module):
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """Features of a uint8 NHWC batch: float32 [N, dim] on the encoder's device."""
         x = self.normalise(batch)
+        if not self.channels_last:  # else a channels_last input makes the convolutions so
+            x = x.contiguous()
         if self.precision == "int8" and self.calibration is None:
             raise EncoderError("precision 'int8': call calibrate() with tissue patches first")
         if self.precision in ("fp32", "int8"):

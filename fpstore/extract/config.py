@@ -92,6 +92,8 @@ class SlideResult:
     n_patches: int = 0
     seconds: float = 0.0
     error: str = ""
+    # With a GPU JPEG decoder: "gpu", or why the reader processes decoded this slide instead
+    decode: str = ""
 
 
 @dataclass
@@ -126,6 +128,11 @@ class ExtractSummary:
     def failed(self) -> list[SlideResult]:
         return [r for r in self.slides if r.status == "failed"]
 
+    @property
+    def decode_fallbacks(self) -> list[SlideResult]:
+        """Slides a GPU decoder was at hand for that the readers decoded, each saying why."""
+        return [r for r in self.slides if r.decode not in ("", "gpu")]
+
     def to_dict(self) -> dict:
         return {
             "cohort": self.cohort,
@@ -135,6 +142,7 @@ class ExtractSummary:
             "precision": self.precision,
             "precision_reason": self.precision_reason,
             "decode": self.decode,
+            "decode_fallbacks": len(self.decode_fallbacks),
             "ok": self.count("ok"),
             "skipped": self.count("skipped"),
             "elsewhere": self.count("elsewhere"),

@@ -27,7 +27,7 @@ import queue as queue_module
 import sys
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -167,6 +167,7 @@ class _Slot:
     remaining: int
     started: float
     tiles: bool  # read as compressed tiles, decoded here on the GPU
+    decode: str = ""  # with a GPU decoder: "gpu", or why the readers decode this slide
     error: str = ""
 
 
@@ -231,8 +232,8 @@ class _Loop:
         self.slots: dict[int, _Slot] = {}
         self.results: dict[str, SlideResult] = {}
         self.staging = None  # PinnedBatches, for CPU-decoded batches bound for a GPU
-        self.decoded_on: Counter = Counter()  # slides per "gpu" / "cpu (why)"
-        self._verdicts: dict[str, str] = {}  # slide path -> "" (GPU decodes it) or why not
+        self.decoded_on: Counter = Counter()  # slides per verdict: "gpu" or why the readers
+        self._verdicts: dict[str, str] = {}  # slide path -> "gpu" or why the readers decode it
 
     # -- the run --
     def run(self, work: list[SlideWork]) -> dict[str, SlideResult]:
@@ -258,7 +259,9 @@ class _Loop:
             num_workers=self.workers,
             worker_init_fn=_worker_init if self.workers else None,
             prefetch_factor=prefetch if self.workers else None,
-            pin_memory=self.device == "cuda",
+            # Not pinned here: batches bound for a GPU are gathered into the pinned ring
+            # (PinnedBatches) anyway, and pinning each chunk first would copy it twice.
+            pin_memory=False,
             multiprocessing_context=context if self.workers else None,
             in_order=True,  # results in the order tasks were put (see the module docstring)
         )
@@ -357,7 +360,14 @@ class _Loop:
         if item["error"]:
             self._fail(item["slot"], item["error"])
             return 0
-        pixels = self.decoder.decode(item) if slot.tiles else item["pixels"]
+        if slot.tiles:
+            try:
+                pixels = self.decoder.decode(item)
+            except Exception as exc:  # a corrupt tile fails its slide, as in the readers
+                self._fail(item["slot"], f"GPU JPEG decoding: {_one_line(exc)}")
+                return 0
+        else:
+            pixels = item["pixels"]
         batch.append((item["slot"], item["start"], pixels))
         return len(pixels)
 
@@ -422,13 +432,15 @@ class _Loop:
             slot_id = self.next_slot
             self.next_slot += 1
             n = len(plan.keys)
+            verdict = self._decode_verdict(plan)
             self.slots[slot_id] = _Slot(
                 plan,
                 claims.pop(plan.slide_id),
                 np.zeros((n, self.encoder.dim), np.float32),
                 n,
                 time.time(),
-                self._gpu_decodes(plan),
+                tiles=verdict == "gpu",
+                decode=verdict,
             )
             if n == 0:
                 self._finish(slot_id)
@@ -463,14 +475,15 @@ class _Loop:
         else:
             entry[2] = stop
 
-    def _gpu_decodes(self, plan: SlidePlan) -> bool:
-        """Whether this slide's tiles go to the GPU decoder: a JPEG-tiled TIFF whose first
-        tile the GPU decodes as the reader does (checked once per file, here)."""
+    def _decode_verdict(self, plan: SlidePlan) -> str:
+        """Who decodes this slide's tiles: "" without a GPU decoder; "gpu" for a JPEG-tiled
+        TIFF whose first tile the GPU decodes as the reader does (checked once per file,
+        here); else why the readers do."""
         from fpstore.errors import FpstoreError
         from fpstore.slides.slide import open_slide
 
         if self.decoder is None:
-            return False
+            return ""
         path = plan.slide.path
         if path not in self._verdicts:
             try:
@@ -480,15 +493,17 @@ class _Loop:
                     verdict = "no scanned tile to check"
                 else:
                     same, difference = self.decoder.agrees(*sample)
-                    verdict = "" if same else f"GPU decoding differs by {difference:.1f} levels"
-            except FpstoreError as error:
+                    verdict = "gpu" if same else f"GPU decoding differs by {difference:.1f} levels"
+            except FpstoreError as error:  # not a JPEG-tiled TIFF: the message says which
                 verdict = str(error).split(";")[0]
-            if verdict and self.progress:
+            except Exception as error:  # the GPU decoder refused the sample tile
+                verdict = f"GPU decoding failed on the sample tile: {_one_line(error)}"
+            if verdict != "gpu" and self.progress:
                 print(f"{plan.slide_id}: CPU decode: {verdict}", file=sys.stderr, flush=True)
             self._verdicts[path] = verdict
         verdict = self._verdicts[path]
-        self.decoded_on[verdict or "gpu"] += 1
-        return not verdict
+        self.decoded_on[verdict] += 1
+        return verdict
 
     # -- the model --
     def _take(self, batch: deque, n: int):
@@ -507,22 +522,27 @@ class _Loop:
         return rows, parts
 
     def _join(self, parts: list[torch.Tensor], n: int) -> tuple[torch.Tensor, bool]:
-        """(one batch of the n patches in ``parts``, whether it is in the pinned ring).
+        """(one batch of the n patches in ``parts``, whether it used the pinned ring).
 
-        On the GPU when the parts are there (GPU decoding); through the pinned ring when
-        CPU parts are bound for a GPU and must be copied anyway (a single part is already
-        pinned by the loader); padded to the batch size when compiled (one shape)."""
+        CPU parts bound for a GPU go through the pinned ring (one copy: the loader pins
+        nothing); a batch that mixes slides the GPU decoded with slides the readers decoded
+        is joined on the GPU, the readers' parts uploaded from the ring in one copy; padded
+        to the batch size when compiled (one shape)."""
         size = self.batch_size if self.config.compile else n
+        on_host = [p for p in parts if p.device.type == "cpu"]
+        if on_host and len(on_host) < len(parts):
+            device = next(p.device for p in parts if p.device.type != "cpu")
+            count = sum(len(p) for p in on_host)
+            staged = self.staging is not None
+            host = self.staging.gather(on_host, count) if staged else torch.cat(on_host)
+            uploaded = iter(host.to(device, non_blocking=staged).split([len(p) for p in on_host]))
+            parts = [next(uploaded) if p.device.type == "cpu" else p for p in parts]
+            return _cat_padded(parts, size), staged
+        if on_host and self.staging is not None:
+            return self.staging.gather(parts, size), True
         if len(parts) == 1 and size == n:
             return parts[0], False
-        if self.staging is not None and parts[0].device.type == "cpu":
-            return self.staging.gather(parts, size), True
-        if size > n:
-            pad = torch.zeros(
-                (size - n, *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device
-            )
-            parts = [*parts, pad]
-        return torch.cat(parts), False
+        return _cat_padded(parts, size), False
 
     def _encode(self, pixels, staged: bool, n: int):
         """Start the model on one batch; returns a handle whose result _scatter waits for."""
@@ -561,7 +581,7 @@ class _Loop:
     def _finish(self, slot_id: int) -> None:
         slot = self.slots.pop(slot_id)
         try:
-            self.results[slot.plan.slide_id] = write_slide(
+            result = write_slide(
                 self.store,
                 self.cohort,
                 slot.plan,
@@ -571,6 +591,7 @@ class _Loop:
                 slot.vectors,
                 slot.started,
             )
+            self.results[slot.plan.slide_id] = replace(result, decode=slot.decode)
         finally:
             slot.claim.release()
             self.bar.update(1)
@@ -579,10 +600,27 @@ class _Loop:
         slot = self.slots.pop(slot_id)
         slot.error = error
         slide_id = slot.plan.slide_id
-        self.results[slide_id] = record_failure(self.store, self.cohort, self.info, slide_id, error)
+        result = record_failure(self.store, self.cohort, self.info, slide_id, error)
+        self.results[slide_id] = replace(result, decode=slot.decode)
         slot.claim.release()
         self.bar.update(1)
         self.ready = deque(entry for entry in self.ready if entry[0] != slot_id)
+
+
+def _cat_padded(parts: list[torch.Tensor], size: int) -> torch.Tensor:
+    """The parts (on one device) one after another, zero-padded to ``size`` patches."""
+    n = sum(len(p) for p in parts)
+    if size > n:
+        pad = torch.zeros(
+            (size - n, *parts[0].shape[1:]), dtype=parts[0].dtype, device=parts[0].device
+        )
+        parts = [*parts, pad]
+    return torch.cat(parts)
+
+
+def _one_line(error: BaseException) -> str:
+    """``Type: message`` on one line (nvJPEG's messages span several)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _by_patient(work: list[SlideWork]) -> list[list[SlideWork]]:

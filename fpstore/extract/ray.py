@@ -254,6 +254,7 @@ class _Encoder:
         if calibration is not None:
             self.encoder.calibrate(torch.from_numpy(np.array(calibration)))
         self.batch_size = config.resolved_batch_size(device)
+        self.pad = config.compile  # one shape: a compiled model recompiles for a new one
 
     def agreement(self) -> dict | None:
         return self.encoder.calibration
@@ -263,9 +264,16 @@ class _Encoder:
 
         out = np.empty((len(pixels), self.encoder.dim), np.float32)
         for start in range(0, len(pixels), self.batch_size):
-            # Object-store arrays are read-only: copy the batch once into a writable tensor.
-            batch = torch.from_numpy(np.array(pixels[start : start + self.batch_size]))
-            out[start : start + len(batch)] = self.encoder.encode(batch).cpu().numpy()
+            part = pixels[start : start + self.batch_size]
+            n = len(part)
+            # Object-store arrays are read-only: copy the batch once into a writable tensor,
+            # zero-padded to the batch size when compiled, as the local engine does.
+            if self.pad:
+                batch = np.zeros((self.batch_size, *part.shape[1:]), part.dtype)
+                batch[:n] = part
+            else:
+                batch = np.array(part)
+            out[start : start + n] = self.encoder.encode(torch.from_numpy(batch))[:n].cpu().numpy()
         return out
 
     def pid(self) -> int:
