@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from fpstore.config import check_choice, check_range
+from fpstore.config import check_choice, check_range, set_backend_flags
 from fpstore.encoders.base import PrecisionChoice, resolve_precision
 from fpstore.encoders.fingerprint_net import ARCHS, FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
@@ -416,6 +416,7 @@ class Stepper:
     def __init__(self, model: FingerprintNet, cfg: TrainConfig, mean, std, device: torch.device):
         self.cfg, self.mean, self.std, self.device = cfg, mean, std, device
         self.cuda = device.type == "cuda"
+        set_backend_flags(device.type)
         self.precision = resolve_precision(cfg.precision, device)
         self.bf16 = self.precision.precision == "bf16"
         self.channels_last = self.cuda or self.bf16
