@@ -107,12 +107,13 @@ def _external_block(cohort: str, result) -> dict:
     return {"cohort": cohort, **{k: m[k] for k in ("auc", "ci_low", "ci_high", "n")}}
 
 
-def _load(store: Path, cfg: CohortRunConfig, cohort: str, encoder, pool: str, *loaded):
-    """A cohort's Dataset for this run (``loaded``: its bags and tissue, if read already)."""
+def _load(store: Path, cfg: CohortRunConfig, cohort: str, encoder, pool: str, loaded=(None, None)):
+    """A cohort's Dataset for this run (``loaded``: its bags and counts, if read already)."""
     from fpstore.classify.data import load_dataset
 
+    bags, counts = loaded
     return load_dataset(
-        store, cohort, cfg.marker, encoder, pool, *loaded, patches=cfg.patches, seed=cfg.seed
+        store, cohort, cfg.marker, encoder, pool, bags, counts, patches=cfg.patches, seed=cfg.seed
     )
 
 
@@ -149,7 +150,9 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         final = fit_final(estimator, data.bags, data.y, protocol)
     external = None
     if cfg.external is not None:
-        external = _validate_external(store, cfg, encoder, final, document, predictions)
+        external = _validate_external(
+            store, cfg, cfg.external, encoder, final, document, predictions
+        )
     if cfg.site_probe:
         document["site_probe"] = _probe(data.bags, protocol)
     if cfg.permutations:
@@ -172,27 +175,29 @@ def _tissue_notes(store: Path, cfg: ClassifyConfig, encoder, progress: bool) -> 
     return [ensure_tissue_types(store, name, encoder, progress) for name in cfg.cohorts]
 
 
-def _validate_external(store, cfg: ClassifyConfig, encoder, final, document, predictions):
-    """The final model tested once on ``cfg.external``: its block goes into ``document``, its
+def _validate_external(
+    store, cfg: ClassifyConfig, cohort: str, encoder, final, document, predictions
+):
+    """The final model tested once on ``cohort`` (``cfg.external``): its block goes into ``document``, its
     predictions onto ``predictions``; returns the model card's external block."""
     from fpstore.classify.protocol import external_score
 
     if final is None:  # fitted whenever there is an external cohort
         raise ClassifyError("no final model to test on the external cohort")
     if encoder is not None:
-        resolve_encoder(store, cfg.external, encoder)
-    ext_data = _load(store, cfg, cfg.external, encoder, cfg.pool)
+        resolve_encoder(store, cohort, encoder)
+    ext_data = _load(store, cfg, cohort, encoder, cfg.pool)
     model, info = final
     if _reads_pixels(cfg.method):
-        model.images = _images(store, cfg.external, ext_data.bags, cfg.method)
+        model.images = _images(store, cohort, ext_data.bags, cfg.method)
     ext = external_score(model, info, ext_data.bags, ext_data.y, cfg.protocol)
     document["external_validation"] = {
         **ext.to_dict(),
         "data": ext_data.summary(),
-        "extraction": _extraction(store, encoder, cfg.external),
+        "extraction": _extraction(store, encoder, cohort),
     }
-    predictions.append((cfg.external, "external", ext.predictions))
-    return _external_block(cfg.external, ext)
+    predictions.append((cohort, "external", ext.predictions))
+    return _external_block(cohort, ext)
 
 
 def _save_classify(
@@ -218,7 +223,8 @@ def _save_classify(
             config,
             data,
             encoder_block,
-            *final,
+            final[0],
+            final[1],
             document["score_range"],
             document["cv"]["metrics"],
             document.get("permutation"),
@@ -338,9 +344,9 @@ class _Entries:
             self.skipped.append({"name": name, "reason": reason})
             return
         try:
-            data = _load(store, cfg, cfg.cohort, encoder, pool, *loaded[0])
+            data = _load(store, cfg, cfg.cohort, encoder, pool, loaded[0])
             ext = (
-                _load(store, cfg, cfg.external, encoder, pool, *loaded[1]) if cfg.external else None
+                _load(store, cfg, cfg.external, encoder, pool, loaded[1]) if cfg.external else None
             )
         except ClassifyError as error:  # e.g. no patient with fat patches: say so, go on
             self.skipped.append({"name": name, "reason": str(error)})

@@ -19,6 +19,7 @@ The validation settings (folds, split, seed, bootstrap, fixed groups) come as on
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -108,7 +109,7 @@ def assign_groups(
     return dict(zip(patient_ids[order].tolist(), groups.tolist()))
 
 
-def _group_array(bags: Bags, groups: dict[str, int]) -> np.ndarray:
+def _group_array(bags: Bags, groups: Mapping[str, int]) -> np.ndarray:
     missing = [p for p in bags.patient_ids if p not in groups]
     if missing:
         raise ClassifyError(f"{len(missing)} patients have no group, e.g. {missing[0]!r}")
