@@ -9,13 +9,16 @@ import click
 
 from fpstore.cli.common import (
     cohort_option,
+    device_option,
     echo_json,
     echo_table,
     json_option,
+    precision_option,
     resolve_cohort,
     seed_option,
     store_url_option,
 )
+from fpstore.config import PRECISIONS
 from fpstore.slides.stain import STAIN_METHODS
 
 
@@ -84,14 +87,9 @@ def _patches(value: str) -> int | None:
     help="Keep squares with at least this tissue fraction (preview with `fpstore patches`); "
     "a slide with none fails with its tissue fraction.",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
-    default="auto",
-    show_default=True,
+@device_option()
+@precision_option(
+    PRECISIONS,
     help="auto: bf16 on GPUs with bf16 units and on CPUs with native bf16 (AMX, AVX-512 "
     "BF16), about 2x fp32 with fingerprints at cosine >= 0.9999 to fp32; fp32 elsewhere "
     "(the choice and why are printed and stored in each file). int8 (CPU): static "

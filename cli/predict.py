@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.cli.common import (
+    device_option,
+    echo_json,
+    echo_table,
+    json_option,
+    seed_option,
+    store_option,
+)
 
 
 def _patches(value: str) -> int | str:
@@ -70,13 +77,7 @@ def _patches(value: str) -> int | str:
     show_default=True,
     help="Bootstrap resamples for the 95% CI (labelled cohorts).",
 )
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="--slides: where the encoder runs.",
-)
+@device_option(help="--slides: where the encoder runs; auto: CUDA when one is visible.")
 @seed_option
 @store_option
 @json_option

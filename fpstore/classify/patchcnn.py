@@ -28,7 +28,7 @@ from tqdm import tqdm
 from fpstore.classify.bags import Bags
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
-from fpstore.config import check_choice, check_range
+from fpstore.config import DEVICES, TRAIN_PRECISIONS, check_choice, check_range
 from fpstore.encoders.base import resolve_precision
 from fpstore.errors import ClassifyError
 
@@ -53,8 +53,8 @@ class PatchCNNConfig:
 
     def __post_init__(self):
         check_choice("PatchCNNConfig", "arch", self.arch, ARCHS)
-        check_choice("PatchCNNConfig", "device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("PatchCNNConfig", "precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("PatchCNNConfig", "device", self.device, DEVICES)
+        check_choice("PatchCNNConfig", "precision", self.precision, ("auto", *TRAIN_PRECISIONS))
         check_range("PatchCNNConfig", "max_epochs", self.max_epochs, 1, 10_000)
         check_range("PatchCNNConfig", "patience", self.patience, 1, 10_000)
         check_range("PatchCNNConfig", "batch_size", self.batch_size, 1, 4096)
