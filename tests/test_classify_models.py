@@ -138,7 +138,9 @@ def test_external_validation_tests_once_on_a_disjoint_cohort():
     with pytest.raises(ClassifyError, match="both the training and the external"):
         external_validate(train, y, test, y_test, create_classifier("logreg"))
     test.patient_ids = np.array([f"X{p}" for p in test.patient_ids])
-    result = external_validate(train, y, test, y_test, create_classifier("logreg"), CVProtocol(n_boot=200))
+    result = external_validate(
+        train, y, test, y_test, create_classifier("logreg"), CVProtocol(n_boot=200)
+    )
     assert result.kind == "external" and result.metrics["n"] == 40
     assert (result.predictions.folds == -1).all()
     assert result.folds[0]["n_train"] + result.folds[0]["n_es"] == 100

@@ -402,22 +402,18 @@ class FeatureStore:
         encoder: str,
         cohort: str | None = None,
         by: str = "patient_id",
-        materialised: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (G, dim) means) pooled over ``by`` (patient_id or slide_id).
 
         numpy over the pyarrow matrix: a segment sum, several times faster than any SQL
         form DuckDB offers for element-wise means of arrays (see benchmarks/bench_duckdb.py).
-        ``materialised`` pools the memory-mapped matrix that ``fpstore similar`` keeps under
-        ``cache/`` instead (built on first use, rebuilt when the files change): no Parquet
-        decoding: 0.8 s per million patches on 2 cores once it exists (35 s to build).
+        ``fpstore.store.similarity.vector_index(store, encoder).pooled_means(by)`` pools the
+        memory-mapped matrix that ``fpstore similar`` keeps under ``cache/`` instead (built on
+        first use, rebuilt when the files change): no Parquet decoding: 0.8 s per million
+        patches on 2 cores once it exists (35 s to build).
         """
         if by not in ("patient_id", "slide_id"):
             raise StoreError(f"mean_fingerprints by={by!r}; use 'patient_id' or 'slide_id'")
-        if materialised:
-            from fpstore.store.similarity import vector_index
-
-            return vector_index(self, encoder, cohort).pooled_means(by)
         fp = self.fingerprints(encoder, cohort)
         ids, index = np.unique(
             fp.keys.column(by).to_numpy(zero_copy_only=False).astype(str), return_inverse=True
