@@ -141,8 +141,7 @@ def score_bags(model, bags: Bags) -> tuple[np.ndarray, np.ndarray | None]:
     patch = model.patch_scores(bags)
     if patch is None:
         return model.decision_function(bags), None
-    sums = np.bincount(bags.bag_index, weights=patch, minlength=bags.n_patients)
-    return sums / np.maximum(bags.n_patches(), 1), patch
+    return bags.patient_means(patch), patch
 
 
 def _metrics(y, scores, n_boot: int, seed: int) -> tuple[dict, dict]:
