@@ -22,6 +22,7 @@ SPLITS = ("patient", "site")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # an encoder's inference
 TRAIN_PRECISIONS = ("fp32", "bf16")  # training: fp16 would need loss scaling; int8 does not train
+CLINICAL_FORMATS = ("tcga", "csv")  # `cohort add --format`: a TCGA Biotab file or a CSV/TSV
 SYNTH_PARTS = ("tcga", "external", "tma")  # what `fpstore synth` writes, alone or together
 # One resampling method everywhere a patch is resized (reader, TMA crops, cache):
 # area averaging when shrinking (no aliasing of nuclei), bilinear when enlarging.
