@@ -179,7 +179,7 @@ def _stored_checkpoint(store_path, stain: str) -> Path:
     """STORE/models/fingerprint/<stain>.pt, never over a network already there."""
     from fpstore.store.layout import StoreLayout
 
-    path = StoreLayout.of(store_path).fingerprint_models_dir / f"{stain}.pt"
+    path = StoreLayout.of(store_path).fingerprint_model_file(stain)
     if path.exists():
         raise click.UsageError(
             f"{path} holds a trained network already: give --out NAME.pt to keep both, or remove it"

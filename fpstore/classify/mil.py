@@ -130,6 +130,15 @@ def _early_stopping_value(bags: Bags, y, patch_scores: np.ndarray) -> float:
     return -float(np.mean((scores - np.where(y == 1, 1.0, -1.0)) ** 2))
 
 
+def _bag_weights(y: np.ndarray, class_weight: str) -> torch.Tensor:
+    """Each bag's weight in the loss: 1, or "balanced" (each class weighs half)."""
+    if class_weight == "balanced":
+        weight = np.where(y == 1, len(y) / (2 * (y == 1).sum()), len(y) / (2 * (y == 0).sum()))
+    else:
+        weight = np.ones(len(y))
+    return torch.from_numpy(weight.astype(np.float32))
+
+
 class MILHead(PatchMeanScores, ClassifierMixin, BaseEstimator):
     """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es)).
     A patient's score is the mean of its patches' scores, in [-1, 1]."""
@@ -172,11 +181,7 @@ class MILHead(PatchMeanScores, ClassifierMixin, BaseEstimator):
         bag_index = torch.from_numpy(shuffled.bag_index)
         inv_counts = torch.from_numpy(1.0 / np.maximum(counts, 1).astype(np.float32))
         target = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
-        if cfg.class_weight == "balanced":
-            weight = np.where(y == 1, len(y) / (2 * (y == 1).sum()), len(y) / (2 * (y == 0).sum()))
-        else:
-            weight = np.ones(len(y))
-        weight = torch.from_numpy(weight.astype(np.float32))
+        weight = _bag_weights(y, cfg.class_weight)
         if eval_set is not None:
             eval_bags, eval_y = eval_set
             eval_x = torch.from_numpy(eval_bags.features)

@@ -218,18 +218,7 @@ def _save_classify(
             if encoder is None
             else encoder_card(fingerprint_settings(store, cfg.cohort, encoder), encoder)
         )
-        card = build_card(
-            run_id,
-            config,
-            data,
-            encoder_block,
-            final[0],
-            final[1],
-            document["score_range"],
-            document["cv"]["metrics"],
-            document.get("permutation"),
-            external,
-        )
+        card = build_card(run_id, document, data, encoder_block, final, external)
         folder = save_models(store, run_id, card, final[0], fold_models)
         document["model"] = {"model_id": run_id, "path": str(folder)}
     document["run_id"] = run_id

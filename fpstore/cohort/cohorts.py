@@ -335,7 +335,7 @@ class CohortSource:
     ``types`` says.
     """
 
-    slides: tuple = ()
+    slides: tuple | str | Path = ()  # kept as a tuple
     clinical: Path | None = None
     fmt: str = "tcga"
     slides_dir: Path | None = None

@@ -29,7 +29,13 @@ import pyarrow.parquet as pq
 from fpstore.errors import StoreError
 from fpstore.store.cohorts import cohort_names
 from fpstore.store.fingerprints import partition_settings
-from fpstore.store.layout import StoreLayout, partitions, visible_files
+from fpstore.store.layout import (
+    STATUS_FILES,
+    TISSUE_FILES,
+    StoreLayout,
+    partitions,
+    visible_files,
+)
 from fpstore.store.pooling import segment_mean
 from fpstore.store.remote import register_with_duckdb
 from fpstore.store.schema import (
@@ -185,7 +191,7 @@ class FeatureStore:
         """(Re)build the views: files written since the store was opened become visible."""
         self._fingerprint_views()
         self._cohort_views()
-        self._parquet_view("tissue", self.path / "tissue", "cohort=*/*.parquet", TISSUE, hive=True)
+        self._parquet_view("tissue", self.layout.tissue_root, TISSUE_FILES, TISSUE, hive=True)
         self._parquet_view(
             "predictions", self.layout.runs_dir, "*/patients.parquet", PATIENT_PREDICTIONS
         )
@@ -253,7 +259,7 @@ class FeatureStore:
                     for c, f in zip(cohorts, files)
                 ),
             )
-        status_files = list((self.path / "status").glob("encoder=*/cohort=*/*.json"))
+        status_files = list(self.layout.status_root.glob(STATUS_FILES))
         if status_files:
             columns = (
                 "{"
@@ -263,7 +269,7 @@ class FeatureStore:
             self._view(
                 "extraction_status",
                 (
-                    f"SELECT * FROM read_json({_literal(self.path / 'status/encoder=*/cohort=*/*.json')}, "
+                    f"SELECT * FROM read_json({_literal(self.layout.status_root / STATUS_FILES)}, "
                     f"columns = {columns}, hive_partitioning = true, format = 'auto')"
                 ),
             )
