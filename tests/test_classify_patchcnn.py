@@ -81,8 +81,7 @@ def test_pixels_come_at_one_size_whatever_the_encoders_resize_to(tmp_path):
     from fpstore.encoders.base import Encoder, Preprocessing
     from fpstore.encoders.registry import list_encoders, register_encoder
     from fpstore.extract.run import extract
-    from tests.test_extract import config
-    from tests.test_store_promises import make_store
+    from tests._extraction import config, make_store
 
     if "tiny112" not in list_encoders():
 
