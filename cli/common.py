@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from fpstore.classify.settings import N_BOOT_RANGE
 from fpstore.config import DEVICES
 
 DEFAULT_STORE = "fpstore-store"
@@ -106,6 +107,13 @@ def precision_option(precisions, help: str, default: str | None = "auto"):
         default=default,
         show_default=default is not None,
         help=help,
+    )
+
+
+def n_boot_option(help: str = "Bootstrap resamples for the 95% CI."):
+    """--n-boot, in the range every CI of the library accepts."""
+    return click.option(
+        "--n-boot", type=click.IntRange(*N_BOOT_RANGE), default=2000, show_default=True, help=help
     )
 
 

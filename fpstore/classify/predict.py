@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fpstore.classify.settings import N_BOOT_RANGE
 from fpstore.config import check_range
 from fpstore.errors import ClassifyError, ConfigError
 
@@ -58,7 +59,7 @@ class PredictConfig:
             check_range("predict", "patches", self.patches, 1, 10**7)
         if self.fold is not None:
             check_range("predict", "fold", self.fold, 0, 19)
-        check_range("predict", "n_boot", self.n_boot, 100, 100_000)
+        check_range("predict", "n_boot", self.n_boot, *N_BOOT_RANGE)
 
 
 def _patches(cfg: PredictConfig, card: dict) -> int | None:
