@@ -207,12 +207,12 @@ def _register_cohorts(steps: _Steps, data: Path, store: Path) -> None:
     tcga = data / "tcga"
     sources = {
         "tcga": CohortSource(
-            slides=str(tcga / "slides"),
+            slides=(str(tcga / "slides"),),
             clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
             fmt="tcga",
         ),
         "external": CohortSource(
-            slides=str(data / "external" / "slides"),
+            slides=(str(data / "external" / "slides"),),
             clinical=data / "external" / "labels.csv",
             fmt="csv",
         ),

@@ -335,7 +335,7 @@ class CohortSource:
     ``types`` says.
     """
 
-    slides: tuple | str | Path = ()  # kept as a tuple
+    slides: tuple = ()  # a str or Path alone is made a tuple of one
     clinical: Path | None = None
     fmt: str = "tcga"
     slides_dir: Path | None = None
