@@ -183,6 +183,12 @@ def classify_command(
     if as_json:
         echo_json(document)
         return
+    _print_classify(document, cfg)
+
+
+def _print_classify(document: dict, cfg) -> None:
+    """The run as text: notes, folds and pooled AUC, the data, the probe and the test."""
+    marker, method, pool, split = cfg.marker, cfg.method, cfg.pool, cfg.split
     for note in document.get("notes", []):
         click.echo(f"note: {note}")
     cv = document["cv"]
@@ -201,7 +207,7 @@ def classify_command(
         e = document["external_validation"]["metrics"]
         rows.append(
             {
-                "test": f"external {external}",
+                "test": f"external {cfg.external}",
                 "patients": e["n"],
                 "positive": e["n_pos"],
                 "AUC": _auc_cell(e),

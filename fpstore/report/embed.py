@@ -302,19 +302,8 @@ def embed_cohort(  # noqa: PLR0913  one keyword per `fpstore report embed` optio
     cluster_labels = np.full(len(xy), -1)
     selected: list[Cluster] = []
     if scores is not None:
-        scored = np.flatnonzero(np.isfinite(scores))
-        labels_scored, selected = select_clusters(
-            xy[scored],
-            scaled_scores(scores[scored], score_range),
-            patients[scored],
-            clusters,
-            seed=config.seed,
-        )
-        cluster_labels[scored] = labels_scored
-        for c in selected:
-            c.members = scored[c.members].tolist()
-        if not selected:
-            notes.append(f"no cluster has a mean scaled score beyond +/-{clusters.min_enrichment}")
+        scaled = scaled_scores(scores, score_range)
+        selected = _clusters(xy, scaled, patients, clusters, config.seed, cluster_labels, notes)
     seconds["clusters"] = time.perf_counter() - start
 
     out = Path(out)
@@ -340,6 +329,21 @@ def embed_cohort(  # noqa: PLR0913  one keyword per `fpstore report embed` optio
         seconds,
         notes,
     )
+
+
+def _clusters(xy, scaled, patients, clusters: ClusterConfig, seed: int, labels, notes):
+    """The enriched clusters among the scored patches (their members as rows of ``xy``);
+    each scored patch's cluster goes into ``labels``."""
+    scored = np.flatnonzero(np.isfinite(scaled))
+    labels_scored, selected = select_clusters(
+        xy[scored], scaled[scored], patients[scored], clusters, seed=seed
+    )
+    labels[scored] = labels_scored
+    for c in selected:
+        c.members = scored[c.members].tolist()
+    if not selected:
+        notes.append(f"no cluster has a mean scaled score beyond +/-{clusters.min_enrichment}")
+    return selected
 
 
 def _points(store: Path, cohort: str, encoder: str, config: EmbedConfig, notes: list):
