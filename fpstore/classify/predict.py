@@ -217,13 +217,32 @@ def delong_vs_runs(store, marker: str, cohort: str, predictions) -> list[dict]:
     return rows
 
 
+def _cohort_to_score(store: Path, cfg: PredictConfig, card: dict, patches, progress: bool):
+    """(cohort, extraction summary or None): ``cfg.cohort``, or ``cfg.slides`` registered as
+    an unlabelled cohort and extracted with the card's encoder."""
+    from fpstore.store.cohorts import read_cohort_document
+
+    if cfg.slides:
+        if card["encoder"] is None:
+            raise ClassifyError(
+                f"model {card['model_id']} ({card['method']}) reads patch pixels: add the slides "
+                "with `fpstore cohort add`, extract them with any encoder (for the patch grid), "
+                "then predict --cohort"
+            )
+        cohort = _slides_cohort(store, cfg)
+        return cohort, _extract(store, cohort, card, cfg, patches, progress)
+    if cfg.cohort is None:  # PredictConfig.__post_init__ refuses this already
+        raise ConfigError("predict needs --cohort NAME or --slides GLOB")
+    read_cohort_document(store, cfg.cohort)  # an unknown cohort fails first, naming the known
+    return cfg.cohort, None
+
+
 def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool = True) -> dict:
     """Score a cohort (or new slides) with a saved model; save the predictions as a run."""
     from fpstore.classify.data import cache_images, fingerprint_settings, load_scoring_bags
     from fpstore.classify.models import load_model
     from fpstore.classify.protocol import score
     from fpstore.classify.runs import new_run_id, save_run
-    from fpstore.store.cohorts import read_cohort_document
     from fpstore.store.fingerprints import resolve_encoder
 
     model = load_model(store, cfg.model)
@@ -231,21 +250,7 @@ def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool =
     which = "final" if cfg.fold is None else f"fold-{cfg.fold}"
     patches = _patches(cfg, card)
     pixels = card["encoder"] is None
-    extraction = None
-    if cfg.slides:
-        if pixels:
-            raise ClassifyError(
-                f"model {card['model_id']} ({card['method']}) reads patch pixels: add the slides "
-                "with `fpstore cohort add`, extract them with any encoder (for the patch grid), "
-                "then predict --cohort"
-            )
-        cohort = _slides_cohort(store, cfg)
-        extraction = _extract(store, cohort, card, cfg, patches, progress)
-    elif cfg.cohort is None:  # PredictConfig.__post_init__ refuses this already
-        raise ConfigError("predict needs --cohort NAME or --slides GLOB")
-    else:
-        cohort = cfg.cohort
-        read_cohort_document(store, cohort)  # an unknown cohort fails first, naming the known
+    cohort, extraction = _cohort_to_score(store, cfg, card, patches, progress)
     encoder = None
     if not pixels:
         encoder = resolve_encoder(store, cohort, card["encoder"]["id"])
