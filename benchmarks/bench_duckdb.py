@@ -8,7 +8,7 @@ patient, a tissue type per patch) with fpstore's own writer, then times each que
 prints the better time, beside the numpy path fpstore uses where it is faster:
 
     mean per patient     DuckDB SQL (unnest, as in docs/queries.md)  vs  FeatureStore.mean_fingerprints
-                         over the Parquet files  vs  over the materialised matrix (materialised=True)
+                         over the Parquet files  vs  over the materialised matrix (vector_index().pooled_means())
     group-by tissue      DuckDB join + count over patches and tissue
     top-10 cosine        DuckDB array_cosine_similarity brute force over the Parquet files
                          vs a materialised FLOAT[512] DuckDB table
@@ -162,7 +162,7 @@ def main(argv=None):
         lambda: similar(store, query_id, k=10)
     )
     runs["mean per patient: numpy on the materialised matrix"] = timed(
-        lambda: store.mean_fingerprints("bench", materialised=True)
+        lambda: vector_index(store, "bench").pooled_means()
     )
 
     t = {name: seconds for name, (seconds, _) in runs.items()}

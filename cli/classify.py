@@ -7,10 +7,12 @@ import json
 import click
 
 from fpstore.classify.methods import SAVE_MODELS, compare_methods, method_names, method_spec
+from fpstore.classify.settings import FOLDS_RANGE, PERMUTATIONS_RANGE
 from fpstore.cli.common import (
     echo_json,
     echo_table,
     json_option,
+    n_boot_option,
     resolve_cohort,
     seed_option,
     store_option,
@@ -48,7 +50,7 @@ common_options = [
     click.option("--external", help="Train on the whole --cohort, test once on this cohort."),
     click.option(
         "--folds",
-        type=click.IntRange(3, 20),
+        type=click.IntRange(*FOLDS_RANGE),
         default=5,
         show_default=True,
         help="Patient groups: each fold trains on k-2, early-stops on 1, tests on 1.",
@@ -60,13 +62,7 @@ common_options = [
         show_default=True,
         help="site: groups are whole sites (TCGA tissue-source sites).",
     ),
-    click.option(
-        "--n-boot",
-        type=click.IntRange(100, 100_000),
-        default=2000,
-        show_default=True,
-        help="Bootstrap resamples for the 95% CI.",
-    ),
+    n_boot_option(),
     click.option(
         "--patches",
         type=click.IntRange(1),
@@ -118,7 +114,7 @@ def _auc_cell(m: dict) -> str:
 @click.option("--no-site-probe", is_flag=True, help="Skip the site-leakage probe.")
 @click.option(
     "--permutations",
-    type=click.IntRange(0, 100_000),
+    type=click.IntRange(*PERMUTATIONS_RANGE),
     default=0,
     show_default=True,
     help="Rerun the CV on labels shuffled within sites N times: the AUC's null "
@@ -187,6 +183,12 @@ def classify_command(
     if as_json:
         echo_json(document)
         return
+    _print_classify(document, cfg)
+
+
+def _print_classify(document: dict, cfg) -> None:
+    """The run as text: notes, folds and pooled AUC, the data, the probe and the test."""
+    marker, method, pool, split = cfg.marker, cfg.method, cfg.pool, cfg.split
     for note in document.get("notes", []):
         click.echo(f"note: {note}")
     cv = document["cv"]
@@ -205,7 +207,7 @@ def classify_command(
         e = document["external_validation"]["metrics"]
         rows.append(
             {
-                "test": f"external {external}",
+                "test": f"external {cfg.external}",
                 "patients": e["n"],
                 "positive": e["n_pos"],
                 "AUC": _auc_cell(e),

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fpstore.cli.common import echo_json, echo_table, json_option, store_url_option
+from fpstore.config import CLINICAL_FORMATS
 
 # Long lists (1000 patients without slides) are cut in the text view; --json has them all.
 SHOW_AT_MOST = 20
@@ -33,7 +34,7 @@ def cohort():
     "Without it the cohort is unlabelled: each slide its own patient (for `fpstore predict`).",
 )
 @click.option(
-    "--format", "fmt", type=click.Choice(["tcga", "csv"]), default="tcga", show_default=True
+    "--format", "fmt", type=click.Choice(CLINICAL_FORMATS), default="tcga", show_default=True
 )
 @click.option(
     "--slides-dir",
@@ -114,24 +115,21 @@ def add(
     fpstore cohort add hospital --slides 'scans/*.svs'       # unlabelled
     """
     from fpstore.cohort.clinical import parse_column_mapping
-    from fpstore.cohort.cohorts import add_cohort
+    from fpstore.cohort.cohorts import CohortSource, add_cohort
     from fpstore.cohort.slide_types import TypeChoice
 
-    summary = add_cohort(
-        store_path,
-        name,
-        slides=list(slides),
+    source = CohortSource(
+        slides=tuple(slides),
         clinical=clinical,
         fmt=fmt,
+        slides_dir=slides_dir,
         mpp_overrides=mpp_overrides,
         site_column=site_column,
         columns=parse_column_mapping(columns),
-        slides_dir=slides_dir,
         her2_fish_resolves_equivocal=her2_fish_resolves_equivocal,
-        validate=validate,
-        force=force,
         types=TypeChoice.parse(slide_types, sample_types),
     )
+    summary = add_cohort(store_path, name, source, validate=validate, force=force)
     _print_summary(summary, as_json)
     if summary.problems:
         click.echo(

@@ -10,6 +10,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from fpstore.classify.settings import N_BOOT_RANGE
+from fpstore.config import DEVICES
+
 DEFAULT_STORE = "fpstore-store"
 # Where a command's --store comes from, first found wins: the command's own --store
 # (`fpstore sql Q --store S`), the one given before the command (`fpstore --store S sql Q`,
@@ -86,6 +89,32 @@ def resolve_cohort(store_path, cohort: str | None) -> str:
     from fpstore.store.cohorts import resolve_cohort as resolve
 
     return resolve(store_path, cohort)
+
+
+def device_option(help: str = "Where the network runs; auto: CUDA when one is visible."):
+    """--device, the library's list (``fpstore.config.DEVICES``)."""
+    return click.option(
+        "--device", type=click.Choice(DEVICES), default="auto", show_default=True, help=help
+    )
+
+
+def precision_option(precisions, help: str, default: str | None = "auto"):
+    """--precision: "auto" or one of ``precisions``, the library's list for this use
+    (``fpstore.config.PRECISIONS`` to run an encoder, ``TRAIN_PRECISIONS`` to train)."""
+    return click.option(
+        "--precision",
+        type=click.Choice(("auto", *precisions)),
+        default=default,
+        show_default=default is not None,
+        help=help,
+    )
+
+
+def n_boot_option(help: str = "Bootstrap resamples for the 95% CI."):
+    """--n-boot, in the range every CI of the library accepts."""
+    return click.option(
+        "--n-boot", type=click.IntRange(*N_BOOT_RANGE), default=2000, show_default=True, help=help
+    )
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")

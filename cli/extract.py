@@ -9,13 +9,16 @@ import click
 
 from fpstore.cli.common import (
     cohort_option,
+    device_option,
     echo_json,
     echo_table,
     json_option,
+    precision_option,
     resolve_cohort,
     seed_option,
     store_url_option,
 )
+from fpstore.config import PRECISIONS
 from fpstore.slides.stain import STAIN_METHODS
 
 
@@ -84,14 +87,9 @@ def _patches(value: str) -> int | None:
     help="Keep squares with at least this tissue fraction (preview with `fpstore patches`); "
     "a slide with none fails with its tissue fraction.",
 )
-@click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]),
-    default="auto",
-    show_default=True,
+@device_option()
+@precision_option(
+    PRECISIONS,
     help="auto: bf16 on GPUs with bf16 units and on CPUs with native bf16 (AMX, AVX-512 "
     "BF16), about 2x fp32 with fingerprints at cosine >= 0.9999 to fp32; fp32 elsewhere "
     "(the choice and why are printed and stored in each file). int8 (CPU): static "
@@ -216,30 +214,7 @@ def extract(
     if as_json:
         echo_json(summary.to_dict())
     else:
-        for note in summary.notes:
-            click.echo(f"note: {note}")
-        rows = [r for r in summary.to_dict()["slides"] if r["status"] != "skipped"]
-        if rows:
-            echo_table(rows, ["slide_id", "status", "n_patches", "seconds", "error"])
-        d = summary.to_dict()
-        click.echo(
-            f"\n{summary.encoder} on {cohort} ({summary.device}, {summary.precision}: "
-            f"{summary.precision_reason}): "
-            f"{d['ok']} ok, {d['skipped']} already done, {d['elsewhere']} done by another "
-            f"process, {d['no_patient']} without a patient (skipped), {d['failed']} failed; "
-            f"{d['patches']} patches in {d['seconds']:.1f} s "
-            f"({d['patches_per_s']:.1f} patches/s)"
-        )
-        if summary.device == "cuda":  # where JPEG tiles were decoded, and why
-            click.echo(summary.decode)
-        for r in summary.decode_fallbacks:
-            click.echo(f"  {r.slide_id}: decoded by the readers, not the GPU: {r.decode}")
-        if d["int8_agreement"]:
-            a = d["int8_agreement"]
-            click.echo(
-                f"int8 vs fp32 on {a['n_check']} held-out calibration patches: cosine min "
-                f"{a['min_cosine']:.4f}, median {a['median_cosine']:.4f}"
-            )
+        _echo_summary(summary, cohort)
     if summary.failed:
         click.echo(
             f"{len(summary.failed)} slide(s) not extracted or not confirmed: "
@@ -249,6 +224,34 @@ def extract(
             err=True,
         )
         sys.exit(1)
+
+
+def _echo_summary(summary, cohort: str) -> None:
+    """The run's table, its one-line summary, where tiles were decoded and the int8 check."""
+    for note in summary.notes:
+        click.echo(f"note: {note}")
+    rows = [r for r in summary.to_dict()["slides"] if r["status"] != "skipped"]
+    if rows:
+        echo_table(rows, ["slide_id", "status", "n_patches", "seconds", "error"])
+    d = summary.to_dict()
+    click.echo(
+        f"\n{summary.encoder} on {cohort} ({summary.device}, {summary.precision}: "
+        f"{summary.precision_reason}): "
+        f"{d['ok']} ok, {d['skipped']} already done, {d['elsewhere']} done by another "
+        f"process, {d['no_patient']} without a patient (skipped), {d['failed']} failed; "
+        f"{d['patches']} patches in {d['seconds']:.1f} s "
+        f"({d['patches_per_s']:.1f} patches/s)"
+    )
+    if summary.device == "cuda":  # where JPEG tiles were decoded, and why
+        click.echo(summary.decode)
+    for r in summary.decode_fallbacks:
+        click.echo(f"  {r.slide_id}: decoded by the readers, not the GPU: {r.decode}")
+    if d["int8_agreement"]:
+        a = d["int8_agreement"]
+        click.echo(
+            f"int8 vs fp32 on {a['n_check']} held-out calibration patches: cosine min "
+            f"{a['min_cosine']:.4f}, median {a['median_cosine']:.4f}"
+        )
 
 
 commands = [extract]

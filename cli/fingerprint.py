@@ -7,7 +7,16 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.cli.common import (
+    device_option,
+    echo_json,
+    echo_table,
+    json_option,
+    precision_option,
+    seed_option,
+    store_option,
+)
+from fpstore.config import TRAIN_PRECISIONS
 from fpstore.slides.stain import STAIN_METHODS
 
 # fpstore.fingerprint.stain.STAINS, spelled out here so that the CLI starts without torch
@@ -86,11 +95,6 @@ def _sources(tma, cohort, store_path, per_slide, min_tissue, holdout, cache, cro
     )
 
 
-device_option = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True
-)
-
-
 # The train_options parameters and the TrainConfig fields they override.
 TRAIN_FIELDS = {
     "steps": "max_steps",
@@ -164,10 +168,10 @@ def train_options(f):
                 type=click.IntRange(1),
                 help="Evaluations without improvement before stopping (demo 3, full 6).",
             ),
-            device_option,
-            click.option(
-                "--precision",
-                type=click.Choice(["auto", "fp32", "bf16"]),
+            device_option(),
+            precision_option(
+                TRAIN_PRECISIONS,
+                default=None,
                 help="auto (default): bf16 autocast on GPUs with bf16 units and on CPUs with "
                 "native bf16 (AMX, AVX-512 BF16), fp32 elsewhere; printed and kept in the "
                 "checkpoint.",
@@ -183,7 +187,7 @@ def _stored_checkpoint(store_path, stain: str) -> Path:
     """STORE/models/fingerprint/<stain>.pt, never over a network already there."""
     from fpstore.store.layout import StoreLayout
 
-    path = StoreLayout.of(store_path).fingerprint_models_dir / f"{stain}.pt"
+    path = StoreLayout.of(store_path).fingerprint_model_file(stain)
     if path.exists():
         raise click.UsageError(
             f"{path} holds a trained network already: give --out NAME.pt to keep both, or remove it"
@@ -290,7 +294,7 @@ def train_fingerprint(
 @click.option(
     "--misses", type=click.IntRange(0), default=10, show_default=True, help="Misses to list."
 )
-@device_option
+@device_option()
 @json_option
 def match(
     model_path,
@@ -470,7 +474,7 @@ def fingerprint_experiment(
     show_default=True,
     help="Training cores to map, and test pairs to compare.",
 )
-@device_option
+@device_option()
 @click.option(
     "--cache",
     type=click.Path(path_type=Path, file_okay=False),

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, seed_option, store_option
+from fpstore.cli.common import (
+    device_option,
+    echo_json,
+    echo_table,
+    json_option,
+    n_boot_option,
+    seed_option,
+    store_option,
+)
 
 
 def _patches(value: str) -> int | str:
@@ -63,20 +71,8 @@ def _patches(value: str) -> int | str:
     help="Score with this fold's model (saved with "
     "`classify --save-models all`) instead of the final one.",
 )
-@click.option(
-    "--n-boot",
-    type=click.IntRange(100, 100_000),
-    default=2000,
-    show_default=True,
-    help="Bootstrap resamples for the 95% CI (labelled cohorts).",
-)
-@click.option(
-    "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
-    show_default=True,
-    help="--slides: where the encoder runs.",
-)
+@n_boot_option(help="Bootstrap resamples for the 95% CI (labelled cohorts).")
+@device_option(help="--slides: where the encoder runs; auto: CUDA when one is visible.")
 @seed_option
 @store_option
 @json_option

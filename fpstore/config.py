@@ -17,6 +17,12 @@ TISSUE_TYPES = ("background", "epithelium", "stroma", "fat")
 # here, beside the markers, so that the CLI's choice lists import no numpy.
 POOLS = ("all", "epithelium", "stroma", "fat", "epithelium+stroma")
 SPLITS = ("patient", "site")
+# Where a network runs ("auto": CUDA when one is visible) and the number formats it runs in:
+# here, like the lists above, so that every CLI option offers the library's own list.
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # an encoder's inference
+TRAIN_PRECISIONS = ("fp32", "bf16")  # training: fp16 would need loss scaling; int8 does not train
+CLINICAL_FORMATS = ("tcga", "csv")  # `cohort add --format`: a TCGA Biotab file or a CSV/TSV
 SYNTH_PARTS = ("tcga", "external", "tma")  # what `fpstore synth` writes, alone or together
 # One resampling method everywhere a patch is resized (reader, TMA crops, cache):
 # area averaging when shrinking (no aliasing of nuclei), bilinear when enlarging.

@@ -131,31 +131,6 @@ class _Steps:
         return value
 
 
-def register_cohorts(steps: _Steps, store: Path, data: Path) -> None:
-    """The synthetic TCGA-like cohort (BCR Biotab table) and the external one (CSV labels)."""
-    from fpstore.cohort.cohorts import add_cohort
-
-    tcga = data / "tcga"
-    steps.run(
-        "register cohort tcga",
-        add_cohort,
-        store,
-        "tcga",
-        slides=str(tcga / "slides"),
-        clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
-        fmt="tcga",
-    )
-    steps.run(
-        "register cohort external",
-        add_cohort,
-        store,
-        "external",
-        slides=str(data / "external" / "slides"),
-        clinical=data / "external" / "labels.csv",
-        fmt="csv",
-    )
-
-
 def _prepare(out: Path, force: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not force:
@@ -178,9 +153,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the whole pipeline into ``out`` and return what it measured."""
     from fpstore.encoders.base import stain_normalised_id
-    from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
-    from fpstore.fingerprint.experiment import Sources, match, train_fingerprint
     from fpstore.store.io import write_json_atomic
     from fpstore.synth import synthesize
 
@@ -206,52 +179,11 @@ def run_demo(
         workers=min(4, os.cpu_count() or 1),
         progress=progress,
     )
-    register_cohorts(steps, store, data)
-    # The large training set: the training array's cores and pseudo-cores of the TCGA-like
-    # slides (no labels are read); the matching game is played on the test array.
-    sources = Sources(
-        tma=data / "tma", store=store, cohort="tcga", crop_px=settings.crop_px, cache=out / "cores"
-    )
-    overrides = (
-        {"seed": seed} if settings.steps is None else {"seed": seed, "max_steps": settings.steps}
-    )
-    extractions = []
-    for base, stain in networks.items():
-        model = out / "model" / f"{base}.pt"
-        steps.run(
-            f"train the fingerprint network (stain invariance: {stain})",
-            train_fingerprint,
-            model,
-            sources,
-            config="demo",
-            stain=stain,
-            progress=progress,
-            **overrides,
-        )
-        result.match[base] = steps.run(
-            f"matching game on the test array ({base})", match, model, sources, progress=progress
-        )
-        for norm in settings.settings(settings.fingerprint_norm):
-            extractions.append(
-                ExtractConfig(
-                    encoder="fingerprint",
-                    encoder_options={"checkpoint": str(model)},
-                    encoder_id=stain_normalised_id(base, norm),
-                    stain_norm=norm,
-                    patches=None,
-                    seed=seed,
-                )
-            )
-    for norm in settings.settings(settings.control_norm):
-        extractions.append(
-            ExtractConfig(
-                encoder=CONTROL_ENCODER,
-                encoder_options={"seed": seed},
-                stain_norm=norm,
-                patches=None,
-                seed=seed,
-            )
-        )
+    register_cohorts(steps, data, store)
+    extractions = _train_networks(steps, settings, out, seed, progress)
+    extractions += [
+        control_extraction(seed, norm) for norm in settings.settings(settings.control_norm)
+    ]
     for config in extractions:
         steps.run(
             f"extract {config.encoder_id or config.build_encoder().id}: tcga + external",
@@ -268,6 +200,86 @@ def run_demo(
     return result
 
 
+def register_cohorts(steps: _Steps, data: Path, store: Path) -> None:
+    """The synthetic TCGA-like cohort (Biotab table) and the external one (CSV)."""
+    from fpstore.cohort.cohorts import CohortSource, add_cohort
+
+    tcga = data / "tcga"
+    sources = {
+        "tcga": CohortSource(
+            slides=(str(tcga / "slides"),),
+            clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
+            fmt="tcga",
+        ),
+        "external": CohortSource(
+            slides=(str(data / "external" / "slides"),),
+            clinical=data / "external" / "labels.csv",
+            fmt="csv",
+        ),
+    }
+    for name, source in sources.items():
+        steps.run(f"register cohort {name}", add_cohort, store, name, source)
+
+
+def _train_networks(steps: _Steps, settings: DemoSettings, out: Path, seed: int, progress: bool):
+    """Train each fingerprint network and play the matching game with it; returns the
+    extractions of its fingerprints (one per stain-normalisation setting)."""
+    from fpstore.encoders.base import stain_normalised_id
+    from fpstore.extract.config import ExtractConfig
+    from fpstore.fingerprint.experiment import Sources, match, train_fingerprint
+
+    # The large training set: the training array's cores and pseudo-cores of the TCGA-like
+    # slides (no labels are read); the matching game is played on the test array.
+    data, store = out / "synth", out / "store"
+    sources = Sources(
+        tma=data / "tma", store=store, cohort="tcga", crop_px=settings.crop_px, cache=out / "cores"
+    )
+    overrides = (
+        {"seed": seed} if settings.steps is None else {"seed": seed, "max_steps": settings.steps}
+    )
+    extractions = []
+    for base, stain in settings.networks().items():
+        model = out / "model" / f"{base}.pt"
+        steps.run(
+            f"train the fingerprint network (stain invariance: {stain})",
+            train_fingerprint,
+            model,
+            sources,
+            config="demo",
+            stain=stain,
+            progress=progress,
+            **overrides,
+        )
+        steps.result.match[base] = steps.run(
+            f"matching game on the test array ({base})", match, model, sources, progress=progress
+        )
+        extractions += [
+            ExtractConfig(
+                encoder="fingerprint",
+                encoder_options={"checkpoint": str(model)},
+                encoder_id=stain_normalised_id(base, norm),
+                stain_norm=norm,
+                patches=None,
+                seed=seed,
+            )
+            for norm in settings.settings(settings.fingerprint_norm)
+        ]
+    return extractions
+
+
+def control_extraction(seed: int, norm):
+    """The control encoder's extraction (random weights, seeded) with stain setting ``norm``."""
+    from fpstore.extract.config import ExtractConfig
+
+    return ExtractConfig(
+        encoder=CONTROL_ENCODER,
+        encoder_options={"seed": seed},
+        stain_norm=norm,
+        patches=None,
+        seed=seed,
+    )
+
+
 def _folds(store: Path, marker: str, encoder: str, wanted: int = 5) -> tuple[int, int, int]:
     """(groups, positive, negative): the paper's 5 groups, fewer when a class has fewer
     patients with fingerprints than that (every group needs one of each)."""
@@ -276,6 +288,36 @@ def _folds(store: Path, marker: str, encoder: str, wanted: int = 5) -> tuple[int
     y = load_dataset(store, "tcga", marker, encoder, "all").y
     positive = int(y.sum())
     return min(wanted, positive, len(y) - positive), positive, len(y) - positive
+
+
+def _compare_config(store: Path, marker: str, encoder: str, seed: int, notes: list, pools, methods):
+    """The demo's comparison for ``marker`` (tcga cross-validated, tested on external), with
+    fewer than 5 groups where a class is small (said in ``notes``); None where too small."""
+    from fpstore.classify.pipeline import CompareConfig
+
+    folds, positive, negative = _folds(store, marker, encoder)
+    if folds < 3:
+        notes.append(
+            f"{marker}: skipped, {positive} positive and {negative} negative "
+            "TCGA-like patients are too few for 3 groups"
+        )
+        return None
+    if folds < 5:
+        notes.append(
+            f"{marker}: {folds} groups instead of 5, since only "
+            f"{min(positive, negative)} TCGA-like patients are "
+            f"{'positive' if positive < negative else 'negative'}"
+        )
+    return CompareConfig(
+        marker=marker,
+        cohort="tcga",
+        external="external",
+        seed=seed,
+        folds=folds,
+        pools=pools,
+        methods=methods,
+        classifier={"patch-cnn": {"arch": "resnet34"}},
+    )
 
 
 def analyse(
@@ -290,7 +332,7 @@ def analyse(
 ) -> None:
     """The steps after extraction: tissue types, compare (``pools``; None: all tissue and each
     tissue type), classify ER with ``encoder``'s fingerprints, the report."""
-    from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, compare
+    from fpstore.classify.pipeline import ClassifyConfig, classify, compare
     from fpstore.report.html import build_report
     from fpstore.tissue.predict import predict_tissue
 
@@ -306,35 +348,13 @@ def analyse(
             encoder=encoder,
             progress=progress,
         )
+    methods = ("mil", "logreg", "xgboost") + (("patch-cnn",) if patch_cnn else ())
     for marker in MARKERS:
-        folds, positive, negative = _folds(store, marker, encoder)
-        if folds < 3:
-            result.notes.append(
-                f"{marker}: skipped, {positive} positive and {negative} negative "
-                "TCGA-like patients are too few for 3 groups"
-            )
+        config = _compare_config(store, marker, encoder, seed, result.notes, pools, methods)
+        if config is None:
             continue
-        if folds < 5:
-            result.notes.append(
-                f"{marker}: {folds} groups instead of 5, since only "
-                f"{min(positive, negative)} TCGA-like patients are "
-                f"{'positive' if positive < negative else 'negative'}"
-            )
         result.compare[marker] = steps.run(
-            f"compare methods for {marker}",
-            compare,
-            store,
-            CompareConfig(
-                marker=marker,
-                cohort="tcga",
-                external="external",
-                seed=seed,
-                folds=folds,
-                pools=pools,
-                methods=("mil", "logreg", "xgboost") + (("patch-cnn",) if patch_cnn else ()),
-                classifier={"patch-cnn": {"arch": "resnet34"}},
-            ),
-            progress=progress,
+            f"compare methods for {marker}", compare, store, config, progress=progress
         )
     run = steps.run(
         "classify ER (MIL head, fingerprints, 5-fold CV, 50 permutations)",

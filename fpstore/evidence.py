@@ -31,7 +31,15 @@ import numpy as np
 from scipy.stats import norm as normal
 
 from fpstore.config import MARKERS
-from fpstore.demo import CONTROL_ENCODER, DemoResult, _folds, _prepare, _Steps, register_cohorts
+from fpstore.demo import (
+    CONTROL_ENCODER,
+    DemoResult,
+    _folds,
+    _prepare,
+    _Steps,
+    control_extraction,
+    register_cohorts,
+)
 from fpstore.errors import ConfigError
 
 FINGERPRINT = "fingerprint-hed"
@@ -87,16 +95,7 @@ def _extract_all(steps: _Steps, store: Path, model: Path, seed: int, norm: str) 
                     seed=seed,
                 ),
             ),
-            (
-                CONTROL_ENCODER,
-                ExtractConfig(
-                    encoder=CONTROL_ENCODER,
-                    encoder_options={"seed": seed},
-                    stain_norm=setting,
-                    patches=None,
-                    seed=seed,
-                ),
-            ),
+            (CONTROL_ENCODER, control_extraction(seed, setting)),
         ):
             encoder_id = config.encoder_id or config.build_encoder().id
             steps.run(
@@ -210,7 +209,7 @@ def run_seed(out: Path, seed: int, settings: EvidenceSettings, quiet: bool = Fal
         workers=min(4, os.cpu_count() or 1),
         progress=not quiet,
     )
-    register_cohorts(steps, store, data)
+    register_cohorts(steps, data, store)
     sources = Sources(
         tma=data / "tma", store=store, cohort="tcga", crop_px=settings.crop_px, cache=out / "cores"
     )

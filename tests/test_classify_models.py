@@ -8,7 +8,8 @@ from fpstore.classify.bags import Bags, align_labels
 from fpstore.classify.methods import create_classifier
 from fpstore.classify.metrics import auc
 from fpstore.classify.mil import MILConfig, MILHead
-from fpstore.classify.protocol import Entry, compare, cross_validate, external_validate
+from fpstore.classify.protocol import Entry, cross_validate, external_validate, validate_entries
+from fpstore.classify.settings import CVProtocol
 from fpstore.errors import ClassifyError, ConfigError
 from tests._classify_bags import make_bags
 
@@ -69,7 +70,7 @@ def test_methods_find_a_planted_signal(method):
     kw = FAST if method == "mil" else None
     bags, y = make_bags(n_patients=120, n_patches=12, dim=16, seed=2)
     result = cross_validate(
-        bags, y, create_classifier(method, **(kw or {})), seed=0, n_boot=500, progress=False
+        bags, y, create_classifier(method, **(kw or {})), CVProtocol(n_boot=500), progress=False
     )
     assert result.metrics["ci_low"] > 0.75
 
@@ -85,8 +86,7 @@ def test_methods_find_no_signal_where_there_is_none(method):
         null_bags,
         null_y,
         create_classifier(method, **(kw or {})),
-        seed=0,
-        n_boot=500,
+        CVProtocol(n_boot=500),
         progress=False,
     )
     assert null.metrics["ci_low"] < 0.5 < null.metrics["ci_high"]
@@ -95,7 +95,7 @@ def test_methods_find_no_signal_where_there_is_none(method):
 def test_cross_validation_tests_every_patient_once_in_its_groups_fold():
     bags, y = make_bags(n_patients=80, n_patches=6, dim=8, seed=3)
     result = cross_validate(
-        bags, y, create_classifier("mil", **FAST), seed=5, n_boot=200, progress=False
+        bags, y, create_classifier("mil", **FAST), CVProtocol(seed=5, n_boot=200), progress=False
     )
     p = result.predictions
     assert sorted(p.patient_ids) == sorted(bags.patient_ids)
@@ -115,7 +115,7 @@ def test_cross_validation_tests_every_patient_once_in_its_groups_fold():
 def test_site_split_cross_validation_keeps_sites_out_of_their_training_folds():
     bags, y = make_bags(n_patients=120, n_patches=6, dim=8, seed=4, n_sites=8)
     result = cross_validate(
-        bags, y, create_classifier("logreg"), split="site", n_boot=200, progress=False
+        bags, y, create_classifier("logreg"), CVProtocol(split="site", n_boot=200), progress=False
     )
     site_of = dict(zip(bags.patient_ids, bags.sites))
     for fold in range(5):
@@ -138,7 +138,9 @@ def test_external_validation_tests_once_on_a_disjoint_cohort():
     with pytest.raises(ClassifyError, match="both the training and the external"):
         external_validate(train, y, test, y_test, create_classifier("logreg"))
     test.patient_ids = np.array([f"X{p}" for p in test.patient_ids])
-    result = external_validate(train, y, test, y_test, create_classifier("logreg"), n_boot=200)
+    result = external_validate(
+        train, y, test, y_test, create_classifier("logreg"), CVProtocol(n_boot=200)
+    )
     assert result.kind == "external" and result.metrics["n"] == 40
     assert (result.predictions.folds == -1).all()
     assert result.folds[0]["n_train"] + result.folds[0]["n_es"] == 100
@@ -148,13 +150,13 @@ def test_external_validation_tests_once_on_a_disjoint_cohort():
 def test_compare_uses_identical_splits_and_gives_paired_p_values():
     bags, y = make_bags(n_patients=100, n_patches=8, dim=8, seed=7)
     noise, _ = make_bags(n_patients=100, n_patches=8, dim=8, seed=7, signal=False)
-    out = compare(
+    out = validate_entries(
         [
             Entry("signal", bags, y, create_classifier("logreg")),
             Entry("noise", noise, y, create_classifier("logreg")),
             Entry("signal-xgb", bags, y, create_classifier("xgboost")),
         ],
-        n_boot=200,
+        CVProtocol(n_boot=200),
         progress=False,
     )
     folds = [dict(zip(r.predictions.patient_ids, r.predictions.folds)) for r in out["results"]]

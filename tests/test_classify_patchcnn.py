@@ -7,6 +7,7 @@ from fpstore.classify.bags import Bags
 from fpstore.classify.methods import create_classifier
 from fpstore.classify.patchcnn import PatchCNN, PatchCNNConfig
 from fpstore.classify.protocol import cross_validate
+from fpstore.classify.settings import CVProtocol
 from fpstore.errors import ClassifyError
 
 
@@ -60,7 +61,7 @@ def test_patch_cnn_learns_a_colour_signal_under_the_cv_protocol():
     estimator = create_classifier(
         "patch-cnn", images=images, max_epochs=4, patience=2, batch_size=16, device="cpu"
     )
-    result = cross_validate(bags, y, estimator, n_boot=300, progress=False)
+    result = cross_validate(bags, y, estimator, CVProtocol(n_boot=300), progress=False)
     assert result.metrics["auc"] > 0.8
     assert len(result.predictions.patch_scores) == len(bags.bag_index)
 
@@ -80,8 +81,7 @@ def test_pixels_come_at_one_size_whatever_the_encoders_resize_to(tmp_path):
     from fpstore.encoders.base import Encoder, Preprocessing
     from fpstore.encoders.registry import list_encoders, register_encoder
     from fpstore.extract.run import extract
-    from tests.test_extract import config
-    from tests.test_store_promises import make_store
+    from tests._extraction import config, make_store
 
     if "tiny112" not in list_encoders():
 

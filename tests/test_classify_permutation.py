@@ -5,6 +5,7 @@ from fpstore.classify.bags import Bags
 from fpstore.classify.methods import create_classifier
 from fpstore.classify.permutation import permutation_test, shuffle_within
 from fpstore.classify.protocol import cross_validate
+from fpstore.classify.settings import CVProtocol
 from fpstore.errors import ClassifyError
 from tests._classify_bags import make_bags
 
@@ -45,9 +46,9 @@ def site_confounded_bags(n_patients=120, n_sites=4, seed=0):
 
 def test_within_site_shuffles_do_not_credit_a_model_for_recognising_the_site():
     bags, y = site_confounded_bags()
-    cv = cross_validate(bags, y, LOGREG, n_boot=200, progress=False)
+    cv = cross_validate(bags, y, LOGREG, CVProtocol(n_boot=200), progress=False)
     assert cv.metrics["ci_low"] > 0.5  # the bootstrap CI alone is fooled by the site
-    perm = permutation_test(bags, y, cv.metrics["auc"], 19, LOGREG, progress=False)
+    perm = permutation_test(bags, y, cv.metrics["auc"], LOGREG, CVProtocol(permutations=19), False)
     assert perm["shuffled_within"] == "site"
     assert perm["null_mean"] > 0.6  # the null keeps each site's prevalence
     assert perm["p_value"] > 0.05
@@ -55,8 +56,8 @@ def test_within_site_shuffles_do_not_credit_a_model_for_recognising_the_site():
 
 def test_a_planted_signal_beats_every_shuffle():
     bags, y = make_bags(n_patients=100, n_patches=8, dim=8, seed=1)
-    cv = cross_validate(bags, y, LOGREG, n_boot=200, progress=False)
-    perm = permutation_test(bags, y, cv.metrics["auc"], 19, LOGREG, progress=False)
+    cv = cross_validate(bags, y, LOGREG, CVProtocol(n_boot=200), progress=False)
+    perm = permutation_test(bags, y, cv.metrics["auc"], LOGREG, CVProtocol(permutations=19), False)
     assert perm["shuffled_within"] == "cohort"  # make_bags gives no sites here
     assert perm["n_permutations"] == 19 and len(perm["null_aucs"]) == 19
     assert perm["p_value"] == pytest.approx(1 / 20)
@@ -66,4 +67,4 @@ def test_a_planted_signal_beats_every_shuffle():
 def test_permutations_must_be_positive():
     bags, y = make_bags(n_patients=30, n_patches=4, dim=4)
     with pytest.raises(ClassifyError, match="at least 1"):
-        permutation_test(bags, y, 0.5, 0, LOGREG, progress=False)
+        permutation_test(bags, y, 0.5, LOGREG, CVProtocol(permutations=0), False)

@@ -1,6 +1,7 @@
 """`fpstore classify` / `compare` on a tiny hand-made store: loading, pooling, saved runs, CLI."""
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -34,7 +35,9 @@ def test_dataset_excludes_and_counts_missing_labels_and_patients_without_pooled_
     assert data.counts["no_pool_patches"] >= 1  # patient 2: no epithelium
     assert "train-P0000" not in data.bags.patient_ids and "train-P0002" not in data.bags.patient_ids
     assert set(data.bags.tissue) == {"epithelium"}
-    assert len(data.split_basis[0]) == 88  # groups are drawn before pooling
+    # Groups are drawn before pooling: patient 2 (no epithelium) still has its group.
+    assert "train-P0002" in data.split_basis[0]
+    assert len(data.split_basis[0]) == data.bags.n_patients + data.counts["no_pool_patches"]
 
 
 def test_classify_saves_a_run_with_predictions_config_and_fold_assignment(store):
@@ -166,7 +169,8 @@ def test_cli_classify_json_and_table(store):
     assert result.exit_code == 0, result.output
     assert "pooled" in result.output and "fold 3" in result.output and "site probe" in result.output
     assert "permutation test (9 label shuffles within site): null AUC" in result.output
-    assert "p = 0.1\n" in result.output  # ER has a signal: it beats all 9 shuffles, p = 1/10
+    # ER has a planted signal: at most one of the 9 shuffles reaches its AUC (p <= 2/10).
+    assert float(re.search(r", p = (\S+)\n", result.output).group(1)) <= 0.2
     bad = runner.invoke(
         cli,
         [

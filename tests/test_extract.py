@@ -4,10 +4,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -21,38 +18,8 @@ from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.config import ExtractConfig
 from fpstore.extract.run import extract
 from fpstore.store.schema import read_metadata
+from tests._extraction import CMU, DATA, TINY, config, python_script, start_extraction
 from tests._mixed_slides import mixed_cohort
-
-DATA = Path(__file__).parent / "data" / "slides"
-CMU = DATA / "CMU-1-Small-Region.svs"
-
-# A tiny encoder (one strided conv) so that the loop, not the model, is what runs; ``delay``
-# slows each batch so that a test can kill or race a run in the middle.
-TINY = """
-import time, torch
-from fpstore.encoders.base import Encoder, Preprocessing, state_dict_hash
-from fpstore.encoders.registry import register_encoder, list_encoders
-
-class _Tiny(torch.nn.Module):
-    def __init__(self, delay):
-        super().__init__()
-        self.delay = delay
-        self.conv = torch.nn.Conv2d(3, 8, 16, 16)
-    def forward(self, x):
-        if self.delay:
-            time.sleep(self.delay)
-        return self.conv(x).mean((2, 3))
-
-def tiny(delay=0.0):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        net = _Tiny(delay)
-    return Encoder("tiny", net, 8, Preprocessing(), state_dict_hash(net), "test encoder")
-
-if "tiny" not in list_encoders():
-    register_encoder("tiny")(tiny)
-"""
-exec(TINY)
 
 
 def make_cohort(tmp_path, bad=True):
@@ -80,20 +47,6 @@ def make_cohort(tmp_path, bad=True):
 
 def fingerprint_files(store, encoder="tiny"):
     return sorted((store / "fingerprints" / f"encoder={encoder}" / "cohort=c").glob("*.parquet"))
-
-
-def config(**kw):
-    return ExtractConfig(
-        **{
-            "encoder": "tiny",
-            "patches": 20,
-            "device": "cpu",
-            "num_workers": 0,
-            "batch_size": 8,
-            "chunk_size": 8,
-            **kw,
-        }
-    )
 
 
 def test_bad_slide_is_recorded_and_the_others_are_extracted(tmp_path):
@@ -221,32 +174,9 @@ def test_int8_extraction_calibrates_on_the_cohort_and_resumes_only_with_the_same
         )
 
 
-def _run_script(tmp_path, store, name, delay):
-    script = tmp_path / f"{name}.py"
-    script.write_text(
-        TINY
-        + (
-            "\nimport json, sys\nfrom fpstore.extract.config import ExtractConfig\n"
-            "from fpstore.extract.run import extract\n"
-            f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, patches=None,\n"
-            "                    device='cpu', num_workers=1, batch_size=16, chunk_size=16)\n"
-            f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
-            "print(json.dumps(s.to_dict()))\n"
-        )
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-
-
 def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
     store = make_cohort(tmp_path, bad=False)
-    proc = _run_script(tmp_path, store, "slow", delay=0.3)
+    proc = start_extraction(tmp_path, store, "slow", delay=0.3)
     deadline = time.time() + 120
     while not fingerprint_files(store) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -270,7 +200,7 @@ def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
 
 def test_two_processes_share_the_work_without_duplicates(tmp_path):
     store = make_cohort(tmp_path, bad=False)
-    procs = [_run_script(tmp_path, store, f"p{i}", delay=0.2) for i in range(2)]
+    procs = [start_extraction(tmp_path, store, f"p{i}", delay=0.2) for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
@@ -289,8 +219,8 @@ def test_extraction_after_threaded_opencv_and_torch_work_does_not_hang(tmp_path)
     # it extracts with forked readers; a reader that reconfigures OpenCV's pool after the fork
     # deadlocked. A fresh interpreter reproduces that state.
     store = make_cohort(tmp_path, bad=False)
-    script = tmp_path / "after_threads.py"
-    script.write_text(
+    proc = python_script(
+        tmp_path / "after_threads.py",
         TINY
         + (
             "\nimport cv2, numpy as np, torch\n"
@@ -302,13 +232,10 @@ def test_extraction_after_threaded_opencv_and_torch_work_does_not_hang(tmp_path)
             "cfg = ExtractConfig(encoder='tiny', patches=8, device='cpu', num_workers=1, batch_size=8)\n"
             f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
             "assert not s.failed and cv2.getNumThreads() == 2\n"
-        )
+        ),
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=180
-    )
-    assert done.returncode == 0, done.stderr
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
     assert len(fingerprint_files(store)) == 3
 
 

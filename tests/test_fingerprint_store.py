@@ -96,7 +96,7 @@ def test_two_checkpoints_side_by_side_in_one_store(synth_small, tmp_path):
 def test_the_stores_only_trained_network_is_the_default_checkpoint(tmp_path):
     from fpstore.cli.main import cli
     from fpstore.store.layout import StoreLayout
-    from tests.test_store_promises import make_store
+    from tests._extraction import make_store
 
     store, _ = make_store(tmp_path, slides=["S0"])
     models = StoreLayout(store).fingerprint_models_dir

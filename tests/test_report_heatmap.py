@@ -10,10 +10,9 @@ from PIL import Image
 
 from fpstore.cli.main import cli
 from fpstore.errors import ConfigError, StoreError
+from fpstore.report.colors import NO_DATA, TISSUE_COLORS
 from fpstore.report.geojson import patches_geojson
 from fpstore.report.heatmap import (
-    NO_DATA,
-    TISSUE_COLORS,
     paint,
     patch_grid,
     score_colors,

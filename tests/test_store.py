@@ -182,10 +182,10 @@ def test_views_and_parameterised_tables(store):
         p1 = full.keys.column("patient_id").to_numpy(zero_copy_only=False) == "P1"
         assert list(ids) == ["P1", "P2"]
         np.testing.assert_allclose(means[0], full.vectors[p1].mean(0), rtol=1e-5, atol=1e-6)
-        cached_ids, cached = fs.mean_fingerprints("fingerprint", materialised=True)
+        cached_ids, cached = vector_index(fs, "fingerprint").pooled_means()
         assert list(cached_ids) == ["P1", "P2"]
         np.testing.assert_allclose(cached, means, rtol=1e-5, atol=1e-6)
-        slide_ids, _ = fs.mean_fingerprints("fingerprint", by="slide_id", materialised=True)
+        slide_ids, _ = vector_index(fs, "fingerprint").pooled_means("slide_id")
         assert len(slide_ids) == len(set(full.keys.column("slide_id").to_pylist()))
         with pytest.raises(StoreError, match="encoders with fingerprints: fingerprint"):
             fs.fingerprints("imagenet-resnet34")

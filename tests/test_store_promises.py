@@ -27,58 +27,11 @@ from fpstore.extract.run import extract
 from fpstore.slides.slide import load_mpp_overrides, open_slide
 from fpstore.store.fingerprints import partition_settings
 from fpstore.store.schema import read_metadata
-from tests.test_extract import CMU, TINY, config
-
-SLIDES = [f"S{i}" for i in range(6)]
-
-
-def make_store(tmp_path, slides=SLIDES, name="c"):
-    """A cohort of real slides, one patient each (three sites), under tmp_path/store."""
-    folder = tmp_path / "slides"
-    folder.mkdir(exist_ok=True)
-    for slide in slides:
-        if not (folder / f"{slide}.svs").exists():
-            (folder / f"{slide}.svs").symlink_to(CMU)
-    labels = tmp_path / f"{name}-labels.csv"
-    labels.write_text(
-        "patient_id,slide,ER,PR,Her2,site\n"
-        + "".join(
-            f"P{s},{folder / s}.svs,{'Positive' if i % 2 else 'Negative'},Negative,Negative,"
-            f"{'ABC'[i % 3]}\n"
-            for i, s in enumerate(slides)
-        )
-    )
-    store = tmp_path / "store"
-    add_cohort(store, name, clinical=labels, fmt="csv", force=True)
-    return store, labels
+from tests._extraction import CMU, SLIDES, config, make_store, start_extraction
 
 
 def files(store, encoder="tiny"):
     return sorted((store / "fingerprints" / f"encoder={encoder}" / "cohort=c").glob("*.parquet"))
-
-
-def start(tmp_path, store, name, delay=0.15, patches=None, seed=0, force=False, batch_size=16):
-    """An extraction in a fresh interpreter; its last stdout line is the summary JSON."""
-    script = tmp_path / f"{name}.py"
-    script.write_text(
-        TINY
-        + "\nimport json\nfrom fpstore.extract.config import ExtractConfig\n"
-        + "from fpstore.extract.run import extract\n"
-        + f"cfg = ExtractConfig(encoder='tiny', encoder_options={{'delay': {delay}}}, "
-        + f"patches={patches!r}, seed={seed}, force={force}, device='cpu', num_workers=1, "
-        + f"batch_size={batch_size}, chunk_size={batch_size})\n"
-        + f"s = extract({str(store)!r}, 'c', cfg, progress=False)\n"
-        + "print(json.dumps(s.to_dict()))\n"
-        + "raise SystemExit(1 if s.failed else 0)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    return subprocess.Popen(
-        [sys.executable, str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
 
 
 def summary_of(proc, timeout=300) -> tuple[int, dict]:
@@ -104,26 +57,37 @@ def files_by_slide(store):
 
 def test_two_runs_with_different_settings_never_count_the_other_settings_as_done(tmp_path):
     store, _ = make_store(tmp_path)
-    procs = [start(tmp_path, store, f"seed{s}", seed=s, patches=8) for s in (0, 1)]
+    # Interleaved for sure: both runs plan before either writes (each holds its first batch
+    # at the gate until both are there), so each writes some of the slides with its own seed.
+    gate = tmp_path / "gate"
+    procs = [
+        start_extraction(tmp_path, store, f"seed{s}", seed=s, patches=8, batch_size=8, gate=gate)
+        for s in (0, 1)
+    ]
+    deadline = time.time() + 120
+    while len(list(tmp_path.glob("gate.*"))) < 2 and time.time() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    gate.touch()
     results = [summary_of(p) for p in procs]
     for seed, (_, summary) in enumerate(results):
         for row in summary["slides"]:
             if row["status"] in ("ok", "skipped", "elsewhere"):
                 assert stored_seed(store, row["slide_id"]) == str(seed), row
-    seeds = {stored_seed(store, s) for s in files_by_slide(store)}
     assert len(files(store)) == len(SLIDES)
-    if len(seeds) > 1:  # the runs interleaved: both say so, and readers refuse the mix
-        assert all(code != 0 for code, _ in results)
-        with pytest.raises(StoreError, match="2 sets of settings.*--force"):
-            fpstore.store.open(store)
+    assert {stored_seed(store, s) for s in files_by_slide(store)} == {"0", "1"}
+    # Each run found the other's slides and says so; readers refuse the mix.
+    assert all(code != 0 for code, _ in results)
+    with pytest.raises(StoreError, match="2 sets of settings.*--force"):
+        fpstore.store.open(store)
     assert not list(store.rglob("*.tmp"))
 
 
 @pytest.mark.parametrize("attempt", range(3))
 def test_a_survivor_takes_over_the_slides_of_a_run_killed_at_a_random_moment(tmp_path, attempt):
     store, _ = make_store(tmp_path)
-    victim = start(tmp_path, store, "victim")
-    survivor = start(tmp_path, store, "survivor")
+    victim = start_extraction(tmp_path, store, "victim")
+    survivor = start_extraction(tmp_path, store, "survivor")
     wait_for_files(store, 1, victim)
     time.sleep(random.Random(attempt).uniform(0.0, 1.5))
     victim.kill()
@@ -143,7 +107,9 @@ def test_a_killed_force_run_leaves_a_mix_that_readers_refuse_until_repaired(tmp_
     store, _ = make_store(tmp_path)
     assert not extract(store, "c", config(patches=8), progress=False).failed
     # One slide per batch and a slow encoder: seconds pass between two slides' writes.
-    forced = start(tmp_path, store, "forced", delay=1.5, patches=4, force=True, batch_size=4)
+    forced = start_extraction(
+        tmp_path, store, "forced", delay=1.5, patches=4, force=True, batch_size=4
+    )
     deadline = time.time() + 120
     mixed = False
     while time.time() < deadline and forced.poll() is None and not mixed:
@@ -164,7 +130,7 @@ def test_a_killed_force_run_leaves_a_mix_that_readers_refuse_until_repaired(tmp_
 
 def test_cohort_add_force_waits_for_no_one_and_removes_what_dropped_slides_left(tmp_path):
     store, labels = make_store(tmp_path)
-    running = start(tmp_path, store, "running", delay=0.3)
+    running = start_extraction(tmp_path, store, "running", delay=0.3)
     wait_for_files(store, 1, running)
     with pytest.raises(CohortError, match="being extracted"):
         add_cohort(store, "c", clinical=labels, fmt="csv", force=True)

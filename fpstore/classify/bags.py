@@ -8,6 +8,7 @@ with one ``index_add_`` per batch, and subsetting is one fancy-index.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -128,6 +129,11 @@ class Bags:
     def n_patches(self) -> np.ndarray:
         """(P,) patches per patient."""
         return np.bincount(self.bag_index, minlength=self.n_patients)
+
+    def patient_means(self, patch_values: np.ndarray) -> np.ndarray:
+        """(P,) mean of ``patch_values`` (N,) over each patient's patches (0 for none)."""
+        sums = np.bincount(self.bag_index, weights=patch_values, minlength=self.n_patients)
+        return sums / np.maximum(self.n_patches(), 1)
 
     def subset(self, patients) -> Bags:
         """The bags of ``patients`` (indices into patient_ids, or a boolean mask), in that order."""
@@ -283,3 +289,23 @@ def align_labels(bags: Bags, patient_ids, status) -> tuple[Bags, np.ndarray, dic
     kept = bags.subset(have)
     y = np.array([known[p] for p in kept.patient_ids], dtype=np.int8)
     return kept, y, counts
+
+
+class PatchMeanScores:
+    """decision_function, predict_proba and predict for a method that scores patches
+    (``patch_scores``): a patient's score is the mean of its patches', between ``score_low``
+    (-1: tanh, 0: probability) and 1; the class boundary is halfway."""
+
+    score_low: float
+    patch_scores: Callable[[Bags], np.ndarray]  # the method's own
+
+    def decision_function(self, bags: Bags) -> np.ndarray:
+        """(P,) patient score: the mean of its patches' scores."""
+        return bags.patient_means(self.patch_scores(bags))
+
+    def predict_proba(self, bags: Bags) -> np.ndarray:
+        p = (self.decision_function(bags) - self.score_low) / (1 - self.score_low)
+        return np.column_stack([1 - p, p])
+
+    def predict(self, bags: Bags) -> np.ndarray:
+        return (self.decision_function(bags) > (self.score_low + 1) / 2).astype(np.int8)

@@ -286,7 +286,7 @@ def cache_images(
 
     if bags.patch_ids is None:
         raise ClassifyError("reading patch images needs bags with patch ids")
-    folder = StoreLayout.of(store).cache_dir("patches", f"cohort={cohort}", f"px={out_px}")
+    folder = StoreLayout.of(store).patch_cache_dir(cohort, out_px)
     keys = _patch_keys(store, cohort, None)[0]
     info = {
         p: (x, y_, size)

@@ -22,7 +22,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 
-from fpstore.classify.bags import Bags
+from fpstore.classify.bags import Bags, PatchMeanScores
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
 from fpstore.config import check_choice, check_range
@@ -130,10 +130,21 @@ def _early_stopping_value(bags: Bags, y, patch_scores: np.ndarray) -> float:
     return -float(np.mean((scores - np.where(y == 1, 1.0, -1.0)) ** 2))
 
 
-class MILHead(ClassifierMixin, BaseEstimator):
-    """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es))."""
+def _bag_weights(y: np.ndarray, class_weight: str) -> torch.Tensor:
+    """Each bag's weight in the loss: 1, or "balanced" (each class weighs half)."""
+    if class_weight == "balanced":
+        weight = np.where(y == 1, len(y) / (2 * (y == 1).sum()), len(y) / (2 * (y == 0).sum()))
+    else:
+        weight = np.ones(len(y))
+    return torch.from_numpy(weight.astype(np.float32))
+
+
+class MILHead(PatchMeanScores, ClassifierMixin, BaseEstimator):
+    """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es)).
+    A patient's score is the mean of its patches' scores, in [-1, 1]."""
 
     config_class = MILConfig
+    score_low = -1.0
 
     def __init__(self, config: MILConfig | None = None):
         self.config = config
@@ -170,11 +181,7 @@ class MILHead(ClassifierMixin, BaseEstimator):
         bag_index = torch.from_numpy(shuffled.bag_index)
         inv_counts = torch.from_numpy(1.0 / np.maximum(counts, 1).astype(np.float32))
         target = torch.from_numpy(np.where(y == 1, 1.0, -1.0).astype(np.float32))
-        if cfg.class_weight == "balanced":
-            weight = np.where(y == 1, len(y) / (2 * (y == 1).sum()), len(y) / (2 * (y == 0).sum()))
-        else:
-            weight = np.ones(len(y))
-        weight = torch.from_numpy(weight.astype(np.float32))
+        weight = _bag_weights(y, cfg.class_weight)
         if eval_set is not None:
             eval_bags, eval_y = eval_set
             eval_x = torch.from_numpy(eval_bags.features)
@@ -233,20 +240,6 @@ class MILHead(ClassifierMixin, BaseEstimator):
                 chunk = torch.from_numpy(bags.features[start : start + _CHUNK])
                 out[start : start + _CHUNK] = self.net_(chunk).numpy()
         return out
-
-    def decision_function(self, bags: Bags) -> np.ndarray:
-        """(P,) patient score: the mean of its patches' scores, in [-1, 1]."""
-        sums = np.bincount(
-            bags.bag_index, weights=self.patch_scores(bags), minlength=bags.n_patients
-        )
-        return sums / np.maximum(bags.n_patches(), 1)
-
-    def predict_proba(self, bags: Bags) -> np.ndarray:
-        p = (self.decision_function(bags) + 1) / 2
-        return np.column_stack([1 - p, p])
-
-    def predict(self, bags: Bags) -> np.ndarray:
-        return (self.decision_function(bags) > 0).astype(np.int8)
 
     def describe(self) -> dict:
         return {"method": "mil", **asdict(self.settings)}

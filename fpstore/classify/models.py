@@ -77,19 +77,14 @@ def _auc_block(metrics: dict | None) -> dict | None:
 
 
 def build_card(
-    run_id: str,
-    config: dict,
-    data,
-    encoder: dict | None,
-    final_model,
-    final_fit: dict,
-    score_range: list[float],
-    cv_metrics: dict,
-    permutation: dict | None,
-    external: dict | None,
+    run_id: str, document: dict, data, encoder: dict | None, final: tuple, external: dict | None
 ) -> dict:
-    """The model card of a classify run's models (``data``: its ``Dataset``; ``final_fit``:
-    the final model's row from ``fit_final``)."""
+    """The model card of a classify run's models (``document``: the run's, for its config,
+    score range, CV metrics and permutation test; ``data``: its ``Dataset``; ``final``: the
+    final model and its row from ``fit_final``)."""
+    config, score_range = document["config"], document["score_range"]
+    cv_metrics, permutation = document["cv"]["metrics"], document.get("permutation")
+    final_model, final_fit = final
     spec = method_spec(config["method"])
     return {
         "model_id": run_id,

@@ -25,10 +25,10 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from tqdm import tqdm
 
-from fpstore.classify.bags import Bags
+from fpstore.classify.bags import Bags, PatchMeanScores
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
-from fpstore.config import check_choice, check_range, set_backend_flags
+from fpstore.config import DEVICES, TRAIN_PRECISIONS, check_choice, check_range, set_backend_flags
 from fpstore.encoders.base import resolve_precision
 from fpstore.errors import ClassifyError
 
@@ -55,8 +55,8 @@ class PatchCNNConfig:
 
     def __post_init__(self):
         check_choice("PatchCNNConfig", "arch", self.arch, ARCHS)
-        check_choice("PatchCNNConfig", "device", self.device, ("auto", "cpu", "cuda"))
-        check_choice("PatchCNNConfig", "precision", self.precision, ("auto", "fp32", "bf16"))
+        check_choice("PatchCNNConfig", "device", self.device, DEVICES)
+        check_choice("PatchCNNConfig", "precision", self.precision, ("auto", *TRAIN_PRECISIONS))
         check_range("PatchCNNConfig", "max_epochs", self.max_epochs, 1, 10_000)
         check_range("PatchCNNConfig", "patience", self.patience, 1, 10_000)
         check_range("PatchCNNConfig", "batch_size", self.batch_size, 1, 4096)
@@ -88,10 +88,12 @@ def _patch_ids(bags: Bags) -> np.ndarray:
     return bags.patch_ids
 
 
-class PatchCNN(ClassifierMixin, BaseEstimator):
-    """fit(bags, y, eval_set) where bags carry patch_ids the ``images`` callable can read."""
+class PatchCNN(PatchMeanScores, ClassifierMixin, BaseEstimator):
+    """fit(bags, y, eval_set) where bags carry patch_ids the ``images`` callable can read.
+    A patient's score is the mean of its patches' probabilities."""
 
     config_class = PatchCNNConfig
+    score_low = 0.0
     # Where training started from: a fitted model needs it no more (nor the file, elsewhere).
     training_only = ("weights",)
 
@@ -223,20 +225,6 @@ class PatchCNN(ClassifierMixin, BaseEstimator):
                 ids = patch_ids[start : start + self.settings.batch_size]
                 out[start : start + len(ids)] = torch.sigmoid(self._logits(ids, None)).cpu().numpy()
         return out
-
-    def decision_function(self, bags: Bags) -> np.ndarray:
-        """(P,) patient score: the mean of its patches' probabilities."""
-        sums = np.bincount(
-            bags.bag_index, weights=self.patch_scores(bags), minlength=bags.n_patients
-        )
-        return sums / np.maximum(bags.n_patches(), 1)
-
-    def predict_proba(self, bags: Bags) -> np.ndarray:
-        p = self.decision_function(bags)
-        return np.column_stack([1 - p, p])
-
-    def predict(self, bags: Bags) -> np.ndarray:
-        return (self.decision_function(bags) > 0.5).astype(np.int8)
 
     def describe(self) -> dict:
         return {"method": "patch-cnn", **asdict(self.settings)}

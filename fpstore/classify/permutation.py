@@ -13,11 +13,13 @@ asks whether the fingerprints predict the marker beyond what the site tells.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from fpstore.classify.bags import Bags
+from fpstore.classify.settings import CVProtocol
 from fpstore.errors import ClassifyError
 
 
@@ -43,17 +45,10 @@ def _strata(bags: Bags) -> np.ndarray | None:
 
 
 def permutation_test(
-    bags: Bags,
-    y,
-    observed_auc: float,
-    n_permutations: int,
-    estimator,
-    split: str = "patient",
-    n_folds: int = 5,
-    seed: int = 0,
-    progress: bool = True,
+    bags: Bags, y, observed_auc: float, estimator, protocol: CVProtocol, progress: bool = True
 ) -> dict:
-    """Null distribution of the CV AUC under shuffled labels and the one-sided p-value.
+    """Null distribution of the CV AUC under ``protocol.permutations`` label shuffles and the
+    one-sided p-value.
 
     Each permutation reruns the protocol end to end (new label-stratified groups for the
     shuffled labels, the same seed), so the null carries every source of optimism or
@@ -62,11 +57,14 @@ def permutation_test(
     """
     from fpstore.classify.protocol import cross_validate
 
+    n_permutations = protocol.permutations
     if n_permutations < 1:
         raise ClassifyError(f"--permutations {n_permutations}: give at least 1 (e.g. 200)")
+    # Fresh groups per shuffle; the null's AUCs need no CI of their own.
+    shuffled_protocol = replace(protocol, groups=None, n_boot=100)
     y = np.asarray(y)
     strata = _strata(bags)
-    rng = np.random.default_rng([seed, 7919])
+    rng = np.random.default_rng([protocol.seed, 7919])
     aucs, skipped = [], 0
     name = estimator.describe()["method"]
     for _ in tqdm(
@@ -74,16 +72,7 @@ def permutation_test(
     ):
         shuffled = shuffle_within(y, strata, rng)
         try:
-            result = cross_validate(
-                bags,
-                shuffled,
-                estimator,
-                n_folds=n_folds,
-                split=split,
-                seed=seed,
-                n_boot=100,
-                progress=False,
-            )
+            result = cross_validate(bags, shuffled, estimator, shuffled_protocol, progress=False)
         except ClassifyError:
             skipped += 1
             continue

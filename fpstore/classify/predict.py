@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fpstore.classify.settings import N_BOOT_RANGE
 from fpstore.config import check_range
 from fpstore.errors import ClassifyError, ConfigError
 
@@ -58,7 +59,7 @@ class PredictConfig:
             check_range("predict", "patches", self.patches, 1, 10**7)
         if self.fold is not None:
             check_range("predict", "fold", self.fold, 0, 19)
-        check_range("predict", "n_boot", self.n_boot, 100, 100_000)
+        check_range("predict", "n_boot", self.n_boot, *N_BOOT_RANGE)
 
 
 def _patches(cfg: PredictConfig, card: dict) -> int | None:
@@ -216,13 +217,32 @@ def delong_vs_runs(store, marker: str, cohort: str, predictions) -> list[dict]:
     return rows
 
 
+def _cohort_to_score(store: Path, cfg: PredictConfig, card: dict, patches, progress: bool):
+    """(cohort, extraction summary or None): ``cfg.cohort``, or ``cfg.slides`` registered as
+    an unlabelled cohort and extracted with the card's encoder."""
+    from fpstore.store.cohorts import read_cohort_document
+
+    if cfg.slides:
+        if card["encoder"] is None:
+            raise ClassifyError(
+                f"model {card['model_id']} ({card['method']}) reads patch pixels: add the slides "
+                "with `fpstore cohort add`, extract them with any encoder (for the patch grid), "
+                "then predict --cohort"
+            )
+        cohort = _slides_cohort(store, cfg)
+        return cohort, _extract(store, cohort, card, cfg, patches, progress)
+    if cfg.cohort is None:  # PredictConfig.__post_init__ refuses this already
+        raise ConfigError("predict needs --cohort NAME or --slides GLOB")
+    read_cohort_document(store, cfg.cohort)  # an unknown cohort fails first, naming the known
+    return cfg.cohort, None
+
+
 def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool = True) -> dict:
     """Score a cohort (or new slides) with a saved model; save the predictions as a run."""
     from fpstore.classify.data import cache_images, fingerprint_settings, load_scoring_bags
     from fpstore.classify.models import load_model
     from fpstore.classify.protocol import score
     from fpstore.classify.runs import new_run_id, save_run
-    from fpstore.store.cohorts import read_cohort_document
     from fpstore.store.fingerprints import resolve_encoder
 
     model = load_model(store, cfg.model)
@@ -230,21 +250,7 @@ def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool =
     which = "final" if cfg.fold is None else f"fold-{cfg.fold}"
     patches = _patches(cfg, card)
     pixels = card["encoder"] is None
-    extraction = None
-    if cfg.slides:
-        if pixels:
-            raise ClassifyError(
-                f"model {card['model_id']} ({card['method']}) reads patch pixels: add the slides "
-                "with `fpstore cohort add`, extract them with any encoder (for the patch grid), "
-                "then predict --cohort"
-            )
-        cohort = _slides_cohort(store, cfg)
-        extraction = _extract(store, cohort, card, cfg, patches, progress)
-    elif cfg.cohort is None:  # PredictConfig.__post_init__ refuses this already
-        raise ConfigError("predict needs --cohort NAME or --slides GLOB")
-    else:
-        cohort = cfg.cohort
-        read_cohort_document(store, cohort)  # an unknown cohort fails first, naming the known
+    cohort, extraction = _cohort_to_score(store, cfg, card, patches, progress)
     encoder = None
     if not pixels:
         encoder = resolve_encoder(store, cohort, card["encoder"]["id"])

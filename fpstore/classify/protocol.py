@@ -9,13 +9,17 @@ patient tested exactly once), per-fold and pooled test AUC with a bootstrap CI.
 fit_final: the final model, trained on the whole cohort (4 groups train, 1 group early-stops).
 score: a fitted model's patient (and patch) scores on any bags, with metrics where labelled.
 external_validate: fit_final, then score once on the other cohort.
-compare: several entries (method, features, pool) on identical splits, with DeLong p-values
-on the patients that each pair shares.
+validate_entries: several entries (method, features, pool) on identical splits, with DeLong
+p-values on the patients that each pair shares (what `fpstore compare` runs).
+
+The validation settings (folds, split, seed, bootstrap, fixed groups) come as one
+``CVProtocol`` (``fpstore.classify.settings``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -24,10 +28,12 @@ from tqdm import tqdm
 
 from fpstore.classify.bags import Bags
 from fpstore.classify.metrics import auc, delong_test, roc_points, summarize
+from fpstore.classify.settings import CVProtocol
 from fpstore.classify.splits import Fold, cv_folds, final_fold, make_groups
 from fpstore.errors import ClassifyError
 
 NO_LABEL = -1  # a scored patient without a clinical label (stored as null)
+DEFAULT_PROTOCOL = CVProtocol()
 
 
 @dataclass
@@ -103,7 +109,7 @@ def assign_groups(
     return dict(zip(patient_ids[order].tolist(), groups.tolist()))
 
 
-def _group_array(bags: Bags, groups: dict[str, int]) -> np.ndarray:
+def _group_array(bags: Bags, groups: Mapping[str, int]) -> np.ndarray:
     missing = [p for p in bags.patient_ids if p not in groups]
     if missing:
         raise ClassifyError(f"{len(missing)} patients have no group, e.g. {missing[0]!r}")
@@ -135,8 +141,7 @@ def score_bags(model, bags: Bags) -> tuple[np.ndarray, np.ndarray | None]:
     patch = model.patch_scores(bags)
     if patch is None:
         return model.decision_function(bags), None
-    sums = np.bincount(bags.bag_index, weights=patch, minlength=bags.n_patients)
-    return sums / np.maximum(bags.n_patches(), 1), patch
+    return bags.patient_means(patch), patch
 
 
 def _metrics(y, scores, n_boot: int, seed: int) -> tuple[dict, dict]:
@@ -150,35 +155,49 @@ def _fit_info(model) -> dict:
     }
 
 
+def _groups_of(bags: Bags, y, protocol: CVProtocol) -> np.ndarray:
+    """Each patient's group: the protocol's fixed groups, or drawn from these bags' patients."""
+    groups = protocol.groups
+    if groups is None:
+        p = protocol
+        groups = assign_groups(bags.patient_ids, y, p.split, bags.sites, p.folds, p.seed)
+    return _group_array(bags, groups)
+
+
+def _fold_row(fold: Fold, y_test: np.ndarray, test_scores: np.ndarray, model) -> dict:
+    return {
+        "fold": fold.index,
+        "n_train": len(fold.train),
+        "n_es": len(fold.es),
+        "n_test": len(fold.test),
+        "n_test_pos": int(y_test.sum()),
+        "auc": auc(y_test, test_scores) if len(np.unique(y_test)) == 2 else None,
+        **_fit_info(model),
+    }
+
+
 def cross_validate(
     bags: Bags,
     y,
     estimator,
-    groups: dict[str, int] | None = None,
-    n_folds: int = 5,
-    split: str = "patient",
-    seed: int = 0,
-    n_boot: int = 2000,
+    protocol: CVProtocol = DEFAULT_PROTOCOL,
     progress: bool = True,
     keep_models: bool = False,
 ) -> ValidationResult:
     """The paper's k-fold protocol; every patient of ``bags`` is tested exactly once.
 
-    Fold k's model is a fresh copy of ``estimator`` seeded ``seed + k``; ``keep_models``
-    keeps the fitted fold models in the result (to save them).
+    Fold k's model is a fresh copy of ``estimator`` seeded ``protocol.seed + k``;
+    ``keep_models`` keeps the fitted fold models in the result (to save them).
     """
     y = np.asarray(y)
-    if groups is None:
-        groups = assign_groups(bags.patient_ids, y, split, bags.sites, n_folds, seed)
-    g = _group_array(bags, groups)
+    g = _groups_of(bags, y, protocol)
     scores = np.full(bags.n_patients, np.nan)
     fold_of = np.full(bags.n_patients, -1, dtype=np.int64)
     patch_parts, fold_rows, models = [], [], []
     classifier: dict = {}
-    folds = cv_folds(g)
     name = estimator.describe()["method"]
-    for fold in tqdm(folds, desc=f"{name} folds", file=sys.stderr, disable=not progress):
-        model = _fit(estimator, bags, y, fold, seed + fold.index)
+    for fold in tqdm(cv_folds(g), desc=f"{name} folds", file=sys.stderr, disable=not progress):
+        model = _fit(estimator, bags, y, fold, protocol.seed + fold.index)
         test = bags.subset(fold.test)
         scores[fold.test], patch = score_bags(model, test)
         fold_of[fold.test] = fold.index
@@ -187,19 +206,8 @@ def cross_validate(
         classifier = classifier or model.describe()
         if keep_models:
             models.append(model)
-        yt = y[fold.test]
-        fold_rows.append(
-            {
-                "fold": fold.index,
-                "n_train": len(fold.train),
-                "n_es": len(fold.es),
-                "n_test": len(fold.test),
-                "n_test_pos": int(yt.sum()),
-                "auc": auc(yt, scores[fold.test]) if len(np.unique(yt)) == 2 else None,
-                **_fit_info(model),
-            }
-        )
-    metrics, roc = _metrics(y, scores, n_boot, seed)
+        fold_rows.append(_fold_row(fold, y[fold.test], scores[fold.test], model))
+    metrics, roc = _metrics(y, scores, protocol.n_boot, protocol.seed)
     fold_aucs = [f["auc"] for f in fold_rows if f["auc"] is not None]
     metrics["mean_fold_auc"] = float(np.mean(fold_aucs)) if fold_aucs else None
     metrics["sd_fold_auc"] = float(np.std(fold_aucs)) if fold_aucs else None
@@ -235,21 +243,13 @@ def _patch_columns(parts) -> tuple:
 
 
 def fit_final(
-    estimator,
-    bags: Bags,
-    y,
-    groups: dict[str, int] | None = None,
-    n_folds: int = 5,
-    split: str = "patient",
-    seed: int = 0,
+    estimator, bags: Bags, y, protocol: CVProtocol = DEFAULT_PROTOCOL
 ) -> tuple[Any, dict]:
     """The final model: trained on the whole cohort, all groups but group 0, which early-stops
     it. Returns the fitted model and its row for the per-fold table."""
     y = np.asarray(y)
-    if groups is None:
-        groups = assign_groups(bags.patient_ids, y, split, bags.sites, n_folds, seed)
-    fold = final_fold(_group_array(bags, groups))
-    model = _fit(estimator, bags, y, fold, seed)
+    fold = final_fold(_groups_of(bags, y, protocol))
+    model = _fit(estimator, bags, y, fold, protocol.seed)
     return model, {
         "fold": None,
         "n_train": len(fold.train),
@@ -287,11 +287,7 @@ def external_validate(
     test_bags: Bags,
     test_y,
     estimator,
-    groups: dict[str, int] | None = None,
-    n_folds: int = 5,
-    split: str = "patient",
-    seed: int = 0,
-    n_boot: int = 2000,
+    protocol: CVProtocol = DEFAULT_PROTOCOL,
     test_images=None,
 ) -> ValidationResult:
     """Train the final model on the whole training cohort, then test once on the other."""
@@ -301,16 +297,16 @@ def external_validate(
             f"{len(overlap)} patients are in both the training and the external cohort, e.g. "
             f"{sorted(overlap)[0]!r}; an external test must be disjoint"
         )
-    model, info = fit_final(estimator, train_bags, train_y, groups, n_folds, split, seed)
+    model, info = fit_final(estimator, train_bags, train_y, protocol)
     if test_images is not None:
         model.images = test_images
-    return external_score(model, info, test_bags, test_y, n_boot, seed)
+    return external_score(model, info, test_bags, test_y, protocol)
 
 
-def external_score(model, info: dict, test_bags: Bags, test_y, n_boot: int, seed: int):
+def external_score(model, info: dict, test_bags: Bags, test_y, protocol: CVProtocol):
     """The external-validation result of a final model (``fit_final``) on a labelled cohort."""
     test_y = np.asarray(test_y)
-    result = score(model, test_bags, test_y, n_boot, seed, kind="external")
+    result = score(model, test_bags, test_y, protocol.n_boot, protocol.seed, kind="external")
     if not result.metrics:
         raise ClassifyError(
             f"the external cohort's {test_bags.n_patients} patients are not of both classes"
@@ -343,78 +339,53 @@ class Entry:
     tags: dict = field(default_factory=dict)
 
 
-def compare(
-    entries: list[Entry],
-    n_folds: int = 5,
-    split: str = "patient",
-    seed: int = 0,
-    n_boot: int = 2000,
-    progress: bool = True,
-    groups: dict | None = None,
+def validate_entries(
+    entries: list[Entry], protocol: CVProtocol = DEFAULT_PROTOCOL, progress: bool = True
 ) -> dict:
     """Run every entry on the same groups; DeLong p-values pairwise on shared patients.
 
-    Without ``groups`` they come from the union of the entries' patients (a pool can drop
-    patients that have no patch of its tissue types), so every entry sees each patient in the
-    same role.
+    Without ``protocol.groups`` they come from the union of the entries' patients (a pool can
+    drop patients that have no patch of its tissue types), so every entry sees each patient in
+    the same role.
     """
     if not entries:
         raise ClassifyError("nothing to compare")
-    if groups is None:
-        groups = _union_groups(entries, n_folds, split, seed)
+    if protocol.groups is None:
+        protocol = protocol.with_groups(_union_groups(entries, protocol))
     results = []
     for e in tqdm(entries, desc="compare", file=sys.stderr, disable=not progress):
         if e.test_bags is None:
-            result = cross_validate(
-                e.bags,
-                e.y,
-                e.estimator,
-                groups=groups,
-                n_folds=n_folds,
-                seed=seed,
-                n_boot=n_boot,
-                progress=False,
-            )
+            result = cross_validate(e.bags, e.y, e.estimator, protocol, progress=False)
         else:
             result = external_validate(
-                e.bags,
-                e.y,
-                e.test_bags,
-                e.test_y,
-                e.estimator,
-                groups=groups,
-                n_folds=n_folds,
-                seed=seed,
-                n_boot=n_boot,
-                test_images=e.test_images,
+                e.bags, e.y, e.test_bags, e.test_y, e.estimator, protocol, e.test_images
             )
         results.append(result)
     pvalues = [[_paired_p(a, b) for b in results] for a in results]
-    rows = []
-    for e, r, p in zip(entries, results, pvalues):
-        m = r.metrics
-        rows.append(
-            {
-                "name": e.name,
-                **e.tags,
-                "n": m["n"],
-                "auc": m["auc"],
-                "ci_low": m["ci_low"],
-                "ci_high": m["ci_high"],
-                "mean_fold_auc": m.get("mean_fold_auc"),
-                "p_vs_first": p[0],
-            }
-        )
     return {
-        "rows": rows,
+        "rows": [_compare_row(e, r, p) for e, r, p in zip(entries, results, pvalues)],
         "pairwise_p": pvalues,
         "names": [e.name for e in entries],
         "results": results,
-        "groups": groups,
+        "groups": protocol.groups,
     }
 
 
-def _union_groups(entries: list[Entry], n_folds: int, split: str, seed: int) -> dict:
+def _compare_row(entry: Entry, result: ValidationResult, pvalues: list) -> dict:
+    m = result.metrics
+    return {
+        "name": entry.name,
+        **entry.tags,
+        "n": m["n"],
+        "auc": m["auc"],
+        "ci_low": m["ci_low"],
+        "ci_high": m["ci_high"],
+        "mean_fold_auc": m.get("mean_fold_auc"),
+        "p_vs_first": pvalues[0],
+    }
+
+
+def _union_groups(entries: list[Entry], protocol: CVProtocol) -> dict:
     label_of, site_of = {}, {}
     for e in entries:
         for i, p in enumerate(e.bags.patient_ids):
@@ -422,8 +393,10 @@ def _union_groups(entries: list[Entry], n_folds: int, split: str, seed: int) -> 
             if e.bags.sites is not None:
                 site_of[p] = e.bags.sites[i]
     patients = np.array(sorted(label_of))
+    split = protocol.split
     sites = np.array([site_of.get(p) for p in patients], dtype=object) if split == "site" else None
-    return assign_groups(patients, [label_of[p] for p in patients], split, sites, n_folds, seed)
+    labels = [label_of[p] for p in patients]
+    return assign_groups(patients, labels, split, sites, protocol.folds, protocol.seed)
 
 
 def _paired_p(a: ValidationResult, b: ValidationResult) -> float | None:

@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fpstore.config import check_choice, check_range
+from fpstore.config import SPLITS, check_choice, check_range
 from fpstore.errors import ClassifyError
-
-SPLITS = ("patient", "site")
 
 
 @dataclass(frozen=True)

@@ -248,6 +248,22 @@ def _disagree(first: str, second: str) -> bool:
     return a != b or (a is None and first.strip().lower() != second.strip().lower())
 
 
+def _add_statuses(record: PatientRecord, row: list[str], idx: dict, where: str) -> None:
+    """A row's raw marker values into its patient's record (a patient on several rows must
+    not contradict itself; a blank adds nothing)."""
+    for marker in MARKERS:
+        raw = row[idx[marker]] if marker in idx else ""
+        if not raw:  # a blank on a later row of the patient adds nothing
+            record.raw.setdefault(marker, "")
+            continue
+        if record.raw.get(marker) and _disagree(record.raw[marker], raw):
+            raise CohortError(
+                f"{where}: patient {record.patient_id} has {marker} {raw!r} "
+                f"here but {record.raw[marker]!r} on an earlier row; make the rows agree"
+            )
+        record.raw[marker] = raw
+
+
 def read_csv_clinical(
     path: Path, columns: dict[str, str] | None = None, site_column: str | None = None
 ) -> ClinicalTable:
@@ -274,17 +290,7 @@ def read_csv_clinical(
         record = patients.setdefault(patient_id, PatientRecord(patient_id))
         if "site" in idx and row[idx["site"]]:
             record.site = record.site or row[idx["site"]]
-        for marker in MARKERS:
-            raw = row[idx[marker]] if marker in idx else ""
-            if not raw:  # a blank on a later row of the patient adds nothing
-                record.raw.setdefault(marker, "")
-                continue
-            if record.raw.get(marker) and _disagree(record.raw[marker], raw):
-                raise CohortError(
-                    f"{path.name} line {line_no}: patient {patient_id} has {marker} {raw!r} "
-                    f"here but {record.raw[marker]!r} on an earlier row; make the rows agree"
-                )
-            record.raw[marker] = raw
+        _add_statuses(record, row, idx, f"{path.name} line {line_no}")
         if "slide" in idx and row[idx["slide"]]:
             record.slides.append(row[idx["slide"]])
     if not patients:

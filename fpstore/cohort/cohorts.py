@@ -28,7 +28,7 @@ from fpstore.cohort.clinical import (
 )
 from fpstore.cohort.slide_list import SlideEntry, list_slides, slide_id_of
 from fpstore.cohort.slide_types import TypeChoice
-from fpstore.config import MARKERS
+from fpstore.config import CLINICAL_FORMATS, MARKERS
 from fpstore.errors import CohortError, SlideError
 from fpstore.slides.slide import Slide, load_mpp_overrides, open_slide
 from fpstore.store.cohorts import (
@@ -42,7 +42,6 @@ from fpstore.store.cohorts import (
 from fpstore.store.layout import StoreLayout
 from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES
 
-FORMATS = ("tcga", "csv")
 COHORT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Characters that may follow a patient id in a slide's file name ("P01_a.tiff", "P01-2.svs").
 _ID_SEPARATORS = "-_. "
@@ -124,8 +123,8 @@ def check_name(name: str) -> str:
 
 
 def _read_clinical(clinical, fmt, site_column, columns, her2_fish) -> ClinicalTable:
-    if fmt not in FORMATS:
-        raise CohortError(f"--format {fmt!r} is unknown; use one of: {', '.join(FORMATS)}")
+    if fmt not in CLINICAL_FORMATS:
+        raise CohortError(f"--format {fmt!r} is unknown; use one of: {', '.join(CLINICAL_FORMATS)}")
     if fmt == "tcga":
         if columns:
             raise CohortError("--column mappings apply to --format csv only")
@@ -320,33 +319,86 @@ def _unlabelled_table(entries: list[SlideEntry]) -> ClinicalTable:
     )
 
 
+@dataclass(frozen=True)
+class CohortSource:
+    """Where a cohort comes from: its slides and clinical table, and how to read them.
+
+    ``slides``: globs, folders, slide files or GDC manifests (a str or a sequence of them;
+    ``slides_dir``: where a manifest's files are); for ``fmt="csv"`` it may be left out when
+    the table's slide column holds paths. Without a ``clinical`` table the cohort is
+    unlabelled: each slide is its own patient (patient id = slide id), with no status and no
+    site (slides a saved model is to score). ``mpp_overrides``: a file of slide -> mpp.
+    ``site_column``, ``columns`` (csv: field -> column) and ``her2_fish_resolves_equivocal``
+    (tcga) read the clinical table. ``types``: the TCGA slide and sample types to keep
+    (default: diagnostic slides of primary tumours); slides of other types are left out and
+    listed in the summary. Slide names that are not TCGA barcodes are kept whatever
+    ``types`` says.
+    """
+
+    slides: tuple = ()  # a str or Path alone is made a tuple of one
+    clinical: Path | None = None
+    fmt: str = "tcga"
+    slides_dir: Path | None = None
+    mpp_overrides: Path | None = None
+    site_column: str | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    her2_fish_resolves_equivocal: bool = False
+    types: TypeChoice = TypeChoice()
+
+    def __post_init__(self):
+        slides = self.slides
+        as_tuple = (slides,) if isinstance(slides, (str, Path)) else tuple(slides or ())
+        object.__setattr__(self, "slides", as_tuple)
+        object.__setattr__(self, "columns", dict(self.columns or {}))
+        if self.clinical is not None:
+            return  # the table's own checks run as it is read (_read_clinical)
+        if not self.slides:
+            raise CohortError(
+                "a cohort needs --clinical FILE, or --slides alone for an unlabelled cohort"
+            )
+        if self.site_column or self.columns or self.her2_fish_resolves_equivocal:
+            raise CohortError(
+                "--site-column, --column and --her2-fish-resolves-equivocal read a clinical "
+                "table; pass --clinical FILE"
+            )
+
+    @property
+    def table_format(self) -> str:
+        """How slides meet patients: "tcga" or "csv", or "unlabelled" without a table."""
+        return "unlabelled" if self.clinical is None else self.fmt
+
+    def options(self) -> dict:
+        """The cohort document's record of these settings (beside ``validated``)."""
+        return {
+            "slides": [str(s) for s in self.slides],
+            "slides_dir": str(self.slides_dir) if self.slides_dir else None,
+            "mpp_overrides": str(self.mpp_overrides) if self.mpp_overrides else None,
+            "site_column": self.site_column,
+            "columns": self.columns,
+            "her2_fish_resolves_equivocal": self.her2_fish_resolves_equivocal,
+        }
+
+
 def add_cohort(
     store: Path,
     name: str,
-    slides=None,
-    clinical: Path | None = None,
-    fmt: str = "tcga",
-    mpp_overrides: Path | None = None,
-    site_column: str | None = None,
-    columns: dict[str, str] | None = None,
-    slides_dir: Path | None = None,
-    her2_fish_resolves_equivocal: bool = False,
+    source: CohortSource | None = None,
+    *,
     validate: bool = False,
     force: bool = False,
-    types: TypeChoice = TypeChoice(),
+    **source_fields,
 ) -> CohortSummary:
     """Parse the clinical table, list and match the slides, and write the cohort to the store.
 
-    ``slides``: globs, folders, slide files or GDC manifests (a str or a list of them); for
-    ``fmt="csv"`` it may be left out when the table's slide column holds paths. Without a
-    ``clinical`` table the cohort is unlabelled: each slide is its own patient (patient id =
-    slide id), with no status and no site (slides a saved model is to score).
-    ``validate`` opens every slide and reads a patch (unreadable ones become problems and
-    are left out of slides.parquet). An existing cohort is replaced only with ``force``.
-    ``types``: the TCGA slide and sample types to keep (default: diagnostic slides of
-    primary tumours); slides of other types are left out and listed in the summary. Slide
-    names that are not TCGA barcodes are kept whatever ``types`` says.
+    ``source``: a ``CohortSource``, or its fields as keywords (``slides=..., clinical=...,
+    fmt="csv"``) for a one-line call. ``validate`` opens every slide and reads a patch
+    (unreadable ones become problems and are left out of slides.parquet). An existing
+    cohort is replaced only with ``force``.
     """
+    if source is None:
+        source = CohortSource(**source_fields)
+    elif source_fields:
+        raise CohortError(f"pass a CohortSource or its fields, not both ({sorted(source_fields)})")
     check_name(name)
     if StoreLayout.of(store).cohort_dir(name).exists() and not force:
         raise CohortError(
@@ -358,72 +410,58 @@ def add_cohort(
                 f"cohort {name!r} is being extracted (or added) by another process; wait for "
                 "it to finish or stop it, then rerun `fpstore cohort add`"
             )
-        return _add_cohort(
-            store,
-            name,
-            slides,
-            clinical,
-            fmt,
-            mpp_overrides,
-            site_column,
-            columns,
-            slides_dir,
-            her2_fish_resolves_equivocal,
-            validate,
-            types,
-        )
+        return _add_cohort(store, name, source, validate)
 
 
-def _add_cohort(
-    store,
-    name,
-    slides,
-    clinical,
-    fmt,
-    mpp_overrides,
-    site_column,
-    columns,
-    slides_dir,
-    her2_fish_resolves_equivocal,
-    validate,
-    types,
-) -> CohortSummary:
-    sources = [slides] if isinstance(slides, (str, Path)) else list(slides or [])
-    entries = list_slides(sources, slides_dir) if sources else None
-    if clinical is None:
-        if entries is None:
-            raise CohortError(
-                "a cohort needs --clinical FILE, or --slides alone for an unlabelled cohort"
-            )
-        if site_column or columns or her2_fish_resolves_equivocal:
-            raise CohortError(
-                "--site-column, --column and --her2-fish-resolves-equivocal read a clinical "
-                "table; pass --clinical FILE"
-            )
-        fmt = "unlabelled"
-        table = _unlabelled_table(entries)
-    else:
-        table = _read_clinical(clinical, fmt, site_column, columns, her2_fish_resolves_equivocal)
-
+def _matched(source: CohortSource):
+    """The clinical table and the slides matched to its patients: (table, entries, owners
+    slide_id -> patient_id or None, orphans [(entry, reason)])."""
+    entries = list_slides(list(source.slides), source.slides_dir) if source.slides else None
+    fmt = source.table_format
     if fmt == "unlabelled":
-        entries, owners, orphans = _match_by_id(table, entries)
-    elif fmt == "tcga":
+        assert entries is not None  # CohortSource refuses neither slides nor a table
+        table = _unlabelled_table(entries)
+        return (table, *_match_by_id(table, entries))
+    table = _read_clinical(
+        source.clinical,
+        fmt,
+        source.site_column,
+        source.columns,
+        source.her2_fish_resolves_equivocal,
+    )
+    if fmt == "tcga":
         if entries is None:
             raise CohortError("a TCGA cohort needs its slides; pass --slides GLOB|FOLDER|MANIFEST")
-        entries, owners, orphans = _match_tcga(table, entries)
-    elif any(p.slides for p in table.patients.values()):
-        entries, owners, orphans = _match_named(table, entries)
-    else:
-        if entries is None:
-            raise CohortError(
-                f"{table.path.name} has no slide column; pass --slides, "
-                "or map one with --column slide=COLUMN"
-            )
-        entries, owners, orphans = _match_by_id(table, entries)
+        return (table, *_match_tcga(table, entries))
+    if any(p.slides for p in table.patients.values()):
+        return (table, *_match_named(table, entries))
+    if entries is None:
+        raise CohortError(
+            f"{table.path.name} has no slide column; pass --slides, "
+            "or map one with --column slide=COLUMN"
+        )
+    return (table, *_match_by_id(table, entries))
+
+
+def _slide_rows(entries, owners, key: str = "problem") -> list[dict]:
+    return [
+        {
+            "slide_id": e.slide_id,
+            "path": os.path.abspath(e.path),
+            "patient_id": owners.get(e.slide_id),
+            key: value,
+        }
+        for e, value in entries
+    ]
+
+
+def _add_cohort(store, name: str, source: CohortSource, validate: bool) -> CohortSummary:
+    table, entries, owners, orphans = _matched(source)
+    types = source.types
     entries, left_out = _choose_types(entries, types)
     orphans = [(e, reason) for e, reason in orphans if e.slide_id not in left_out]
 
-    overrides = load_mpp_overrides(mpp_overrides) if mpp_overrides else {}
+    overrides = load_mpp_overrides(source.mpp_overrides) if source.mpp_overrides else {}
     known = {e.slide_id for e in entries}
     unused = sorted(k for k in overrides if k not in known)
     slide_info = _validate(entries, overrides) if validate else {}
@@ -432,8 +470,8 @@ def _add_cohort(
     with_slides = {owners[e.slide_id] for e in usable if owners.get(e.slide_id)}
     summary = CohortSummary(
         name=name,
-        fmt=fmt,
-        clinical=os.path.abspath(table.path) if clinical is not None else "",
+        fmt=source.table_format,
+        clinical=os.path.abspath(table.path) if source.clinical is not None else "",
         n_patients=len(table.patients),
         n_slides=len(usable),
         n_patients_with_slides=len(with_slides),
@@ -446,28 +484,11 @@ def _add_cohort(
             {"slide_id": e.slide_id, "path": os.path.abspath(e.path), "reason": reason}
             for e, reason in orphans
         ],
-        problems=[
-            {
-                "slide_id": e.slide_id,
-                "path": os.path.abspath(e.path),
-                "patient_id": owners.get(e.slide_id),
-                "problem": e.problem,
-            }
-            for e in entries
-            if e.problem
-        ],
+        problems=_slide_rows([(e, e.problem) for e in entries if e.problem], owners),
         unused_mpp_overrides=unused,
         slide_types=None if types.slide_types is None else list(types.slide_types),
         sample_types=None if types.sample_types is None else list(types.sample_types),
-        left_out_by_type=[
-            {
-                "slide_id": e.slide_id,
-                "path": os.path.abspath(e.path),
-                "patient_id": owners.get(e.slide_id),
-                "reasons": reasons,
-            }
-            for e, reasons in left_out.values()
-        ],
+        left_out_by_type=_slide_rows(list(left_out.values()), owners, "reasons"),
         untyped=sorted(e.slide_id for e in entries if types.cannot_tell(e.slide_id)),
     )
     slides_table, labels_table = _tables(table, usable, owners, overrides)
@@ -476,12 +497,7 @@ def _add_cohort(
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "options": {
-            "slides": [str(s) for s in sources],
-            "slides_dir": str(slides_dir) if slides_dir else None,
-            "mpp_overrides": str(mpp_overrides) if mpp_overrides else None,
-            "site_column": site_column,
-            "columns": columns or {},
-            "her2_fish_resolves_equivocal": her2_fish_resolves_equivocal,
+            **source.options(),
             "validated": validate,
             "slide_types": summary.slide_types,
             "sample_types": summary.sample_types,

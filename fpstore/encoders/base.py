@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fpstore.config import check_choice, check_range, set_backend_flags
+from fpstore.config import DEVICES, PRECISIONS, check_choice, check_range, set_backend_flags
 from fpstore.errors import EncoderError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # "auto" resolves to one of PRECISIONS (``resolve_precision``) before anything runs.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -350,7 +349,7 @@ def resolve_precision(precision: str, device: str | torch.device) -> PrecisionCh
 
 def resolve_device(device: str = "auto") -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'; 'cuda' without one is an error."""
-    check_choice("extract", "device", device, ("auto", "cpu", "cuda"))
+    check_choice("extract", "device", device, DEVICES)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

@@ -404,7 +404,7 @@ def cohort_cores(
                 f"cohort {cohort!r} is in an object-storage store; give a local --cache folder "
                 "for its pseudo-cores"
             )
-        cache = layout.cache_dir("fingerprint-cores", cohort)
+        cache = layout.pseudo_cores_dir(cohort)
     folder = Path(cache) / f"{spec.size}px-{spec.mpp:g}mpp-{spec.per_slide}x-{spec.min_tissue:g}"
     signature = {
         "spec": [spec.size, spec.mpp, spec.per_slide, spec.min_tissue],

@@ -260,7 +260,7 @@ class EmbeddingResult:
         return out
 
 
-def embed_cohort(
+def embed_cohort(  # noqa: PLR0913  one keyword per `fpstore report embed` option
     store: Path,
     cohort: str,
     out: Path,
@@ -277,21 +277,81 @@ def embed_cohort(
     ``run_id`` gives the patch predictions (colour "prediction" and the cluster selection);
     ``marker`` (default: the run's) gives the patient labels for colour "label".
     """
-    import pyarrow as pa
-
-    from fpstore.report.montage import cluster_montages
-    from fpstore.report.runs import lookup
-    from fpstore.store import open as open_store
-    from fpstore.store.io import write_parquet_atomic
     from fpstore.store.runs import load_run
-    from fpstore.store.schema import file_metadata
 
     for name in color_by:
         check_choice("embed_cohort", "color_by", name, COLOR_BY)
-    seconds, notes = {}, []
+    seconds: dict[str, float] = {}
+    notes: list[str] = []
     start = time.perf_counter()
     run = load_run(store, run_id) if run_id else None
     encoder = resolve_encoder(store, cohort, encoder or (run.encoder if run else None))
+    keys, vectors = _points(store, cohort, encoder, config, notes)
+    seconds["load"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    xy = embed_points(vectors, config)
+    seconds["embed"] = time.perf_counter() - start
+
+    patch_ids = keys.column("patch_id").to_pylist()
+    patients = np.asarray(keys.column("patient_id").to_pylist())
+    score_range = run.score_range if run else (-1.0, 1.0)
+    scores = None if run is None else _run_scores(run, patch_ids, notes)
+
+    start = time.perf_counter()
+    cluster_labels = np.full(len(xy), -1)
+    selected: list[Cluster] = []
+    if scores is not None:
+        scaled = scaled_scores(scores, score_range)
+        selected = _clusters(xy, scaled, patients, clusters, config.seed, cluster_labels, notes)
+    seconds["clusters"] = time.perf_counter() - start
+
+    out = Path(out)
+    start = time.perf_counter()
+    marker = marker or (run.marker if run else None)
+    view = _MapView(cohort, encoder, config.method, marker, score_range)
+    figures = _maps(store, keys, xy, scores, selected, color_by, view, out, notes)
+    montages = _montages(store, cohort, keys, selected, out, montage_px, notes)
+    seconds["figures"] = time.perf_counter() - start
+
+    columns = {"patch_id": patch_ids, "patient_id": patients.tolist(), "xy": xy}
+    table_path = _write_table(keys, columns, cluster_labels, scores, out, view, run_id)
+    return EmbeddingResult(
+        cohort,
+        encoder,
+        config.method,
+        len(xy),
+        len(set(patients.tolist())),
+        table_path,
+        figures,
+        selected,
+        montages,
+        seconds,
+        notes,
+    )
+
+
+def _clusters(xy, scaled, patients, clusters: ClusterConfig, seed: int, labels, notes):
+    """The enriched clusters among the scored patches (their members as rows of ``xy``);
+    each scored patch's cluster goes into ``labels``."""
+    scored = np.flatnonzero(np.isfinite(scaled))
+    labels_scored, selected = select_clusters(
+        xy[scored], scaled[scored], patients[scored], clusters, seed=seed
+    )
+    labels[scored] = labels_scored
+    for c in selected:
+        c.members = scored[c.members].tolist()
+    if not selected:
+        notes.append(f"no cluster has a mean scaled score beyond +/-{clusters.min_enrichment}")
+    return selected
+
+
+def _points(store: Path, cohort: str, encoder: str, config: EmbedConfig, notes: list):
+    """(keys, vectors) of the cohort's fingerprints, a seeded sample of ``max_points``."""
+    import pyarrow as pa
+
+    from fpstore.store import open as open_store
+
     with open_store(store) as fs:
         fp = fs.fingerprints(encoder, cohort)
     if len(fp) < 5:
@@ -306,79 +366,81 @@ def embed_cohort(
         )
         keys, vectors = keys.take(pa.array(keep)), vectors[keep]
         notes.append(f"embedded a random {config.max_points} of {len(fp)} patches")
-    seconds["load"] = time.perf_counter() - start
+    return keys, vectors
 
-    start = time.perf_counter()
-    xy = embed_points(vectors, config)
-    seconds["embed"] = time.perf_counter() - start
 
-    patch_ids = keys.column("patch_id").to_pylist()
-    patients = np.asarray(keys.column("patient_id").to_pylist())
-    score_range = run.score_range if run else (-1.0, 1.0)
-    scores = None
-    if run is not None and not run.patches_path.is_file():
+def _run_scores(run, patch_ids: list, notes: list) -> np.ndarray | None:
+    """The run's score per patch (NaN where it has none); None where it has none at all."""
+    from fpstore.report.runs import lookup
+
+    if not run.patches_path.is_file():
         notes.append(f"run {run.run_id} stored no patch scores: no prediction colours or clusters")
-    elif run is not None:
-        scores = lookup(patch_ids, run.patch_scores(), "score")
-        missing = np.array([s is None for s in scores])
-        if missing.all():
-            notes.append(
-                f"run {run.run_id} scored none of these patches: no prediction colours or clusters"
-            )
-            scores = None
-        else:
-            scores = np.where(missing, np.nan, scores).astype(np.float64)
-            if missing.any():
-                notes.append(
-                    f"{int(missing.sum())} patches have no score in run {run.run_id} "
-                    "(left out of the prediction colours)"
-                )
-
-    start = time.perf_counter()
-    cluster_labels = np.full(len(xy), -1)
-    selected: list[Cluster] = []
-    if scores is not None:
-        scored = np.flatnonzero(np.isfinite(scores))
-        labels_scored, selected = select_clusters(
-            xy[scored],
-            scaled_scores(scores[scored], score_range),
-            patients[scored],
-            clusters,
-            seed=config.seed,
+        return None
+    scores = lookup(patch_ids, run.patch_scores(), "score")
+    missing = np.array([s is None for s in scores])
+    if missing.all():
+        notes.append(
+            f"run {run.run_id} scored none of these patches: no prediction colours or clusters"
         )
-        cluster_labels[scored] = labels_scored
-        for c in selected:
-            c.members = scored[c.members].tolist()
-        if not selected:
-            notes.append(f"no cluster has a mean scaled score beyond +/-{clusters.min_enrichment}")
-    seconds["clusters"] = time.perf_counter() - start
+        return None
+    if missing.any():
+        notes.append(
+            f"{int(missing.sum())} patches have no score in run {run.run_id} "
+            "(left out of the prediction colours)"
+        )
+    return np.where(missing, np.nan, scores).astype(np.float64)
 
-    out = Path(out)
-    start = time.perf_counter()
+
+@dataclass(frozen=True)
+class _MapView:
+    """What a map shows, for its titles and its table's metadata."""
+
+    cohort: str
+    encoder: str
+    method: str
+    marker: str | None
+    score_range: tuple
+
+
+def _maps(store, keys, xy, scores, selected, color_by, view: _MapView, out: Path, notes):
+    """One map per colouring of ``color_by`` that has values: {colouring: png path}."""
     figures = {}
-    marker = marker or (run.marker if run else None)
     for name in color_by:
-        values = _colour_values(name, store, cohort, keys, scores, marker, notes)
+        values = _colour_values(name, store, view.cohort, keys, scores, view.marker, notes)
         if values is None:
             continue
         shown = selected if name == "prediction" else ()
-        title = f"{cohort} {encoder} {config.method}: {name}" + (
-            f" ({marker})" if name == "label" else ""
+        title = f"{view.cohort} {view.encoder} {view.method}: {name}" + (
+            f" ({view.marker})" if name == "label" else ""
         )
         figures[name] = plot_embedding(
-            xy, values, name, out / f"embedding_{name}.png", shown, score_range, title
+            xy, values, name, out / f"embedding_{name}.png", shown, view.score_range, title
         )
-    montages = []
+    return figures
+
+
+def _montages(store, cohort, keys, selected, out: Path, montage_px: int, notes) -> list:
+    from fpstore.report.montage import cluster_montages
+
     try:
-        montages = cluster_montages(store, cohort, keys, selected, out, montage_px)
+        return cluster_montages(store, cohort, keys, selected, out, montage_px)
     except FpstoreError as error:  # slides moved or unreadable: the map is still worth having
         notes.append(f"no cluster montages: {error}")
-    seconds["figures"] = time.perf_counter() - start
+        return []
 
+
+def _write_table(keys, columns: dict, cluster_labels, scores, out: Path, view: _MapView, run_id):
+    """embedding.parquet: each patch's position, cluster and score."""
+    import pyarrow as pa
+
+    from fpstore.store.io import write_parquet_atomic
+    from fpstore.store.schema import file_metadata
+
+    xy = columns["xy"]
     table = pa.table(
         {
-            "patch_id": patch_ids,
-            "patient_id": patients.tolist(),
+            "patch_id": columns["patch_id"],
+            "patient_id": columns["patient_id"],
             "slide_id": keys.column("slide_id"),
             "x": xy[:, 0],
             "y": xy[:, 1],
@@ -388,26 +450,14 @@ def embed_cohort(
             ),
         }
     )
-    table_path = write_parquet_atomic(
-        table,
-        out / "embedding.parquet",
-        file_metadata(
-            "embedding", encoder=encoder, cohort=cohort, method=config.method, run_id=run_id or ""
-        ),
+    metadata = file_metadata(
+        "embedding",
+        encoder=view.encoder,
+        cohort=view.cohort,
+        method=view.method,
+        run_id=run_id or "",
     )
-    return EmbeddingResult(
-        cohort,
-        encoder,
-        config.method,
-        len(xy),
-        len(set(patients.tolist())),
-        table_path,
-        figures,
-        selected,
-        montages,
-        seconds,
-        notes,
-    )
+    return write_parquet_atomic(table, out / "embedding.parquet", metadata)
 
 
 def _colour_values(name, store, cohort, keys, scores, marker, notes):

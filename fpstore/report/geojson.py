@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from fpstore.config import check_choice
-from fpstore.report.heatmap import TISSUE_COLORS, UNKNOWN_TISSUE
+from fpstore.report.colors import TISSUE_COLORS, UNKNOWN_TISSUE
 
 OBJECT_TYPES = ("annotation", "detection", "tile")
 

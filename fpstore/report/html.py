@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime
 import html
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -193,6 +195,46 @@ def pick_examples(store: Path, run, n: int) -> list[tuple[str, str, str, float]]
     return picked
 
 
+COMPARE_COLUMNS = [
+    "run",
+    "method",
+    "encoder",
+    "pool",
+    "role",
+    "n",
+    "n_pos",
+    "n_neg",
+    "auc",
+    "ci_low",
+    "ci_high",
+    "p_vs_this_run",
+    "note",
+]
+
+
+@dataclass
+class _Report:
+    """A report as it is built: the run, where its figures go, and the sections, notes and
+    seconds per part so far."""
+
+    store: Path
+    run: Any
+    out: Path
+    sections: list[str]
+    notes: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def figures(self) -> Path:
+        return self.out / "figures"
+
+    @contextmanager
+    def timed(self, part: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[part] = time.perf_counter() - start
+
+
 def build_report(
     store: Path,
     run_id: str,
@@ -204,126 +246,24 @@ def build_report(
     n_boot: int = 1000,
 ) -> ReportResult:
     """Write OUT/index.html and OUT/figures/* for run ``run_id``; ``embed=None`` skips the map."""
-    from fpstore.report.embed import embed_cohort
-    from fpstore.report.heatmap import slide_heatmap
-    from fpstore.report.roc import plot_roc, run_roc_curves
     from fpstore.store.runs import load_run
 
     check_range("build_report", "n_heatmaps", n_heatmaps, 0, 100)
     check_range("build_report", "n_boot", n_boot, 10)
     run = load_run(store, run_id)
     out = Path(out)
-    figures = out / "figures"
+    report = _Report(store, run, out, [_header(run)])
+    figures = report.figures
     figures.mkdir(parents=True, exist_ok=True)
-    notes: list[str] = []
-    seconds: dict[str, float] = {}
-    sections = [_header(run)]
-
-    start = time.perf_counter()
-    sections.append(
-        _section("Cohort", _table(cohort_summary_rows(store, run.cohort), ["item", "value"]))
-    )
-    compare = compare_rows(store, run, n_boot)
-    sections.append(
-        _section(
-            f"Compare: every stored {run.marker or ''} run on {run.cohort}",
-            _table(
-                compare,
-                [
-                    "run",
-                    "method",
-                    "encoder",
-                    "pool",
-                    "role",
-                    "n",
-                    "n_pos",
-                    "n_neg",
-                    "auc",
-                    "ci_low",
-                    "ci_high",
-                    "p_vs_this_run",
-                    "note",
-                ],
-            ),
-            "AUC per patient with a 95% bootstrap CI; "
-            "p: DeLong's test against this run on shared patients.",
-        )
-    )
-    seconds["tables"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    curves = run_roc_curves(run, n_boot=n_boot)
-    if curves:
-        roc = plot_roc(
-            curves, figures / "roc.png", f"{run.marker or ''} {run.method or ''} run {run_id}"
-        )
-        sections.append(
-            _section(
-                "ROC curves",
-                _figure(
-                    roc, out, "ROC curves with 95% bootstrap bands", [c.legend() for c in curves]
-                ),
-            )
-        )
-    else:
-        notes.append("no role of this run has both classes: no ROC curve")
-    seconds["roc"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    shown = []
-    blocks = []
-    for category, patient, slide_id, score in pick_examples(store, run, n_heatmaps):
-        try:
-            result = slide_heatmap(store, run_id, slide_id, figures / "heatmaps", heatmap_px)
-        except FpstoreError as error:
-            notes.append(f"heatmap of {slide_id}: {error}")
-            continue
-        shown.append(slide_id)
-        notes += result.notes
-        caption = (
-            f"{category}: patient {patient}, slide {slide_id}, score {score:.3f} "
-            f"({result.n_patches} patches)"
-        )
-        blocks.append(
-            _figure(result.figure, out, caption, links={"GeoJSON (QuPath)": result.geojson})
-        )
-    if blocks:
-        sections.append(
-            _section(
-                "Heatmaps",
-                "\n".join(blocks),
-                "H&E thumbnail, tissue type and prediction (black = negative, white = positive).",
-            )
-        )
-    elif n_heatmaps:
-        notes.append("no slide of this run has patch scores with a readable slide: no heatmaps")
-    seconds["heatmaps"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    embedding = None
-    if embed is not None:
-        try:
-            embedding = embed_cohort(
-                store,
-                run.cohort,
-                figures / "embedding",
-                run_id=run_id,
-                config=embed,
-                clusters=clusters,
-            )
-        except FpstoreError as error:
-            notes.append(f"embedding: {error}")
-        if embedding is not None:
-            notes += embedding.notes
-            sections.append(
-                _section(
-                    f"Fingerprint map ({embedding.method}, {embedding.n_points} patches, "
-                    f"{embedding.n_patients} patients)",
-                    _embedding_html(embedding, out),
-                )
-            )
-    seconds["embedding"] = time.perf_counter() - start
-
+    with report.timed("tables"):
+        _add_tables(report, n_boot)
+    with report.timed("roc"):
+        _add_roc(report, n_boot)
+    with report.timed("heatmaps"):
+        shown = _add_heatmaps(report, n_heatmaps, heatmap_px)
+    with report.timed("embedding"):
+        embedding = None if embed is None else _add_embedding(report, embed, clusters)
+    notes, sections, seconds = report.notes, report.sections, report.seconds
     if notes:
         sections.append(
             _section("Notes", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
@@ -334,6 +274,102 @@ def build_report(
     tmp.replace(index)
     n_figures = len(list(figures.rglob("*.png")))
     return ReportResult(out, index, run_id, n_figures, shown, embedding, notes, seconds)
+
+
+def _add_tables(report: _Report, n_boot: int) -> None:
+    store, run = report.store, report.run
+    report.sections.append(
+        _section("Cohort", _table(cohort_summary_rows(store, run.cohort), ["item", "value"]))
+    )
+    report.sections.append(
+        _section(
+            f"Compare: every stored {run.marker or ''} run on {run.cohort}",
+            _table(compare_rows(store, run, n_boot), COMPARE_COLUMNS),
+            "AUC per patient with a 95% bootstrap CI; "
+            "p: DeLong's test against this run on shared patients.",
+        )
+    )
+
+
+def _add_roc(report: _Report, n_boot: int) -> None:
+    from fpstore.report.roc import plot_roc, run_roc_curves
+
+    run = report.run
+    curves = run_roc_curves(run, n_boot=n_boot)
+    if not curves:
+        report.notes.append("no role of this run has both classes: no ROC curve")
+        return
+    title = f"{run.marker or ''} {run.method or ''} run {run.run_id}"
+    roc = plot_roc(curves, report.figures / "roc.png", title)
+    caption = "ROC curves with 95% bootstrap bands"
+    report.sections.append(
+        _section("ROC curves", _figure(roc, report.out, caption, [c.legend() for c in curves]))
+    )
+
+
+def _add_heatmaps(report: _Report, n_heatmaps: int, heatmap_px: int) -> list[str]:
+    """Heatmaps of up to ``n_heatmaps`` example slides; returns the slides shown."""
+    from fpstore.report.heatmap import slide_heatmap
+
+    shown, blocks = [], []
+    run_id = report.run.run_id
+    for category, patient, slide_id, score in pick_examples(report.store, report.run, n_heatmaps):
+        try:
+            result = slide_heatmap(
+                report.store, run_id, slide_id, report.figures / "heatmaps", heatmap_px
+            )
+        except FpstoreError as error:
+            report.notes.append(f"heatmap of {slide_id}: {error}")
+            continue
+        shown.append(slide_id)
+        report.notes += result.notes
+        caption = (
+            f"{category}: patient {patient}, slide {slide_id}, score {score:.3f} "
+            f"({result.n_patches} patches)"
+        )
+        links = {"GeoJSON (QuPath)": result.geojson}
+        blocks.append(_figure(result.figure, report.out, caption, links=links))
+    if blocks:
+        report.sections.append(
+            _section(
+                "Heatmaps",
+                "\n".join(blocks),
+                "H&E thumbnail, tissue type and prediction (black = negative, white = positive).",
+            )
+        )
+    elif n_heatmaps:
+        report.notes.append(
+            "no slide of this run has patch scores with a readable slide: no heatmaps"
+        )
+    return shown
+
+
+def _add_embedding(report: _Report, embed: EmbedConfig, clusters: ClusterConfig):
+    """The cohort's fingerprint map (None, with a note, where it cannot be drawn)."""
+    from fpstore.report.embed import embed_cohort
+
+    run = report.run
+    try:
+        embedding = embed_cohort(
+            report.store,
+            run.cohort,
+            report.figures / "embedding",
+            run_id=run.run_id,
+            config=embed,
+            clusters=clusters,
+        )
+    except FpstoreError as error:
+        report.notes.append(f"embedding: {error}")
+        return None
+    report.notes += embedding.notes
+    report.sections.append(
+        _section(
+            f"Fingerprint map ({embedding.method}, {embedding.n_points} patches, "
+            f"{embedding.n_patients} patients)",
+            _embedding_html(embedding, report.out),
+        )
+    )
+    return embedding
 
 
 # -- HTML pieces (every value escaped) --

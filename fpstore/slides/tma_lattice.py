@@ -110,6 +110,14 @@ def link(
             parent[rp] = rq
             tree[p].append((q, di, dj))
             tree[q].append((p, -di, -dj))
+    group, ij = _walk(tree)
+    return np.unique(group, return_inverse=True)[1], ij
+
+
+def _walk(tree: list[list[tuple[int, int, int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(group, (i, j)) of each point, walked along the links of ``tree`` from each group's
+    first point (its group id)."""
+    n = len(tree)
     group = np.full(n, -1)
     ij = np.zeros((n, 2), int)
     for start in range(n):
@@ -124,7 +132,7 @@ def link(
                     group[q] = start
                     ij[q] = ij[p] + (di, dj)
                     stack.append(q)
-    return np.unique(group, return_inverse=True)[1], ij
+    return group, ij
 
 
 def _design(ij: np.ndarray, degree: int) -> np.ndarray:

@@ -29,7 +29,13 @@ import pyarrow.parquet as pq
 from fpstore.errors import StoreError
 from fpstore.store.cohorts import cohort_names
 from fpstore.store.fingerprints import partition_settings
-from fpstore.store.layout import StoreLayout, partitions, visible_files
+from fpstore.store.layout import (
+    STATUS_FILES,
+    TISSUE_FILES,
+    StoreLayout,
+    partitions,
+    visible_files,
+)
 from fpstore.store.pooling import segment_mean
 from fpstore.store.remote import register_with_duckdb
 from fpstore.store.schema import (
@@ -185,7 +191,7 @@ class FeatureStore:
         """(Re)build the views: files written since the store was opened become visible."""
         self._fingerprint_views()
         self._cohort_views()
-        self._parquet_view("tissue", self.path / "tissue", "cohort=*/*.parquet", TISSUE, hive=True)
+        self._parquet_view("tissue", self.layout.tissue_root, TISSUE_FILES, TISSUE, hive=True)
         self._parquet_view(
             "predictions", self.layout.runs_dir, "*/patients.parquet", PATIENT_PREDICTIONS
         )
@@ -253,7 +259,7 @@ class FeatureStore:
                     for c, f in zip(cohorts, files)
                 ),
             )
-        status_files = list((self.path / "status").glob("encoder=*/cohort=*/*.json"))
+        status_files = list(self.layout.status_root.glob(STATUS_FILES))
         if status_files:
             columns = (
                 "{"
@@ -263,7 +269,7 @@ class FeatureStore:
             self._view(
                 "extraction_status",
                 (
-                    f"SELECT * FROM read_json({_literal(self.path / 'status/encoder=*/cohort=*/*.json')}, "
+                    f"SELECT * FROM read_json({_literal(self.layout.status_root / STATUS_FILES)}, "
                     f"columns = {columns}, hive_partitioning = true, format = 'auto')"
                 ),
             )
@@ -402,22 +408,18 @@ class FeatureStore:
         encoder: str,
         cohort: str | None = None,
         by: str = "patient_id",
-        materialised: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(ids, (G, dim) means) pooled over ``by`` (patient_id or slide_id).
 
         numpy over the pyarrow matrix: a segment sum, several times faster than any SQL
         form DuckDB offers for element-wise means of arrays (see benchmarks/bench_duckdb.py).
-        ``materialised`` pools the memory-mapped matrix that ``fpstore similar`` keeps under
-        ``cache/`` instead (built on first use, rebuilt when the files change): no Parquet
-        decoding: 0.8 s per million patches on 2 cores once it exists (35 s to build).
+        ``fpstore.store.similarity.vector_index(store, encoder).pooled_means(by)`` pools the
+        memory-mapped matrix that ``fpstore similar`` keeps under ``cache/`` instead (built on
+        first use, rebuilt when the files change): no Parquet decoding: 0.8 s per million
+        patches on 2 cores once it exists (35 s to build).
         """
         if by not in ("patient_id", "slide_id"):
             raise StoreError(f"mean_fingerprints by={by!r}; use 'patient_id' or 'slide_id'")
-        if materialised:
-            from fpstore.store.similarity import vector_index
-
-            return vector_index(self, encoder, cohort).pooled_means(by)
         fp = self.fingerprints(encoder, cohort)
         ids, index = np.unique(
             fp.keys.column(by).to_numpy(zero_copy_only=False).astype(str), return_inverse=True

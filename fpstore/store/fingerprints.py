@@ -37,7 +37,7 @@ PARQUET_OPTIONS = dict(
 )
 
 
-def patch_keys_table(
+def patch_keys_table(  # noqa: PLR0913  one argument per column of PATCH_KEY_FIELDS
     patient_id: str,
     slide_id: str,
     site: str | None,

@@ -14,6 +14,9 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
     models/classify/<model_id>/card.json, README.md, final.npz, fold-<k>.npz
     cache/...                      derived data, rebuilt when stale, safe to delete
     cache/tissue-masks/<settings>/<slide>.npz   a slide's tissue mask (``tissue_mask_file``)
+    cache/patches/cohort=<cohort>/px=<px>       patches for the patch CNN (``patch_cache_dir``)
+    cache/fingerprint-cores/<cohort>/<crop>     pseudo-cores for training (``pseudo_cores_dir``)
+    cache/similarity/encoder=<id>/<cohort>      the vector index (``fpstore.store.similarity``)
 
 Temporary files start with '.' and end in '.tmp' (``fpstore.store.io``): every listing
 here skips names that start with '.'.
@@ -28,6 +31,9 @@ from fpstore.errors import StoreError
 from fpstore.store.remote import RemotePath, store_root
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+# Under ``status_root`` and ``tissue_root``: every slide's file, for DuckDB's readers.
+STATUS_FILES = "encoder=*/cohort=*/*.json"
+TISSUE_FILES = "cohort=*/*.parquet"
 
 
 def check_partition_value(kind: str, value: str) -> str:
@@ -132,8 +138,12 @@ class StoreLayout:
         return found
 
     # -- tissue types --
+    @property
+    def tissue_root(self):
+        return self.root / "tissue"
+
     def tissue_dir(self, cohort: str):
-        return self.root / "tissue" / f"cohort={cohort}"
+        return self.tissue_root / f"cohort={cohort}"
 
     def tissue_file(self, cohort: str, slide_id: str):
         return self.tissue_dir(cohort) / f"{slide_id}.parquet"
@@ -162,12 +172,25 @@ class StoreLayout:
         """Trained fingerprint networks: the checkpoints ``--encoder fingerprint`` can use."""
         return self.root / "models" / "fingerprint"
 
+    def fingerprint_model_file(self, name: str):
+        """A trained fingerprint network kept in the store (``models/fingerprint/<name>.pt``)."""
+        return self.fingerprint_models_dir / f"{name}.pt"
+
     # -- derived data --
     def cache_dir(self, *parts: str):
         folder = self.root / "cache"
         for part in parts:
             folder = folder / part
         return folder
+
+    def patch_cache_dir(self, cohort: str, out_px: int):
+        """The LMDB cache of a cohort's patches at ``out_px`` (what the patch CNN reads)."""
+        return self.cache_dir("patches", f"cohort={cohort}", f"px={out_px}")
+
+    def pseudo_cores_dir(self, cohort: str):
+        """The cut pseudo-cores of a cohort's slides (fingerprint training), one folder per
+        crop setting inside."""
+        return self.cache_dir("fingerprint-cores", cohort)
 
     def tissue_mask_file(self, settings: str, slide: str):
         """One slide file's tissue mask made with one set of mask settings (both digests)."""

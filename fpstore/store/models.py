@@ -1,4 +1,5 @@
-"""Saved classifier models: one folder per model, in a store or wherever a user copies it.
+"""Saved models: classifier models, one folder each (below), in a store or wherever a user
+copies it; and a store's trained fingerprint networks (``stored_fingerprint_checkpoint``).
 
     <model>/final.npz       the final model's learned arrays (trained on the whole cohort)
     <model>/fold-<k>.npz    the cross-validation fold models, where they were saved

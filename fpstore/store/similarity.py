@@ -3,7 +3,8 @@
 The vectors of an encoder (and cohort) are materialised once as one L2-normalised float32
 matrix ``cache/similarity/encoder=<id>/<cohort>/vectors.npy`` beside their norms and keys,
 rebuilt when the fingerprint files change (their names, sizes and mtimes are the manifest).
-The same matrix serves mean pooling (``FeatureStore.mean_fingerprints(materialised=True)``).
+The same matrix serves mean pooling (``vector_index(...).pooled_means()``, what
+``FeatureStore.mean_fingerprints`` computes from the Parquet files).
 A query is then one matrix-vector product over the memory-mapped matrix and a partial sort: on 2 cores
 about 10x faster than DuckDB's brute-force ``array_cosine_similarity`` over the Parquet
 files (benchmarks/bench_duckdb.py), and no index to keep in sync.
@@ -41,6 +42,8 @@ class VectorIndex:
 
     def pooled_means(self, by: str = "patient_id") -> tuple[np.ndarray, np.ndarray]:
         """(ids, (G, dim) means of the original vectors) grouped by the key column ``by``."""
+        if by not in ("patient_id", "slide_id"):
+            raise StoreError(f"pooled_means by={by!r}; use 'patient_id' or 'slide_id'")
         ids, index = np.unique(
             self.keys.column(by).to_numpy(zero_copy_only=False).astype(str), return_inverse=True
         )
