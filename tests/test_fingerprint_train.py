@@ -356,10 +356,10 @@ def test_the_margin_is_taken_from_the_true_class_only():
 
 
 def test_objectives_are_named_and_checked():
-    assert TrainConfig().objective == "cosface" and TrainConfig().head == "cosine"
-    paper = TrainConfig(objective="paper")
-    assert paper.head == "linear" and paper.loss_margin is None
-    assert TrainConfig().loss_margin == Margin(16.0, 0.2)
+    assert TrainConfig().objective == "paper" and TrainConfig().head == "linear"
+    assert TrainConfig().loss_margin is None
+    cosface = TrainConfig(objective="cosface")
+    assert cosface.head == "cosine" and cosface.loss_margin == Margin(16.0, 0.2)
     with pytest.raises(ConfigError, match="objective"):
         TrainConfig(objective="triplet")
     with pytest.raises(ConfigError, match="margin"):

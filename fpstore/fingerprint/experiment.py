@@ -32,6 +32,7 @@ import numpy as np
 
 from fpstore.encoders.checkpoint import load_checkpoint, save_checkpoint
 from fpstore.errors import ConfigError, TrainingError
+from fpstore.fingerprint.augment import AugmentConfig
 from fpstore.fingerprint.data import CoreSet, load_coreset, read_meta, write_coreset
 from fpstore.fingerprint.sources import PseudoCoreSpec, cohort_cores, prepare_tma, table_path
 from fpstore.fingerprint.stain import (
@@ -50,6 +51,10 @@ HOLDOUT_SHARE = 0.2  # cohort patients held out for the matching game when no te
 # component (a median 5 and a 90th percentile 10 degrees off): beyond Tellez's "HED strong"
 # (0.2), since real sites differ in strength by a third and in hue by up to ~10 degrees.
 HED_JITTER = StainAugmentConfig(scale=0.3, shift=0.05, vector=0.08)
+# With H&E jitter the colour jitter goes: on top of it, brightness, saturation, hue and grey
+# copies wash out the stain densities that tell patients apart (on the demo's arrays, dropping
+# them doubled the right-half accuracy at 200-240 steps: docs/results.md).
+HED_AUGMENT = AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0)
 
 
 @dataclass(frozen=True)
@@ -284,7 +289,7 @@ def train_fingerprint(
     check_stain(stain)
     cfg = get_config(config, **overrides)
     if stain == "hed":
-        cfg = replace(cfg, stain_jitter=HED_JITTER)
+        cfg = replace(cfg, stain_jitter=HED_JITTER, augment=HED_AUGMENT)
     device = resolve_device(cfg.device)
     data = training_set(sources, seed=cfg.seed, progress=progress)
     style, info, _ = restyle_for(
