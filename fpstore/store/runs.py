@@ -59,6 +59,18 @@ def write_compare(store, compare_id: str, document: dict) -> Path:
     return write_json_atomic(document, StoreLayout.of(store).run_dir(compare_id) / "compare.json")
 
 
+def list_compares(store) -> list[dict]:
+    """Every comparison's summary (compare.json), oldest first (ids start with the time)."""
+    folder = StoreLayout.of(store).runs_dir
+    if not folder.is_dir():
+        return []
+    return [
+        json.loads((p / "compare.json").read_text())
+        for p in sorted(folder.iterdir())
+        if (p / "compare.json").is_file()
+    ]
+
+
 def list_runs(store) -> list[str]:
     folder = StoreLayout.of(store).runs_dir
     return (
