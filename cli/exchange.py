@@ -71,15 +71,16 @@ def export(cohort, encoder, fmt, out, store_path, as_json):
     type=click.FloatRange(1.0, 10_000.0),
     help="The patches' side in microns, where the files do not say (default: from them).",
 )
+@click.option("--force", is_flag=True, help="Replace the encoder's fingerprints of the cohort.")
 @store_option
 @json_option
-def import_(folder, cohort, encoder_id, fmt, patch_um, store_path, as_json):
+def import_(folder, cohort, encoder_id, fmt, patch_um, force, store_path, as_json):
     """Bring per-slide feature files (TRIDENT/CLAM, STAMP, fpstore exports) of a FOLDER into
     the store, matched to the cohort's slides by file name."""
     from fpstore.extract.exchange import import_features
 
     cohort = resolve_cohort(store_path, cohort)
-    summary = import_features(store_path, cohort, folder, encoder_id, fmt, patch_um)
+    summary = import_features(store_path, cohort, folder, encoder_id, fmt, patch_um, force)
     _summary(summary, "imported", as_json)
 
 

@@ -139,3 +139,29 @@ def test_foreign_trident_features_of_another_dimension_import_and_classify(store
         save=False,
     )
     assert doc["data"]["patients"] == 16
+
+
+def test_cli_export_and_import(store, tmp_path):
+    from click.testing import CliRunner
+
+    from fpstore.cli.main import cli
+
+    base = ["--store", str(store)]
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(
+        cli, base + ["export", "--encoder", ENCODER, "--format", "stamp", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("exported 400 patches of 16 slides (toy-enc, 16-D, stamp)")
+    result = CliRunner().invoke(
+        cli, base + ["import", str(out), "--encoder-id", "cli-rt", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["n_patches"] == 400
+    # An export names its own encoder, which holds these fingerprints already: refused.
+    again = CliRunner().invoke(cli, base + ["import", str(out)])
+    assert again.exit_code == 1
+    assert again.output.strip() == (
+        f"error: cohort 'toy' has {ENCODER} fingerprints already; import under another "
+        "--encoder-id, or pass --force to replace them"
+    )

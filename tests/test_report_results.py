@@ -9,7 +9,10 @@ from fpstore.classify.pipeline import ClassifyConfig, CompareConfig, classify, c
 from fpstore.report.html import build_report
 from tests._classify_store import add_cohort
 
-FAST = {"max_epochs": 8, "patience": 3}
+FAST = {"max_epochs": 5, "patience": 2}
+# Two comparisons with external validation and a classify run: 97-169 s on the shared 2-core
+# machine at load 28.
+pytestmark = pytest.mark.slow
 
 
 class _Tables(HTMLParser):
@@ -60,11 +63,11 @@ def demo_like(tmp_path_factory):
                 marker=marker,
                 cohort="tcga",
                 external="external",
-                methods=("mil", "abmil", "logreg"),
+                methods=("mil", "logreg"),
                 pools=("all",),
                 folds=3,
                 n_boot=100,
-                classifier={"mil": FAST, "abmil": FAST},
+                classifier={"mil": FAST},
             ),
             progress=False,
         )
@@ -72,7 +75,9 @@ def demo_like(tmp_path_factory):
     }
     run = classify(
         store,
-        ClassifyConfig(marker="ER", cohort="tcga", encoder="enc", n_boot=100, classifier=FAST),
+        ClassifyConfig(
+            marker="ER", cohort="tcga", encoder="enc", n_boot=100, classifier=FAST, site_probe=False
+        ),
         progress=False,
     )
     out = store.parent / "report"
@@ -86,7 +91,7 @@ def test_the_report_opens_with_every_comparison_row_and_delong_between_encoders(
     docs, _, sections, titles = demo_like
     assert titles[0] == "Results: stored comparisons on tcga"
     rows = sections[titles[0]]
-    assert len(rows) == 2 * 3 * 2  # markers x methods x encoders
+    assert len(rows) == 2 * 2 * 2  # markers x methods x encoders
     for marker, doc in docs.items():
         for want in doc["rows"]:
             got = [
@@ -119,4 +124,4 @@ def test_the_compare_section_lists_the_comparison_runs_beside_the_classify_run(d
     assert {row["run_id"] for row in docs["ER"]["rows"]} <= runs
     assert not {row["run_id"] for row in docs["PR"]["rows"]} & runs  # another marker
     external = [r for r in rows if r["role"] == "external"]
-    assert len(external) == 6 and {r["cohort"] for r in external} == {"external"}
+    assert len(external) == 4 and {r["cohort"] for r in external} == {"external"}

@@ -69,7 +69,7 @@ def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
 
 
 def attention_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
-    if p.patch_attention is None or p.patch_scores is None:
+    if p.patch_attention is None or p.patch_folds is None:
         return None
     n = len(p.patch_attention)
     folds = [None if f < 0 else int(f) for f in p.patch_folds]

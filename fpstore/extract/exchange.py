@@ -406,6 +406,7 @@ def import_features(
     encoder: str | None = None,
     fmt: str = "auto",
     patch_um: float | None = None,
+    force: bool = False,
 ) -> ExchangeSummary:
     """Bring per-slide feature files (TRIDENT/CLAM ``features``, STAMP ``feats``, fpstore's
     exports) into the store as the fingerprints of ``encoder`` for ``cohort``'s slides.
@@ -413,6 +414,7 @@ def import_features(
     A file matches a slide by name (``<slide_id>.h5`` or the slide file's name with ``.h5``);
     files of no slide are skipped and listed. ``encoder``: the id to store them under (an
     fpstore export keeps its own when not given). The features' dimension is the files'.
+    A partition that holds fingerprints already is refused unless ``force`` (replaced).
     """
     if fmt not in IMPORT_FORMATS:
         raise ConfigError(f"import format {fmt!r}; use one of {', '.join(IMPORT_FORMATS)}")
@@ -424,7 +426,7 @@ def import_features(
         write_fingerprints,
         write_status,
     )
-    from fpstore.store.layout import check_partition_value
+    from fpstore.store.layout import StoreLayout, check_partition_value, visible_files
     from fpstore.store.schema import SCHEMA_VERSION, file_metadata
 
     start = time.perf_counter()
@@ -476,6 +478,11 @@ def import_features(
     if not encoder:
         raise ConfigError("name the imported features' encoder with --encoder-id (e.g. uni)")
     check_partition_value("encoder id", encoder)
+    if not force and visible_files(StoreLayout.of(store).fingerprint_dir(encoder, cohort)):
+        raise StoreError(
+            f"cohort {cohort!r} has {encoder} fingerprints already; import under another "
+            "--encoder-id, or pass --force to replace them"
+        )
     summary.encoder, summary.dim = encoder, dim
     source = features[0].attributes
     if restored is not None:

@@ -36,8 +36,8 @@ from fpstore.store.remote import register_with_duckdb
 from fpstore.store.schema import (
     KEY_COLUMNS,
     LABELS,
-    PATCH_KEY_FIELDS,
     PATCH_ATTENTION,
+    PATCH_KEY_FIELDS,
     PATCH_PREDICTIONS,
     PATIENT_PREDICTIONS,
     SLIDES,
