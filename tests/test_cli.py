@@ -204,3 +204,17 @@ def test_a_store_of_several_cohorts_asks_which_one(tmp_path):
     result = CliRunner().invoke(cli, ["--store", str(store), "classify", "--marker", "ER"])
     assert result.exit_code == 1
     assert "pass --cohort" in result.output and "abctb, tcga" in result.output
+
+
+def test_compare_with_a_tissue_pool_types_tissue_with_the_rules_when_the_store_has_none(tmp_path):
+    from tests._classify_store import add_cohort
+
+    store = tmp_path / "store"
+    slide = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
+    add_cohort(store, "tcga", 40, seed=3, tissue=False, slide_path=str(slide), slide_y=1344)
+    args = ["--store", str(store), "compare", "--marker", "ER", "--pools", "all,epithelium"]
+    result = CliRunner().invoke(cli, args + ["--methods", "logreg", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [r["pool"] for r in document["rows"]] == ["all", "epithelium"]
+    assert document["notes"][0].startswith("typed the tissue of cohort 'tcga' with the label-free")
