@@ -139,6 +139,29 @@ def test_foreign_trident_features_of_another_dimension_import_and_classify(store
         save=False,
     )
     assert doc["data"]["patients"] == 16
+    from fpstore.classify.pipeline import CompareConfig, compare
+
+    both = compare(
+        store,
+        CompareConfig(
+            marker="ER",
+            cohort=COHORT,
+            encoders=(ENCODER, "uni"),
+            methods=("logreg",),
+            pools=("all",),
+            folds=3,
+            n_boot=100,
+        ),
+        progress=False,
+        save=False,
+    )
+    assert [r["encoder"] for r in both["rows"]] == [ENCODER, "uni"]
+    assert both["rows"][1]["p_vs_first"] is not None  # DeLong, imported against fpstore's own
+    with open_store(store) as fs:
+        dims = fs.sql(
+            "SELECT DISTINCT len(fingerprint) AS d FROM fingerprints WHERE encoder = 'uni'"
+        ).rows()
+    assert dims == [{"d": 1024}]
 
 
 def test_cli_export_and_import(store, tmp_path):
