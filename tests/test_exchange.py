@@ -130,15 +130,25 @@ def test_foreign_trident_features_of_another_dimension_import_and_classify(store
     ]
     settings = partition_settings(store, "uni", COHORT)
     assert settings["source_format"] == "trident" and settings["dim"] == "1024"
+    from fpstore.report.heatmap import slide_heatmap
+
     doc = classify(
         store,
         ClassifyConfig(
-            marker="ER", cohort=COHORT, encoder="uni", method="logreg", folds=3, n_boot=100
+            marker="ER",
+            cohort=COHORT,
+            encoder="uni",
+            folds=3,
+            n_boot=100,
+            site_probe=False,
+            save_models="none",
+            classifier={"max_epochs": 5, "patience": 2},
         ),
         progress=False,
-        save=False,
     )
     assert doc["data"]["patients"] == 16
+    heatmap = slide_heatmap(store, doc["run_id"], "S00", tmp_path / "maps", max_px=128)
+    assert heatmap.n_patches == 25 and heatmap.figure.is_file()
     from fpstore.classify.pipeline import CompareConfig, compare
 
     both = compare(
