@@ -8,9 +8,10 @@ Layouts, as their code reads and writes them (versions read for this module):
   the top-left corner of each patch in level-0 pixels, (x, y). ``coords`` carries the
   patching attributes (``patch_size`` at the target magnification, ``patch_size_level0``,
   ``level0_magnification``, ``target_magnification``, ``overlap``, ``name``, ``savetodir``),
-  ``features`` carries ``name`` and ``savetodir``. CLAM's ``extract_features_fp.py`` writes the
-  same two datasets, so CLAM, TRIDENT's slide encoders and MIL tools that read CLAM features
-  open these files.
+  ``features`` carries ``name`` and ``savetodir``. CLAM's MIL datasets
+  (``datasets/dataset_generic.py``, as its forks carry it) read ``h5_files/<slide_id>.h5`` by
+  those two dataset names, so CLAM, TRIDENT's slide encoders and the MIL tools that read CLAM
+  features open these files.
 - STAMP (KatherLab/STAMP, ``src/stamp/modeling/data.py`` ``get_coords``, the "STAMP v2"
   branch, commit 2aa37a5f): datasets ``feats`` (N, D) and ``coords`` (N, 2) as the patches'
   top-left corners in microns, with file attributes ``unit = "um"`` and ``tile_size`` (microns);
