@@ -340,6 +340,8 @@ def compare_command(
     )
     for s in document["skipped"]:
         click.echo(f"skipped {s['name']}: {s['reason']}")
+    for note in document["notes"]:
+        click.echo(f"note: {note}")
     for encoder, probe in document["site_probe"].items():
         click.echo(f"{encoder}: {_probe_line(probe)}")
 

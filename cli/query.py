@@ -25,7 +25,7 @@ def sql(query, fmt, store_path):
     """Run a SQL QUERY over the store's views.
 
     Views: fingerprints (FLOAT[dim]), patches, slides, labels, tissue, predictions,
-    patch_predictions. Example:
+    patch_predictions, patch_attention. Example:
 
       fpstore sql "SELECT site, count(*) FROM patches GROUP BY site" --format csv
     """

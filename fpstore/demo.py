@@ -82,22 +82,11 @@ class DemoResult:
     report: str = ""
 
     def results_rows(self, pools: tuple[str, ...] | None = None) -> list[dict]:
-        """One row per marker, method, encoder and pool (only ``pools`` when given)."""
-        rows = []
-        for marker, document in self.compare.items():
-            for row in document["rows"]:
-                if pools and row.get("pool") not in pools:
-                    continue
-                rows.append(
-                    {
-                        "marker": marker,
-                        **{
-                            k: row.get(k)
-                            for k in ("method", "encoder", "pool", "auc", "ci_low", "ci_high", "n")
-                        },
-                    }
-                )
-        return rows
+        """One row per marker, method, encoder and pool (only ``pools`` when given), with
+        DeLong's p against the first encoder: the table the report opens with."""
+        from fpstore.report.results import results_rows
+
+        return results_rows(self.compare.values(), pools)
 
     def to_dict(self) -> dict:
         return {
@@ -348,7 +337,7 @@ def analyse(
             encoder=encoder,
             progress=progress,
         )
-    methods = ("mil", "logreg", "xgboost") + (("patch-cnn",) if patch_cnn else ())
+    methods = ("mil", "abmil", "logreg", "xgboost") + (("patch-cnn",) if patch_cnn else ())
     for marker in MARKERS:
         config = _compare_config(store, marker, encoder, seed, result.notes, pools, methods)
         if config is None:

@@ -28,12 +28,15 @@ def add_cohort(
     metadata: dict | None = None,
     labelled: bool = True,
     her2: bool = False,
+    slide_path: str | None = None,
+    slide_y: int = 0,
 ):
     """n patients (one slide each, 8 patches); ER planted in epithelium, PR without signal.
 
     Patient 0 has no ER label (missing), patient 1 no fingerprints, patient 2 no epithelium.
     ``metadata``: extraction settings the fingerprint files carry (encoder_hash, precision,
-    ...); ``labelled=False``: no status for any patient; ``her2``: Her2 labels as ER's.
+    ...); ``labelled=False``: no status for any patient; ``her2``: Her2 labels as ER's;
+    ``slide_path``: a real slide every slide points at (patches in the row at ``slide_y`` px).
     """
     bags, y = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed, n_sites=6)
     _, y_null = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed + 100, signal=False)
@@ -45,7 +48,7 @@ def add_cohort(
         {
             "slide_id": f"{p}-S",
             "patient_id": p,
-            "path": f"/nowhere/{p}.svs",
+            "path": slide_path or f"/nowhere/{p}.svs",
             "site": s,
             "mpp_override": None,
         }
@@ -83,17 +86,17 @@ def add_cohort(
                 continue
             rows = np.flatnonzero(bags.bag_index == i)
             slide = f"{p}-S"
-            pids = [patch_id(slide, 224 * k, 0, 224) for k in range(len(rows))]
+            pids = [patch_id(slide, 224 * k, slide_y, 224) for k in range(len(rows))]
             columns = {
                 "patient_id": [p] * len(rows),
                 "slide_id": [slide] * len(rows),
                 "patch_id": pids,
                 "site": [bags.sites[i]] * len(rows),
                 "x": [224 * k for k in range(len(rows))],
-                "y": [0] * len(rows),
+                "y": [slide_y] * len(rows),
                 "size_px": [224.0] * len(rows),
                 "x_um": [112.0 * k for k in range(len(rows))],
-                "y_um": [0.0] * len(rows),
+                "y_um": [slide_y / 2.0] * len(rows),
                 "patch_um": [112.0] * len(rows),
                 "out_px": [224] * len(rows),
                 "tissue_fraction": [1.0] * len(rows),

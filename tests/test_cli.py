@@ -145,9 +145,32 @@ def test_a_pool_without_tissue_types_names_tissue_predict_in_one_line(tmp_path):
     args = ["--store", str(store), "classify", "--marker", "ER", "--pool", "epithelium"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [
-        "error: cohort 'tcga' has no tissue types for this pool; run `fpstore tissue predict "
-        "--cohort tcga` first (label-free rules on the patches' pixels), or use --pool all"
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith(
+        "error: cohort 'tcga' has no tissue types for this pool and the label-free rules typed "
+        "none of its slides ("
+    )
+    assert lines[-1].endswith("run `fpstore tissue predict --cohort tcga`, or use --pool all")
+
+
+def test_the_design_card_command_types_tissue_with_the_rules_when_the_store_has_none(tmp_path):
+    from fpstore.store.tissue import read_tissue_types
+    from tests._classify_store import add_cohort
+
+    store = tmp_path / "store"
+    slide = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
+    add_cohort(
+        store, "tcga", 40, seed=3, tissue=False, her2=True, slide_path=str(slide), slide_y=1344
+    )
+    args = ["--store", str(store), "classify", "--marker", "Her2", "--pool", "epithelium"]
+    result = CliRunner().invoke(cli, args + ["--n-boot", "200", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "typing its patches with the label-free rules" in result.stderr
+    types = read_tissue_types(store, "tcga")
+    assert types is not None and types.num_rows == 39 * 8
+    notes = json.loads(result.stdout)["notes"]
+    assert notes == [
+        "typed the tissue of cohort 'tcga' with the label-free rules (312 patches of 39 slides)"
     ]
 
 
@@ -181,3 +204,17 @@ def test_a_store_of_several_cohorts_asks_which_one(tmp_path):
     result = CliRunner().invoke(cli, ["--store", str(store), "classify", "--marker", "ER"])
     assert result.exit_code == 1
     assert "pass --cohort" in result.output and "abctb, tcga" in result.output
+
+
+def test_compare_with_a_tissue_pool_types_tissue_with_the_rules_when_the_store_has_none(tmp_path):
+    from tests._classify_store import add_cohort
+
+    store = tmp_path / "store"
+    slide = Path(__file__).parent / "data" / "slides" / "CMU-1-Small-Region.svs"
+    add_cohort(store, "tcga", 40, seed=3, tissue=False, slide_path=str(slide), slide_y=1344)
+    args = ["--store", str(store), "compare", "--marker", "ER", "--pools", "all,epithelium"]
+    result = CliRunner().invoke(cli, args + ["--methods", "logreg", "--json"])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.stdout)
+    assert [r["pool"] for r in document["rows"]] == ["all", "epithelium"]
+    assert document["notes"][0].startswith("typed the tissue of cohort 'tcga' with the label-free")

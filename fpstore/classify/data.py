@@ -233,9 +233,12 @@ SETTING_KEYS = (
 
 
 def ensure_tissue_types(store, cohort: str, encoder: str | None, progress: bool = True) -> str:
-    """Tissue types for a pool that needs them: computed from the fingerprints when the store
-    holds a tissue model trained on this encoder's (seconds for a cohort), else a one-line
-    StoreError naming `fpstore tissue predict`. Returns a note of what was done ('' if none)."""
+    """Tissue types for a pool that needs them, typed on the spot when the cohort has none:
+    from the fingerprints when the store holds a tissue model trained on this encoder's
+    (seconds for a cohort), else with the label-free rules on the patches' pixels (what
+    `fpstore tissue predict` runs by default). Says so on stderr and returns the note for the
+    run ('' when the types were there); a StoreError naming `fpstore tissue predict` when the
+    rules could type no slide (slides moved, say)."""
     from fpstore.store.tissue import read_tissue_types
     from fpstore.tissue.methods import FINGERPRINT_METHODS
     from fpstore.tissue.predict import predict_tissue
@@ -254,9 +257,23 @@ def ensure_tissue_types(store, cohort: str, encoder: str | None, progress: bool 
             summary = predict_tissue(store, cohort, method, encoder=encoder, progress=progress)
             if not summary.failed:
                 return f"typed the tissue of cohort {cohort!r} with the stored {method} model"
-    raise StoreError(
-        f"cohort {cohort!r} has no tissue types for this pool; run `fpstore tissue predict "
-        f"--cohort {cohort}` first (label-free rules on the patches' pixels), or use --pool all"
+    print(
+        f"note: cohort {cohort!r} has no tissue types; typing its patches with the label-free "
+        "rules (`fpstore tissue predict`)",
+        file=sys.stderr,
+    )
+    summary = predict_tissue(store, cohort, "rules", encoder=encoder, progress=progress)
+    if summary.n_slides == 0:
+        first = summary.failed[0]["error"] if summary.failed else "no patches"
+        raise StoreError(
+            f"cohort {cohort!r} has no tissue types for this pool and the label-free rules "
+            f"typed none of its slides ({first}); fix that and run `fpstore tissue predict "
+            f"--cohort {cohort}`, or use --pool all"
+        )
+    failed = f", {len(summary.failed)} slides failed" if summary.failed else ""
+    return (
+        f"typed the tissue of cohort {cohort!r} with the label-free rules "
+        f"({summary.n_patches} patches of {summary.n_slides} slides{failed})"
     )
 
 

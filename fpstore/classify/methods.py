@@ -14,6 +14,8 @@ The estimator protocol (scikit-learn's, over ``Bags``):
     fit(bags, y, eval_set=(bags_es, y_es)) -> self
     decision_function(bags)      (P,) patient score, higher = positive
     patch_scores(bags)           (N,) per patch, or None where the method has none
+    patch_attention(bags)        optional: (N,) attention per patch (each patient's sum to 1),
+                                 saved with the run beside the patch scores
     describe()                   its config and what fitting chose, saved with a run
     get_state() / set_state(d)   the learned arrays, for saved models (no pickle)
 
@@ -83,6 +85,13 @@ for _spec in (
         "fpstore.classify.mil:MILHead",
         score_range="tanh",
         summary="the paper's head (512 x 8, ReLU, 8 x 1, tanh per patch; patient = mean)",
+    ),
+    MethodSpec(
+        "abmil",
+        "fpstore.classify.abmil:ABMILHead",
+        score_range="logit",
+        summary="gated attention MIL (Ilse et al. 2018): attention per patch, patient = "
+        "attention-weighted embedding",
     ),
     MethodSpec(
         "logreg",

@@ -249,6 +249,12 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
         raise ClassifyError(
             f"cohort {cfg.cohort!r} has no fingerprints; run `fpstore extract` first"
         )
+    notes = []
+    if any(parse_pool(p) is not None for p in cfg.pools or ()):  # tissue pools asked for
+        from fpstore.classify.data import ensure_tissue_types
+
+        for name in filter(None, (cfg.cohort, cfg.external)):
+            notes.append(ensure_tissue_types(store, name, (encoders or (None,))[0], progress))
     pools = cfg.pools or _default_pools(store, cfg.cohort)
     built = _Entries(store, cfg)
     for encoder, method in _sources(cfg.methods, encoders):
@@ -278,6 +284,7 @@ def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool =
         "pairwise_p": result["pairwise_p"],
         "site_probe": built.probes,
         "skipped": built.skipped,
+        "notes": [n for n in notes if n],
     }
     if save:
         write_compare(store, compare_id, document)

@@ -49,6 +49,7 @@ class Predictions:
     slide_ids: np.ndarray | None = None
     patch_folds: np.ndarray | None = None
     patch_scores: np.ndarray | None = None
+    patch_attention: np.ndarray | None = None  # where the method has attention (abmil)
 
     def labelled(self) -> np.ndarray:
         """Mask of the patients with a label."""
@@ -144,6 +145,12 @@ def score_bags(model, bags: Bags) -> tuple[np.ndarray, np.ndarray | None]:
     return bags.patient_means(patch), patch
 
 
+def patch_attention(model, bags: Bags) -> np.ndarray | None:
+    """(N,) attention per patch for a method that has it (``patch_attention``), else None."""
+    attend = getattr(model, "patch_attention", None)
+    return None if attend is None else attend(bags)
+
+
 def _metrics(y, scores, n_boot: int, seed: int) -> tuple[dict, dict]:
     return summarize(y, scores, n_boot=n_boot, seed=seed), roc_points(y, scores)
 
@@ -202,7 +209,7 @@ def cross_validate(
         scores[fold.test], patch = score_bags(model, test)
         fold_of[fold.test] = fold.index
         if patch is not None:
-            patch_parts.append((test, fold.index, patch))
+            patch_parts.append((test, fold.index, patch, patch_attention(model, test)))
         classifier = classifier or model.describe()
         if keep_models:
             models.append(model)
@@ -227,18 +234,23 @@ def cross_validate(
 
 
 def _patch_columns(parts) -> tuple:
+    """(patch ids, slide ids, folds, scores, attention) from (bags, fold, scores, attention)."""
     if not parts:
-        return None, None, None, None
-    ids = [t.patch_ids if t.patch_ids is not None else np.array([""] * len(s)) for t, _, s in parts]
-    slides = [
-        t.slide_ids if t.slide_ids is not None else np.array([""] * len(s)) for t, _, s in parts
+        return None, None, None, None, None
+    ids = [
+        t.patch_ids if t.patch_ids is not None else np.array([""] * len(s)) for t, _, s, _ in parts
     ]
-    folds = [np.full(len(s), k) for _, k, s in parts]
+    slides = [
+        t.slide_ids if t.slide_ids is not None else np.array([""] * len(s)) for t, _, s, _ in parts
+    ]
+    folds = [np.full(len(s), k) for _, k, s, _ in parts]
+    attention = [a for *_, a in parts]
     return (
         np.concatenate(ids),
         np.concatenate(slides),
         np.concatenate(folds),
-        np.concatenate([s for _, _, s in parts]).astype(np.float32),
+        np.concatenate([s for _, _, s, _ in parts]).astype(np.float32),
+        None if any(a is None for a in attention) else np.concatenate(attention).astype(np.float32),
     )
 
 
@@ -276,7 +288,7 @@ def score(
         scores,
         np.full(bags.n_patients, -1),
         bags.n_patches(),
-        *_patch_columns([] if patch is None else [(bags, -1, patch)]),
+        *_patch_columns([] if patch is None else [(bags, -1, patch, patch_attention(model, bags))]),
     )
     return ValidationResult(kind, model.describe(), predictions, metrics, roc, models=[model])
 

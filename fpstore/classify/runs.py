@@ -20,7 +20,7 @@ import fpstore
 from fpstore.classify.protocol import NO_LABEL, Predictions
 from fpstore.errors import ClassifyError
 from fpstore.store.runs import write_run
-from fpstore.store.schema import PATCH_PREDICTIONS, PATIENT_PREDICTIONS
+from fpstore.store.schema import PATCH_ATTENTION, PATCH_PREDICTIONS, PATIENT_PREDICTIONS
 
 
 def new_run_id(config: dict) -> str:
@@ -68,6 +68,24 @@ def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
     )
 
 
+def attention_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
+    if p.patch_attention is None or p.patch_folds is None:
+        return None
+    n = len(p.patch_attention)
+    folds = [None if f < 0 else int(f) for f in p.patch_folds]
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "cohort": [cohort] * n,
+            "slide_id": pa.array(p.slide_ids, pa.string()),
+            "patch_id": pa.array(p.patch_ids, pa.string()),
+            "fold": pa.array(folds, pa.int16()),
+            "attention": pa.array(p.patch_attention.astype(np.float32)),
+        },
+        schema=PATCH_ATTENTION,
+    )
+
+
 def save_run(
     store, run_id: str, document: dict, predictions: list[tuple[str, str, Predictions]]
 ) -> Path:
@@ -75,6 +93,7 @@ def save_run(
     predict)."""
     patients = pa.concat_tables(patient_table(run_id, c, role, p) for c, role, p in predictions)
     patches = [t for c, _, p in predictions if (t := patch_table(run_id, c, p)) is not None]
+    attention = [t for c, _, p in predictions if (t := attention_table(run_id, c, p)) is not None]
     document = {
         **document,
         "run_id": run_id,
@@ -82,5 +101,10 @@ def save_run(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     return write_run(
-        store, run_id, document, patients, pa.concat_tables(patches) if patches else None
+        store,
+        run_id,
+        document,
+        patients,
+        pa.concat_tables(patches) if patches else None,
+        pa.concat_tables(attention) if attention else None,
     )

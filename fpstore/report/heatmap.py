@@ -105,14 +105,32 @@ def tissue_colors(types) -> np.ndarray:
     return out
 
 
+def attention_colors(attention) -> np.ndarray:
+    """Viridis per patch, from 0 to the slide's largest attention (NaN: no attention, grey).
+
+    Attention sums to 1 per patient, so its scale depends on the patient's patch count: the
+    map shows where on this slide the head looked most, not a value comparable across slides.
+    """
+    from matplotlib import colormaps
+
+    a = np.asarray(attention, np.float64)
+    known = np.isfinite(a)
+    top = a[known].max() if known.any() else 1.0
+    t = np.where(known, a, 0.0) / (top if top > 0 else 1.0)
+    out = np.rint(colormaps["viridis"](t)[:, :3] * 255).astype(np.uint8)
+    out[~known] = UNKNOWN_TISSUE
+    return out
+
+
 @dataclass
 class HeatmapPanels:
     thumbnail: np.ndarray
     tissue: np.ndarray
     prediction: np.ndarray
+    attention: np.ndarray | None = None  # where an attention head looked (abmil)
 
 
-def heatmap_panels(
+def heatmap_panels(  # noqa: PLR0913  the panels' inputs: one array each, as the store reads them
     thumbnail: np.ndarray,
     downsample: float,
     level0_shape: tuple[int, int],
@@ -122,14 +140,19 @@ def heatmap_panels(
     scores,
     tissue_types=None,
     score_range: tuple[float, float] = (-1.0, 1.0),
+    attention=None,
 ) -> HeatmapPanels:
-    """The three panels of Fig. 6c, each the thumbnail's size."""
+    """The three panels of Fig. 6c, each the thumbnail's size (and the attention map, for a
+    method with attention)."""
     grid = patch_grid(x, y, size_px, level0_shape)
     shape = thumbnail.shape[:2]
     prediction = paint(grid, score_colors(scores, score_range), shape, downsample)
     types = tissue_types if tissue_types is not None else [None] * len(grid.rows)
     tissue = paint(grid, tissue_colors(types), shape, downsample, fill=TISSUE_NO_DATA)
-    return HeatmapPanels(thumbnail, tissue, prediction)
+    attended = (
+        None if attention is None else paint(grid, attention_colors(attention), shape, downsample)
+    )
+    return HeatmapPanels(thumbnail, tissue, prediction, attended)
 
 
 def heatmap_figure(
@@ -139,7 +162,8 @@ def heatmap_figure(
     score_range: tuple[float, float] = (-1.0, 1.0),
     dpi: int = 100,
 ) -> Path:
-    """Thumbnail, tissue-type map and prediction map side by side, with legends."""
+    """Thumbnail, tissue-type map and prediction map side by side, with legends (and the
+    attention map after them where the panels have one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -150,15 +174,16 @@ def heatmap_figure(
     h, w = panels.thumbnail.shape[:2]
     panel_in, top_in, bottom_in = 4.0, 0.6, 0.8
     height = panel_in * h / w + top_in + bottom_in
-    fig, axes = plt.subplots(1, 3, figsize=(3 * panel_in + 0.4, height), dpi=dpi)
+    n = 3 if panels.attention is None else 4
+    fig, axes = plt.subplots(1, n, figsize=(n * panel_in + 0.4, height), dpi=dpi)
     fig.subplots_adjust(
         left=0.01, right=0.99, wspace=0.05, top=1 - top_in / height, bottom=bottom_in / height
     )
     grey = LinearSegmentedColormap.from_list("score", ["black", "white"])
     for ax, image, name in zip(
         axes,
-        (panels.thumbnail, panels.tissue, panels.prediction),
-        ("H&E thumbnail", "tissue type", "prediction"),
+        (panels.thumbnail, panels.tissue, panels.prediction, panels.attention),
+        ("H&E thumbnail", "tissue type", "prediction", "attention"),
     ):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(name, fontsize=10)
@@ -186,6 +211,14 @@ def heatmap_figure(
         fontsize=7,
         frameon=False,
     )
+    if panels.attention is not None:
+        bar = fig.colorbar(
+            plt.cm.ScalarMappable(cmap="viridis", norm=plt.Normalize(0, 1)),
+            cax=axes[3].inset_axes([0.1, -0.07, 0.8, 0.035]),
+            orientation="horizontal",
+        )
+        bar.set_ticks([0, 1], labels=["0", "slide max"])
+        bar.ax.tick_params(labelsize=7)
     if title:
         fig.suptitle(title, fontsize=11)
     path = Path(path)
@@ -218,6 +251,7 @@ class SlideHeatmap:
     geojson: Path | None
     seconds: float
     notes: list[str] = field(default_factory=list)
+    attention_png: Path | None = None
 
     def to_dict(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
@@ -261,12 +295,18 @@ def slide_heatmap(
         patches.scores,
         patches.tissue_types,
         run.score_range,
+        patches.attention,
     )
     out = Path(out)
     title = f"{slide_id}  {run.marker or ''} run {run_id}  ({len(patches.x)} patches)"
     figure = heatmap_figure(panels, out / f"{slide_id}.png", title, run.score_range)
     pred_png = save_png(panels.prediction, out / f"{slide_id}.prediction.png")
     tissue_png = save_png(panels.tissue, out / f"{slide_id}.tissue.png")
+    attention_png = (
+        None
+        if panels.attention is None
+        else save_png(panels.attention, out / f"{slide_id}.attention.png")
+    )
     geo_path = None
     if geojson:
         doc = patches_geojson(
@@ -289,6 +329,7 @@ def slide_heatmap(
         geo_path,
         time.perf_counter() - start,
         notes,
+        attention_png,
     )
 
 

@@ -21,6 +21,8 @@ import numpy as np
 from fpstore.config import MARKERS, check_range
 from fpstore.errors import FpstoreError
 from fpstore.report.embed import ClusterConfig, EmbedConfig, EmbeddingResult
+from fpstore.report.results import COLUMNS as RESULT_COLUMNS
+from fpstore.report.results import stored_results
 from fpstore.store.cohorts import read_cohort
 
 # The report's map: a subset keeps a 1,000-patient cohort's page to a minute or so.
@@ -83,8 +85,9 @@ def cohort_summary_rows(store: Path, cohort: str) -> list[dict]:
 
 def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
     """Every stored run of the same marker that scored patients of ``run``'s cohorts (a
-    classify run's CV and external cohorts, a predict run's cohort): AUC (CI) per role on
-    those cohorts, DeLong p vs ``run`` on the patients both scored."""
+    classify run's CV and external cohorts, a predict run's cohort), or that ran on ``run``'s
+    cohort (a comparison's members, tested on an external cohort included): AUC (CI) per role
+    and scored cohort, DeLong p vs ``run`` on the patients both scored."""
     import pyarrow.compute as pc
 
     from fpstore.classify.metrics import delong_test, summarize
@@ -95,11 +98,17 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
     def scores_by_role(r):
         table = r.patients
         table = table.filter(table.column("label").is_valid())  # AUCs need labels
-        table = table.filter(pc.is_in(table.column("cohort"), value_set=scored_cohorts))
+        if r.cohort != run.cohort:
+            table = table.filter(pc.is_in(table.column("cohort"), value_set=scored_cohorts))
         out = {}
-        for role in set(table.column("role").to_pylist()):
-            part = table.filter(table.column("role").to_numpy(zero_copy_only=False) == role)
-            out[role] = dict(
+        keys = zip(table.column("role").to_pylist(), table.column("cohort").to_pylist())
+        for role, cohort in set(keys):
+            part = table.filter(
+                pc.and_(
+                    pc.equal(table.column("role"), role), pc.equal(table.column("cohort"), cohort)
+                )
+            )
+            out[(role, cohort)] = dict(
                 zip(
                     part.column("patient_id").to_pylist(),
                     zip(
@@ -121,7 +130,7 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
             continue
         if other.marker != run.marker:
             continue
-        for role, by_patient in sorted(scores_by_role(other).items()):
+        for (role, cohort), by_patient in sorted(scores_by_role(other).items()):
             y = np.array([v[0] for v in by_patient.values()])
             s = np.array([v[1] for v in by_patient.values()])
             row = {
@@ -130,6 +139,7 @@ def compare_rows(store: Path, run, n_boot: int = 1000) -> list[dict]:
                 "encoder": other.encoder,
                 "pool": other.pool,
                 "role": role,
+                "cohort": cohort,
             }
             try:
                 row.update(summarize(y, s, n_boot=n_boot))
@@ -201,6 +211,7 @@ COMPARE_COLUMNS = [
     "encoder",
     "pool",
     "role",
+    "cohort",
     "n",
     "n_pos",
     "n_neg",
@@ -278,6 +289,19 @@ def build_report(
 
 def _add_tables(report: _Report, n_boot: int) -> None:
     store, run = report.store, report.run
+    trained_on = run.config.get("trained_on") or run.cohort
+    results = stored_results(store, trained_on)
+    if results:  # the report opens with the results table the demo prints
+        report.sections.append(
+            _section(
+                f"Results: stored comparisons on {trained_on}",
+                _table(results, list(RESULT_COLUMNS)),
+                "Per marker, the latest `fpstore compare` on the cohort: AUC per patient on the "
+                "cohort it was evaluated on, with a 95% bootstrap CI; p_vs_encoder: DeLong's "
+                "test against the same method and pool with the comparison's first encoder "
+                "(vs_encoder).",
+            )
+        )
     report.sections.append(
         _section("Cohort", _table(cohort_summary_rows(store, run.cohort), ["item", "value"]))
     )
@@ -334,7 +358,8 @@ def _add_heatmaps(report: _Report, n_heatmaps: int, heatmap_px: int) -> list[str
             _section(
                 "Heatmaps",
                 "\n".join(blocks),
-                "H&E thumbnail, tissue type and prediction (black = negative, white = positive).",
+                "H&E thumbnail, tissue type and prediction (black = negative, white = "
+                "positive); for an attention head (abmil), where it looked (viridis).",
             )
         )
     elif n_heatmaps:

@@ -40,6 +40,7 @@ class SlidePatches:
     size_px: np.ndarray
     scores: np.ndarray
     tissue_types: np.ndarray | None  # object array; None when no tissue table exists
+    attention: np.ndarray | None = None  # the head's attention (abmil runs); None otherwise
 
     @property
     def has_tissue(self) -> bool:
@@ -68,7 +69,11 @@ def slide_patches(store, run: Run, slide_id: str) -> SlidePatches:
     ids = table.column("patch_id").to_pylist()
     x, y, size = parse_patch_ids(ids)
     types = lookup(ids, read_tissue_types(store, cohort, [slide_id]), "tissue_type")
-    return SlidePatches(cohort, ids, x, y, size, table.column("score").to_numpy(), types)
+    attention = None
+    if run.has_attention:
+        found = lookup(ids, run.patch_attention(slide_id), "attention")
+        attention = np.array([np.nan if a is None else a for a in found], np.float64)
+    return SlidePatches(cohort, ids, x, y, size, table.column("score").to_numpy(), types, attention)
 
 
 def open_run_slide(store, cohort: str, slide_id: str):

@@ -10,6 +10,7 @@ the files, nothing is copied in):
     tissue        cohort, slide_id, patch_id, tissue_type, class probabilities, method
     predictions   classifier outputs per patient (runs/<run_id>/patients.parquet)
     patch_predictions   classifier outputs per patch (runs/<run_id>/patches.parquet)
+    patch_attention     an attention head's weight per patch (runs/<run_id>/attention.parquet)
 
 Queries come back as lazy :class:`Query` objects (``.to_arrow()``, ``.to_numpy()``). Other
 modules use the parameterised helpers (``table``, ``fingerprints``, ``mean_fingerprints``),
@@ -41,6 +42,7 @@ from fpstore.store.remote import register_with_duckdb
 from fpstore.store.schema import (
     KEY_COLUMNS,
     LABELS,
+    PATCH_ATTENTION,
     PATCH_KEY_FIELDS,
     PATCH_PREDICTIONS,
     PATIENT_PREDICTIONS,
@@ -66,6 +68,7 @@ VIEWS = (
     "tissue",
     "predictions",
     "patch_predictions",
+    "patch_attention",
 )
 
 
@@ -197,6 +200,9 @@ class FeatureStore:
         )
         self._parquet_view(
             "patch_predictions", self.layout.runs_dir, "*/patches.parquet", PATCH_PREDICTIONS
+        )
+        self._parquet_view(
+            "patch_attention", self.layout.runs_dir, "*/attention.parquet", PATCH_ATTENTION
         )
 
     def _view(self, name: str, select: str) -> None:

@@ -27,9 +27,15 @@ from fpstore.store.schema import file_metadata
 
 
 def write_run(
-    store, run_id: str, document: dict, patients: pa.Table, patches: pa.Table | None
+    store,
+    run_id: str,
+    document: dict,
+    patients: pa.Table,
+    patches: pa.Table | None,
+    attention: pa.Table | None = None,
 ) -> Path:
-    """Write one run: its patient predictions, patch predictions (if any), then run.json."""
+    """Write one run: its patient predictions, patch predictions and attention (if any),
+    then run.json."""
     folder = StoreLayout.of(store).run_dir(run_id)
     write_parquet_atomic(
         patients, folder / "patients.parquet", file_metadata("predictions", run_id=run_id)
@@ -38,6 +44,12 @@ def write_run(
         write_parquet_atomic(
             patches, folder / "patches.parquet", file_metadata("patch_predictions", run_id=run_id)
         )
+    if attention is not None:
+        write_parquet_atomic(
+            attention,
+            folder / "attention.parquet",
+            file_metadata("patch_attention", run_id=run_id),
+        )
     write_json_atomic(document, folder / "run.json")
     return folder
 
@@ -45,6 +57,18 @@ def write_run(
 def write_compare(store, compare_id: str, document: dict) -> Path:
     """A comparison's summary (its member runs are written with ``write_run``)."""
     return write_json_atomic(document, StoreLayout.of(store).run_dir(compare_id) / "compare.json")
+
+
+def list_compares(store) -> list[dict]:
+    """Every comparison's summary (compare.json), oldest first (ids start with the time)."""
+    folder = StoreLayout.of(store).runs_dir
+    if not folder.is_dir():
+        return []
+    return [
+        json.loads((p / "compare.json").read_text())
+        for p in sorted(folder.iterdir())
+        if (p / "compare.json").is_file()
+    ]
 
 
 def list_runs(store) -> list[str]:
@@ -121,6 +145,27 @@ class Run:
                 [("score", "mean")]
             )
             table = table.rename_columns(["cohort", "slide_id", "patch_id", "score"])
+        return table
+
+    @property
+    def has_attention(self) -> bool:
+        return (self.path / "attention.parquet").is_file()
+
+    def patch_attention(self, slide_id: str | None = None) -> pa.Table:
+        """Attention per patch (PATCH_ATTENTION's keys and ``attention``; folds averaged) of
+        a method with attention (abmil)."""
+        path = self.path / "attention.parquet"
+        if not path.is_file():
+            raise StoreError(
+                f"run {self.run_id!r} of method {self.method!r} stored no attention ({path}); "
+                "classify with --method abmil"
+            )
+        filters = [("slide_id", "=", slide_id)] if slide_id is not None else None
+        columns = ["cohort", "slide_id", "patch_id", "attention"]
+        table = pq.read_table(path, columns=columns, filters=filters)
+        if table.num_rows and len(table.column("patch_id").unique()) < table.num_rows:
+            table = table.group_by(columns[:3]).aggregate([("attention", "mean")])
+            table = table.rename_columns(columns)
         return table
 
     def slides_with_patch_scores(self) -> list[str]:

@@ -13,6 +13,7 @@ Layout of a store folder (readable by DuckDB or any Parquet reader without fpsto
     tissue/cohort=<cohort>/<slide_id>.parquet                       TISSUE
     status/encoder=<id>/cohort=<cohort>/<slide_id>.json             per-slide extraction status
     runs/<run_id>/run.json, patients.parquet, patches.parquet       classifier runs
+    runs/<run_id>/attention.parquet                                 attention per patch (abmil)
     models/classify/<model_id>/card.json, *.npz                     saved classifiers
 """
 
@@ -111,6 +112,21 @@ PATCH_PREDICTIONS = pa.schema(
         pa.field("patch_id", pa.string(), nullable=False),
         pa.field("fold", pa.int16()),
         pa.field("score", pa.float32(), nullable=False),
+    ]
+)
+
+
+# Where an attention head looked, per patch (methods with ``patch_attention``): each
+# patient's attention sums to 1 within a fold's model. Its own file beside patches.parquet, so
+# PATCH_PREDICTIONS (and the runs other methods wrote) keep their columns.
+PATCH_ATTENTION = pa.schema(
+    [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("cohort", pa.string(), nullable=False),
+        pa.field("slide_id", pa.string(), nullable=False),
+        pa.field("patch_id", pa.string(), nullable=False),
+        pa.field("fold", pa.int16()),
+        pa.field("attention", pa.float32(), nullable=False),
     ]
 )
 
