@@ -281,14 +281,34 @@ def load_state_dict_file(path: Path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def check_state_dict(model: torch.nn.Module, state: dict, what: str, fix: str) -> None:
+    """Refuse ``state`` unless its names and shapes are exactly ``model``'s (works on the
+    ``meta`` device): one line, ``what`` (which file, which model), the differences, ``fix``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {expected[k]}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        found = [
+            f"{label} {len(items)} (e.g. {', '.join(items[:3])})"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            if items
+        ]
+        raise EncoderError(f"{what}: {'; '.join(found)}; {fix}")
+
+
 def load_weights(model: torch.nn.Module, path: Path, arch: str) -> None:
+    """Load ``path`` into ``model`` strictly; names and shapes are checked first, so a wrong
+    file leaves the model untouched."""
     state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise EncoderError(
-            f"weights {path} do not fit {arch}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}; pass the weights of that architecture"
-        )
+    check_state_dict(
+        model, state, f"weights {path} do not fit {arch}", "pass the weights of that architecture"
+    )
+    model.load_state_dict(state, strict=True)
 
 
 @dataclass(frozen=True)
