@@ -295,7 +295,11 @@ def check_state_dict(model: torch.nn.Module, state: dict, what: str, fix: str) -
     if missing or unexpected or shapes:
         found = [
             f"{label} {len(items)} (e.g. {', '.join(items[:3])})"
-            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape", shapes),
+            )
             if items
         ]
         raise EncoderError(f"{what}: {'; '.join(found)}; {fix}")
