@@ -246,13 +246,16 @@ def test_a_small_vit_preset_end_to_end_weights_extract_classify_predict(
     from fpstore.cohort.cohorts import add_cohort
 
     store = tmp_path / "store"
-    tcga = synth_small / "tcga"
-    add_cohort(
-        store,
-        "tcga",
-        slides=str(tcga / "slides"),
-        clinical=tcga / "nationwidechildrens.org_clinical_patient_brca.txt",
+    slides = sorted((synth_small / "tcga" / "slides").glob("*.svs"))
+    labels = tmp_path / "labels.csv"  # both classes, whatever the synthetic status
+    labels.write_text(
+        "patient_id,slide,ER,PR,Her2,site\n"
+        + "".join(
+            f"P{i},{s},{('Positive', 'Negative')[i % 2]},Negative,Negative,A\n"
+            for i, s in enumerate(slides)
+        )
     )
+    add_cohort(store, "tcga", clinical=labels, fmt="csv")
     weights = tmp_path / "weights"
     weights.mkdir()
     save_file(tiny_state(), weights / "model.safetensors")
@@ -274,11 +277,11 @@ def test_a_small_vit_preset_end_to_end_weights_extract_classify_predict(
     result = runner.invoke(
         cli,
         ["classify", "--marker", "ER", "--cohort", "tcga", "--encoder", TINY.name]
-        + ["--method", "mil", "--folds", "2", "--n-boot", "100", "--no-site-probe", *common],
+        + ["--method", "mil", "--folds", "3", "--n-boot", "100", "--no-site-probe", *common],
     )
     assert result.exit_code == 0, result.output
     run = json.loads(result.output)
-    model_id = run["model_id"]
+    model_id = run["model"]["model_id"]
     result = runner.invoke(
         cli,
         ["predict", "--model", model_id, "--slides", str(synth_small / "external" / "slides")]
@@ -286,4 +289,10 @@ def test_a_small_vit_preset_end_to_end_weights_extract_classify_predict(
     )
     assert result.exit_code == 0, result.output
     scored = json.loads(result.output)
-    assert scored["n_patients"] == 4
+    assert scored["config"]["encoder"] == TINY.name and scored["extraction"]["failed"] == 0
+    with fpstore.store.open(store) as fs:
+        (n,) = fs.sql(
+            "SELECT count(DISTINCT patient_id) FROM predictions WHERE run_id = ?",
+            [scored["run_id"]],
+        ).to_arrow()[0].to_pylist()
+    assert n == len(list((synth_small / "external" / "slides").glob("*.tiff")))
