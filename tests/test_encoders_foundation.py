@@ -291,8 +291,12 @@ def test_a_small_vit_preset_end_to_end_weights_extract_classify_predict(
     scored = json.loads(result.output)
     assert scored["config"]["encoder"] == TINY.name and scored["extraction"]["failed"] == 0
     with fpstore.store.open(store) as fs:
-        (n,) = fs.sql(
-            "SELECT count(DISTINCT patient_id) FROM predictions WHERE run_id = ?",
-            [scored["run_id"]],
-        ).to_arrow()[0].to_pylist()
+        (n,) = (
+            fs.sql(
+                "SELECT count(DISTINCT patient_id) FROM predictions WHERE run_id = ?",
+                [scored["run_id"]],
+            )
+            .to_arrow()[0]
+            .to_pylist()
+        )
     assert n == len(list((synth_small / "external" / "slides").glob("*.tiff")))
