@@ -61,6 +61,7 @@ def test_sql_sees_every_dimension_and_array_functions_work_per_dimension(store):
             assert top[0]["s"] >= top[1]["s"] >= top[2]["s"]
 
 
+@pytest.mark.slow
 def test_compare_classifies_every_dimension_on_the_same_splits(store):
     cfg = CompareConfig(
         marker="ER",
@@ -77,6 +78,7 @@ def test_compare_classifies_every_dimension_on_the_same_splits(store):
     assert all(r["auc"] > 0.75 for r in by_encoder.values()), doc["rows"]
 
 
+@pytest.mark.slow
 def test_a_saved_2560_d_model_predicts_another_cohort_and_similar_and_embed_work(store):
     run = classify(
         store,
@@ -100,3 +102,26 @@ def test_a_saved_2560_d_model_predicts_another_cohort_and_similar_and_embed_work
             assert means.shape == (len(ids), dim)
         points = embed_points(fs.fingerprints("virchow2", "train").vectors, EmbedConfig(seed=0))
     assert points.shape[1] == 2 and np.isfinite(points).all()
+
+
+def test_site_probe_on_features_wider_than_the_cohort_equals_the_full_fit():
+    """The probe rotates wide features onto the patients' span (PCA keeping every
+    component): the same L2-penalised model as the fit in all dimensions, much faster."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from fpstore.classify.leakage import site_probe
+    from tests._classify_bags import make_bags
+
+    bags, _ = make_bags(n_patients=40, n_patches=4, dim=8, seed=3, n_sites=4)
+    bags.features = bags.features @ np.random.default_rng(0).normal(size=(8, 120))
+    probe = site_probe(bags)
+    full = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000, tol=1e-8))
+    folds = StratifiedKFold(n_splits=5, shuffle=True, random_state=0)
+    proba = cross_val_predict(
+        full, bags.mean_features(), bags.sites, cv=folds, method="predict_proba"
+    )
+    classes = np.unique(bags.sites)
+    assert probe["accuracy"] == pytest.approx(np.mean(classes[proba.argmax(1)] == bags.sites))
