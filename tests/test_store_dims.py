@@ -1,6 +1,9 @@
 """Fingerprints of 512, 768, 1024, 1536 and 2560 dimensions side by side in one store: SQL with
 vector functions, compare (classify for each), predict with a saved model, similar, embed."""
 
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -14,6 +17,7 @@ from tests._classify_store import add_cohort
 # The paper's network (512), UNI2-h / H-optimus (1536), Virchow2 (2560), ViT-B (768), UNI (1024)
 DIMS = {"fingerprint": 512, "h0-mini": 768, "uni": 1024, "uni2-h": 1536, "virchow2": 2560}
 FAST = {"max_epochs": 20, "patience": 4}
+DOCS = Path(__file__).parents[1] / "docs" / "queries.md"
 
 
 @pytest.fixture(scope="module")
@@ -59,6 +63,10 @@ def test_sql_sees_every_dimension_and_array_functions_work_per_dimension(store):
             ).rows()
             assert len(top) == 3 and top[0]["s"] == pytest.approx(1.0, abs=1e-5)
             assert top[0]["s"] >= top[1]["s"] >= top[2]["s"]
+        documented = re.findall(r"```sql\n(.*?)```", DOCS.read_text(), re.S)[4]
+        hits = fs.sql(documented).rows()
+        assert len(hits) == 10 and hits[0]["patch_id"] == "ext-P0003-S/0_0_224"
+        assert hits[0]["s"] == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.slow
