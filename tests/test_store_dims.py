@@ -133,3 +133,20 @@ def test_site_probe_on_features_wider_than_the_cohort_equals_the_full_fit():
     )
     classes = np.unique(bags.sites)
     assert probe["accuracy"] == pytest.approx(np.mean(classes[proba.argmax(1)] == bags.sites))
+
+
+@pytest.mark.slow
+def test_the_report_of_a_run_on_2560_d_fingerprints(tmp_path):
+    """The report's fingerprint map, clusters and montages from Virchow2-wide vectors."""
+    from fpstore.report.html import build_report
+    from tests._report_store import build_store
+
+    store = build_store(tmp_path / "store", dim=2560)
+    with fpstore.store.open(store) as fs:
+        assert set(fs.dims.values()) == {2560}
+    report = build_report(
+        store, "mil-run", tmp_path / "out", n_heatmaps=1, n_boot=100, embed=EmbedConfig(seed=0)
+    )
+    assert report.index.is_file() and len(report.heatmaps) == 1
+    assert report.embedding is not None and len(report.embedding.clusters) >= 2
+    assert "Fingerprint map" in report.index.read_text()
