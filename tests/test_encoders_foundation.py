@@ -138,6 +138,10 @@ def test_a_state_dict_of_another_architecture_is_refused_before_loading(tmp_path
         message = str(info.value)
         assert "\n" not in message and kind in message and "do not fit" in message
         assert "fpstore-tests/tiny-vit" in message and "--weights" in message
+    (tmp_path / "notes.pth").write_text("not weights\n" * 3)
+    with pytest.raises(EncoderError) as info:
+        create_encoder(TINY.name, weights=tmp_path / "notes.pth")
+    assert "\n" not in str(info.value) and "fpstore-tests/tiny-vit" in str(info.value)
     with pytest.raises(EncoderError, match="missing"):
         create_encoder(
             TINY.name, weights=_saved(tmp_path / "part.pth", dict(list(tiny_state().items())[:5]))

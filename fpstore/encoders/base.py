@@ -261,9 +261,11 @@ def state_dict_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_state_dict_file(path: Path) -> dict:
+def load_state_dict_file(path: Path, fix: str = "pass weights=PATH to a local file") -> dict:
+    """A state dict from a safetensors file or a torch file (``weights_only``); errors are
+    one line ending with ``fix``."""
     if not path.is_file():
-        raise EncoderError(f"weights file {path} does not exist; pass weights=PATH to a local file")
+        raise EncoderError(f"weights file {path} does not exist; {fix}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -272,12 +274,19 @@ def load_state_dict_file(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file is the user's to fix
-        raise EncoderError(f"cannot read weights {path}: {error}") from error
+        # torch's weights_only refusal is a page that suggests weights_only=False: not ours
+        # to pass on; a short reason (safetensors' header errors) is kept.
+        first = (str(error).strip().splitlines() or [""])[0]
+        first = first if 0 < len(first) <= 100 else type(error).__name__
+        raise EncoderError(
+            f"cannot read weights {path} ({first}): not a safetensors file or a torch state "
+            f"dict; {fix}"
+        ) from error
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise EncoderError(f"weights {path} is not a state dict of tensors")
+        raise EncoderError(f"weights {path} is not a state dict of tensors; {fix}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

@@ -402,7 +402,7 @@ def load_model(model: FoundationModel, path: Path) -> torch.nn.Module:
     """The network of ``model`` with the state dict in ``path``: names and shapes checked on
     the meta device first (a wrong file is refused before any memory is spent), then loaded
     strictly (``assign``: the file's tensors become the parameters, no random init)."""
-    state = load_state_dict_file(path)
+    state = load_state_dict_file(path, f"pass the weights of {model.repo} with --weights PATH")
     net = build_model(model, "meta")
     check_state_dict(
         net,
