@@ -42,7 +42,8 @@ def _patches(value: str) -> int | None:
     "--encoder",
     default="fingerprint",
     show_default=True,
-    help="Encoder: fingerprint, imagenet-resnet34, random-resnet34, torchvision:ARCH, timm:ARCH.",
+    help="Encoder: fingerprint, imagenet-resnet34, random-resnet34, torchvision:ARCH, timm:ARCH, "
+    "or a foundation model (uni, uni2-h, virchow2, h-optimus-0, ...: `fpstore encoders list`).",
 )
 @click.option(
     "--checkpoint",
@@ -52,9 +53,16 @@ def _patches(value: str) -> int | None:
 )
 @click.option(
     "--weights",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Local weights file (imagenet-resnet34, torchvision:ARCH, timm:ARCH); "
-    "default: the torchvision cache. Never downloaded.",
+    type=click.Path(path_type=Path),
+    help="Local weights file (imagenet-resnet34, torchvision:ARCH, timm:ARCH), or a file or "
+    "folder (a Hugging Face snapshot) for a foundation model; default: the torchvision or "
+    "the local Hugging Face cache. Never downloaded without --download.",
+)
+@click.option(
+    "--download",
+    is_flag=True,
+    help="Foundation models: fetch missing weights from Hugging Face with your own token "
+    "(`hf auth login`; gated models need their terms accepted), into its cache.",
 )
 @click.option(
     "--encoder-id",
@@ -144,6 +152,7 @@ def extract(
     encoder,
     checkpoint,
     weights,
+    download,
     encoder_id,
     stain_norm,
     stain_target,
@@ -186,6 +195,8 @@ def extract(
         options["checkpoint"] = checkpoint
     if weights:
         options["weights"] = weights
+    if download:
+        options["download"] = True
     config = ExtractConfig(
         encoder=encoder,
         encoder_options=options,

@@ -56,8 +56,9 @@ def _patches(value: str) -> int | str:
 )
 @click.option(
     "--weights",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="--slides: the encoder's weights file, where it is not at the path the card names.",
+    type=click.Path(path_type=Path),
+    help="--slides: the encoder's weights file (or a foundation model's folder), where it is "
+    "not at the path the card names.",
 )
 @click.option(
     "--patches",

@@ -30,6 +30,7 @@ def add_cohort(
     her2: bool = False,
     slide_path: str | None = None,
     slide_y: int = 0,
+    dims: dict | None = None,
 ):
     """n patients (one slide each, 8 patches); ER planted in epithelium, PR without signal.
 
@@ -37,6 +38,8 @@ def add_cohort(
     ``metadata``: extraction settings the fingerprint files carry (encoder_hash, precision,
     ...); ``labelled=False``: no status for any patient; ``her2``: Her2 labels as ER's;
     ``slide_path``: a real slide every slide points at (patches in the row at ``slide_y`` px).
+    ``dims``: encoder -> dimension, the DIM-d features sent there by a fixed random projection
+    (the same for every cohort), as a foundation model's wider vectors would carry them.
     """
     bags, y = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed, n_sites=6)
     _, y_null = make_bags(n_patients=n, n_patches=8, dim=DIM, seed=seed + 100, signal=False)
@@ -79,8 +82,10 @@ def add_cohort(
         )
     _write(pa.Table.from_pylist(labels, schema=LABELS), folder / "labels.parquet", "labels")
     (folder / "cohort.json").write_text(json.dumps({"name": cohort}))
-    schema = fingerprint_schema(DIM)
     for e, encoder in enumerate(encoders):
+        dim = (dims or {}).get(encoder, DIM)
+        schema = fingerprint_schema(dim)
+        projection = np.random.default_rng(dim).normal(size=(DIM, dim)) if dim != DIM else None
         for i, p in enumerate(ids):
             if i == 1:
                 continue
@@ -102,8 +107,10 @@ def add_cohort(
                 "tissue_fraction": [1.0] * len(rows),
             }
             vectors = bags.features[rows] * (1 + e)
+            if projection is not None:
+                vectors = (vectors @ projection).astype(np.float32)
             columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.ravel()), DIM
+                pa.array(vectors.ravel()), dim
             )
             _write(
                 pa.table(columns, schema=schema),

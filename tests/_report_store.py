@@ -57,7 +57,9 @@ def _write(table: pa.Table, path: Path, name: str, **meta) -> None:
     pq.write_table(table.replace_schema_metadata(meta_all), path)
 
 
-def build_store(root: Path) -> Path:
+def build_store(root: Path, dim: int = DIM) -> Path:
+    """``dim``: the fingerprints' width (the DIM-d clusters sent there by a fixed random
+    projection, as a foundation model's 1536 or 2560 dimensions would carry them)."""
     rng = np.random.default_rng(7)
     store = Path(root)
     patients = [f"P{i:02d}" for i in range(N_PATIENTS)]
@@ -125,14 +127,16 @@ def build_store(root: Path) -> Path:
             vectors.append(centres[k] + rng.normal(size=DIM))
             if slide != "S00":
                 patch_rows.append((slide, pid, CLUSTER_SCORE[k] + rng.normal() * 0.05))
-    schema = fingerprint_schema(DIM)
+    if dim != DIM:
+        vectors = list(np.asarray(vectors) @ np.random.default_rng(dim).normal(size=(DIM, dim)))
+    schema = fingerprint_schema(dim)
     for slide in slides:
         keep = [n for n, r in enumerate(fp_rows) if r["slide_id"] == slide]
         columns = {
             f.name: [fp_rows[n][f.name] for n in keep] for f in schema if f.name != "fingerprint"
         }
         flat = pa.array(np.asarray([vectors[n] for n in keep], np.float32).ravel())
-        columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(flat, DIM)
+        columns["fingerprint"] = pa.FixedSizeListArray.from_arrays(flat, dim)
         _write(
             pa.table(columns, schema=schema),
             store / "fingerprints" / f"encoder={ENCODER}" / f"cohort={COHORT}" / f"{slide}.parquet",

@@ -265,9 +265,11 @@ def state_dict_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_state_dict_file(path: Path) -> dict:
+def load_state_dict_file(path: Path, fix: str = "pass weights=PATH to a local file") -> dict:
+    """A state dict from a safetensors file or a torch file (``weights_only``); errors are
+    one line ending with ``fix``."""
     if not path.is_file():
-        raise EncoderError(f"weights file {path} does not exist; pass weights=PATH to a local file")
+        raise EncoderError(f"weights file {path} does not exist; {fix}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -276,23 +278,54 @@ def load_state_dict_file(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # any unreadable file is the user's to fix
-        raise EncoderError(f"cannot read weights {path}: {error}") from error
+        # torch's weights_only refusal is a page that suggests weights_only=False: not ours
+        # to pass on; a short reason (safetensors' header errors) is kept.
+        first = (str(error).strip().splitlines() or [""])[0]
+        first = first if 0 < len(first) <= 100 else type(error).__name__
+        raise EncoderError(
+            f"cannot read weights {path} ({first}): not a safetensors file or a torch state "
+            f"dict; {fix}"
+        ) from error
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise EncoderError(f"weights {path} is not a state dict of tensors")
+        raise EncoderError(f"weights {path} is not a state dict of tensors; {fix}")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def check_state_dict(model: torch.nn.Module, state: dict, what: str, fix: str) -> None:
+    """Refuse ``state`` unless its names and shapes are exactly ``model``'s (works on the
+    ``meta`` device): one line, ``what`` (which file, which model), the differences, ``fix``."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k} {tuple(v.shape)} != {expected[k]}"
+        for k, v in state.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if missing or unexpected or shapes:
+        found = [
+            f"{label} {len(items)} (e.g. {', '.join(items[:3])})"
+            for label, items in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape", shapes),
+            )
+            if items
+        ]
+        raise EncoderError(f"{what}: {'; '.join(found)}; {fix}")
+
+
 def load_weights(model: torch.nn.Module, path: Path, arch: str) -> None:
+    """Load ``path`` into ``model`` strictly; names and shapes are checked first, so a wrong
+    file leaves the model untouched."""
     state = load_state_dict_file(path)
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise EncoderError(
-            f"weights {path} do not fit {arch}: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}; pass the weights of that architecture"
-        )
+    check_state_dict(
+        model, state, f"weights {path} do not fit {arch}", "pass the weights of that architecture"
+    )
+    model.load_state_dict(state, strict=True)
 
 
 @dataclass(frozen=True)

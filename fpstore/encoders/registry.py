@@ -10,6 +10,10 @@ Names:
     random-resnet34       seeded random weights (seed=0), for tests and the demo
     torchvision:<arch>    any torchvision classification backbone, weights=PATH or the cache
     timm:<arch>           any timm backbone, weights=PATH
+    uni, uni2-h, virchow, virchow2, h-optimus-0, h-optimus-1, h0-mini, gigapath
+                          pathology foundation models (fpstore.encoders.foundation): timm
+                          with each model card's arguments, weights=FILE_OR_FOLDER, the local
+                          Hugging Face cache, or download=True
 """
 
 from __future__ import annotations
@@ -24,7 +28,11 @@ _BUILTIN_MODULES = (
     "fpstore.encoders.fingerprint",
     "fpstore.encoders.torchvision_models",
     "fpstore.encoders.timm_models",
+    "fpstore.encoders.foundation",
 )
+# Options that act once and are not how to build the encoder again: a download lands the
+# weights in the Hugging Face cache, where a later build finds them offline.
+_ONE_OFF_OPTIONS = ("download",)
 _NAMES: dict = {}
 _PREFIXES: dict = {}
 _loaded = False
@@ -74,7 +82,8 @@ def create_encoder(name: str, **kw):
         params = [p for p in inspect.signature(factory).parameters if p != "arch"]
         raise EncoderError(f"encoder {name!r} takes options {params}, got {sorted(kw)}") from error
     encoder = factory(*args, **kw)
-    encoder.spec = {"name": name, "options": {k: _portable(v) for k, v in kw.items()}}
+    options = {k: _portable(v) for k, v in kw.items() if k not in _ONE_OFF_OPTIONS}
+    encoder.spec = {"name": name, "options": options}
     return encoder
 
 

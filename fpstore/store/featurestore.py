@@ -4,6 +4,9 @@
 the files, nothing is copied in):
 
     fingerprints  encoder, cohort, patch keys and coordinates, fingerprint FLOAT[dim]
+                  (FLOAT[] when encoders of several dimensions share the store)
+    fingerprints_<dim>  the same for the encoders of one dimension, FLOAT[dim] (e.g.
+                  fingerprints_512, fingerprints_2560): array functions work there
     patches       one row per patch (any encoder): cohort, keys, coordinates, tissue fraction
     slides        cohort slides joined with the extraction status (one row per slide and encoder)
     labels        cohort, patient_id, marker, status, raw_value, site
@@ -163,6 +166,7 @@ class FeatureStore:
         self.connection = duckdb.connect()
         register_with_duckdb(self.connection, self.path)
         self.dims: dict[str, int] = {}
+        self._dim_views: set[int] = set()  # the fingerprints_<dim> views made
         self.settings: dict[tuple[str, str], dict] = {}  # (encoder, cohort) -> their settings
         self.refresh()
         self.read_only = read_only
@@ -231,17 +235,26 @@ class FeatureStore:
             self._view("patches", f"SELECT DISTINCT cohort, {keys} FROM fingerprints")
             return
         # One FLOAT[dim] type is needed for array_cosine_similarity; encoders of other
-        # dimensions can only share a view as variable-length FLOAT[] lists.
-        dims = set(self.dims.values())
-        vector = f"FLOAT[{dims.pop()}]" if len(dims) == 1 else "FLOAT[]"
-        self._view(
-            "fingerprints",
-            " UNION ALL ".join(
-                f"SELECT {_literal(e)} AS encoder, cohort, {keys}, fingerprint::{vector} AS fingerprint "
+        # dimensions can only share a view as variable-length FLOAT[] lists (list_ functions),
+        # so each dimension also has its own view, fingerprints_<dim>, typed FLOAT[dim].
+        dims = sorted(set(self.dims.values()))
+        vector = f"FLOAT[{dims[0]}]" if len(dims) == 1 else "FLOAT[]"
+
+        def union(vector_type: str, wanted) -> str:
+            return " UNION ALL ".join(
+                f"SELECT {_literal(e)} AS encoder, cohort, {keys}, "
+                f"fingerprint::{vector_type} AS fingerprint "
                 f"FROM read_parquet({_literal(glob)}, hive_partitioning = true)"
                 for e, glob in selects
-            ),
-        )
+                if self.dims[e] in wanted
+            )
+
+        self._view("fingerprints", union(vector, dims))
+        for dim in dims:
+            self._view(f"fingerprints_{dim}", union(f"FLOAT[{dim}]", (dim,)))
+        for gone in self._dim_views - set(dims):  # a dimension whose files were removed
+            self.connection.execute(f"DROP VIEW IF EXISTS fingerprints_{gone}")
+        self._dim_views = set(dims)
         # Coordinates are shared by every encoder: a patch is one row whatever encoded it.
         self._view(
             "patches",
