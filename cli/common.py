@@ -28,6 +28,8 @@ def _store_before_command(ctx, param, value):
 
 
 def _local_store(ctx, param, value):
+    from fpstore.store.remote import local_path
+
     value = _store_before_command(ctx, param, value)
     # click.Path has already folded "s3://b/p" into "s3:/b/p": catch it before a folder "s3:" is made.
     if value is not None and _URL.match(str(value)) and not str(value).startswith("file:"):
@@ -35,14 +37,14 @@ def _local_store(ctx, param, value):
             f"{value}: this command needs a local store folder; object "
             "storage URLs work with `cohort`, `extract --engine ray` and `sql`"
         )
-    return value
+    return None if value is None else local_path(value)
 
 
 def _any_store(ctx, param, value):
-    from fpstore.store.remote import is_remote
+    from fpstore.store.remote import is_remote, local_path
 
     value = _store_before_command(ctx, param, value)
-    return value if is_remote(value) else Path(value)
+    return value if is_remote(value) else local_path(value)
 
 
 store_option = click.option(

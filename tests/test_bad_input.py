@@ -1,0 +1,169 @@
+"""Every bad input is one line (issue 23, item 4): damaged model files, a clinical table with a
+50 MB field or a NUL byte, a store that is a file, a FIFO or /dev/zero given as a slide, a
+cohort with no usable slide, ``--store file:///abs/path``, and garbage in each file argument."""
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fpstore.cli.main import cli
+from fpstore.errors import StoreError
+from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
+
+
+def one_line_error(args, code=1):
+    """Run ``fpstore ARGS``; its one line on stderr (no traceback, no bare "Aborted!")."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.stderr and "Aborted" not in result.stderr, result.stderr
+    assert result.exit_code == code and len(lines) == 1, (result.exit_code, result.stderr)
+    return lines[0]
+
+
+def damage(path: Path, how: str) -> None:
+    """Damage an npz file: cut in half, emptied, an array dropped, an array reshaped."""
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+        key = next(k for k in sorted(arrays) if k != "meta" and arrays[k].ndim >= 1)
+        if how == "missing":
+            arrays.pop(key)
+        else:
+            arrays[key] = arrays[key].reshape(-1)[: max(1, arrays[key].size // 2)]
+        path.unlink()
+        np.savez(path, **arrays)
+
+
+DAMAGE = ["truncated", "empty", "missing", "reshaped"]
+
+
+@pytest.fixture(scope="module")
+def classify_model(tmp_path_factory):
+    """A store with a cohort and a MIL model trained on it (3 folds, early stopped)."""
+    from fpstore.classify.pipeline import ClassifyConfig, classify
+    from tests._classify_store import add_cohort
+    from tests.test_classify_predict import FAST, META
+
+    store = tmp_path_factory.mktemp("bad-model")
+    add_cohort(store, "train", 40, seed=1, tissue=False, metadata=META)
+    cfg = ClassifyConfig(
+        marker="ER", cohort="train", encoder="enc", n_boot=100, classifier=FAST, folds=3
+    )
+    document = classify(store, cfg, progress=False)
+    return store, store / "models" / "classify" / document["model"]["model_id"]
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+def test_predict_with_a_damaged_model_file_is_one_line(classify_model, tmp_path, how):
+    store, folder = classify_model
+    copy = shutil.copytree(folder, tmp_path / "model")
+    damage(copy / "final.npz", how)
+    line = one_line_error(["predict", "--store", store, "--model", copy, "--cohort", "train"])
+    assert "final" in line and str(copy) in line
+
+
+@pytest.mark.parametrize("how", DAMAGE)
+@pytest.mark.parametrize("method", ["fingerprint-logreg", "fingerprint-knn"])
+def test_a_damaged_tissue_model_is_refused_on_load_in_one_line(tmp_path, how, method):
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(60, 8)).astype(np.float32), np.repeat([1, 2], 30)
+    path = fit_tissue_model(X, y, TrainConfig(method=method, pca_dim=4, k=3)).save(
+        tmp_path / "m.npz"
+    )
+    TissueModel.load(path)
+    damage(path, how)
+    with pytest.raises(StoreError, match="m.npz") as error:
+        TissueModel.load(path)
+    assert "\n" not in str(error.value)
+    line = one_line_error(
+        ["tissue", "predict", "--store", tmp_path / "s", "--model", path, "--method", method]
+    )
+    assert "m.npz" in line or "store" in line
+
+
+def labels_csv(path: Path, rows: str) -> Path:
+    path.write_text("patient_id,slide,ER\n" + rows)
+    return path
+
+
+def test_a_clinical_table_with_a_50mb_field_is_one_line(tmp_path):
+    table = labels_csv(tmp_path / "big.csv", "P1,a.svs," + "x" * 50_000_000 + "\n")
+    args = ["cohort", "add", "c", "--store", tmp_path / "s", "--format", "csv"]
+    line = one_line_error(args + ["--clinical", table])
+    assert "big.csv' line 2" in line and "field" in line
+    assert not (tmp_path / "s" / "cohorts").exists()
+
+
+def test_a_nul_byte_in_a_patient_id_is_refused(tmp_path):
+    table = labels_csv(tmp_path / "nul.csv", "P1,a.svs,Positive\nP\x002,b.svs,Negative\n")
+    args = ["cohort", "add", "c", "--store", tmp_path / "s", "--format", "csv"]
+    line = one_line_error(args + ["--clinical", table])
+    assert "nul.csv' line 3 holds a NUL byte" in line
+
+
+def test_a_store_that_is_a_regular_file_is_one_line(tmp_path):
+    regular = tmp_path / "store"
+    regular.write_text("not a store")
+    table = labels_csv(tmp_path / "t.csv", "P1,a.svs,Positive\n")
+    for args in (
+        ["cohort", "add", "c", "--store", regular, "--format", "csv", "--clinical", table],
+        ["cohort", "list", "--store", regular],
+        ["sql", "--store", regular, "SELECT 1"],
+    ):
+        assert "is a file, not a folder" in one_line_error(args)
+    assert regular.read_text() == "not a store"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_a_fifo_or_dev_zero_as_a_slide_is_named_as_such_and_nothing_is_written(tmp_path):
+    from fpstore.cohort.cohorts import add_cohort
+    from fpstore.errors import CohortError, SlideError
+    from fpstore.slides.slide import open_slide
+
+    fifo = tmp_path / "fifo.svs"
+    os.mkfifo(fifo)
+    with pytest.raises(SlideError, match="not a regular file"):
+        open_slide(fifo, mpp=0.5)  # opening it would block forever
+    table = labels_csv(tmp_path / "t.csv", f"P1,{fifo},Positive\nP2,/dev/zero,Negative\n")
+    with pytest.raises(CohortError, match=r"none of the 2 listed slide\(s\).*FIFO") as error:
+        add_cohort(tmp_path / "s", "c", clinical=table, fmt="csv")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "s" / "cohorts" / "c").exists()  # a corrected rerun needs no --force
+
+
+def test_a_cohort_with_some_usable_slides_is_still_written(tmp_path):
+    from fpstore.cohort.cohorts import add_cohort
+    from tests.test_extract import CMU
+
+    table = labels_csv(tmp_path / "t.csv", f"P1,{CMU},Positive\nP2,/dev/zero,Negative\n")
+    summary = add_cohort(tmp_path / "s", "c", clinical=table, fmt="csv")
+    assert summary.n_slides == 1 and "device" in summary.problems[0]["problem"]
+
+
+def test_store_as_a_file_url_is_the_absolute_path(tmp_path):
+    from tests.test_extract import CMU
+
+    table = labels_csv(tmp_path / "t.csv", f"P1,{CMU},Positive\n")
+    url = f"file://{tmp_path}/s"
+    runner = CliRunner()
+    added = runner.invoke(
+        cli, ["cohort", "add", "c", "--store", url, "--format", "csv", "--clinical", str(table)]
+    )
+    assert added.exit_code == 0, added.output
+    assert (tmp_path / "s" / "cohorts" / "c").is_dir()
+    assert not Path("file:").exists()
+    for args in (["cohort", "list"], ["models", "list"], ["sql", "SELECT count(*) FROM labels"]):
+        result = runner.invoke(cli, args + ["--store", url])
+        assert result.exit_code == 0 and "file:" not in result.output, result.output
+    assert "c" in runner.invoke(cli, ["cohort", "list", "--store", url]).output
