@@ -26,7 +26,13 @@ from fpstore.cohort.clinical import (
     read_tcga_clinical,
     tcga_patient,
 )
-from fpstore.cohort.slide_list import SlideEntry, list_slides, not_a_file, slide_id_of
+from fpstore.cohort.slide_list import (
+    NOT_DOWNLOADED,
+    SlideEntry,
+    list_slides,
+    not_a_file,
+    slide_id_of,
+)
 from fpstore.cohort.slide_types import TypeChoice
 from fpstore.config import MARKERS
 from fpstore.errors import CohortError, SlideError
@@ -429,7 +435,9 @@ def _add_cohort(
     slide_info = _validate(entries, overrides) if validate else {}
 
     usable = [e for e in entries if e.problem is None]
-    if entries and not usable:  # written, it would only make the corrected rerun need --force
+    # Written, a cohort of unusable slides only makes the corrected rerun need --force; a
+    # manifest's slides not downloaded yet are a state that downloading changes, not an error.
+    if entries and not usable and not any(e.problem == NOT_DOWNLOADED for e in entries):
         first = entries[0]
         raise CohortError(
             f"none of the {len(entries)} listed slide(s) of cohort {name!r} is usable, e.g. "

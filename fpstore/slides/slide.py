@@ -158,8 +158,10 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
         check_mpp(mpp, f"slide {path}")
     if not path.exists():
         raise SlideError(f"slide {path} does not exist")
-    if not path.is_file():  # a FIFO would block the reader forever, /dev/zero never ends
-        raise SlideError(f"slide {path} is not a regular file; give the slide file itself")
+    if not (path.is_file() or path.is_dir()):  # a FIFO blocks the reader, /dev/zero never ends
+        raise SlideError(
+            f"slide {path} is not a regular file (a FIFO or device); give the slide file itself"
+        )
     try:
         backend = open_backend(path, tile_cache_mb << 20)
     except Exception as error:  # every reader fails in its own way; all mean "cannot open"
