@@ -3,7 +3,11 @@
 cohort with no usable slide, ``--store file:///abs/path``, and garbage in each file argument."""
 
 import os
+import re
 import shutil
+import struct
+import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +20,11 @@ from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
 
 
 def one_line_error(args, code=1):
-    """Run ``fpstore ARGS``; its one line on stderr (no traceback, no bare "Aborted!")."""
+    """Run ``fpstore ARGS``; its one line on stderr besides progress bars (no traceback, no
+    bare "Aborted!")."""
     result = CliRunner().invoke(cli, [str(a) for a in args])
-    lines = result.stderr.strip().splitlines()
+    progress = re.compile(r"\d+%\|")  # tqdm's bars share stderr
+    lines = [x for x in re.split(r"[\r\n]+", result.stderr) if x.strip() and not progress.search(x)]
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(
         result.exception
     )
@@ -43,6 +49,56 @@ def damage(path: Path, how: str) -> None:
             arrays[key] = arrays[key].reshape(-1)[: max(1, arrays[key].size // 2)]
         path.unlink()
         np.savez(path, **arrays)
+
+
+def huge_header_tiff(path, size=1_000_000, tile=4096, mpp=None):
+    """A tiled RGB TIFF whose header declares size x size px, every tile the same few kB of
+    deflated glass (all tile offsets point at one copy): a few MB on disk."""
+    across = -(-size // tile)
+    n = across * across
+    data = zlib.compress(np.full((tile, tile, 3), 242, np.uint8).tobytes(), 9)
+    entries = []  # (tag, type, count, value bytes)
+    SHORT, LONG, RATIONAL = 3, 4, 5
+
+    def add(tag, typ, values):
+        fmt = {SHORT: "H", LONG: "I"}.get(typ)
+        raw = (
+            struct.pack(f"<{len(values)}{fmt}", *values)
+            if fmt
+            else b"".join(struct.pack("<II", *v) for v in values)
+        )
+        entries.append((tag, typ, len(values), raw))
+
+    add(256, LONG, [size])
+    add(257, LONG, [size])
+    add(258, SHORT, [8, 8, 8])
+    add(259, SHORT, [8])
+    add(262, SHORT, [2])
+    add(277, SHORT, [3])
+    add(284, SHORT, [1])
+    if mpp:
+        add(282, RATIONAL, [(int(1e4 / mpp), 1)])
+        add(283, RATIONAL, [(int(1e4 / mpp), 1)])
+        add(296, SHORT, [3])
+    add(322, LONG, [tile])
+    add(323, LONG, [tile])
+    data_at = 8
+    add(324, LONG, [data_at] * n)
+    add(325, LONG, [len(data)] * n)
+    entries.sort()
+    ifd_at = data_at + len(data) + (len(data) % 2)
+    extra_at = ifd_at + 2 + 12 * len(entries) + 4
+    ifd, extra = struct.pack("<H", len(entries)), b""
+    for tag, typ, count, raw in entries:
+        if len(raw) <= 4:
+            ifd += struct.pack("<HHI", tag, typ, count) + raw.ljust(4, b"\0")
+        else:
+            ifd += struct.pack("<HHII", tag, typ, count, extra_at + len(extra))
+            extra += raw + (b"\0" if len(raw) % 2 else b"")
+    ifd += struct.pack("<I", 0)
+    with open(path, "wb") as f:
+        f.write(b"II*\0" + struct.pack("<I", ifd_at) + data + b"\0" * (len(data) % 2) + ifd + extra)
+    return path
 
 
 DAMAGE = ["truncated", "empty", "missing", "reshaped"]
@@ -167,3 +223,29 @@ def test_store_as_a_file_url_is_the_absolute_path(tmp_path):
         result = runner.invoke(cli, args + ["--store", url])
         assert result.exit_code == 0 and "file:" not in result.output, result.output
     assert "c" in runner.invoke(cli, ["cohort", "list", "--store", url]).output
+
+
+@pytest.mark.parametrize("override", [True, False])
+def test_a_tiff_declaring_a_million_pixels_square_is_refused_by_its_area(tmp_path, override):
+    """250 x 250 mm at 0.25 um/px passes the length check (300 mm); no slide has that much
+    glass. ``cohort add --validate`` refuses it, and extract fails it in seconds."""
+    from fpstore.errors import SlideError
+    from fpstore.extract.run import extract
+    from fpstore.slides.slide import open_slide
+    from tests.test_extract import config
+
+    slide = huge_header_tiff(tmp_path / "huge.tiff", mpp=None if override else 0.25)
+    assert slide.stat().st_size < 2_000_000
+    with pytest.raises(SlideError, match="62,500 mm\\^2"):
+        open_slide(slide, mpp=0.25 if override else None)
+    table = labels_csv(tmp_path / "t.csv", f"P1,{slide},Positive\n")
+    overrides = tmp_path / "mpp.csv"
+    overrides.write_text("slide,mpp\nhuge,0.25\n")
+    args = ["cohort", "add", "c", "--store", tmp_path / "s", "--format", "csv"]
+    args += ["--clinical", table] + (["--mpp-overrides", overrides] if override else [])
+    assert "62,500 mm^2" in one_line_error(args + ["--validate"])
+    assert CliRunner().invoke(cli, [str(a) for a in args]).exit_code == 0
+    start = time.monotonic()
+    summary = extract(tmp_path / "s", "c", config(patches=8), progress=False)
+    assert "62,500 mm^2" in summary.failed[0].error
+    assert time.monotonic() - start < 60
