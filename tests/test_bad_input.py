@@ -249,3 +249,15 @@ def test_a_tiff_declaring_a_million_pixels_square_is_refused_by_its_area(tmp_pat
     summary = extract(tmp_path / "s", "c", config(patches=8), progress=False)
     assert "62,500 mm^2" in summary.failed[0].error
     assert time.monotonic() - start < 60
+
+
+def test_a_failed_predict_slides_leaves_no_cohort_registered(classify_model, tmp_path):
+    from fpstore.store.cohorts import cohort_names
+
+    store, folder = classify_model
+    before = cohort_names(store)
+    scan = tmp_path / "new.svs"
+    scan.write_bytes(b"not a slide" * 100)
+    line = one_line_error(["predict", "--store", store, "--model", folder, "--slides", scan])
+    assert "does not say how to build encoder" in line
+    assert cohort_names(store) == before
