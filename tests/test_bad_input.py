@@ -261,3 +261,88 @@ def test_a_failed_predict_slides_leaves_no_cohort_registered(classify_model, tmp
     line = one_line_error(["predict", "--store", store, "--model", folder, "--slides", scan])
     assert "does not say how to build encoder" in line
     assert cohort_names(store) == before
+
+
+# Every command that reads a file, with garbage in one file argument at a time; {g} is a file of
+# random bytes with the suffix that argument expects, {store} a store with one real slide.
+GARBAGE_CALLS = [
+    ("cohort add c2 --store {store} --format csv --clinical {g}", ".csv"),
+    ("cohort add c2 --store {store} --format tcga --clinical {g} --slides {g}", ".txt"),
+    ("cohort add c2 --store {store} --slides {g} --validate", ".svs"),
+    ("cohort add c2 --store {store} --format csv --clinical {labels} --mpp-overrides {g}", ".csv"),
+    ("cohort add c2 --store {g} --format csv --clinical {labels}", ""),
+    ("cohort list --store {g}", ""),
+    ("cohort show c --store {g}", ""),
+    ("extract --store {store} --cohort c --encoder fingerprint --checkpoint {g}", ".pt"),
+    ("extract --store {store} --cohort c --encoder resnet18 --weights {g}", ".pth"),
+    (
+        "extract --store {store} --cohort c --encoder tiny --stain-norm macenko --stain-target {g}",
+        ".png",
+    ),
+    ("extract --store {g} --cohort c", ""),
+    ("classify --store {g} --marker ER", ""),
+    ("compare --store {g} --marker ER", ""),
+    ("match --model {g} --tma {tma}", ".pt"),
+    ("core-maps --model {g} --tma {tma} --out {out}", ".pt"),
+    ("models list --store {g}", ""),
+    ("models show m1 --store {g}", ""),
+    ("patches {g} --out {out}", ".svs"),
+    ("patches {g} --out {out}", ".tiff"),
+    ("patches {g} --out {out}", ".png"),
+    ("predict --store {store} --model {g} --cohort c", ".npz"),
+    ("predict --store {store} --model {gdir} --cohort c", ""),
+    ("sql --store {g} SELECT\x001", ""),
+    ("heatmap --store {g} --run r", ""),
+    ("report --store {g} --run r --out {out}", ""),
+    ("tissue predict --store {store} --cohort c --model {g}", ".npz"),
+    ("tissue train --store {store} --cohort c --tiles {g} --truth {g}", ".png"),
+    ("tissue evaluate --store {store} --cohort c --truth {g}", ".json"),
+    ("tma dearray {g} --out {out}", ".svs"),
+    ("tma dearray {g} --out {out}", ".png"),
+    ("tma dearray {slide} --out {out} --array-map {g}", ".csv"),
+]
+
+
+@pytest.fixture(scope="module")
+def garbage_store(tmp_path_factory):
+    from tests.test_store_promises import make_store
+
+    root = tmp_path_factory.mktemp("garbage")
+    store, labels = make_store(root, ["S0"])
+    return store, labels
+
+
+@pytest.mark.parametrize(
+    "call,suffix", GARBAGE_CALLS, ids=[c[0].split(" --")[0] + c[1] for c in GARBAGE_CALLS]
+)
+def test_every_command_says_garbage_in_one_line(garbage_store, tmp_path, call, suffix):
+    from tests.test_extract import CMU
+
+    store, labels = garbage_store
+    garbage = tmp_path / f"garbage{suffix}"
+    garbage.write_bytes(np.random.default_rng(0).bytes(4096))
+    gdir = tmp_path / "model-folder"
+    gdir.mkdir()
+    (gdir / "card.json").write_bytes(np.random.default_rng(1).bytes(512))
+    (gdir / "final.npz").write_bytes(np.random.default_rng(2).bytes(512))
+    fields = {
+        "g": garbage,
+        "gdir": gdir,
+        "store": store,
+        "labels": labels,
+        "tma": tmp_path / "no-tma",
+        "out": tmp_path / "out",
+        "slide": CMU,
+    }
+    args = [part.format(**fields) for part in call.replace("\x00", "\x01").split(" ")]
+    args = [a.replace("\x01", " ") for a in args]
+    result = CliRunner().invoke(cli, args)
+    progress = re.compile(r"\d+%\|")
+    lines = [x for x in re.split(r"[\r\n]+", result.stderr) if x.strip() and not progress.search(x)]
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(
+        result.exception
+    )
+    assert "Traceback" not in result.stderr and "Aborted" not in result.stderr, result.stderr
+    assert result.exit_code in (1, 2), (result.exit_code, result.output)
+    errors = [x for x in lines if x.lower().startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr  # notes may come first

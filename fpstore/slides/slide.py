@@ -106,8 +106,11 @@ def load_mpp_overrides(path: str | Path) -> dict[str, float]:
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
             columns = rows[0].keys() if rows else []
-    except OSError as error:
-        raise ConfigError(f"cannot read the mpp overrides file {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(
+            f"cannot read the mpp overrides file {path} as a CSV (columns slide,mpp): "
+            f"{' '.join(str(error).split())[:200]}"
+        ) from None
     if not {"slide", "mpp"} <= set(columns):
         raise ConfigError(
             f"mpp overrides file {path} needs the columns 'slide' and 'mpp'; "

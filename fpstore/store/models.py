@@ -94,7 +94,7 @@ def read_card(folder) -> dict:
     path = Path(folder) / CARD
     try:
         card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError included
         raise StoreError(f"cannot read model card {str(path)!r}: {error}") from None
     if card.get("format") != MODEL_FORMAT:
         raise StoreError(
