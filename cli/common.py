@@ -31,6 +31,8 @@ def _store_before_command(ctx, param, value):
 
 
 def _local_store(ctx, param, value):
+    from fpstore.store.remote import local_path
+
     value = _store_before_command(ctx, param, value)
     # click.Path has already folded "s3://b/p" into "s3:/b/p": catch it before a folder "s3:" is made.
     if value is not None and _URL.match(str(value)) and not str(value).startswith("file:"):
@@ -38,14 +40,14 @@ def _local_store(ctx, param, value):
             f"{value}: this command needs a local store folder; object "
             "storage URLs work with `cohort`, `extract --engine ray` and `sql`"
         )
-    return value
+    return None if value is None else local_path(value)
 
 
 def _any_store(ctx, param, value):
-    from fpstore.store.remote import is_remote
+    from fpstore.store.remote import is_remote, local_path
 
     value = _store_before_command(ctx, param, value)
-    return value if is_remote(value) else Path(value)
+    return value if is_remote(value) else local_path(value)
 
 
 store_option = click.option(
@@ -123,10 +125,10 @@ seed_option = click.option("--seed", type=int, default=0, show_default=True, hel
 
 def echo_json(document) -> None:
     """Print a JSON document (numpy scalars and paths converted)."""
-    click.echo(json.dumps(document, indent=2, default=_jsonable))
+    click.echo(json.dumps(document, indent=2, default=jsonable))
 
 
-def _jsonable(value):
+def jsonable(value):
     if hasattr(value, "item"):
         return value.item()
     if hasattr(value, "tolist"):
@@ -134,18 +136,24 @@ def _jsonable(value):
     return str(value)
 
 
-def echo_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """Print rows as an aligned text table."""
+def echo_table(rows: list[dict], columns: list[str] | None = None) -> list[int]:
+    """Print rows as an aligned text table; returns the column widths (for echo_table_rows)."""
     if not rows:
         click.echo("(no rows)")
-        return
+        return []
     columns = columns or list(rows[0])
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
     widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
     click.echo("  ".join("-" * w for w in widths))
-    for r in cells:
-        click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    echo_table_rows(rows, columns, widths)
+    return widths
+
+
+def echo_table_rows(rows: list[dict], columns: list[str], widths: list[int]) -> None:
+    """More rows of a table echo_table started, in its widths."""
+    for row in rows:
+        click.echo("  ".join(_cell(row.get(c)).ljust(w) for c, w in zip(columns, widths)))
 
 
 def _cell(value) -> str:

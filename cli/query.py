@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import csv
+import json
 import sys
+import textwrap
 from pathlib import Path
 
 import click
 
-from fpstore.cli.common import echo_json, echo_table, json_option, store_option, store_url_option
+from fpstore.cli.common import (
+    echo_json,
+    echo_table,
+    echo_table_rows,
+    json_option,
+    jsonable,
+    store_option,
+    store_url_option,
+)
 
 
 @click.command("sql")
@@ -20,9 +30,27 @@ from fpstore.cli.common import echo_json, echo_table, json_option, store_option,
     default="table",
     show_default=True,
 )
+@click.option(
+    "--memory-limit",
+    metavar="SIZE",
+    help="DuckDB memory for the query, e.g. 8GB (default: a quarter of the RAM); "
+    "twice as much may spill to a private temporary folder.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, None),
+    help="DuckDB threads (default: half the cores).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0, None, min_open=True),
+    default=300.0,
+    show_default=True,
+    help="Seconds before the query, output included, is stopped.",
+)
 @store_url_option
-def sql(query, fmt, store_path):
-    """Run a SQL QUERY over the store's views.
+def sql(query, fmt, memory_limit, threads, timeout, store_path):
+    """Run a SQL QUERY over the store's views (SELECT only; rows are streamed out).
 
     Views: fingerprints (FLOAT[dim]), patches, slides, labels, tissue, predictions,
     patch_predictions, patch_attention. Example:
@@ -30,18 +58,44 @@ def sql(query, fmt, store_path):
       fpstore sql "SELECT site, count(*) FROM patches GROUP BY site" --format csv
     """
     import fpstore.store
+    from fpstore.store.sql import SqlLimits
 
-    with fpstore.store.open(store_path, read_only=True) as store:
-        rows = store.sql(query).rows()
-    if fmt == "json":
-        echo_json(rows)
-    elif fmt == "csv":
-        if rows:
-            writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
+    limits = SqlLimits.for_machine(memory_limit, threads, timeout)
+    with fpstore.store.open(store_path, read_only=True, limits=limits) as store:
+        {"csv": _write_csv, "json": _write_json, "table": _write_table}[fmt](store.stream(query))
+
+
+def _write_csv(batches) -> None:
+    writer = None
+    for names, rows in batches:
+        if rows and writer is None:
+            writer = csv.DictWriter(sys.stdout, fieldnames=names, lineterminator="\n")
             writer.writeheader()
+        if rows:
             writer.writerows(rows)
-    else:
-        echo_table(rows)
+
+
+def _write_json(batches) -> None:
+    """The rows as one JSON list, written row by row."""
+    first = True
+    for _, rows in batches:
+        for row in rows:
+            item = textwrap.indent(json.dumps(row, indent=2, default=jsonable), "  ")
+            sys.stdout.write(("[\n" if first else ",\n") + item)
+            first = False
+    sys.stdout.write("[]\n" if first else "\n]\n")
+
+
+def _write_table(batches) -> None:
+    """Aligned to the widths of the first rows (later batches print without waiting for all)."""
+    widths: list[int] = []
+    for names, rows in batches:
+        if rows and not widths:
+            widths = echo_table(rows, names)
+        elif rows:
+            echo_table_rows(rows, names, widths)
+    if not widths:
+        echo_table([])
 
 
 @click.command("similar")

@@ -299,8 +299,9 @@ def test_mpp_overrides_fix_a_slide_without_scale_and_unused_ones_are_reported(tm
     shutil.copy(SLIDES_DIR / "openslide-boxes.tiff", tmp_path / "boxes.tiff")
     labels = write_csv(tmp_path / "labels.csv", [["P1", "boxes.tiff", "pos", "", "", ""]])
     store = tmp_path / "store"
-    summary = add_cohort(store, "a", clinical=labels, fmt="csv", validate=True)
-    assert summary.n_slides == 0 and "--mpp-overrides" in summary.problems[0]["problem"]
+    with pytest.raises(CohortError, match="none of the 1 listed slide.*--mpp-overrides"):
+        add_cohort(store, "a", clinical=labels, fmt="csv", validate=True)  # nothing written
+    assert not (store / "cohorts" / "a").exists()
     overrides = tmp_path / "mpp.csv"
     overrides.write_text("slide,mpp\nboxes.tiff,0.5\nnot-in-cohort.svs,0.25\n")
     summary = add_cohort(

@@ -260,7 +260,7 @@ class MILHead(PatchMeanScores, ClassifierMixin, BaseEstimator):
             net.load_state_dict(weights)
         except RuntimeError as error:
             raise ClassifyError(
-                f"saved MIL weights do not fit the head's config: {error}"
+                f"saved MIL weights do not fit the head's config: {' '.join(str(error).split())}"
             ) from None
         self.net_ = net.eval()
         self.mean_, self.std_ = weights["mean"].numpy(), std

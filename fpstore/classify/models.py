@@ -228,7 +228,15 @@ class SavedModel:
             k: v for k, v in self.card["settings"].items() if k in fields and k not in dropped
         }
         model = create_classifier(method, self.card["settings"].get("seed", 0), images, **settings)
-        return model.set_state(read_state(self.folder, which))
+        state = read_state(self.folder, which)
+        try:
+            return model.set_state(state)
+        except (ClassifyError, KeyError, ValueError, IndexError, TypeError, RuntimeError) as error:
+            reason = f"no array {error}" if isinstance(error, KeyError) else str(error)
+            raise ClassifyError(
+                f"saved {which!r} model of {str(self.folder)!r} does not fit its card "
+                f"({method}: {' '.join(reason.split())}); save it again with `fpstore classify`"
+            ) from None
 
 
 def load_model(store, ref: str | Path) -> SavedModel:

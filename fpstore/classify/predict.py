@@ -108,7 +108,7 @@ def _slides_cohort(store, cfg: PredictConfig) -> str:
                 f"drop --slides to score {name!r} as it is"
             )
         return name
-    add_cohort(store, name, slides=list(cfg.slides))
+    add_cohort(store, name, slides=list(cfg.slides), validate=True)  # no usable slide: no cohort
     return name
 
 
@@ -142,11 +142,13 @@ def _encoder_for_slides(card: dict, cfg: PredictConfig):
     return name, options, built
 
 
-def _extract(store, cohort: str, card: dict, cfg: PredictConfig, patches, progress) -> dict:
+def _extract(
+    store, cohort: str, card: dict, cfg: PredictConfig, patches, progress, encoder_for_slides
+) -> dict:
     from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
 
-    name, options, built = _encoder_for_slides(card, cfg)
+    name, options, built = encoder_for_slides
     encoder = card["encoder"]
     summary = extract(
         store,
@@ -229,8 +231,11 @@ def _cohort_to_score(store: Path, cfg: PredictConfig, card: dict, patches, progr
                 "with `fpstore cohort add`, extract them with any encoder (for the patch grid), "
                 "then predict --cohort"
             )
+        # The encoder is built and checked first and the slides opened before the cohort is
+        # registered: a failure must not leave a cohort behind.
+        built = _encoder_for_slides(card, cfg)
         cohort = _slides_cohort(store, cfg)
-        return cohort, _extract(store, cohort, card, cfg, patches, progress)
+        return cohort, _extract(store, cohort, card, cfg, patches, progress, built)
     if cfg.cohort is None:  # PredictConfig.__post_init__ refuses this already
         raise ConfigError("predict needs --cohort NAME or --slides GLOB")
     read_cohort_document(store, cfg.cohort)  # an unknown cohort fails first, naming the known

@@ -132,8 +132,20 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     lines = text.splitlines()
     if not lines:
         raise CohortError(f"clinical table {str(path)!r} is empty")
+    if "\x00" in text:  # a NUL would end up in patient ids, file names and Parquet strings
+        line = text[: text.index("\x00")].count("\n") + 1
+        raise CohortError(
+            f"clinical table {str(path)!r} line {line} holds a NUL byte: it is not a text "
+            "table; export it again as CSV or TSV"
+        )
     reader = csv.reader(lines, delimiter=_sniff_delimiter(path, lines[0]))
-    rows = [[cell.strip() for cell in row] for row in reader]
+    try:
+        rows = [[cell.strip() for cell in row] for row in reader]
+    except csv.Error as error:
+        raise CohortError(
+            f"clinical table {str(path)!r} line {reader.line_num}: {error}; check the "
+            "quoting and the delimiter of that line"
+        ) from None
     header, body = rows[0], [r for r in rows[1:] if any(r)]
     return header, body
 

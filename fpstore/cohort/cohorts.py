@@ -26,7 +26,13 @@ from fpstore.cohort.clinical import (
     read_tcga_clinical,
     tcga_patient,
 )
-from fpstore.cohort.slide_list import SlideEntry, list_slides, slide_id_of
+from fpstore.cohort.slide_list import (
+    NOT_DOWNLOADED,
+    SlideEntry,
+    list_slides,
+    not_a_file,
+    slide_id_of,
+)
 from fpstore.cohort.slide_types import TypeChoice
 from fpstore.config import CLINICAL_FORMATS, MARKERS
 from fpstore.errors import CohortError, SlideError
@@ -166,8 +172,8 @@ def _match_named(table: ClinicalTable, entries: list[SlideEntry] | None):
             path = Path(value) if Path(value).is_absolute() else base / value
             if entries is None:
                 entry = SlideEntry(slide_id_of(value), path, f"clinical table {table.path.name}")
-                if not path.is_file():
-                    entry.problem = "named in the clinical table, file not found"
+                if not_a_file(path):
+                    entry.problem = f"named in the clinical table, {not_a_file(path)}"
             else:
                 entry = (
                     index.get(os.path.abspath(path))
@@ -467,6 +473,14 @@ def _add_cohort(store, name: str, source: CohortSource, validate: bool) -> Cohor
     slide_info = _validate(entries, overrides) if validate else {}
 
     usable = [e for e in entries if e.problem is None]
+    # Written, a cohort of unusable slides only makes the corrected rerun need --force; a
+    # manifest's slides not downloaded yet are a state that downloading changes, not an error.
+    if entries and not usable and not any(e.problem == NOT_DOWNLOADED for e in entries):
+        first = entries[0]
+        raise CohortError(
+            f"none of the {len(entries)} listed slide(s) of cohort {name!r} is usable, e.g. "
+            f"{first.slide_id}: {first.problem}; nothing was written: fix the slides and rerun"
+        )
     with_slides = {owners[e.slide_id] for e in usable if owners.get(e.slide_id)}
     summary = CohortSummary(
         name=name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,11 +52,30 @@ def is_gdc_manifest(path: Path) -> bool:
     return tuple(first[:2]) == GDC_MANIFEST_HEADER
 
 
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a slide file before it is opened: missing, or not a regular file
+    (a FIFO would block the reader, /dev/zero never ends, a folder is not a scan)."""
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():
+        kind = (
+            "a folder"
+            if path.is_dir()
+            else "a FIFO"
+            if stat.S_ISFIFO(path.stat().st_mode)
+            else "a device or special file"
+        )
+        return f"not a regular file ({kind}); give the slide file itself"
+    return None
+
+
 def _check_file(entry: SlideEntry) -> SlideEntry:
     """Cheap checks that need no slide reader: exists, readable, not empty."""
     path = entry.path
-    if not path.is_file():
+    if not path.exists():
         entry.problem = entry.problem or "file not found"
+    elif not path.is_file():
+        entry.problem = not_a_file(path)
     elif not os.access(path, os.R_OK):
         entry.problem = "no permission to read the file"
     elif path.stat().st_size == 0:

@@ -75,7 +75,10 @@ def load_checkpoint(
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
-        raise EncoderError(f"cannot read {path} as a fingerprint checkpoint: {error}") from error
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if "Weights only load failed" in reason:  # torch's advice to unpickle is not for us
+            reason = "not a torch file of tensors (fpstore never unpickles objects)"
+        raise EncoderError(f"cannot read {path} as a fingerprint checkpoint: {reason}") from error
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise EncoderError(
             f"{path} is not an fpstore fingerprint checkpoint (format {FORMAT} expected)"

@@ -106,8 +106,11 @@ def load_mpp_overrides(path: str | Path) -> dict[str, float]:
         with path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
             columns = rows[0].keys() if rows else []
-    except OSError as error:
-        raise ConfigError(f"cannot read the mpp overrides file {path}: {error}") from error
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(
+            f"cannot read the mpp overrides file {path} as a CSV (columns slide,mpp): "
+            f"{' '.join(str(error).split())[:200]}"
+        ) from None
     if not {"slide", "mpp"} <= set(columns):
         raise ConfigError(
             f"mpp overrides file {path} needs the columns 'slide' and 'mpp'; "
@@ -158,6 +161,10 @@ def open_slide(path: str | Path, mpp: float | None = None, tile_cache_mb: int = 
         check_mpp(mpp, f"slide {path}")
     if not path.exists():
         raise SlideError(f"slide {path} does not exist")
+    if not (path.is_file() or path.is_dir()):  # a FIFO blocks the reader, /dev/zero never ends
+        raise SlideError(
+            f"slide {path} is not a regular file (a FIFO or device); give the slide file itself"
+        )
     try:
         backend = open_backend(path, tile_cache_mb << 20)
     except Exception as error:  # every reader fails in its own way; all mean "cannot open"

@@ -27,8 +27,14 @@ def read_array_map(path: Path) -> dict[tuple[int, int, int], tuple[int, str]]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"array map {str(path)!r} does not exist; pass --array-map CSV")
-    with open(path, encoding="utf-8-sig", newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(
+            f"array map {str(path)!r} is not a CSV text file ({str(error)[:120]}); pass --array-map "
+            "with a CSV of row, column, core_index, patient_id"
+        ) from None
     header = {h.strip().lower(): h for h in (rows[0] if rows else {})}
     needed = ("row", "column", "core_index", "patient_id")
     missing = [c for c in needed if c not in header]

@@ -54,6 +54,7 @@ from fpstore.store.schema import (
     fingerprint_schema,
     read_metadata,
 )
+from fpstore.store.sql import SqlLimits, apply_limits, check_read_only, stream_rows
 
 STATUS_COLUMNS = {
     "slide_id": "VARCHAR",
@@ -153,7 +154,7 @@ class Fingerprints:
 class FeatureStore:
     """A store folder seen through DuckDB views; see the module docstring."""
 
-    def __init__(self, path: str | Path, read_only: bool = False):
+    def __init__(self, path: str | Path, read_only: bool = False, limits: SqlLimits | None = None):
         import duckdb
 
         self.layout = StoreLayout.of(path)
@@ -170,22 +171,34 @@ class FeatureStore:
         self.settings: dict[tuple[str, str], dict] = {}  # (encoder, cohort) -> their settings
         self.refresh()
         self.read_only = read_only
+        self.limits = limits or SqlLimits.for_machine()
+        self._temp_dir: str | None = None
         if read_only:
             self._lock_down()
 
     def _lock_down(self) -> None:
-        """DuckDB may read the store's own files and nothing else, and its settings stay so
-        (``fpstore sql``: a query tool over a store reads the store only)."""
+        """DuckDB may read the store's own files and nothing else, within the limits, and its
+        settings stay so (``fpstore sql``: a query tool over a store reads the store only).
+        DuckDB always allows its temporary folder (by default ./.tmp, whatever it holds), so
+        it gets a private empty one of its own."""
+        import tempfile
+
         root = str(self.path)
         if isinstance(self.path, Path):
             root = str(self.path.resolve())
         root = root.rstrip("/") + "/"
+        self._temp_dir = tempfile.mkdtemp(prefix="fpstore-sql-")
+        apply_limits(self.connection, self.limits, self._temp_dir)
         self.connection.execute("SET allowed_directories = [?]", [root])
         self.connection.execute("SET enable_external_access = false")
         self.connection.execute("SET lock_configuration = true")
 
     def close(self) -> None:
+        import shutil
+
         self.connection.close()
+        if self._temp_dir:
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
 
     def __enter__(self) -> FeatureStore:
         return self
@@ -328,6 +341,13 @@ class FeatureStore:
             check_read_only(text)
         return Query(self, text, params)
 
+    def stream(self, text: str):
+        """(column names, rows) batch by batch from DuckDB's streaming result, stopped at the
+        store's time limit; on a read-only store only reading statements run."""
+        if self.read_only:
+            check_read_only(text)
+        return stream_rows(self.connection, text, self.limits)
+
     def columns(self, view: str) -> list[str]:
         if view not in VIEWS:
             raise StoreError(f"no view {view!r}; views: {', '.join(VIEWS)}")
@@ -446,27 +466,10 @@ class FeatureStore:
         return ids, segment_mean(fp.vectors, index, len(ids))
 
 
-READ_ONLY_STATEMENTS = ("SELECT", "EXPLAIN")
-
-
-def check_read_only(text: str) -> None:
-    """StoreError unless every statement of ``text`` only reads (SELECT, EXPLAIN)."""
-    import duckdb
-
-    try:
-        statements = duckdb.extract_statements(text)
-    except duckdb.Error as error:
-        raise StoreError(f"query failed: {error}\n  query: {text}") from error
-    for statement in statements:
-        kind = statement.type.name
-        if kind not in READ_ONLY_STATEMENTS:
-            raise StoreError(
-                f"{kind} statements are not allowed: `fpstore sql` only reads the store "
-                "(SELECT, EXPLAIN, DESCRIBE, SHOW); save results with --format csv > out.csv"
-            )
-
-
-def open(path: str | Path, read_only: bool = False) -> FeatureStore:  # noqa: A001
+def open(  # noqa: A001
+    path: str | Path, read_only: bool = False, limits: SqlLimits | None = None
+) -> FeatureStore:
     """Open a store folder: ``fpstore.store.open("fpstore-store").sql("SELECT ...")``;
-    ``read_only`` (what ``fpstore sql`` uses): DuckDB reads the store's files and nothing else."""
-    return FeatureStore(path, read_only)
+    ``read_only`` (what ``fpstore sql`` uses): DuckDB reads the store's files and nothing else,
+    within ``limits`` (default: :meth:`SqlLimits.for_machine`)."""
+    return FeatureStore(path, read_only, limits)

@@ -69,6 +69,11 @@ class StoreLayout:
 
     def __init__(self, root):
         self.root: Path | RemotePath = store_root(root)
+        if isinstance(self.root, Path) and self.root.exists() and not self.root.is_dir():
+            raise StoreError(
+                f"store {str(self.root)!r} is a file, not a folder; pass --store with a new "
+                "or existing store folder"
+            )
 
     @classmethod
     def of(cls, store) -> StoreLayout:

@@ -15,6 +15,7 @@ someone sent runs none of their code. In a store, ``models/classify/<model_id>/`
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -94,7 +95,7 @@ def read_card(folder) -> dict:
     path = Path(folder) / CARD
     try:
         card = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, ValueError) as error:  # JSONDecodeError and UnicodeDecodeError included
         raise StoreError(f"cannot read model card {str(path)!r}: {error}") from None
     if card.get("format") != MODEL_FORMAT:
         raise StoreError(
@@ -114,8 +115,21 @@ def read_state(folder, name: str) -> dict[str, np.ndarray]:
             f"model folder {str(folder)!r} has no {name!r} model; saved: {', '.join(saved)}"
             + ("" if name == "final" else "; classify with --save-models all saves fold models")
         )
+    return read_npz(path, "model weights")
+
+
+def read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """The arrays of an npz file (never pickles); StoreError in one line for a truncated,
+    empty or foreign file."""
     try:
         with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
-    except (OSError, ValueError) as error:
-        raise StoreError(f"cannot read model weights {str(path)!r}: {error}") from None
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as error:
+        reason = " ".join(str(error).split()) or "empty file"
+        raise StoreError(
+            f"cannot read {what} {str(path)!r} ({reason}): it is truncated or not an npz "
+            "file; save it again"
+        ) from None
+    if not arrays:
+        raise StoreError(f"{what} {str(path)!r} holds no arrays; save it again")
+    return arrays

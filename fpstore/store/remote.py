@@ -40,13 +40,21 @@ def is_remote(store) -> bool:
     return match is not None and match.group(1).lower() != "file"
 
 
+def local_path(value) -> Path:
+    """file:///abs/path (or file:/abs/path, what pathlib makes of it) -> /abs/path."""
+    text = str(value)
+    return Path("/" + text[5:].lstrip("/")) if text.lower().startswith("file:") else Path(text)
+
+
 def store_root(store) -> Path | RemotePath:
     """A local store as a Path; a URL as a RemotePath on its fsspec filesystem."""
     if isinstance(store, RemotePath):
         return store
+    if str(store).lower().startswith("file:"):  # file:///abs, or file:/abs once a Path folded it
+        return local_path(store)
     match = _URL.match(store) if isinstance(store, str) else None
-    if match is None or match.group(1).lower() == "file":
-        return Path(str(store).removeprefix("file://"))
+    if match is None:
+        return Path(store)
     protocol = match.group(1).lower()
     try:
         import fsspec

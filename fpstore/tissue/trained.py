@@ -24,6 +24,7 @@ import numpy as np
 import fpstore
 from fpstore.config import TISSUE_TYPES, check_choice, check_range
 from fpstore.errors import ConfigError, StoreError, TrainingError
+from fpstore.store.models import read_npz
 from fpstore.tissue.methods import TRAINED_METHODS
 
 _FORMAT = "fpstore-tissue-model-1"
@@ -131,18 +132,25 @@ class TissueModel:
             raise StoreError(
                 f"no tissue model at {str(path)!r}; train one with `fpstore tissue train`"
             )
+        arrays = read_npz(path, "tissue model")
         try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except (ValueError, OSError) as error:
-            raise StoreError(f"cannot read tissue model {str(path)!r}: {error}") from error
-        meta = json.loads(str(arrays.pop("meta", "{}")))
+            meta = json.loads(str(arrays.pop("meta", "{}")))
+        except json.JSONDecodeError:
+            meta = {}
         if meta.get("format") != _FORMAT:
             raise StoreError(
                 f"{str(path)!r} is not an fpstore tissue model of format {_FORMAT!r} "
                 f"(found {meta.get('format')!r}); retrain it with `fpstore tissue train`"
             )
-        return cls(meta["method"], arrays, meta)
+        try:  # a missing or reshaped array fails here, in one line, not mid-way through a cohort
+            model = cls(meta["method"], arrays, meta)
+            model.predict_proba(np.zeros((1, int(meta["n_features"])), np.float32))
+        except (KeyError, ValueError, IndexError, TypeError) as error:
+            raise StoreError(
+                f"tissue model {str(path)!r} is damaged ({type(error).__name__}: "
+                f"{' '.join(str(error).split())}); retrain it with `fpstore tissue train`"
+            ) from None
+        return model
 
     def describe(self) -> dict:
         return {k: v for k, v in self.meta.items() if k != "format"} | {"hash": self.hash}
