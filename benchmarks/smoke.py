@@ -23,9 +23,10 @@ HERE = Path(__file__).resolve().parent
 # script -> its smallest run; "{tmp}" is the scratch folder, "{synth}" / "{store}" the small
 # synthetic set and a store holding its tcga cohort (built once, for the training sources)
 SMOKE: dict[str, list[str]] = {
+    "bench_cpu_model.py": ["--batch", "4", "--rounds", "1", "--no-compile"],
     "bench_classify.py": ["--patients", "40", "--patches", "10", "--dim", "64", "--threads", "1"],
     "bench_duckdb.py": ["--n", "2000", "--skip-sql-mean"],
-    "bench_embed.py": ["--n", "1000", "--clusters", "4", "--methods", "tsne,sklearn"],
+    "bench_embed.py": ["--n", "300", "--clusters", "4", "--methods", "tsne,sklearn"],
     "bench_extract.py": ["--quick", "--seconds", "1", "--out", "{tmp}/extract"],
     "bench_first_patch.py": ["--slides", "2", "--distinct", "1", "--rounds", "1"],
     "bench_pen.py": ["--repeat", "1"],

@@ -30,9 +30,18 @@ _SUBSAMPLE = 8  # a percentile's threshold is drawn from every 8th pixel
 def normalise_batch(batch: torch.Tensor, normaliser) -> torch.Tensor:
     """uint8 [N, H, W, 3] (any device) normalised patch by patch by a fitted
     ``StainNormalizer`` (its config and target); patches with too little tissue are kept."""
-    if batch.shape[0] <= _CHUNK:
-        return _normalise(batch, normaliser)
-    return torch.cat([_normalise(part, normaliser) for part in batch.split(_CHUNK)])
+    if batch.device.type != "cpu":
+        return torch.cat([_normalise(part, normaliser) for part in batch.split(_CHUNK)])
+    # On the CPU, one thread: dozens of small steps per chunk, each a parallel region whose
+    # threads wait for each other; where other processes share the cores (the readers, other
+    # jobs) those waits cost more than the second thread gives (14x slower at load 28 on 2
+    # cores, benchmarks/README.md).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.cat([_normalise(part, normaliser) for part in batch.split(_CHUNK)])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _normalise(batch: torch.Tensor, normaliser) -> torch.Tensor:
@@ -173,16 +182,17 @@ def _macenko(od: torch.Tensor, mask: torch.Tensor, percentile: float) -> torch.T
 
 def _vahadane(od: torch.Tensor, mask: torch.Tensor, sparsity: float) -> torch.Tensor:
     """``vahadane_matrix`` (30 rounds) of each row's masked pixels, all rows at once:
-    OD [M, 3, P] -> [M, 2, 3] (float64, as numpy's)."""
+    OD [M, 3, P] -> [M, 2, 3]. In float32 (numpy's is float64): half the memory traffic,
+    and the mapped pixels still within one 8-bit level of numpy's."""
     m = od.shape[0]
     count = mask.sum(dim=1)
     width = int(count.max())
     rows, cols = mask.nonzero(as_tuple=True)
     slot = (mask.cumsum(dim=1) - 1)[rows, cols]
-    x = od.new_zeros(m, 3, width, dtype=torch.float64)  # each row's pixels, packed
-    x[rows, :, slot] = od[rows, :, cols].double()
+    x = od.new_zeros(m, 3, width)  # each row's pixels, packed
+    x[rows, :, slot] = od[rows, :, cols]
     valid = torch.arange(width, device=od.device).unsqueeze(0) < count.unsqueeze(1)
-    w = _macenko(x.float(), valid, 99.0).clamp_min(1e-6)  # [M, 2, 3]
+    w = _macenko(x, valid, 99.0).float().clamp_min(1e-6)  # [M, 2, 3]
     c = torch.bmm(torch.linalg.pinv(w).transpose(1, 2), x).clamp_min(0.0) * valid.unsqueeze(1)
     for _ in range(30):
         xw = torch.bmm(w, x)  # [M, 2, W]
