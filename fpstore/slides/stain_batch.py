@@ -34,7 +34,7 @@ def normalise_batch(batch: torch.Tensor, normaliser) -> torch.Tensor:
         return torch.cat([_normalise(part, normaliser) for part in batch.split(_CHUNK)])
     # On the CPU, one thread: dozens of small steps per chunk, each a parallel region whose
     # threads wait for each other; where other processes share the cores (the readers, other
-    # jobs) those waits cost more than the second thread gives (14x slower at load 28 on 2
+    # jobs) those waits cost more than the second thread gives (13x slower at load 28 on 2
     # cores, benchmarks/README.md).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
