@@ -13,7 +13,7 @@ eager contiguous fp32 model in the same run, with the CPU's name, its flags and
 ``ONEDNN_MAX_CPU_ISA``. To emulate a CPU with AVX2 only on an AVX-512 machine:
 
     ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_cpu_model.py
-    python benchmarks/bench_cpu_model.py --batch 8 --rounds 1 --no-compile   # smoke
+    python benchmarks/bench_cpu_model.py --batch 4 --rounds 1 --no-compile --calibrate 8  # smoke
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    parser.add_argument("--calibrate", type=int, default=64, help="int8 calibration patches")
     args = parser.parse_args()
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "unset (the CPU's best)")
     print(f"{cpu_name()}; ONEDNN_MAX_CPU_ISA {isa}; torch {torch.__version__}, ", end="")
@@ -77,7 +78,7 @@ def main() -> None:
         print(f"torch.compile: first call (compilation) {time.perf_counter() - start:.0f} s")
         variants["fp32 torch.compile (inductor), channels_last"] = (compiled, x_cl)
     int8 = create_encoder("random-resnet34", seed=0).prepare("cpu", "int8")
-    agreement = int8.calibrate(pixels[torch.arange(64) % len(pixels)])
+    agreement = int8.calibrate(torch.from_numpy(real_patches(224))[: args.calibrate])
     variants["int8 (x86 static quantization)"] = (int8._forward, x)
     with torch.inference_mode():
         cosine = torch.nn.functional.cosine_similarity(int8._forward(x).flatten(1), reference)

@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 # script -> its smallest run; "{tmp}" is the scratch folder, "{synth}" / "{store}" the small
 # synthetic set and a store holding its tcga cohort (built once, for the training sources)
 SMOKE: dict[str, list[str]] = {
-    "bench_cpu_model.py": ["--batch", "4", "--rounds", "1", "--no-compile"],
+    "bench_cpu_model.py": ["--batch", "2", "--rounds", "1", "--no-compile", "--calibrate", "8"],
     "bench_classify.py": ["--patients", "40", "--patches", "10", "--dim", "64", "--threads", "1"],
     "bench_duckdb.py": ["--n", "2000", "--skip-sql-mean"],
     "bench_embed.py": ["--n", "300", "--clusters", "4", "--methods", "tsne,sklearn"],
