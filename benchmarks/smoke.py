@@ -78,7 +78,7 @@ SMOKE: dict[str, list[str]] = {
         "--cores",
         "4",
         "--half",
-        "200x100",
+        "256x128",  # multiples of 8 (the blocky cache texture)
     ],  # fmt: skip
     "make_tiled_slide.py": ["{tmp}/tiled.svs", "--reps", "1", "1"],
 }
