@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEMO_DIR ?= fpstore-demo
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench install clean
+.PHONY: demo test test-slow lint bench bench-smoke install clean
 
 $(STAMP): setup.cfg pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
@@ -23,6 +23,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow -q
+
+# Every benchmark at its smallest size (figures not checked: that each still runs).
+bench-smoke: $(STAMP)
+	$(BIN)/python benchmarks/smoke.py
 
 # Style, formatting, the import layers (pyproject.toml [tool.importlinter]) and types.
 lint: $(STAMP)

@@ -33,6 +33,8 @@ PER_SLIDE = 1000
 
 
 def build(root: Path, n: int) -> None:
+    from _cohort import register_cohort
+
     from fpstore.store.fingerprints import PARQUET_OPTIONS
     from fpstore.store.io import write_parquet_atomic
     from fpstore.store.layout import StoreLayout
@@ -40,7 +42,9 @@ def build(root: Path, n: int) -> None:
 
     rng = np.random.default_rng(0)
     types = np.array(["epithelium", "stroma", "fat", "background"])
-    for s in range((n + PER_SLIDE - 1) // PER_SLIDE):
+    n_slides = (n + PER_SLIDE - 1) // PER_SLIDE
+    register_cohort(root, "c", {f"S{s:05d}": f"P{s // 2:05d}" for s in range(n_slides)})
+    for s in range(n_slides):
         m = min(PER_SLIDE, n - s * PER_SLIDE)
         slide, patient = f"S{s:05d}", f"P{s // 2:05d}"
         xs = np.arange(m, dtype=np.int64) * 224
@@ -115,7 +119,8 @@ def main(argv=None):
     import fpstore.store
     from fpstore.store.similarity import similar, vector_index
 
-    root = args.out or Path(tempfile.mkdtemp(prefix="bench-duckdb-"))
+    scratch = None if args.out else tempfile.TemporaryDirectory(prefix="bench-duckdb-")
+    root = args.out or Path(scratch.name)
     t0 = time.perf_counter()
     if not (root / "fingerprints").exists():
         build(root, args.n)
@@ -194,6 +199,9 @@ def main(argv=None):
             else ""
         )
     )
+    store.close()
+    if scratch is not None:
+        scratch.cleanup()
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from _cohort import register_cohort
 
 from fpstore.config import TISSUE_TYPES
 from fpstore.store.io import write_parquet_atomic
@@ -43,6 +44,7 @@ def build_store(root: Path, slides: int, per_slide: int, seed: int = 0):
     folder = root / "fingerprints" / "encoder=bench" / "cohort=bench"
     schema = fingerprint_schema(DIM)
     metadata = file_metadata("fingerprints", encoder="bench", encoder_hash="h")
+    register_cohort(root, "bench", {f"slide-{s:05d}": f"P{s}" for s in range(slides)})
     grid = int(np.ceil(np.sqrt(per_slide)))
     xy = np.stack(np.divmod(np.arange(per_slide), grid), axis=1)[:, ::-1] * 224
     sample_X, sample_y = [], []

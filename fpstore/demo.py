@@ -25,6 +25,17 @@ CONTROL_ENCODER = (
 )
 
 
+def control_precision() -> str:
+    """The random-weight control's extraction precision: int8 on a CPU-only machine without
+    native bf16, where the fp32 ResNet34 would set the demo's pace (int8 runs it ~2x faster,
+    every fingerprint within cosine 0.9995 of fp32: benchmarks/README.md); else auto."""
+    import torch
+
+    from fpstore.encoders.base import native_bf16_flags
+
+    return "auto" if torch.cuda.is_available() or native_bf16_flags() else "int8"
+
+
 @dataclass(frozen=True)
 class DemoSettings:
     """How the demo trains and extracts; the defaults are the best setting of each encoder that
@@ -266,6 +277,7 @@ def control_extraction(seed: int, norm):
         stain_norm=norm,
         patches=None,
         seed=seed,
+        precision=control_precision(),
     )
 
 

@@ -1,5 +1,8 @@
 """Shared fixtures.
 
+``ray_cluster``: one local Ray instance for the session (``s3_url``: a moto S3 server
+started before it, so that Ray's workers see its endpoint).
+
 ``synth_small``: the ``small`` synthetic set (what ``fpstore synth --preset small --seed 0``
 writes; layout in docs/ARCHITECTURE.md), made once per test session. Read what it holds
 from ``synth_small / "manifest.json"`` and ``synth_small / "truth" / "truth.json"``.
@@ -7,6 +10,7 @@ from ``synth_small / "manifest.json"`` and ``synth_small / "truth" / "truth.json
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,48 @@ def speck_tiff(tmp_path) -> Path:
     pixels = np.full((2000, 2000, 3), 240, np.uint8)
     pixels[552:792, 552:792] = cmu[2300:2540, 1000:1240]  # 672 = 3 squares of 224 px
     return _tiled_tiff(tmp_path / "speck.tiff", pixels)
+
+
+@pytest.fixture(scope="session")
+def s3_url():
+    """moto's S3 server on loopback, started before Ray so that Ray's workers see its endpoint."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    from tests._s3server import s3_server
+
+    with pytest.MonkeyPatch.context() as patch, s3_server(patch) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_url):
+    """A 2-CPU Ray instance on 127.0.0.1, started once for every test that asks for it (a
+    start costs ~30 s on 2 busy cores) and stopped (all its processes) at the session's end."""
+    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fpstore[ray]'")
+    # Loopback only (Ray's single-machine mode), no token file, and patience with a busy machine.
+    os.environ.update(
+        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+        RAY_AUTH_MODE="disabled",
+        RAY_raylet_start_wait_time_s="120",
+    )
+    import ray._private.utils as ray_utils
+
+    # The minimal dashboard agent starts in half the time; the tests need no metrics.
+    if hasattr(ray_utils, "get_dashboard_dependency_error"):
+        ray_utils.get_dashboard_dependency_error = lambda: ImportError(
+            "fpstore tests: minimal agent"
+        )
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=256 * 2**20,
+        configure_logging=False,
+        log_to_driver=False,
+    )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

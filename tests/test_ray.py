@@ -24,7 +24,6 @@ from fpstore.extract.run import extract
 from fpstore.store.featurestore import column_to_numpy
 from fpstore.store.remote import copy_tree
 from fpstore.store.schema import read_metadata
-from tests._s3server import s3_server
 
 BROKEN = Path(__file__).parent / "data" / "slides" / "histolab-broken.svs"
 # A registry encoder (workers build nothing: the driver ships the model), small inputs so that
@@ -89,48 +88,6 @@ def test_address_without_the_ray_engine_is_refused(tmp_path):
 
 
 # ---------------------------------------------------------------- on a real cluster
-
-
-@pytest.fixture(scope="module")
-def s3_url():
-    """moto's S3 server on loopback, started before Ray so that Ray's workers see its endpoint."""
-    try:
-        import moto.server  # noqa: F401
-    except ImportError:
-        yield None
-        return
-    with pytest.MonkeyPatch.context() as patch, s3_server(patch) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_url):
-    """A 2-CPU Ray instance on 127.0.0.1, stopped (all its processes) at the end."""
-    ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'fpstore[ray]'")
-    # Loopback only (Ray's single-machine mode), no token file, and patience with a busy machine.
-    os.environ.update(
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        RAY_AUTH_MODE="disabled",
-        RAY_raylet_start_wait_time_s="120",
-    )
-    import ray._private.utils as ray_utils
-
-    # The minimal dashboard agent starts in half the time; the tests need no metrics.
-    if hasattr(ray_utils, "get_dashboard_dependency_error"):
-        ray_utils.get_dashboard_dependency_error = lambda: ImportError(
-            "fpstore tests: minimal agent"
-        )
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=256 * 2**20,
-        configure_logging=False,
-        log_to_driver=False,
-    )
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -219,9 +219,10 @@ class Encoder(torch.nn.Module):
                 f"encoder {self.id} takes uint8 batches [N, H, W, 3], got {batch.dtype} "
                 f"{tuple(batch.shape)}"
             )
-        if self.stain_norm is not None:
-            batch = torch.from_numpy(self.stain_norm.transform(batch.cpu().numpy()))
-        x = batch.to(self.device, non_blocking=True).permute(0, 3, 1, 2).float()
+        batch = batch.to(self.device, non_blocking=True)
+        if self.stain_norm is not None:  # the whole batch at once, on the encoder's device
+            batch = self.stain_norm.transform_tensor(batch)
+        x = batch.permute(0, 3, 1, 2).float()
         return torch.addcmul(self.shift, x, self.scale)
 
     @torch.inference_mode()

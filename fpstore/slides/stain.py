@@ -22,7 +22,8 @@ sample should be chosen deterministically (its choice belongs in the resume key)
 (``per="patch"``) estimates each patch's stains from its own pixels: simpler, but a
 patch with little hematoxylin or eosin gets a poor estimate and two neighbouring patches
 of one slide can come out in different colours; patches with too little tissue to
-estimate keep their pixels.
+estimate keep their pixels. Per patch runs on the whole batch at once in torch, on the CPU
+or the GPU (``transform_tensor``; fpstore.slides.stain_batch), with the same estimate.
 
 Augmentation (``StainAugment``, ``stain_jitter``; Tellez et al. 2019): after colour
 deconvolution each stain's concentration is scaled by alpha ~ U(1 - scale, 1 + scale)
@@ -260,7 +261,7 @@ class StainNormalizer:
                     "per-slide stain normalisation needs the slide's stains: "
                     "source = normalizer.fit_source(sample_patches)"
                 )
-            out = self._apply(batch, [source] * len(batch))
+            out = self._apply(batch, source)
         else:
             if source is not None:
                 raise ConfigError("per-patch stain normalisation estimates each patch; drop source")
@@ -290,41 +291,38 @@ class StainNormalizer:
         maxima = np.percentile(concentrations(pixels, matrix), cfg.percentile, axis=0)
         return SourceStains(matrix=matrix, maxima=np.maximum(maxima, 1e-3).astype(np.float32))
 
-    def _per_patch(self, batch: np.ndarray) -> np.ndarray:
-        sources = []
-        for patch in batch:
-            try:
-                sources.append(self._estimate(patch[None], what="patch"))
-            except StainError:
-                sources.append(None)  # too little tissue to estimate: the patch is kept
-        return self._apply(batch, sources)
+    def transform_tensor(self, patches):
+        """Per-patch normalised copies of a uint8 torch batch [N, H, W, 3], on its device
+        (``per="patch"``; fpstore.slides.stain_batch: the whole batch at once)."""
+        from fpstore.slides.stain_batch import normalise_batch
 
-    def _apply(self, batch: np.ndarray, sources: list[SourceStains | None]) -> np.ndarray:
-        """Each patch mapped by its source's transform (patches sharing a source at once)."""
+        if self.config.per != "patch":
+            raise ConfigError("transform_tensor is per-patch normalisation; use per='patch'")
+        return normalise_batch(patches, self)
+
+    def _per_patch(self, batch: np.ndarray) -> np.ndarray:
+        import torch
+
+        # Each patch estimated alone, the batch at once; too little tissue: kept as it is.
+        return self.transform_tensor(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+
+    def _apply(self, batch: np.ndarray, source: SourceStains) -> np.ndarray:
+        """Every patch mapped by one source's transform."""
         import cv2
 
-        out = batch.copy()
-        groups: dict[int, list[int]] = {}
-        for i, source in enumerate(sources):
-            if source is not None:
-                groups.setdefault(id(source), []).append(i)
         target = self.target_
-        for rows in groups.values():
-            source = sources[rows[0]]
-            if self.config.method == "reinhard":
-                # An affine map per Lab channel: three 256-entry tables on 8-bit Lab.
-                values = np.arange(256, dtype=np.float64)[:, None]
-                table = (values - source.mean) * (target.std / source.std) + target.mean
-                table = np.clip(table + 0.5, 0, 255).astype(np.uint8)
-                lab = _lab(batch[rows])
-                flat = cv2.LUT(lab.reshape(-1, lab.shape[-2], 3), table[None])
-                out[rows] = _rgb(flat.reshape(lab.shape))
-            else:
-                # C = OD @ pinv(M_s); C *= max_t / max_s; OD' = C @ M_t: one 3 x 3 map.
-                scale = np.diag(target.maxima / source.maxima)
-                od_map = np.linalg.pinv(source.matrix) @ scale @ target.matrix
-                out[rows] = rgb_from_od(optical_density(batch[rows]) @ od_map.astype(np.float32))
-        return out
+        if self.config.method == "reinhard":
+            # An affine map per Lab channel: three 256-entry tables on 8-bit Lab.
+            values = np.arange(256, dtype=np.float64)[:, None]
+            table = (values - source.mean) * (target.std / source.std) + target.mean
+            table = np.clip(table + 0.5, 0, 255).astype(np.uint8)
+            lab = _lab(batch)
+            flat = cv2.LUT(lab.reshape(-1, lab.shape[-2], 3), table[None])
+            return _rgb(flat.reshape(lab.shape))
+        # C = OD @ pinv(M_s); C *= max_t / max_s; OD' = C @ M_t: one 3 x 3 map.
+        scale = np.diag(target.maxima / source.maxima)
+        od_map = np.linalg.pinv(source.matrix) @ scale @ target.matrix
+        return rgb_from_od(optical_density(batch) @ od_map.astype(np.float32))
 
 
 def _batch(patches: np.ndarray) -> np.ndarray:
