@@ -21,7 +21,8 @@ from fpstore.store.io import write_parquet_atomic
 from fpstore.store.schema import TISSUE, file_metadata, fingerprint_schema, patch_id
 from fpstore.tissue.evaluate import evaluate_tissue, scores
 from fpstore.tissue.features import FEATURE_NAMES, pixel_features
-from fpstore.tissue.predict import METHODS, predict_tissue
+from fpstore.tissue.methods import METHODS
+from fpstore.tissue.predict import predict_tissue
 from fpstore.tissue.rules import RuleThresholds, rule_logits, rule_probabilities
 from fpstore.tissue.train import train_tissue
 from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model

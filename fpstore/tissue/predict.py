@@ -26,17 +26,17 @@ import numpy as np
 import pyarrow as pa
 
 from fpstore.config import TISSUE_TYPES
-from fpstore.errors import ConfigError, FpstoreError, StoreError, unknown_name
+from fpstore.errors import ConfigError, FpstoreError, StoreError
 from fpstore.store.fingerprints import resolve_encoder
 from fpstore.store.layout import StoreLayout
 from fpstore.tissue.data import (
     SlidePatches,
     cohort_slides,
-    iter_patch_pixels,
     read_slide_patches,
+    slide_pixel_features,
     stored_slide_files,
 )
-from fpstore.tissue.methods import METHODS, PIXEL_METHODS
+from fpstore.tissue.methods import get_method
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
 from fpstore.tissue.trained import TissueModel
 
@@ -78,12 +78,11 @@ class TissueTyper:
         model: Path | None = None,
         thresholds: RuleThresholds = RuleThresholds(),
     ):
-        if method not in METHODS:
-            raise unknown_name("tissue method", method, METHODS)
+        self.spec = get_method(method)
         self.method = method
         self.thresholds = thresholds
         self.model = None
-        if method != "rules":
+        if self.spec.trained:
             self.model = TissueModel.load(model or StoreLayout.of(store).tissue_model_file(method))
             if self.model.method != method:
                 raise ConfigError(
@@ -93,16 +92,14 @@ class TissueTyper:
 
     @property
     def reads_pixels(self) -> bool:
-        return self.method in PIXEL_METHODS
+        return self.spec.reads == "pixels"
 
     @property
     def model_hash(self) -> str | None:
         return self.model.hash if self.model else None
 
-    def from_pixels(self, images: np.ndarray) -> np.ndarray:
-        from fpstore.tissue.features import pixel_features
-
-        features = pixel_features(images)
+    def from_features(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities from pixel features (``fpstore.tissue.features``)."""
         if self.model is None:
             return rule_probabilities(features, self.thresholds)
         return self.model.predict_proba(features)
@@ -201,12 +198,10 @@ def _pixel_probabilities(
         return np.zeros((0, len(TISSUE_TYPES)), dtype=np.float32)
     handle = open_cohort_slide(locations[slide.slide_id])
     try:
-        parts = [
-            typer.from_pixels(images) for images in iter_patch_pixels(handle, slide.keys, batch)
-        ]
+        features, _ = slide_pixel_features(handle, slide.keys, batch)
     finally:
         handle.close()
-    return np.concatenate(parts)
+    return typer.from_features(features)
 
 
 def tissue_table(result: SlideTissue, method: str) -> pa.Table:
