@@ -146,10 +146,13 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         read_cohort_document(store, name)  # an unknown cohort fails first, naming the known ones
     spec = method_spec(cfg.method)
     encoder = None if _reads_pixels(cfg.method) else resolve_encoder(store, cfg.cohort, cfg.encoder)
-    notes = []
+    notes, typing = [], []
     if parse_pool(cfg.pool) is not None:
+        from fpstore.tissue.predict import typing_record
+
         for name in filter(None, (cfg.cohort, cfg.external)):
             notes.append(ensure_tissue_types(store, name, encoder, progress))
+            typing.append(typing_record(store, name))
     data = load_dataset(
         store, cfg.cohort, cfg.marker, encoder, cfg.pool, patches=cfg.patches, seed=cfg.seed
     )
@@ -178,6 +181,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         "classifier": cv.classifier,
         "fold_assignment": groups,
         "notes": [n for n in notes if n],
+        "tissue_typing": typing,  # which method typed the pooled patches, what to expect
     }
     predictions = [(cfg.cohort, "test", cv.predictions)]
     final = None

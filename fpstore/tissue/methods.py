@@ -20,6 +20,10 @@ class TissueMethod:
     reads: str
     family: str
     pairwise: bool = False
+    # What a user can expect of its epithelium at a site it never saw, as measured in
+    # docs/results.md (the basis names where); None where that depends on the user's model.
+    expected_epithelium_precision: float | None = None
+    basis: str = ""
 
     @property
     def trained(self) -> bool:

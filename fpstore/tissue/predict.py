@@ -225,6 +225,29 @@ def tissue_table(result: SlideTissue, method: str) -> pa.Table:
     )
 
 
+def typing_record(store: Path, cohort: str) -> dict:
+    """How the stored tissue types of ``cohort`` were made, for a run that pools by them:
+    the method(s) and patches per method, and what precision of epithelium to expect."""
+    from fpstore.store.tissue import read_tissue_types
+
+    table = read_tissue_types(store, cohort, columns=("method",))
+    if table is None:
+        return {"cohort": cohort, "methods": {}}
+    names, counts = np.unique(
+        table.column("method").to_numpy(zero_copy_only=False), return_counts=True
+    )
+    methods = {}
+    for name, count in zip(names.tolist(), counts.tolist()):
+        spec = get_method(name)
+        methods[name] = {
+            "patches": int(count),
+            "expected_epithelium_precision": spec.expected_epithelium_precision,
+            "basis": spec.basis
+            or "a trained model: its precision is that of its own validation, not measured here",
+        }
+    return {"cohort": cohort, "methods": methods}
+
+
 def predict_tissue(
     store: Path,
     cohort: str,
