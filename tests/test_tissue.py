@@ -295,9 +295,18 @@ def cmu_store(tmp_path_factory):
     xs, ys = np.arange(0, 2220 - size + 1, size), np.arange(0, 2967 - size + 1, size)
     xy = np.stack([a.ravel() for a in np.meshgrid(xs, ys)], axis=1)
     from fpstore.slides.slide import open_slide
+    from fpstore.tissue.data import slide_pixel_features
 
-    with open_slide(CMU) as slide:
-        features = pixel_features(slide.read_patches(xy, size, 224))
+    keys = pa.table(
+        {
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "size_px": [float(size)] * len(xy),
+            "out_px": [224] * len(xy),
+        }
+    )
+    with open_slide(CMU) as slide:  # against the slide's own stains, as predict reads them
+        features, _ = slide_pixel_features(slide, keys)
     rng = np.random.default_rng(0)
     vectors = np.concatenate([features, rng.normal(size=(len(xy), 3))], axis=1).astype(np.float32)
     write_fingerprints(store, "cmu", CMU_ID, xy, size, vectors)
