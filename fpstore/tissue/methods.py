@@ -34,7 +34,15 @@ REGISTRY = {
     m.name: m
     for m in (
         # label-free H&E rules on per-slide stain estimates; the default
-        TissueMethod("rules", reads="pixels", family="rules"),
+        TissueMethod(
+            "rules",
+            reads="pixels",
+            family="rules",
+            expected_epithelium_precision=0.72,
+            basis="docs/results.md, issue 26: 0.97-0.98 on the synthetic demo's two unseen "
+            "sites (seeds 0-2), 0.72 (13 of 18) on the hand-labelled real set, where "
+            "prostate smooth muscle was typed epithelium; the lower is the one to expect",
+        ),
         TissueMethod("fingerprint-logreg", reads="fingerprints", family="linear"),
         TissueMethod("fingerprint-knn", reads="fingerprints", family="knn"),
         # the rules' inputs with learned boundaries
