@@ -324,6 +324,12 @@ def test_predict_rules_writes_the_tissue_table_for_every_patch(cmu_store):
     assert table.column("tissue_type").to_pylist() == expected
     probs = np.stack([table.column(f"p_{t}").to_numpy() for t in TISSUE_TYPES], axis=1)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # A pooled run records what typed its patches and the epithelium precision to expect.
+    from fpstore.tissue.predict import typing_record
+
+    record = typing_record(store, "cmu")["methods"]
+    assert list(record) == ["rules"] and record["rules"]["patches"] == len(xy)
+    assert 0 < record["rules"]["expected_epithelium_precision"] <= 1
     # Skin: glass around it, epidermis (epithelium) and dermis (stroma) inside.
     counts = summary.counts
     assert counts["background"] > 30 and counts["epithelium"] > 10 and counts["stroma"] > 10
