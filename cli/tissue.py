@@ -56,7 +56,7 @@ threshold_option = click.option(
     "thresholds",
     multiple=True,
     metavar="NAME=VALUE",
-    help="Override a rule threshold, e.g. --threshold epithelium_nuclear=0.25 (repeatable; "
+    help="Override a rule threshold, e.g. --threshold epithelium_margin=0.1 (repeatable; "
     "see fpstore/tissue/rules.py).",
 )
 encoder_option = click.option(
@@ -266,7 +266,9 @@ def train(
     "--truth",
     type=click.Path(path_type=Path),
     required=True,
-    help="Folder of truth-mask PNGs named by slide file stem (and truth.json).",
+    help="Folder of truth-mask PNGs named by slide file stem (and truth.json), or a CSV of "
+    "labelled patches on images (columns image,mpp,x,y,size_px,tissue_type,drawn; no store "
+    "needed; e.g. tests/data/tissue_truth/real_tissue_truth.csv).",
 )
 @click.option(
     "--downsample",
@@ -299,23 +301,27 @@ def evaluate(cohort, truth, downsample, methods, models, encoder, thresholds, st
     fpstore tissue evaluate --cohort synth-ext --truth synth/truth
     fpstore tissue evaluate --cohort synth-ext --truth synth/truth \\
         --method rules --method fingerprint-logreg --method pixel-logreg
+    fpstore tissue evaluate --truth tests/data/tissue_truth/real_tissue_truth.csv
     """
-    from fpstore.tissue.evaluate import evaluate_tissue
-
-    cohort = resolve_cohort(store_path, cohort)
+    from fpstore.tissue.evaluate import evaluate_patch_truth, evaluate_tissue
 
     model_paths = {m: Path(p) for m, p in _pairs(models, "--model").items()}
-    report = evaluate_tissue(
-        store_path,
-        cohort,
-        truth,
-        list(methods) or None,
-        model_paths,
-        encoder,
-        downsample,
-        _thresholds(thresholds),
-        progress=not as_json,
-    )
+    if truth.suffix.lower() == ".csv":
+        report = evaluate_patch_truth(
+            truth, list(methods) or None, model_paths, _thresholds(thresholds)
+        )
+    else:
+        report = evaluate_tissue(
+            store_path,
+            resolve_cohort(store_path, cohort),
+            truth,
+            list(methods) or None,
+            model_paths,
+            encoder,
+            downsample,
+            _thresholds(thresholds),
+            progress=not as_json,
+        )
     if as_json:
         echo_json(report.to_dict())
         return

@@ -56,6 +56,10 @@ def test_classify_saves_a_run_with_predictions_config_and_fold_assignment(store)
     saved = json.loads((folder / "run.json").read_text())
     assert saved["config"]["pool"] == "epithelium" and saved["config"]["classifier"] == FAST
     assert saved["classifier"]["max_epochs"] == 20
+    # Which method typed the pooled patches, and the precision of epithelium to expect.
+    (typing,) = saved["tissue_typing"]
+    assert typing["cohort"] == "train" and set(typing["methods"]) == {"rules"}
+    assert typing["methods"]["rules"]["expected_epithelium_precision"] is not None
     # Every labelled patient with patches has a group, the ones without epithelium too.
     assert len(saved["fold_assignment"]) == doc["data"]["patients"] + doc["data"]["no_pool_patches"]
     assert doc["cv"]["metrics"]["ci_low"] > 0.5

@@ -21,7 +21,8 @@ from fpstore.store.io import write_parquet_atomic
 from fpstore.store.schema import TISSUE, file_metadata, fingerprint_schema, patch_id
 from fpstore.tissue.evaluate import evaluate_tissue, scores
 from fpstore.tissue.features import FEATURE_NAMES, pixel_features
-from fpstore.tissue.predict import METHODS, predict_tissue
+from fpstore.tissue.methods import METHODS
+from fpstore.tissue.predict import predict_tissue
 from fpstore.tissue.rules import RuleThresholds, rule_logits, rule_probabilities
 from fpstore.tissue.train import train_tissue
 from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
@@ -94,8 +95,8 @@ def test_rule_probabilities_follow_the_rules_and_thresholds():
     probs = rule_probabilities(features)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     assert (rule_logits(features).argmax(axis=1) == probs.argmax(axis=1)).all()
-    # Raising the epithelium threshold above any nuclear fraction leaves no epithelium.
-    none = rule_probabilities(features, RuleThresholds(epithelium_nuclear=1.0))
+    # Asking epithelium to beat the other types by the whole square leaves none.
+    none = rule_probabilities(features, RuleThresholds(epithelium_margin=1.0))
     assert TISSUE_TYPES.index("epithelium") not in none.argmax(axis=1)
     with pytest.raises(ConfigError, match="background_white"):
         RuleThresholds(background_white=1.5)
@@ -294,9 +295,18 @@ def cmu_store(tmp_path_factory):
     xs, ys = np.arange(0, 2220 - size + 1, size), np.arange(0, 2967 - size + 1, size)
     xy = np.stack([a.ravel() for a in np.meshgrid(xs, ys)], axis=1)
     from fpstore.slides.slide import open_slide
+    from fpstore.tissue.data import slide_pixel_features
 
-    with open_slide(CMU) as slide:
-        features = pixel_features(slide.read_patches(xy, size, 224))
+    keys = pa.table(
+        {
+            "x": xy[:, 0],
+            "y": xy[:, 1],
+            "size_px": [float(size)] * len(xy),
+            "out_px": [224] * len(xy),
+        }
+    )
+    with open_slide(CMU) as slide:  # against the slide's own stains, as predict reads them
+        features, _ = slide_pixel_features(slide, keys)
     rng = np.random.default_rng(0)
     vectors = np.concatenate([features, rng.normal(size=(len(xy), 3))], axis=1).astype(np.float32)
     write_fingerprints(store, "cmu", CMU_ID, xy, size, vectors)
@@ -314,6 +324,12 @@ def test_predict_rules_writes_the_tissue_table_for_every_patch(cmu_store):
     assert table.column("tissue_type").to_pylist() == expected
     probs = np.stack([table.column(f"p_{t}").to_numpy() for t in TISSUE_TYPES], axis=1)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    # A pooled run records what typed its patches and the epithelium precision to expect.
+    from fpstore.tissue.predict import typing_record
+
+    record = typing_record(store, "cmu")["methods"]
+    assert list(record) == ["rules"] and record["rules"]["patches"] == len(xy)
+    assert 0 < record["rules"]["expected_epithelium_precision"] <= 1
     # Skin: glass around it, epidermis (epithelium) and dermis (stroma) inside.
     counts = summary.counts
     assert counts["background"] > 30 and counts["epithelium"] > 10 and counts["stroma"] > 10
@@ -463,10 +479,10 @@ def test_cli_bad_input_is_one_line(cmu_store, tmp_path):
             "--store",
             str(store),
             "--threshold",
-            "fat_white=lots",
+            "fat_white_max=lots",
         ],
     )
-    assert result.exit_code != 0 and "fat_white" in result.output
+    assert result.exit_code != 0 and "fat_white_max" in result.output
     result = runner.invoke(
         cli,
         [
@@ -559,3 +575,91 @@ def test_classifier_trained_on_truth_types_another_site(synth_store, tmp_path):
     # Random-weight fingerprints on unseen sites: accuracy and macro F1 about 0.70
     # (majority class 0.31); a trained fingerprint network does better.
     assert trained.accuracy > 0.6 and trained.macro_f1 > 0.6
+
+
+# --- the hand-labelled real truth set -----------------------------------------------------
+
+REAL_TRUTH = DATA / "tissue_truth" / "real_tissue_truth.csv"
+
+
+def test_real_truth_file_reads_and_says_how_each_patch_was_drawn():
+    from fpstore.tissue.truth import PATCH_TRUTH_COLUMNS, read_patch_truth
+
+    header = REAL_TRUTH.read_text().splitlines()[0].split(",")
+    assert tuple(header) == PATCH_TRUTH_COLUMNS
+    patches = read_patch_truth(REAL_TRUTH)
+    kinds = {p.tissue_type for p in patches}
+    assert {"background", "epithelium", "stroma", "fat"} <= kinds
+    assert all(p.image.is_file() and p.mpp > 0 and p.size_px > 0 for p in patches)
+    assert {p.drawn for p in patches} <= {"grid cell", "rectangle", "whole tile"}
+    # Every labelled square is about the 112 um a patch spans.
+    assert all(abs(p.size_px * p.mpp - 112) < 1 for p in patches)
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("../slides/CMU-1-Small-Region.svs,0.499,0,0,224,lymphocyte,grid cell", "lymphocyte"),
+        ("../slides/CMU-1-Small-Region.svs,big,0,0,224,stroma,grid cell", "numbers"),
+        ("../slides/CMU-1-Small-Region.svs,0.499,0,0,0,stroma,grid cell", "size_px"),
+        ("../slides/nope.svs,0.499,0,0,224,stroma,grid cell", "nope.svs"),
+    ],
+)
+def test_patch_truth_rows_are_checked(tmp_path, row, message):
+    from fpstore.tissue.truth import PATCH_TRUTH_COLUMNS, read_patch_truth
+
+    folder = tmp_path / "truth"
+    folder.mkdir()
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "CMU-1-Small-Region.svs").symlink_to(CMU.resolve())
+    path = folder / "t.csv"
+    path.write_text(",".join(PATCH_TRUTH_COLUMNS) + "\n" + row + "\n")
+    with pytest.raises(ConfigError, match=message):
+        read_patch_truth(path)
+    path.write_text("image,x,y\n")
+    with pytest.raises(ConfigError, match="lacks columns mpp"):
+        read_patch_truth(path)
+
+
+def test_rules_on_the_real_truth_set_meet_an_honest_bar():
+    # The bar sits below what the rules scored (docs/results.md) by a margin for readers'
+    # rounding, not at the synthetic goal: real prostate smooth muscle takes up more
+    # hematoxylin than the collagen the rules were developed on.
+    from fpstore.tissue.evaluate import evaluate_patch_truth
+
+    report = evaluate_patch_truth(REAL_TRUTH)
+    (rules,) = report.methods
+    per_class = rules.per_class
+    assert rules.accuracy >= 0.85, rules
+    assert per_class["background"]["f1"] >= 0.9 and per_class["stroma"]["f1"] >= 0.85, per_class
+    assert per_class["epithelium"]["recall"] >= 0.8, per_class
+    with pytest.raises(ConfigError, match="fingerprints"):
+        evaluate_patch_truth(REAL_TRUTH, ["fingerprint-logreg"])
+
+
+def test_tissue_methods_are_a_registry():
+    from fpstore.tissue.methods import REGISTRY, TRAINED_METHODS, get_method
+    from fpstore.tissue.trained import _FAMILIES
+
+    assert not get_method("rules").trained and get_method("rules").reads == "pixels"
+    assert all(REGISTRY[m].family in _FAMILIES for m in TRAINED_METHODS)
+    assert TrainConfig(method="pixel-logreg").source == "pixels"
+    with pytest.raises(ConfigError, match="valid tissue methods: fingerprint-knn"):
+        get_method("nope")
+
+
+def test_slide_stains_are_the_slides_own():
+    from fpstore.slides.slide import open_slide
+    from fpstore.tissue.features import DEFAULT_STAINS, estimate_slide_stains
+
+    slide = open_slide(CMU)
+    try:
+        xy = np.array([[x, y] for x in (896, 1120, 1344) for y in (1120, 1568, 2016)])
+        stains = estimate_slide_stains(slide.read_patches(xy, 224.0, 224))
+    finally:
+        slide.close()
+    assert stains.fitted and stains != DEFAULT_STAINS
+    # hematoxylin absorbs red more than eosin does; the cut sits between stroma and cytoplasm
+    assert stains.hematoxylin[0] > stains.eosin[0]
+    assert 0.0 < stains.cytoplasm_h < 0.4
+    assert estimate_slide_stains(np.full((2, 64, 64, 3), 240, np.uint8)) == DEFAULT_STAINS

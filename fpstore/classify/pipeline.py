@@ -125,7 +125,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
     for name in cfg.cohorts:
         read_cohort_document(store, name)  # an unknown cohort fails first, naming the known ones
     encoder = None if _reads_pixels(cfg.method) else resolve_encoder(store, cfg.cohort, cfg.encoder)
-    notes = _tissue_notes(store, cfg, encoder, progress)
+    notes, typing = _tissue_notes(store, cfg, encoder, progress)
     data = _load(store, cfg, cfg.cohort, encoder, cfg.pool)
     protocol = cfg.protocol.with_groups(_groups(data.split_basis, cfg.protocol))
     images = _images(store, cfg.cohort, data.bags, cfg.method)
@@ -143,6 +143,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         "classifier": cv.classifier,
         "fold_assignment": protocol.groups,
         "notes": [n for n in notes if n],
+        "tissue_typing": typing,  # which method typed the pooled patches, what to expect
     }
     predictions = [(cfg.cohort, "test", cv.predictions)]
     final = None
@@ -166,13 +167,16 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
     return document
 
 
-def _tissue_notes(store: Path, cfg: ClassifyConfig, encoder, progress: bool) -> list[str]:
-    """Tissue types a pool needs, computed where the store can (what was done, per cohort)."""
+def _tissue_notes(store: Path, cfg: ClassifyConfig, encoder, progress: bool):
+    """(notes, typing records): tissue types a pool needs, computed where the store can (what
+    was done, per cohort), and which method typed each cohort with what to expect of it."""
     from fpstore.classify.data import ensure_tissue_types
+    from fpstore.tissue.predict import typing_record
 
     if parse_pool(cfg.pool) is None:
-        return []
-    return [ensure_tissue_types(store, name, encoder, progress) for name in cfg.cohorts]
+        return [], []
+    notes = [ensure_tissue_types(store, name, encoder, progress) for name in cfg.cohorts]
+    return notes, [typing_record(store, name) for name in cfg.cohorts]
 
 
 def _validate_external(

@@ -161,9 +161,11 @@ def heatmap_figure(
     title: str = "",
     score_range: tuple[float, float] = (-1.0, 1.0),
     dpi: int = 100,
+    typed_by: str = "",
 ) -> Path:
     """Thumbnail, tissue-type map and prediction map side by side, with legends (and the
-    attention map after them where the panels have one)."""
+    attention map after them where the panels have one); ``typed_by`` names the
+    tissue-typing method under the map's title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,7 +185,12 @@ def heatmap_figure(
     for ax, image, name in zip(
         axes,
         (panels.thumbnail, panels.tissue, panels.prediction, panels.attention),
-        ("H&E thumbnail", "tissue type", "prediction", "attention"),
+        (
+            "H&E thumbnail",
+            f"tissue type ({typed_by})" if typed_by else "tissue type",
+            "prediction",
+            "attention",
+        ),
     ):
         ax.imshow(image, interpolation="nearest")
         ax.set_title(name, fontsize=10)
@@ -268,6 +275,7 @@ def slide_heatmap(
     from fpstore.report.geojson import patches_geojson, write_geojson
     from fpstore.report.runs import open_run_slide, slide_patches
     from fpstore.store.runs import load_run
+    from fpstore.store.tissue import read_tissue_types
 
     start = time.perf_counter()
     if max_px < 16:
@@ -299,7 +307,11 @@ def slide_heatmap(
     )
     out = Path(out)
     title = f"{slide_id}  {run.marker or ''} run {run_id}  ({len(patches.x)} patches)"
-    figure = heatmap_figure(panels, out / f"{slide_id}.png", title, run.score_range)
+    typed = read_tissue_types(store, run.cohort, [slide_id], columns=("method",))
+    typed_by = ", ".join(sorted(set(typed.column("method").to_pylist()))) if typed else ""
+    figure = heatmap_figure(
+        panels, out / f"{slide_id}.png", title, run.score_range, typed_by=typed_by
+    )
     pred_png = save_png(panels.prediction, out / f"{slide_id}.prediction.png")
     tissue_png = save_png(panels.tissue, out / f"{slide_id}.tissue.png")
     attention_png = (

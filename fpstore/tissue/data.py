@@ -95,6 +95,24 @@ def iter_patch_pixels(slide, keys: pa.Table, batch: int = 64):
         yield slide.read_patches(xy[start:stop], float(size_px[start]), int(out_px[start]))
 
 
+STAIN_SAMPLE = 32  # patches, evenly spaced over a slide, that its stains are estimated from
+
+
+def slide_pixel_features(slide, keys: pa.Table, batch: int = 64) -> tuple[np.ndarray, dict]:
+    """Pixel features of a slide's stored patches against the slide's own stains:
+    (float32 (N, len(FEATURE_NAMES)), the stains as a dict). The stains are estimated from
+    ``STAIN_SAMPLE`` evenly spaced patches first (read twice; a few percent of the work)."""
+    from fpstore.tissue.features import FEATURE_NAMES, estimate_slide_stains, pixel_features
+
+    if keys.num_rows == 0:
+        return np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32), {}
+    sample = np.unique(np.linspace(0, keys.num_rows - 1, STAIN_SAMPLE).round().astype(int))
+    images = np.concatenate(list(iter_patch_pixels(slide, keys.take(sample), batch)))
+    stains = estimate_slide_stains(images)
+    parts = [pixel_features(images, stains) for images in iter_patch_pixels(slide, keys, batch)]
+    return np.concatenate(parts), stains.to_dict()
+
+
 def tile_folders(tiles: Path, mapping: dict[str, str] | None = None) -> dict[Path, str]:
     """{class folder: tissue type} of a folder of labelled tiles (one folder per class)."""
     tiles = Path(tiles)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fpstore.config import TISSUE_TYPES
@@ -18,7 +19,7 @@ from fpstore.errors import ConfigError, StoreError
 from fpstore.store.layout import StoreLayout, visible_files
 from fpstore.tissue.data import cohort_slides, read_slide_patches, slide_path, stored_slide_files
 from fpstore.tissue.predict import TissueTyper, iter_tissue
-from fpstore.tissue.rules import RuleThresholds
+from fpstore.tissue.rules import RuleThresholds, rule_probabilities
 from fpstore.tissue.truth import find_mask, load_truth, patch_truth
 
 
@@ -150,6 +151,78 @@ def evaluate_tissue(
         truth=str(truth),
         n_slides=len({p.split("/")[0] for p in labels}),
         slides_without_truth=missing,
+        truth_counts={name: int(c) for name, c in zip(TISSUE_TYPES, counts)},
+        methods=results,
+    )
+
+
+def evaluate_patch_truth(
+    truth: Path,
+    methods: list[str] | None = None,
+    models: dict[str, Path] | None = None,
+    thresholds: RuleThresholds = RuleThresholds(),
+    out_px: int = 224,
+) -> EvaluationReport:
+    """Score pixel methods on a CSV of labelled patches (``truth.read_patch_truth``).
+
+    Each image is one slide: its stains are estimated from its labelled patches, which are
+    read at ``out_px`` as the extraction would. Fingerprint methods need stored patches and
+    are refused. ``store`` is not needed: trained models come from ``models``.
+    """
+    from fpstore.slides.slide import open_slide
+    from fpstore.tissue.data import slide_pixel_features
+    from fpstore.tissue.methods import get_method
+    from fpstore.tissue.trained import TissueModel
+    from fpstore.tissue.truth import read_patch_truth
+
+    methods = list(methods or ["rules"])
+    for method in methods:
+        if get_method(method).reads != "pixels":
+            raise ConfigError(
+                f"--method {method} types stored fingerprints; a patch truth file has only "
+                "pixels: use rules or pixel-logreg"
+            )
+    patches = read_patch_truth(truth)
+    by_image: dict[Path, list] = {}
+    for patch in patches:
+        by_image.setdefault(patch.image, []).append(patch)
+    start = time.perf_counter()
+    features, labels = [], []
+    for image, rows in by_image.items():
+        keys = pa.table(
+            {
+                "x": [p.x for p in rows],
+                "y": [p.y for p in rows],
+                "size_px": [float(p.size_px) for p in rows],
+                "out_px": [out_px] * len(rows),
+            }
+        )
+        slide = open_slide(image, mpp=rows[0].mpp)
+        try:
+            features.append(slide_pixel_features(slide, keys)[0])
+        finally:
+            slide.close()
+        labels += [TISSUE_TYPES.index(p.tissue_type) for p in rows]
+    X, y = np.concatenate(features), np.array(labels, dtype=np.int64)
+    seconds = time.perf_counter() - start
+    results = []
+    for method in methods:
+        if get_method(method).trained:
+            if method not in (models or {}):
+                raise ConfigError(f"--method {method} needs --model {method}=PATH here")
+            probabilities = TissueModel.load(models[method]).predict_proba(X)
+        else:
+            probabilities = rule_probabilities(X, thresholds)
+        results.append(
+            MethodScores(method=method, seconds=seconds, **scores(y, probabilities.argmax(1)))
+        )
+    counts = np.bincount(y, minlength=len(TISSUE_TYPES))
+    return EvaluationReport(
+        cohort=f"patch truth ({len(by_image)} images)",
+        encoder="",
+        truth=str(truth),
+        n_slides=len(by_image),
+        slides_without_truth=[],
         truth_counts={name: int(c) for name, c in zip(TISSUE_TYPES, counts)},
         methods=results,
     )

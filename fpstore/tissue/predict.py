@@ -26,17 +26,17 @@ import numpy as np
 import pyarrow as pa
 
 from fpstore.config import TISSUE_TYPES
-from fpstore.errors import ConfigError, FpstoreError, StoreError, unknown_name
+from fpstore.errors import ConfigError, FpstoreError, StoreError
 from fpstore.store.fingerprints import resolve_encoder
 from fpstore.store.layout import StoreLayout
 from fpstore.tissue.data import (
     SlidePatches,
     cohort_slides,
-    iter_patch_pixels,
     read_slide_patches,
+    slide_pixel_features,
     stored_slide_files,
 )
-from fpstore.tissue.methods import METHODS, PIXEL_METHODS
+from fpstore.tissue.methods import get_method
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
 from fpstore.tissue.trained import TissueModel
 
@@ -78,12 +78,11 @@ class TissueTyper:
         model: Path | None = None,
         thresholds: RuleThresholds = RuleThresholds(),
     ):
-        if method not in METHODS:
-            raise unknown_name("tissue method", method, METHODS)
+        self.spec = get_method(method)
         self.method = method
         self.thresholds = thresholds
         self.model = None
-        if method != "rules":
+        if self.spec.trained:
             self.model = TissueModel.load(model or StoreLayout.of(store).tissue_model_file(method))
             if self.model.method != method:
                 raise ConfigError(
@@ -93,16 +92,14 @@ class TissueTyper:
 
     @property
     def reads_pixels(self) -> bool:
-        return self.method in PIXEL_METHODS
+        return self.spec.reads == "pixels"
 
     @property
     def model_hash(self) -> str | None:
         return self.model.hash if self.model else None
 
-    def from_pixels(self, images: np.ndarray) -> np.ndarray:
-        from fpstore.tissue.features import pixel_features
-
-        features = pixel_features(images)
+    def from_features(self, features: np.ndarray) -> np.ndarray:
+        """Probabilities from pixel features (``fpstore.tissue.features``)."""
         if self.model is None:
             return rule_probabilities(features, self.thresholds)
         return self.model.predict_proba(features)
@@ -201,12 +198,10 @@ def _pixel_probabilities(
         return np.zeros((0, len(TISSUE_TYPES)), dtype=np.float32)
     handle = open_cohort_slide(locations[slide.slide_id])
     try:
-        parts = [
-            typer.from_pixels(images) for images in iter_patch_pixels(handle, slide.keys, batch)
-        ]
+        features, _ = slide_pixel_features(handle, slide.keys, batch)
     finally:
         handle.close()
-    return np.concatenate(parts)
+    return typer.from_features(features)
 
 
 def tissue_table(result: SlideTissue, method: str) -> pa.Table:
@@ -228,6 +223,29 @@ def tissue_table(result: SlideTissue, method: str) -> pa.Table:
         },
         schema=TISSUE,
     )
+
+
+def typing_record(store: Path, cohort: str) -> dict:
+    """How the stored tissue types of ``cohort`` were made, for a run that pools by them:
+    the method(s) and patches per method, and what precision of epithelium to expect."""
+    from fpstore.store.tissue import read_tissue_types
+
+    table = read_tissue_types(store, cohort, columns=("method",))
+    if table is None:
+        return {"cohort": cohort, "methods": {}}
+    names, counts = np.unique(
+        table.column("method").to_numpy(zero_copy_only=False), return_counts=True
+    )
+    methods = {}
+    for name, count in zip(names.tolist(), counts.tolist()):
+        spec = get_method(name)
+        methods[name] = {
+            "patches": int(count),
+            "expected_epithelium_precision": spec.expected_epithelium_precision,
+            "basis": spec.basis
+            or "a trained model: its precision is that of its own validation, not measured here",
+        }
+    return {"cohort": cohort, "methods": methods}
 
 
 def predict_tissue(

@@ -1,31 +1,27 @@
-"""The label-free default: tissue type from pixel features by documented thresholds.
+"""The label-free default: tissue type from pixel features read in H&E terms.
 
-Rules, in order (features from ``fpstore.tissue.features``, at ~1 um/px):
+The features (``fpstore.tissue.features``, at ~1 um/px, against the slide's own stains)
+split each patch's area into glass, epithelium, stroma and fat. The rules then read the
+patch as a pathologist reads a truth mask:
 
-1. fat: white fraction between ``fat_white`` and ``fat_white_max``, split into vacuoles:
-   crossed by thin membranes (``membrane_density`` >= ``fat_membrane``) or cut into at
-   least ``fat_compartments`` white regions (thicker, unbroken membranes). Above
-   ``fat_white_max`` the square is glass whatever thin lines cross it (a pen line, dust,
-   a fold's edge: the real histolab no-tissue tiles), since fat keeps its membranes and a
-   few cells in view;
-2. background: white fraction >= ``background_white`` (more than half the square empty, the
-   same cut as the truth masks and the extraction's ``min_tissue``) and not fat;
-3. epithelium: dense nuclei, ``nuclear_fraction`` >= ``epithelium_nuclear``;
-4. stroma: any other tissue (eosin-dominant, fibrous, sparse nuclei).
+1. background: glass covers more than ``background_white`` of the square (more than half:
+   the same cut as the truth masks and the extraction's ``min_tissue``), or the square is
+   more than ``fat_white_max`` white whatever thin lines cross it (a pen line or a fold's
+   edge on glass: the real histolab no-tissue tiles; fat keeps membranes and cells in view);
+2. otherwise the tissue type covering the most of the square, epithelium needing
+   ``epithelium_margin`` more than the next (0: a plain majority).
 
-Probabilities: each rule's condition becomes a signed margin ``(value - threshold) / scale``
-(positive when it holds; ``scale`` is the step that counts as clearly past the threshold);
-an AND of conditions is the minimum of their margins, a NOT its negation. The class logits
+Nothing here is tuned per site: what moves with the stain (how dark nuclei are, how much
+hematoxylin cytoplasm takes up) is measured on each slide by ``estimate_slide_stains``.
 
-    vacuoles   = max(membrane - fat_membrane, compartments - fat_compartments)
-    fat        = min(white - fat_white, fat_white_max - white, vacuoles)
-    background = min(white - background_white, -fat)
-    epithelium = min(-max(fat, background), nuclear - epithelium_nuclear)
-    stroma     = min(-max(fat, background), epithelium_nuclear - nuclear)
+Probabilities: each condition becomes a signed margin ``(value - threshold) / scale``
+(positive when it holds; ``scale``: the step that counts as clearly past it); the logits
+
+    background = max((glass - background_white) / s, (white - fat_white_max) / s_max)
+    tissue t   = min(-background, (share_t - bias_t - max over other tissue u of share_u) / s)
 
 have their argmax equal to the rules above, and ``softmax(sharpness * logits)`` gives soft
-probabilities in which the two classes a threshold separates tie exactly at the threshold
-and the winner sharpens away from it.
+probabilities in which the two classes a threshold separates tie exactly at the threshold.
 """
 
 from __future__ import annotations
@@ -43,55 +39,38 @@ class RuleThresholds:
     """Thresholds of the label-free rules (see the module docstring)."""
 
     background_white: float = 0.5
-    fat_white: float = 0.4
     fat_white_max: float = 0.97
-    fat_membrane: float = 0.008
-    fat_compartments: float = 3.0
-    epithelium_nuclear: float = 0.2
-    sharpness: float = 2.0
+    epithelium_margin: float = 0.0
+    sharpness: float = 10.0
 
     def __post_init__(self):
-        for name in (
-            "background_white",
-            "fat_white",
-            "fat_white_max",
-            "fat_membrane",
-            "epithelium_nuclear",
-        ):
-            check_range("RuleThresholds", name, getattr(self, name), 0.0, 1.0)
-        check_range("RuleThresholds", "fat_compartments", self.fat_compartments, 1.0, 1000.0)
+        check_range("RuleThresholds", "background_white", self.background_white, 0.0, 1.0)
+        check_range("RuleThresholds", "fat_white_max", self.fat_white_max, 0.0, 1.0)
+        check_range("RuleThresholds", "epithelium_margin", self.epithelium_margin, -1.0, 1.0)
         check_range("RuleThresholds", "sharpness", self.sharpness, 1e-3, 1e3)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-# The step past a threshold that counts as one unit of margin, per feature.
-_SCALE = {"white": 0.1, "white_max": 0.01, "membrane": 0.002, "compartments": 1.0, "nuclear": 0.05}
+_SCALE = 0.1  # a tenth of the square past a threshold is one unit of margin
+_SCALE_MAX = 0.01  # the near-empty cut is a narrow one
+_SHARES = {"epithelium": "epithelium_share", "stroma": "stroma_share", "fat": "fat_share"}
 
 
 def rule_logits(features: np.ndarray, thresholds: RuleThresholds = RuleThresholds()) -> np.ndarray:
     """Signed rule margins per class, (N, 4) in ``TISSUE_TYPES`` order."""
-    f = {name: features[:, i] for i, name in enumerate(FEATURE_NAMES)}
-    t = thresholds
-    white = f["white_fraction"]
-    fat = np.minimum.reduce(
-        [
-            (white - t.fat_white) / _SCALE["white"],
-            (t.fat_white_max - white) / _SCALE["white_max"],
-            np.maximum(
-                (f["membrane_density"] - t.fat_membrane) / _SCALE["membrane"],
-                # Half a region below the count ties: 3 regions pass a threshold of 3.
-                (f["compartments"] - (t.fat_compartments - 0.5)) / _SCALE["compartments"],
-            ),
-        ]
+    column = {name: i for i, name in enumerate(FEATURE_NAMES)}
+    background = np.maximum(
+        (features[:, column["glass_share"]] - thresholds.background_white) / _SCALE,
+        (features[:, column["white_fraction"]] - thresholds.fat_white_max) / _SCALE_MAX,
     )
-    background = np.minimum((white - t.background_white) / _SCALE["white"], -fat)
-    tissue = -np.maximum(fat, background)
-    nuclear = (f["nuclear_fraction"] - t.epithelium_nuclear) / _SCALE["nuclear"]
-    epithelium = np.minimum(tissue, nuclear)
-    stroma = np.minimum(tissue, -nuclear)
-    by_type = {"background": background, "epithelium": epithelium, "stroma": stroma, "fat": fat}
+    shares = {kind: features[:, column[name]].astype(np.float64) for kind, name in _SHARES.items()}
+    shares["epithelium"] = shares["epithelium"] - thresholds.epithelium_margin
+    by_type = {"background": background}
+    for kind, share in shares.items():
+        best_other = np.maximum.reduce([v for k, v in shares.items() if k != kind])
+        by_type[kind] = np.minimum(-background, (share - best_other) / _SCALE)
     return np.stack([by_type[name] for name in TISSUE_TYPES], axis=1)
 
 

@@ -19,10 +19,10 @@ from fpstore.config import check_choice
 from fpstore.errors import FpstoreError, TrainingError
 from fpstore.tissue.data import (
     cohort_slides,
-    iter_patch_pixels,
     read_slide_patches,
     read_tiles,
     slide_path,
+    slide_pixel_features,
     stored_slide_files,
 )
 from fpstore.tissue.features import pixel_features
@@ -176,10 +176,11 @@ def _pixel_features(slide_id: str, keys, locations: dict) -> np.ndarray:
         raise TrainingError(f"slide {slide_id!r} is not in the cohort's slides table")
     handle = open_cohort_slide(locations[slide_id])
     try:
-        parts = [pixel_features(images) for images in iter_patch_pixels(handle, keys)]
+        # The sampled patches stand in for the slide when its stains are estimated.
+        features, _ = slide_pixel_features(handle, keys)
     finally:
         handle.close()
-    return np.concatenate(parts)
+    return features
 
 
 def train_tissue(

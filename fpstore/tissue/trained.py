@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import fpstore
 from fpstore.config import TISSUE_TYPES, check_choice, check_range
 from fpstore.errors import ConfigError, StoreError, TrainingError
 from fpstore.store.models import read_npz
-from fpstore.tissue.methods import TRAINED_METHODS
+from fpstore.tissue.methods import TRAINED_METHODS, TissueMethod, get_method
 
 _FORMAT = "fpstore-tissue-model-1"
 
@@ -51,8 +52,12 @@ class TrainConfig:
         check_range("TrainConfig", "max_per_class", self.max_per_class, 1, 100_000_000)
 
     @property
+    def spec(self) -> TissueMethod:
+        return get_method(self.method)
+
+    @property
     def source(self) -> str:
-        return "pixels" if self.method.startswith("pixel") else "fingerprints"
+        return self.spec.reads
 
 
 class TissueModel:
@@ -95,12 +100,12 @@ class TissueModel:
         columns = [TISSUE_TYPES.index(c) for c in self.meta["classes"]]
         for start in range(0, len(X), chunk):
             part = X[start : start + chunk]
-            probs = self._knn(part) if self.method == "fingerprint-knn" else self._linear(part)
+            probs = _FAMILIES[get_method(self.method).family].predict(self, part)
             out[start : start + chunk, columns] = probs
         return out
 
     def _linear(self, X: np.ndarray) -> np.ndarray:
-        if self.method == "pixel-logreg":
+        if get_method(self.method).pairwise:
             X = pairwise_expand((X - self.arrays["mu"]) / self.arrays["sd"])
         logits = X @ self.arrays["W"].T + self.arrays["b"]
         logits -= logits.max(axis=1, keepdims=True)
@@ -202,12 +207,8 @@ def fit_tissue_model(
     X, y = X[keep], y[keep]
     classes = [TISSUE_TYPES[i] for i in present]
     y_local = np.searchsorted(present, y)
-    fit = {
-        "fingerprint-logreg": _fit_logreg,
-        "pixel-logreg": _fit_pixel_logreg,
-        "fingerprint-knn": _fit_knn,
-    }[config.method]
-    arrays, extra = fit(X, y_local, config)
+    spec = config.spec
+    arrays, extra = _FAMILIES[spec.family].fit(X, y_local, config, spec)
     counts = {TISSUE_TYPES[i]: int((y == i).sum()) for i in present}
     info = {
         "source": config.source,
@@ -238,19 +239,17 @@ def _logreg(X: np.ndarray, y: np.ndarray, config: TrainConfig) -> tuple[np.ndarr
     return W.astype(np.float32), b.astype(np.float32)
 
 
-def _fit_logreg(X, y, config):
-    W, b = _logreg(X, y, config)
-    return {"W": W, "b": b}, {}
-
-
-def _fit_pixel_logreg(X, y, config):
+def _fit_linear(X, y, config, spec: TissueMethod):
+    if not spec.pairwise:
+        W, b = _logreg(X, y, config)
+        return {"W": W, "b": b}, {}
     mu = X.mean(axis=0)
     sd = np.where(X.std(axis=0) > 0, X.std(axis=0), 1.0)
     W, b = _logreg(pairwise_expand((X - mu) / sd), y, config)
     return {"W": W, "b": b, "mu": mu.astype(np.float32), "sd": sd.astype(np.float32)}, {}
 
 
-def _fit_knn(X, y, config):
+def _fit_knn(X, y, config, spec: TissueMethod):
     mean = X.mean(axis=0)
     centred = X - mean
     dim = min(config.pca_dim, *centred.shape)
@@ -266,3 +265,18 @@ def _fit_knn(X, y, config):
         "reference_labels": y[keep].astype(np.int8),
     }
     return arrays, {"k": config.k}
+
+
+@dataclass(frozen=True)
+class _Family:
+    """How a model family is fitted (-> arrays, extra metadata) and applied (-> probabilities)."""
+
+    fit: Callable[[np.ndarray, np.ndarray, TrainConfig, TissueMethod], tuple[dict, dict]]
+    predict: Callable[[TissueModel, np.ndarray], np.ndarray]
+
+
+# Keyed by ``TissueMethod.family`` (fpstore.tissue.methods): a new method names its family.
+_FAMILIES = {
+    "linear": _Family(_fit_linear, TissueModel._linear),
+    "knn": _Family(_fit_knn, TissueModel._knn),
+}

@@ -132,3 +132,63 @@ def patch_truth(
     background = counts[:, 0] > background_above * np.maximum(total, 1)
     labels[background | (total == 0)] = 0
     return labels
+
+
+# --- truth as a list of patches (hand-labelled real images) --------------------------------
+
+PATCH_TRUTH_COLUMNS = ("image", "mpp", "x", "y", "size_px", "tissue_type", "drawn")
+
+
+@dataclass(frozen=True)
+class TruthPatch:
+    """One labelled square: ``size_px`` level-0 pixels at (x, y) of ``image`` read at ``mpp``."""
+
+    image: Path  # resolved against the truth file's folder
+    mpp: float
+    x: int
+    y: int
+    size_px: int
+    tissue_type: str
+    drawn: str  # how the label was drawn: "grid cell", "rectangle", "whole tile", ...
+
+
+def read_patch_truth(path: Path) -> list[TruthPatch]:
+    """A CSV of labelled patches (``PATCH_TRUTH_COLUMNS``), image paths relative to the file.
+
+    Every row is checked: a known tissue type, a positive mpp and size, a file that exists.
+    """
+    import csv
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"patch truth file {str(path)!r} does not exist")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in PATCH_TRUTH_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ConfigError(
+                f"patch truth file {str(path)!r} lacks columns {', '.join(missing)}; a patch "
+                f"truth CSV has the columns {', '.join(PATCH_TRUTH_COLUMNS)}"
+            )
+        patches = [_truth_row(path, n, row) for n, row in enumerate(reader, start=2)]
+    if not patches:
+        raise ConfigError(f"patch truth file {str(path)!r} has no rows")
+    return patches
+
+
+def _truth_row(path: Path, line: int, row: dict) -> TruthPatch:
+    where = f"{path}:{line}"
+    if row["tissue_type"] not in TISSUE_TYPES:
+        raise ConfigError(
+            f"{where}: tissue_type {row['tissue_type']!r} is not one of {', '.join(TISSUE_TYPES)}"
+        )
+    try:
+        mpp, x, y, size = float(row["mpp"]), int(row["x"]), int(row["y"]), int(row["size_px"])
+    except ValueError as error:
+        raise ConfigError(f"{where}: mpp, x, y and size_px must be numbers ({error})") from error
+    if mpp <= 0 or size <= 0 or x < 0 or y < 0:
+        raise ConfigError(f"{where}: mpp and size_px must be > 0 and x, y >= 0; got {row}")
+    image = (path.parent / row["image"]).resolve()
+    if not image.is_file():
+        raise ConfigError(f"{where}: image {row['image']!r} not found next to {path.name}")
+    return TruthPatch(image, mpp, x, y, size, row["tissue_type"], row["drawn"])
