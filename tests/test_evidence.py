@@ -59,3 +59,23 @@ def test_the_evidence_table_replaces_only_its_section(tmp_path):
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ConfigError, match="evidence:start"):
         write_section(tmp_path / "plain.md", "x")
+
+
+def test_each_encoder_takes_its_setting_from_the_training_cohort_then_meets_the_other(tmp_path):
+    from fpstore.evidence import CONTROL_ENCODER, FINGERPRINT, _chosen_settings, _external
+    from tests._classify_store import add_cohort
+
+    ids = {FINGERPRINT: ["fp", "fp+macenko"], CONTROL_ENCODER: ["ctl", "ctl+macenko"]}
+    encoders = tuple(i for pair in ids.values() for i in pair)
+    add_cohort(tmp_path, "tcga", 60, seed=1, tissue=False, encoders=encoders)
+    add_cohort(tmp_path, "external", 40, seed=2, tissue=False, encoders=encoders)
+    chosen = _chosen_settings(tmp_path, "ER", ids, folds=3, seed=0)
+    assert set(chosen) == {FINGERPRINT, CONTROL_ENCODER}
+    for base, (encoder_id, cv_auc) in chosen.items():
+        assert encoder_id in ids[base] and 0.0 <= cv_auc <= 1.0
+    rows = _external(tmp_path, "ER", chosen, ("mil", "logreg"), folds=3, seed=0)
+    assert [r["method"] for r in rows] == ["mil", "logreg"]
+    for r in rows:
+        assert r["n"] >= 30 and 0 < r["positives"] < r["n"]
+        assert r["diff"] == pytest.approx(r["auc_fingerprint"] - r["auc_control"])
+        assert r["var_fingerprint"] > 0 and r["var_control"] > 0 and 0 <= r["p"] <= 1
