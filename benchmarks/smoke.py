@@ -23,6 +23,11 @@ HERE = Path(__file__).resolve().parent
 # script -> its smallest run; "{tmp}" is the scratch folder, "{synth}" / "{store}" the small
 # synthetic set and a store holding its tcga cohort (built once, for the training sources)
 SMOKE: dict[str, list[str]] = {
+    "bench_abmil.py": ["--patients", "40", "--patches", "10", "--dim", "32"],
+    "bench_foundation.py": ["--batch", "2", "--repeat", "1", "--threads", "1"],
+    "bench_patch_batch.py": ["--batch", "4", "--px", "64", "--rounds", "1", "--repeats", "1"],
+    "bench_tissue_rules.py": ["--batch", "8", "--repeat", "1"],
+    "check_nvjpeg.py": ["--device", "cpu"],
     "bench_cpu_model.py": ["--batch", "2", "--rounds", "1", "--no-compile", "--calibrate", "8"],
     "bench_classify.py": ["--patients", "40", "--patches", "10", "--dim", "64", "--threads", "1"],
     "bench_duckdb.py": ["--n", "2000", "--skip-sql-mean"],
