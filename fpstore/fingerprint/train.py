@@ -376,7 +376,7 @@ def train_network(
             "lr": float(stepper.scheduler.get_last_lr()[0]),
         }
         if probe is not None:
-            record.update(probe(model, pre))
+            record.update(probe(model.eval(), pre))
             model.train()
         history.append(record)
         bar.set_postfix(

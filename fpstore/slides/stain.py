@@ -52,13 +52,12 @@ import numpy as np
 
 from fpstore.config import check_choice, check_range
 from fpstore.errors import ConfigError, StainError
+from fpstore.slides.colour import FIT_PIXELS, OD_TABLE, from_lab, to_lab
 
 STAIN_METHODS = ("macenko", "vahadane", "reinhard")
 PER = ("slide", "patch")
 # Macenko et al.'s reference H&E vectors (OD per unit concentration, R G B).
 REFERENCE_STAINS = ((0.5626, 0.7201, 0.4062), (0.2159, 0.8012, 0.5581))
-_FIT_PIXELS = 200_000  # stains are fitted on an even subsample of at most this many pixels
-_OD = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- OD basics
@@ -66,7 +65,7 @@ _OD = -np.log(np.maximum(np.arange(256, dtype=np.float64), 1.0) / 255.0).astype(
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """OD (float32, same shape) of uint8 RGB: -ln(I / 255), with 0 read as 1."""
-    return _OD[np.asarray(rgb, np.uint8)]
+    return OD_TABLE[np.asarray(rgb, np.uint8)]
 
 
 def rgb_from_od(od: np.ndarray) -> np.ndarray:
@@ -280,10 +279,10 @@ class StainNormalizer:
                 f"{cfg.method} needs at least {cfg.min_tissue_px}: choose an image with H&E tissue"
             )
         if cfg.method == "reinhard":
-            lab = _lab(batch)[tissue].astype(np.float64)
+            lab = to_lab(batch)[tissue].astype(np.float64)
             return SourceStains(mean=lab.mean(axis=0), std=np.maximum(lab.std(axis=0), 1e-3))
         pixels = od[tissue]
-        pixels = pixels[:: max(1, len(pixels) // _FIT_PIXELS)]
+        pixels = pixels[:: max(1, len(pixels) // FIT_PIXELS)]
         if cfg.method == "macenko":
             matrix = macenko_matrix(pixels, cfg.percentile)
         else:
@@ -316,9 +315,9 @@ class StainNormalizer:
             values = np.arange(256, dtype=np.float64)[:, None]
             table = (values - source.mean) * (target.std / source.std) + target.mean
             table = np.clip(table + 0.5, 0, 255).astype(np.uint8)
-            lab = _lab(batch)
+            lab = to_lab(batch)
             flat = cv2.LUT(lab.reshape(-1, lab.shape[-2], 3), table[None])
-            return _rgb(flat.reshape(lab.shape))
+            return from_lab(flat.reshape(lab.shape))
         # C = OD @ pinv(M_s); C *= max_t / max_s; OD' = C @ M_t: one 3 x 3 map.
         scale = np.diag(target.maxima / source.maxima)
         od_map = np.linalg.pinv(source.matrix) @ scale @ target.matrix
@@ -335,22 +334,6 @@ def _batch(patches: np.ndarray) -> np.ndarray:
             f"of shape {tuple(batch.shape)}"
         )
     return batch
-
-
-def _lab(rgb: np.ndarray) -> np.ndarray:
-    """8-bit Lab (OpenCV: L x 2.55, a + 128, b + 128) of uint8 RGB [..., H, W, 3]."""
-    import cv2
-
-    flat = cv2.cvtColor(np.ascontiguousarray(rgb).reshape(-1, rgb.shape[-2], 3), cv2.COLOR_RGB2LAB)
-    return flat.reshape(rgb.shape)
-
-
-def _rgb(lab: np.ndarray) -> np.ndarray:
-    """uint8 RGB of 8-bit Lab [..., H, W, 3]."""
-    import cv2
-
-    flat = cv2.cvtColor(lab.reshape(-1, lab.shape[-2], 3), cv2.COLOR_LAB2RGB)
-    return flat.reshape(lab.shape)
 
 
 # ----------------------------------------------------------------------- augmentation

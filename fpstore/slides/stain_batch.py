@@ -45,7 +45,7 @@ def normalise_batch(batch: torch.Tensor, normaliser) -> torch.Tensor:
 
 
 def _normalise(batch: torch.Tensor, normaliser) -> torch.Tensor:
-    from fpstore.slides.stain import _FIT_PIXELS, _OD
+    from fpstore.slides.colour import FIT_PIXELS, OD_TABLE
 
     cfg, target = normaliser.config, normaliser.target_
     n, h, w, _ = batch.shape
@@ -54,7 +54,7 @@ def _normalise(batch: torch.Tensor, normaliser) -> torch.Tensor:
         return out
     planes = batch.reshape(n, h * w, 3).transpose(1, 2).contiguous()  # [N, 3, P] uint8
     # Every channel's OD >= min_od is every channel's 8-bit value <= the brightest such.
-    brightest = int(np.flatnonzero(cfg.min_od <= _OD).max())  # OD(0) = 5.5 > any min_od
+    brightest = int(np.flatnonzero(cfg.min_od <= OD_TABLE).max())  # OD(0) = 5.5 > any min_od
     tissue = planes.amax(dim=1) <= brightest
     ok = tissue.count_nonzero(dim=1) >= cfg.min_tissue_px
     if not bool(ok.any()):
@@ -64,8 +64,8 @@ def _normalise(batch: torch.Tensor, normaliser) -> torch.Tensor:
     rows = ok.nonzero().squeeze(1)  # the patches that can be estimated
     if len(rows) < n:
         planes, tissue = planes[rows], tissue[rows]
-    od = _lookup(_OD, planes)  # [M, 3, P] float32
-    fit = _every(tissue, _FIT_PIXELS)  # _estimate's even subsample of the tissue pixels
+    od = _lookup(OD_TABLE, planes)  # [M, 3, P] float32
+    fit = _every(tissue, FIT_PIXELS)  # _estimate's even subsample of the tissue pixels
     if cfg.method == "macenko":
         matrix = _macenko(od, fit, cfg.percentile)
     else:
@@ -215,10 +215,10 @@ def _reinhard(batch: torch.Tensor, tissue: torch.Tensor, ok: torch.Tensor, targe
     std come from exact per-patch histograms of the 8-bit values."""
     import cv2
 
-    from fpstore.slides.stain import _lab, _rgb
+    from fpstore.slides.colour import from_lab, to_lab
 
     n, h, w, _ = batch.shape
-    lab = _lab(batch.cpu().numpy())  # [N, H, W, 3] uint8
+    lab = to_lab(batch.cpu().numpy())  # [N, H, W, 3] uint8
     planes = torch.from_numpy(lab).reshape(n, h * w, 3).transpose(1, 2)  # [N, 3, P]
     tissue = tissue.cpu()
     # bin (patch, channel, value); non-tissue pixels go to one spare bin at the end
@@ -238,6 +238,6 @@ def _reinhard(batch: torch.Tensor, tissue: torch.Tensor, ok: torch.Tensor, targe
     keep = ~ok.cpu().numpy()
     for i in np.flatnonzero(~keep):
         lab[i] = cv2.LUT(lab[i], np.ascontiguousarray(tables[i])[None])
-    out = _rgb(lab)
+    out = from_lab(lab)
     out[keep] = batch.cpu().numpy()[keep]
     return torch.from_numpy(out).to(batch.device)
