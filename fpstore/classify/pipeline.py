@@ -6,7 +6,9 @@ classify's models to ``store/models/classify/<run_id>/``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ from fpstore.config import MARKERS, POOLS, SPLITS, check_choice, check_range
 from fpstore.errors import ClassifyError, ConfigError
 from fpstore.store.cohorts import read_cohort_document
 from fpstore.store.fingerprints import cohort_encoders, partition_settings, resolve_encoder
+from fpstore.store.layout import StoreLayout
 
 
 def _check_patches(owner: str, patches: int | None) -> None:
@@ -223,6 +226,7 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
         )
     if save:
         run_id = new_run_id(config)
+        write_model: Callable[[], object] | None = None
         if final is not None and cfg.save_models != "none":
             encoder_block = (
                 None
@@ -240,10 +244,11 @@ def classify(store: Path, cfg: ClassifyConfig, progress: bool = True, save: bool
                 document.get("permutation"),
                 external,
             )
-            folder = save_models(store, run_id, card, final[0], cv.models)
+            write_model = partial(save_models, store, run_id, card, final[0], cv.models)
+            folder = StoreLayout.of(store).model_dir(run_id)
             document["model"] = {"model_id": run_id, "path": str(folder)}
         document["run_id"] = run_id
-        document["run_path"] = str(save_run(store, run_id, document, predictions))
+        document["run_path"] = str(save_run(store, run_id, document, predictions, write_model))
     return document
 
 

@@ -20,6 +20,7 @@ from fpstore.config import MARKERS, check_range
 from fpstore.errors import FpstoreError
 from fpstore.report.embed import ClusterConfig, EmbedConfig, EmbeddingResult
 from fpstore.store.cohorts import read_cohort
+from fpstore.store.io import write_text_atomic
 
 # The report's map: a subset keeps a 1,000-patient cohort's page to a minute or so.
 REPORT_EMBED = EmbedConfig(max_points=20_000)
@@ -329,9 +330,7 @@ def build_report(
             _section("Notes", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
         )
     index = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(_page(f"fpstore report: run {run_id}", "\n".join(sections)), encoding="utf-8")
-    tmp.replace(index)
+    write_text_atomic(_page(f"fpstore report: run {run_id}", "\n".join(sections)), index)
     n_figures = len(list(figures.rglob("*.png")))
     return ReportResult(out, index, run_id, n_figures, shown, embedding, notes, seconds)
 

@@ -33,6 +33,7 @@ and columns keeps every number a real position, and an array map can list a ``bl
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ import numpy as np
 
 from fpstore.config import check_range
 from fpstore.errors import ConfigError, MppMissingError, SlideError, TmaError
+from fpstore.store.io import write_text_atomic
 
 # Detection runs where a core's radius is about this many pixels: morphology stays cheap
 # and every size below is the same fraction of a core on every slide.
@@ -895,25 +897,27 @@ def export_cores(
         "map_entries_without_core": unmatched,
         "cores": [k.to_dict() for k in array.cores],
     }
-    (out / "cores.json").write_text(json.dumps(document, indent=2))
-    with open(out / "cores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for k in array.cores:
-            writer.writerow(
-                [
-                    k.name,
-                    k.block,
-                    k.row,
-                    k.column,
-                    k.status,
-                    k.confidence,
-                    k.core_index,
-                    k.patient_id,
-                    round(k.centre[0], 1),
-                    round(k.centre[1], 1),
-                    round(k.diameter_px, 1),
-                    *k.bbox,
-                ]
-            )
+    table_text = io.StringIO()
+    writer = csv.writer(table_text)
+    writer.writerow(CSV_COLUMNS)
+    for k in array.cores:
+        writer.writerow(
+            [
+                k.name,
+                k.block,
+                k.row,
+                k.column,
+                k.status,
+                k.confidence,
+                k.core_index,
+                k.patient_id,
+                round(k.centre[0], 1),
+                round(k.centre[1], 1),
+                round(k.diameter_px, 1),
+                *k.bbox,
+            ]
+        )
+    # cores.json says "dearrayed": written last, so that it never names a missing table.
+    write_text_atomic(table_text.getvalue(), out / "cores.csv")
+    write_text_atomic(json.dumps(document, indent=2), out / "cores.json")
     return document

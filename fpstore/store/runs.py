@@ -1,7 +1,8 @@
 """Classifier runs in the store: ``runs/<run_id>/{patients.parquet, patches.parquet, run.json}``.
 
-The prediction tables are written first and run.json last, each atomically, so a folder with
-a run.json holds a whole run. Every run.json has one shape:
+The prediction tables and run.json are written in a hidden staging folder that becomes
+``runs/<run_id>`` in one rename, so a run folder is whole (and the ``predictions`` view,
+which globs ``runs/*/patients.parquet``, never sees an unfinished run's rows). Every run.json has one shape:
 
     run_id, kind        classify, cv / external (a compare member), predict
     config              the run's settings; every kind has marker, cohort (the cohort the run
@@ -14,6 +15,8 @@ a run.json holds a whole run. Every run.json has one shape:
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +24,47 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
-from fpstore.store.io import write_json_atomic, write_parquet_atomic
+from fpstore.store.io import (
+    staged_folder,
+    write_json_atomic,
+    write_parquet_atomic,
+    writer_alive,
+)
 from fpstore.store.layout import StoreLayout
 from fpstore.store.schema import file_metadata
 
 
 def write_run(
-    store, run_id: str, document: dict, patients: pa.Table, patches: pa.Table | None
+    store,
+    run_id: str,
+    document: dict,
+    patients: pa.Table,
+    patches: pa.Table | None,
+    model: Callable[[], object] | None = None,
 ) -> Path:
-    """Write one run: its patient predictions, patch predictions (if any), then run.json."""
-    folder = StoreLayout.of(store).run_dir(run_id)
+    """Write one run: its patient predictions, patch predictions (if any) and run.json,
+    filled aside and moved to ``runs/<run_id>`` in one step, the run's commit.
+
+    ``model`` writes the run's saved model (``models/classify/<run_id>``) before that step:
+    a store lists a model only once its run exists (``store.models.list_models``), so a
+    killed run leaves neither. Models that a killed writer left without their run go first.
+    """
+    layout = StoreLayout.of(store)
+    folder = layout.run_dir(run_id)
+    if layout.is_remote:  # no folder rename on object storage: run.json, the key, last
+        _write_run_files(folder, run_id, document, patients, patches)
+        if model is not None:
+            model()
+        return folder
+    with staged_folder(folder) as staged:
+        remove_orphan_models(layout)
+        if model is not None:
+            model()
+        _write_run_files(staged, run_id, document, patients, patches)
+    return folder
+
+
+def _write_run_files(folder, run_id: str, document: dict, patients, patches) -> None:
     write_parquet_atomic(
         patients, folder / "patients.parquet", file_metadata("predictions", run_id=run_id)
     )
@@ -39,7 +73,23 @@ def write_run(
             patches, folder / "patches.parquet", file_metadata("patch_predictions", run_id=run_id)
         )
     write_json_atomic(document, folder / "run.json")
-    return folder
+
+
+def remove_orphan_models(layout: StoreLayout) -> int:
+    """Remove the model folders whose run a killed classify never committed (no run folder,
+    no live writer of that run); returns how many."""
+    models = layout.models_dir
+    if not models.is_dir():
+        return 0
+    removed = 0
+    for folder in models.iterdir():
+        if folder.name.startswith(".") or (layout.run_dir(folder.name) / "run.json").exists():
+            continue
+        if writer_alive(layout.runs_dir, folder.name):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def write_compare(store, compare_id: str, document: dict) -> Path:
