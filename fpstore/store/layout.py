@@ -15,8 +15,9 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
     cache/...                      derived data, rebuilt when stale, safe to delete
     cache/tissue-masks/<settings>/<slide>.npz   a slide's tissue mask (``tissue_mask_file``)
 
-Temporary files start with '.' and end in '.tmp' (``fpstore.store.io``): every listing
-here skips names that start with '.'.
+Temporary files start with '.' and end in '.tmp', folders are filled under a hidden
+``.staging/`` beside their place (``fpstore.store.io``): every listing here skips names
+that start with '.'.
 """
 
 from __future__ import annotations
