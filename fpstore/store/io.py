@@ -96,13 +96,6 @@ def fsync_dir(folder) -> None:
         os.close(dir_fd)
 
 
-def replace(source, target) -> None:
-    """``os.replace`` as a durable step, then the folder's fsync."""
-    durable_step("rename", target)
-    os.replace(source, target)
-    fsync_dir(Path(target).parent)
-
-
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
@@ -121,10 +114,10 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a))
 
 
-def old_folder_name(folder: Path, pid: int | None = None) -> Path:
+def old_folder_name(folder: Path) -> Path:
     """Where a folder waits during a two-rename swap (systems without an atomic exchange):
     ``recover_folder`` moves it back if its writer died there."""
-    return folder.parent / f".{folder.name}.old-{os.getpid() if pid is None else pid}"
+    return folder.parent / f".{folder.name}.old-{os.getpid()}"
 
 
 def swap_folder(staged: Path, folder: Path) -> None:
@@ -274,7 +267,7 @@ def remove_dead_temporaries(path: Path) -> int:
     many."""
     path = Path(path)
     removed = 0
-    for leftover in visible_temporaries(path):
+    for leftover in temporaries_of(path):
         pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             leftover.unlink(missing_ok=True)
@@ -282,8 +275,8 @@ def remove_dead_temporaries(path: Path) -> int:
     return removed
 
 
-def visible_temporaries(path: Path) -> list[Path]:
-    """The temporary files of ``path`` now in its folder."""
+def temporaries_of(path: Path) -> list[Path]:
+    """The temporary files of ``path`` now in its folder (hidden: ``.<name>.*.tmp``)."""
     path = Path(path)
     if not path.parent.is_dir():
         return []

@@ -2,7 +2,8 @@
 
 The prediction tables and run.json are written in a hidden staging folder that becomes
 ``runs/<run_id>`` in one rename, so a run folder is whole (and the ``predictions`` view,
-which globs ``runs/*/patients.parquet``, never sees an unfinished run's rows). Every run.json has one shape:
+which globs ``runs/*/patients.parquet``, never sees an unfinished run's rows). Every
+run.json has one shape:
 
     run_id, kind        classify, cv / external (a compare member), predict
     config              the run's settings; every kind has marker, cohort (the cohort the run
@@ -51,10 +52,10 @@ def write_run(
     """
     layout = StoreLayout.of(store)
     folder = layout.run_dir(run_id)
-    if layout.is_remote:  # no folder rename on object storage: run.json, the key, last
-        _write_run_files(folder, run_id, document, patients, patches)
+    if layout.is_remote:  # no folder rename on object storage: the model, then run.json last
         if model is not None:
             model()
+        _write_run_files(folder, run_id, document, patients, patches)
         return folder
     with staged_folder(folder) as staged:
         remove_orphan_models(layout)
