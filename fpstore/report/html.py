@@ -20,7 +20,7 @@ from fpstore.config import MARKERS, check_range
 from fpstore.errors import FpstoreError
 from fpstore.report.embed import ClusterConfig, EmbedConfig, EmbeddingResult
 from fpstore.store.cohorts import read_cohort
-from fpstore.store.io import write_text_atomic
+from fpstore.store.io import remove_dead_temporaries_in, write_text_atomic
 
 # The report's map: a subset keeps a 1,000-patient cohort's page to a minute or so.
 REPORT_EMBED = EmbedConfig(max_points=20_000)
@@ -216,6 +216,8 @@ def build_report(
     out = Path(out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
+    for folder in (out, *(p for p in figures.rglob("*") if p.is_dir()), figures):
+        remove_dead_temporaries_in(folder)  # what a killed report left
     notes: list[str] = []
     seconds: dict[str, float] = {}
     sections = [_header(run)]

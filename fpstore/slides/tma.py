@@ -42,7 +42,7 @@ import numpy as np
 
 from fpstore.config import check_range
 from fpstore.errors import ConfigError, MppMissingError, SlideError, TmaError
-from fpstore.store.io import write_text_atomic
+from fpstore.store.io import remove_dead_temporaries_in, write_text_atomic
 
 # Detection runs where a core's radius is about this many pixels: morphology stays cheap
 # and every size below is the same fraction of a core on every slide.
@@ -855,6 +855,7 @@ def export_cores(
     from tqdm import tqdm
 
     out = Path(out)
+    remove_dead_temporaries_in(out)  # what a killed dearray left
     if (out / "cores.json").exists() and not force:
         raise ConfigError(
             f"{out} already holds a dearrayed slide (cores.json); pass --force to overwrite"

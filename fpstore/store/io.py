@@ -266,21 +266,27 @@ def remove_dead_temporaries(path: Path) -> int:
     the writer's pid); for files any process may write, where no claim says who. Returns how
     many."""
     path = Path(path)
+    if not path.parent.is_dir():
+        return 0
+    return _remove_dead(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
+
+
+def remove_dead_temporaries_in(folder: Path) -> int:
+    """``remove_dead_temporaries`` for every file of ``folder``: once per run of a command
+    that writes many files there (listing the folder per file would cost a listing each)."""
+    folder = Path(folder)
+    return _remove_dead(folder.glob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else 0
+
+
+def _remove_dead(leftovers) -> int:
     removed = 0
-    for leftover in temporaries_of(path):
-        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+    for leftover in leftovers:
+        # .<name>.<pid>.<random>.tmp (mkstemp's random part has no dot)
+        parts = leftover.name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+        if len(parts) == 3 and parts[1].isdigit() and not _alive(int(parts[1])):
             leftover.unlink(missing_ok=True)
             removed += 1
     return removed
-
-
-def temporaries_of(path: Path) -> list[Path]:
-    """The temporary files of ``path`` now in its folder (hidden: ``.<name>.*.tmp``)."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        return []
-    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
 
 
 def _alive(pid: int) -> bool:

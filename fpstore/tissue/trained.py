@@ -24,7 +24,7 @@ import numpy as np
 import fpstore
 from fpstore.config import TISSUE_TYPES, check_choice, check_range
 from fpstore.errors import ConfigError, StoreError, TrainingError
-from fpstore.store.io import write_atomic
+from fpstore.store.io import remove_dead_temporaries, write_atomic
 from fpstore.tissue.methods import TRAINED_METHODS
 
 _FORMAT = "fpstore-tissue-model-1"
@@ -118,6 +118,7 @@ class TissueModel:
 
     def save(self, path: Path) -> Path:
         meta = dict(self.meta, method=self.method, format=_FORMAT, hash=self.hash)
+        remove_dead_temporaries(Path(path))  # what a killed training left
         return write_atomic(
             Path(path),
             lambda handle: np.savez(handle, meta=np.array(json.dumps(meta)), **self.arrays),
