@@ -25,6 +25,7 @@ from fpstore.store.io import FAULT_AT, FAULT_LOG, FAULT_MODE
 
 ROOT = Path(__file__).parents[1]
 CMU = ROOT / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs"
+ENCODER = ["--encoder", "random-resnet34", "--device", "cpu", "--workers", "0"]
 CLI = "import sys; from fpstore.cli.main import cli; cli(sys.argv[1:], prog_name='fpstore')"
 
 
@@ -272,6 +273,24 @@ def test_without_an_atomic_exchange_a_swap_cut_between_its_renames_is_put_back(
     assert sorted(p.name for p in (store / "cohorts").iterdir()) == ["c"]
 
 
+@pytest.mark.slow
+def test_an_extract_killed_between_a_slides_file_and_its_status_redoes_that_slide(tmp_path):
+    """Killed after a slide's fingerprint file and before its status file, the landed code's
+    rerun counted the slide done: no status ever, the status's temporary file never cleared."""
+    store = tmp_path / "store"
+    assert invoke(_cohort_add(_labels(tmp_path, 2))(store)).exit_code == 0
+    shutil.copytree(store, tmp_path / "counted")
+    options = ["extract", "--cohort", "c", *ENCODER, "--patches", "2"]
+    steps = count_steps(["--store", tmp_path / "counted", *options], tmp_path, "extract")
+    first_status = next(n for n, line in enumerate(steps, 1) if "/status/" in line)
+    killed = run_cli(["--store", store, *options], fault_at=first_status, log=tmp_path / "steps")
+    assert killed.returncode == -signal.SIGKILL
+    assert invoke(["--store", store, *options]).exit_code == 0
+    status = store / "status" / "encoder=random-resnet34" / "cohort=c"
+    assert sorted(p.name for p in status.glob("*.json")) == ["S0.json", "S1.json"]
+    assert not leftovers(store)
+
+
 def test_models_operations_write_nothing(tmp_path):
     store = _classify_store(tmp_path)
     assert invoke(_classify(store)).exit_code == 0
@@ -459,8 +478,6 @@ def test_a_killed_cache_write_leaves_no_visible_folder_and_the_next_write_cleans
 
 
 # -- the heavy commands, on the `small` synthetic set (slow) ---------------------------------
-
-ENCODER = ["--encoder", "random-resnet34", "--device", "cpu", "--workers", "0"]
 
 
 def _extract(cohort: str):
