@@ -574,7 +574,7 @@ def test_classify_on_a_real_store_killed_at_every_write_point(pipeline, tmp_path
 @pytest.mark.slow
 def test_compare_killed_at_every_write_point(pipeline, tmp_path):
     def compare(store):
-        options = "--marker ER --cohort tcga --methods logreg --pools all,epithelium --n-boot 100"
+        options = "--marker ER --cohort tcga --methods logreg,xgboost --pools all --n-boot 100"
         return ["--store", store, "compare", *options.split(), "--folds", "3"]
 
     kill_sweep(tmp_path, pipeline, compare, check=_per_item, strict=False, min_steps=6)
