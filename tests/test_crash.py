@@ -652,9 +652,9 @@ def test_train_fingerprint_killed_at_every_write_point(synth_small, pipeline, tm
         assert not visible, visible  # a killed run's temporaries are hidden
         if (out / "fp.pt").exists():
             load_checkpoint(out / "fp.pt")
-        for cache in (out / "cache").glob("*"):
-            if not cache.name.startswith("."):
-                assert (cache / "cores.json").is_file()  # a cache folder that exists is whole
+        for halves in (out / "cache").rglob("right.npy"):  # a cache folder that is there...
+            if not any(part.startswith(".") for part in halves.relative_to(out).parts):
+                assert (halves.parent / "cores.json").is_file()  # ...is whole
 
     kill_sweep(tmp_path, pipeline, train, check=checkpoint_whole, min_steps=3)
 

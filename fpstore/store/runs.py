@@ -94,8 +94,15 @@ def remove_orphan_models(layout: StoreLayout) -> int:
 
 
 def write_compare(store, compare_id: str, document: dict) -> Path:
-    """A comparison's summary (its member runs are written with ``write_run``)."""
-    return write_json_atomic(document, StoreLayout.of(store).run_dir(compare_id) / "compare.json")
+    """A comparison's summary (its member runs are written with ``write_run``), in a folder
+    that appears whole, like a run's."""
+    layout = StoreLayout.of(store)
+    folder = layout.run_dir(compare_id)
+    if layout.is_remote:
+        return write_json_atomic(document, folder / "compare.json")
+    with staged_folder(folder) as staged:
+        write_json_atomic(document, staged / "compare.json")
+    return folder / "compare.json"
 
 
 def list_runs(store) -> list[str]:
