@@ -47,7 +47,7 @@ from fpstore.fingerprint.data import (
     tissue_grid,
     write_index,
 )
-from fpstore.store.io import staged_folder
+from fpstore.store.io import clean_staging, staged_folder
 
 TABLE_NAME = "sections.csv"  # what a --tma folder must hold
 TABLE_COLUMNS = ("file", "array", "site", "array_map")
@@ -251,6 +251,7 @@ def prepare_sections(
 
     signature = _signature(sections, mpp, size)
     folder = Path(folder)
+    clean_staging(folder.parent)  # what a killed cache write left, even when it is reused
     if not force and (folder / "cores.json").is_file():
         meta = read_meta(folder)
         if meta.get("source") == signature:
@@ -414,6 +415,7 @@ def cohort_cores(
             ).encode()
         ).hexdigest(),
     }
+    clean_staging(folder.parent)  # what a killed cache write left, even when it is reused
     if not force and (folder / "cores.json").is_file():
         meta = read_meta(folder)
         if meta.get("source") == signature:
