@@ -6,7 +6,9 @@ classify's models to ``store/models/classify/<run_id>/``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from fpstore.config import POOLS, check_choice, check_range
 from fpstore.errors import ClassifyError, ConfigError
 from fpstore.store.cohorts import read_cohort_document
 from fpstore.store.fingerprints import cohort_encoders, partition_settings, resolve_encoder
+from fpstore.store.layout import StoreLayout
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ def _save_classify(
     config = document["config"]
     encoder = config["encoder"]
     run_id = new_run_id(config)
+    write_model: Callable[[], object] | None = None
     if final is not None and cfg.save_models != "none":
         encoder_block = (
             None
@@ -223,10 +227,12 @@ def _save_classify(
             else encoder_card(fingerprint_settings(store, cfg.cohort, encoder), encoder)
         )
         card = build_card(run_id, document, data, encoder_block, final, external)
-        folder = save_models(store, run_id, card, final[0], fold_models)
+        # written inside the run's commit, before it: a model is listed only once its run is
+        write_model = partial(save_models, store, run_id, card, final[0], fold_models)
+        folder = StoreLayout.of(store).model_dir(run_id)
         document["model"] = {"model_id": run_id, "path": str(folder)}
     document["run_id"] = run_id
-    document["run_path"] = str(save_run(store, run_id, document, predictions))
+    document["run_path"] = str(save_run(store, run_id, document, predictions, write_model))
 
 
 def _default_pools(store: Path, cohort: str) -> tuple[str, ...]:

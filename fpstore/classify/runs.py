@@ -1,7 +1,7 @@
 """Saving classifier runs: ``store/runs/<run_id>/{patients.parquet, patches.parquet, run.json}``.
 
-The prediction tables are written first and run.json last, each atomically, so a folder with
-a run.json holds a whole run. run.json carries the config (one shape for every kind of run,
+A run folder appears whole, in one rename, with its saved model written just before it
+(``fpstore.store.runs.write_run``). run.json carries the config (one shape for every kind of run,
 see ``fpstore.store.runs``), the score range, the metrics, the per-fold table, the ROC points
 and the fold assignment of every patient.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -87,10 +88,14 @@ def attention_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None
 
 
 def save_run(
-    store, run_id: str, document: dict, predictions: list[tuple[str, str, Predictions]]
+    store,
+    run_id: str,
+    document: dict,
+    predictions: list[tuple[str, str, Predictions]],
+    model: Callable[[], object] | None = None,
 ) -> Path:
     """Write one run; ``predictions`` lists (cohort, role, Predictions) blocks (test, external,
-    predict)."""
+    predict); ``model`` saves the run's model, before the run's commit."""
     patients = pa.concat_tables(patient_table(run_id, c, role, p) for c, role, p in predictions)
     patches = [t for c, _, p in predictions if (t := patch_table(run_id, c, p)) is not None]
     attention = [t for c, _, p in predictions if (t := attention_table(run_id, c, p)) is not None]
@@ -107,4 +112,5 @@ def save_run(
         patients,
         pa.concat_tables(patches) if patches else None,
         pa.concat_tables(attention) if attention else None,
+        model,
     )

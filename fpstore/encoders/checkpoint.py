@@ -10,7 +10,6 @@ order), which the feature store records so fingerprints of different weights nev
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 import fpstore
 from fpstore.encoders.fingerprint_net import FingerprintNet
 from fpstore.errors import EncoderError
+from fpstore.store.io import remove_dead_temporaries, write_atomic
 
 FORMAT = "fpstore-fingerprint/1"
 REQUIRED_META = ("arch", "n_classes", "dim", "preprocessing")
@@ -55,10 +55,11 @@ def save_checkpoint(path: Path, model: FingerprintNet, meta: dict) -> dict:
         "fpstore_version": fpstore.__version__,
     }
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"format": FORMAT, "state_dict": state, "meta": full}, tmp)
-    tmp.replace(path)
+    remove_dead_temporaries(path)  # what a killed training left (hidden: .<name>.<pid>.*.tmp)
+    write_atomic(
+        path,
+        lambda handle: torch.save({"format": FORMAT, "state_dict": state, "meta": full}, handle),
+    )
     return full
 
 

@@ -52,8 +52,11 @@ class Claims:
         stored = stored_state(
             self.layout.fingerprint_file(self.encoder, self.cohort, plan.slide_id), self.key
         )
-        if stored.state in ("missing", "corrupt") or (
-            stored.state == "other-settings" and self.force
+        status = self.layout.status_file(self.encoder, self.cohort, plan.slide_id)
+        if (
+            stored.state in ("missing", "corrupt")
+            or (stored.state == "other-settings" and self.force)
+            or (stored.state == "match" and not status.is_file())  # its writer died between
         ):
             return claim
         claim.release()

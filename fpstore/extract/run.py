@@ -106,8 +106,10 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
             results[slide.slide_id] = SlideResult(slide.slide_id, "no-patient")
             continue
         state = stored[slide.slide_id]
-        if state.state in ("missing", "corrupt") or (
-            state.state == "other-settings" and config.force
+        if (
+            state.state in ("missing", "corrupt")
+            or (state.state == "other-settings" and config.force)
+            or (state.state == "match" and not _has_status(layout, encoder.id, cohort, slide))
         ):
             pending.append(slide)
         elif state.state == "other-settings":
@@ -161,6 +163,12 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
         if engine.first_encoded is None
         else engine.first_encoded - started,
     )
+
+
+def _has_status(layout, encoder: str, cohort: str, slide) -> bool:
+    """A slide is done once its status is written too: a writer killed between the two
+    left a whole file but no status (and maybe its temporary file): the slide is redone."""
+    return layout.status_file(encoder, cohort, slide.slide_id).is_file()
 
 
 def _stored_states(layout, encoder: str, cohort: str, slides, key: dict) -> dict:

@@ -16,8 +16,6 @@ plus ``cores.json``:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import numpy as np
 import torch
 
 from fpstore.errors import ConfigError, TrainingError
+from fpstore.store.io import staged_folder, write_npy_atomic
 
 TISSUE_STRIDE = 16  # px of the coarse tissue grid; crops start on it, plus random jitter
 MIN_TISSUE = 0.5  # crops keep at least this fraction of tissue (cores are round)
@@ -147,37 +146,23 @@ def class_ids(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --- the cache folder ------------------------------------------------------------------------
 
 
-def new_folder(folder: Path) -> Path:
-    """A fresh temporary sibling of ``folder``, to fill and then ``commit_folder``."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def commit_folder(
-    tmp: Path, folder: Path, items: list[dict], mpp: float, extra: dict | None = None
-) -> Path:
-    """Write cores.json into ``tmp`` and rename it to ``folder`` (a cache that exists is whole)."""
+def write_index(folder: Path, items: list[dict], mpp: float, extra: dict | None = None) -> None:
+    """Write cores.json into a cache folder being filled (``fpstore.store.io.staged_folder``:
+    the folder appears whole, in one step, so a cache that exists is whole)."""
     doc = {"version": CACHE_VERSION, "mpp": mpp, "items": items, **(extra or {})}
-    (Path(tmp) / "cores.json").write_text(json.dumps(doc, indent=1))
-    folder = Path(folder)
-    if folder.exists():
-        shutil.rmtree(folder)
-    Path(tmp).rename(folder)
-    return folder
+    (Path(folder) / "cores.json").write_text(json.dumps(doc, indent=1))
 
 
 def write_coreset(cores: CoreSet, folder: Path, extra: dict | None = None) -> Path:
     """Write ``cores`` to ``folder`` atomically."""
-    tmp = new_folder(folder)
-    for name in ("left", "right", "tissue_left", "tissue_right"):
-        np.save(tmp / f"{name}.npy", np.asarray(getattr(cores, name)))
-    for style, copies in cores.restyled.items():
-        (tmp / "restyled" / style).mkdir(parents=True)
-        np.save(tmp / "restyled" / style / "left.npy", np.asarray(copies))
-    return commit_folder(tmp, folder, cores.items(), cores.mpp, extra)
+    with staged_folder(folder) as tmp:
+        for name in ("left", "right", "tissue_left", "tissue_right"):
+            np.save(tmp / f"{name}.npy", np.asarray(getattr(cores, name)))
+        for style, copies in cores.restyled.items():
+            (tmp / "restyled" / style).mkdir(parents=True)
+            np.save(tmp / "restyled" / style / "left.npy", np.asarray(copies))
+        write_index(tmp, cores.items(), cores.mpp, extra)
+    return Path(folder)
 
 
 def read_meta(folder: Path) -> dict:
@@ -228,9 +213,7 @@ def save_restyled(folder: Path, name: str, copies: np.ndarray) -> None:
     """Add (or replace) the restyled copies ``name`` of a cached CoreSet's left halves."""
     target = Path(folder) / "restyled" / name
     target.mkdir(parents=True, exist_ok=True)
-    tmp = target / f"left.tmp{os.getpid()}.npy"
-    np.save(tmp, copies)
-    tmp.replace(target / "left.npy")
+    write_npy_atomic(copies, target / "left.npy")
 
 
 # --- crop positions and the crop stream ------------------------------------------------------

@@ -42,12 +42,12 @@ import numpy as np
 from fpstore.errors import ConfigError, FpstoreError, TrainingError
 from fpstore.fingerprint.data import (
     CoreSet,
-    commit_folder,
     load_coreset,
-    new_folder,
     read_meta,
     tissue_grid,
+    write_index,
 )
+from fpstore.store.io import clean_staging, staged_folder
 
 TABLE_NAME = "sections.csv"  # what a --tma folder must hold
 TABLE_COLUMNS = ("file", "array", "site", "array_map")
@@ -251,6 +251,7 @@ def prepare_sections(
 
     signature = _signature(sections, mpp, size)
     folder = Path(folder)
+    clean_staging(folder.parent)  # what a killed cache write left, even when it is reused
     if not force and (folder / "cores.json").is_file():
         meta = read_meta(folder)
         if meta.get("source") == signature:
@@ -273,40 +274,40 @@ def prepare_sections(
     if not found:
         names = ", ".join(s.name for s in sections)
         raise TrainingError(f"no core of the sections {names} matched their array maps")
-    tmp = new_folder(folder)
-    half = (size, size // 2, 3)
-    left = np.lib.format.open_memmap(tmp / "left.npy", "w+", np.uint8, (len(found), *half))
-    right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (len(found), *half))
-    items, slide, open_file = [], None, None
-    try:
-        for j, (section, crop, core) in enumerate(
-            tqdm(found, desc="crop cores", unit="core", disable=not progress)
-        ):
-            if crop is not None:
-                left[j], right[j] = _dearrayed_halves(section, *crop, mpp, size)
-            else:
-                if section.file != open_file:
-                    if slide is not None:
-                        slide.close()
-                    slide, open_file = open_slide(section.file, mpp=section.mpp), section.file
-                left[j], right[j] = split_halves(crop_core(slide, core, mpp=mpp, size=size))
-            items.append(
-                {
-                    "key": f"{section.array}:{core.core_index}",
-                    "patient_id": str(core.patient_id),
-                    "section": section.name,
-                    "site": section.site,
-                    "core_index": int(core.core_index),
-                }
-            )
-    finally:
-        if slide is not None:
-            slide.close()
-    np.save(tmp / "tissue_left.npy", tissue_grid(left))
-    np.save(tmp / "tissue_right.npy", tissue_grid(right))
-    left.flush(), right.flush()
-    del left, right
-    commit_folder(tmp, folder, items, mpp, {"source": signature, "skipped": skipped, "size": size})
+    with staged_folder(folder) as tmp:
+        half = (size, size // 2, 3)
+        left = np.lib.format.open_memmap(tmp / "left.npy", "w+", np.uint8, (len(found), *half))
+        right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (len(found), *half))
+        items, slide, open_file = [], None, None
+        try:
+            for j, (section, crop, core) in enumerate(
+                tqdm(found, desc="crop cores", unit="core", disable=not progress)
+            ):
+                if crop is not None:
+                    left[j], right[j] = _dearrayed_halves(section, *crop, mpp, size)
+                else:
+                    if section.file != open_file:
+                        if slide is not None:
+                            slide.close()
+                        slide, open_file = open_slide(section.file, mpp=section.mpp), section.file
+                    left[j], right[j] = split_halves(crop_core(slide, core, mpp=mpp, size=size))
+                items.append(
+                    {
+                        "key": f"{section.array}:{core.core_index}",
+                        "patient_id": str(core.patient_id),
+                        "section": section.name,
+                        "site": section.site,
+                        "core_index": int(core.core_index),
+                    }
+                )
+        finally:
+            if slide is not None:
+                slide.close()
+        np.save(tmp / "tissue_left.npy", tissue_grid(left))
+        np.save(tmp / "tissue_right.npy", tissue_grid(right))
+        left.flush(), right.flush()
+        del left, right
+        write_index(tmp, items, mpp, {"source": signature, "skipped": skipped, "size": size})
     return load_coreset(folder)
 
 
@@ -414,6 +415,7 @@ def cohort_cores(
             ).encode()
         ).hexdigest(),
     }
+    clean_staging(folder.parent)  # what a killed cache write left, even when it is reused
     if not force and (folder / "cores.json").is_file():
         meta = read_meta(folder)
         if meta.get("source") == signature:
@@ -469,36 +471,36 @@ def _cut(placed, cohort, spec: PseudoCoreSpec, folder: Path, signature, summary,
     from fpstore.slides.tma import split_halves
 
     n = summary["cores"]
-    tmp = new_folder(folder)
-    half = (spec.size, spec.size // 2, 3)
-    left = np.lib.format.open_memmap(tmp / "left.npy", "w+", np.uint8, (n, *half))
-    right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (n, *half))
-    items, j = [], 0
-    for record, squares, mpp in tqdm(placed, desc="cut pseudo-cores", disable=not progress):
-        if not squares:
-            continue
-        side = spec.size * spec.mpp / mpp
-        with open_cohort_slide(record) as slide:
-            for k, (x0, y0, fraction) in enumerate(squares):
-                left[j], right[j] = split_halves(slide.read_patch(x0, y0, side, spec.size))
-                items.append(
-                    {
-                        "key": f"{cohort}:{record.patient_id}",
-                        "patient_id": record.patient_id,
-                        "section": record.slide_id,
-                        "site": record.site or cohort,
-                        "core_index": k,
-                        "x": x0,
-                        "y": y0,
-                        "tissue_fraction": round(fraction, 3),
-                    }
-                )
-                j += 1
-    np.save(tmp / "tissue_left.npy", tissue_grid(left))
-    np.save(tmp / "tissue_right.npy", tissue_grid(right))
-    left.flush(), right.flush()
-    del left, right
-    commit_folder(
-        tmp, folder, items, spec.mpp, {"source": signature, "summary": summary, "size": spec.size}
-    )
+    with staged_folder(folder) as tmp:
+        half = (spec.size, spec.size // 2, 3)
+        left = np.lib.format.open_memmap(tmp / "left.npy", "w+", np.uint8, (n, *half))
+        right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (n, *half))
+        items, j = [], 0
+        for record, squares, mpp in tqdm(placed, desc="cut pseudo-cores", disable=not progress):
+            if not squares:
+                continue
+            side = spec.size * spec.mpp / mpp
+            with open_cohort_slide(record) as slide:
+                for k, (x0, y0, fraction) in enumerate(squares):
+                    left[j], right[j] = split_halves(slide.read_patch(x0, y0, side, spec.size))
+                    items.append(
+                        {
+                            "key": f"{cohort}:{record.patient_id}",
+                            "patient_id": record.patient_id,
+                            "section": record.slide_id,
+                            "site": record.site or cohort,
+                            "core_index": k,
+                            "x": x0,
+                            "y": y0,
+                            "tissue_fraction": round(fraction, 3),
+                        }
+                    )
+                    j += 1
+        np.save(tmp / "tissue_left.npy", tissue_grid(left))
+        np.save(tmp / "tissue_right.npy", tissue_grid(right))
+        left.flush(), right.flush()
+        del left, right
+        write_index(
+            tmp, items, spec.mpp, {"source": signature, "summary": summary, "size": spec.size}
+        )
     return load_coreset(folder)

@@ -16,6 +16,7 @@ import numpy as np
 
 from fpstore.config import check_choice
 from fpstore.report.colors import TISSUE_COLORS, UNKNOWN_TISSUE
+from fpstore.store.io import write_text_atomic
 
 OBJECT_TYPES = ("annotation", "detection", "tile")
 
@@ -65,9 +66,4 @@ def patches_geojson(
 
 
 def write_geojson(document: dict, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(document, separators=(",", ":")))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(json.dumps(document, separators=(",", ":")), Path(path))

@@ -24,6 +24,7 @@ from fpstore.report.embed import ClusterConfig, EmbedConfig, EmbeddingResult
 from fpstore.report.results import COLUMNS as RESULT_COLUMNS
 from fpstore.report.results import stored_results
 from fpstore.store.cohorts import read_cohort
+from fpstore.store.io import remove_dead_temporaries_in, write_text_atomic
 
 # The report's map: a subset keeps a 1,000-patient cohort's page to a minute or so.
 REPORT_EMBED = EmbedConfig(max_points=20_000)
@@ -266,6 +267,8 @@ def build_report(
     report = _Report(store, run, out, [_header(run)])
     figures = report.figures
     figures.mkdir(parents=True, exist_ok=True)
+    for folder in (out, *(p for p in figures.rglob("*") if p.is_dir()), figures):
+        remove_dead_temporaries_in(folder)  # what a killed report left
     with report.timed("tables"):
         _add_tables(report, n_boot)
     with report.timed("roc"):
@@ -280,9 +283,7 @@ def build_report(
             _section("Notes", "<ul>" + "".join(f"<li>{_e(n)}</li>" for n in notes) + "</ul>")
         )
     index = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(_page(f"fpstore report: run {run_id}", "\n".join(sections)), encoding="utf-8")
-    tmp.replace(index)
+    write_text_atomic(_page(f"fpstore report: run {run_id}", "\n".join(sections)), index)
     n_figures = len(list(figures.rglob("*.png")))
     return ReportResult(out, index, run_id, n_figures, shown, embedding, notes, seconds)
 

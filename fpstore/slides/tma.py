@@ -11,6 +11,7 @@ importable from here.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from fpstore.errors import ConfigError, MppMissingError, SlideError
 from fpstore.slides.tma_detect import DEFAULT_CORE_UM, Core, TmaArray, TmaSpec, detect
 from fpstore.slides.tma_map import join_array_map, read_array_map
 from fpstore.slides.tma_overlay import draw_overlay
+from fpstore.store.io import remove_dead_temporaries_in, write_text_atomic
 
 __all__ = [
     "Core",
@@ -174,6 +176,7 @@ def export_cores(
     from tqdm import tqdm
 
     out = Path(out)
+    remove_dead_temporaries_in(out)  # what a killed dearray left
     if (out / "cores.json").exists() and not force:
         raise ConfigError(
             f"{out} already holds a dearrayed slide (cores.json); pass --force to overwrite"
@@ -216,25 +219,27 @@ def export_cores(
         "map_entries_without_core": unmatched,
         "cores": [k.to_dict() for k in array.cores],
     }
-    (out / "cores.json").write_text(json.dumps(document, indent=2))
-    with open(out / "cores.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for k in array.cores:
-            writer.writerow(
-                [
-                    k.name,
-                    k.block,
-                    k.row,
-                    k.column,
-                    k.status,
-                    k.confidence,
-                    k.core_index,
-                    k.patient_id,
-                    round(k.centre[0], 1),
-                    round(k.centre[1], 1),
-                    round(k.diameter_px, 1),
-                    *k.bbox,
-                ]
-            )
+    table_text = io.StringIO()
+    writer = csv.writer(table_text)
+    writer.writerow(CSV_COLUMNS)
+    for k in array.cores:
+        writer.writerow(
+            [
+                k.name,
+                k.block,
+                k.row,
+                k.column,
+                k.status,
+                k.confidence,
+                k.core_index,
+                k.patient_id,
+                round(k.centre[0], 1),
+                round(k.centre[1], 1),
+                round(k.diameter_px, 1),
+                *k.bbox,
+            ]
+        )
+    # cores.json says "dearrayed": written last, so that it never names a missing table.
+    write_text_atomic(table_text.getvalue(), out / "cores.csv")
+    write_text_atomic(json.dumps(document, indent=2), out / "cores.json")
     return document

@@ -8,18 +8,14 @@ and name the known cohorts when asked for an unknown one.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from fpstore.errors import CohortError
-from fpstore.store.io import write_parquet_atomic
+from fpstore.store.io import recover_folder, staged_folder, write_parquet_atomic
 from fpstore.store.layout import StoreLayout, partitions, visible_files
 from fpstore.store.locks import FileLock
 from fpstore.store.schema import LABELS, SCHEMA_VERSION, SLIDES, file_metadata, read_metadata
@@ -61,6 +57,7 @@ class StoredCohort:
 
 def cohort_names(store) -> list[str]:
     layout = StoreLayout.of(store)
+    recover_cohorts(layout)
     folders = sorted(layout.cohorts_dir.iterdir()) if layout.cohorts_dir.is_dir() else []
     return [f.name for f in folders if not f.name.startswith(".") and (f / "cohort.json").is_file()]
 
@@ -83,7 +80,9 @@ def resolve_cohort(store, name: str | None) -> str:
 
 
 def read_cohort_document(store, name: str) -> dict:
-    path = StoreLayout.of(store).cohort_file(name, "cohort.json")
+    layout = StoreLayout.of(store)
+    recover_cohorts(layout)
+    path = layout.cohort_file(name, "cohort.json")
     if not path.is_file():
         raise unknown_cohort(store, name)
     return json.loads(path.read_text())
@@ -161,19 +160,26 @@ def _publish(layout: StoreLayout, name: str, slides, labels, document: dict) -> 
             )
         (target / "cohort.json").write_bytes(json.dumps(document, indent=2).encode())
         return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    # Filled aside and swapped in one step: readers see the old cohort or the new one.
+    with staged_folder(target) as tmp:
         write_parquet_atomic(slides, tmp / "slides.parquet", file_metadata("slides", cohort=name))
         write_parquet_atomic(labels, tmp / "labels.parquet", file_metadata("labels", cohort=name))
         (tmp / "cohort.json").write_text(json.dumps(document, indent=2))
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+def recover_cohorts(layout: StoreLayout) -> None:
+    """Put back a cohort whose ``cohort add --force`` died between the two renames of a
+    folder swap (``.<cohort>.old-<pid>``, where no atomic exchange exists or an older
+    fpstore wrote it), once its lock shows no writer alive."""
+    if layout.is_remote or not layout.cohorts_dir.is_dir():
+        return
+    for old in layout.cohorts_dir.glob(".*.old-*"):
+        name = old.name[1:].rsplit(".old-", 1)[0]
+        lock = cohort_lock(layout, name)
+        try:
+            if lock.acquire():
+                recover_folder(layout.cohort_dir(name))
+        except OSError:
+            return  # a read-only store: nothing can be moved, the readers go on without it
+        finally:
+            lock.release()

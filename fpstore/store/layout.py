@@ -18,8 +18,9 @@ A store is a local folder or a prefix on object storage (``s3://bucket/prefix``,
     cache/fingerprint-cores/<cohort>/<crop>     pseudo-cores for training (``pseudo_cores_dir``)
     cache/similarity/encoder=<id>/<cohort>      the vector index (``fpstore.store.similarity``)
 
-Temporary files start with '.' and end in '.tmp' (``fpstore.store.io``): every listing
-here skips names that start with '.'.
+Temporary files start with '.' and end in '.tmp', folders are filled under a hidden
+``.staging/`` beside their place (``fpstore.store.io``): every listing here skips names
+that start with '.'.
 """
 
 from __future__ import annotations

@@ -5,8 +5,10 @@ copies it; and a store's trained fingerprint networks (``stored_fingerprint_chec
     <model>/fold-<k>.npz    the cross-validation fold models, where they were saved
     <model>/README.md       the model card as a short page
     <model>/card.json       the model card: what the model is, how it was trained, how to
-                            rebuild it (``fpstore.classify.models`` writes it); written last,
-                            so a folder with a card.json holds a whole model
+                            rebuild it (``fpstore.classify.models`` writes it)
+
+A model folder is filled aside and moved into place in one step, so a folder with a
+card.json holds a whole model; in a store it counts once its run exists too.
 
 The arrays are plain numpy ``.npz`` files read with ``allow_pickle=False``: loading a model
 someone sent runs none of their code. In a store, ``models/classify/<model_id>/``.
@@ -21,7 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from fpstore.errors import StoreError
-from fpstore.store.io import write_json_atomic, write_npz_atomic, write_text_atomic
+from fpstore.store.io import (
+    staged_folder,
+    write_json_atomic,
+    write_npz_atomic,
+    write_text_atomic,
+)
 from fpstore.store.layout import StoreLayout, visible_files
 
 MODEL_FORMAT = 1
@@ -35,23 +42,34 @@ def state_file(name: str) -> str:
 
 
 def write_model(folder, card: dict, states: dict[str, dict], page: str) -> Path:
-    """Write a model folder: its states (``{name: {array name: array}}``), the page, the card."""
+    """Write a model folder: its states (``{name: {array name: array}}``), the page, the card,
+    filled aside and moved into place in one step."""
     folder = Path(folder)
     if (folder / CARD).exists():
         raise StoreError(f"{folder} holds a model already; models are written once")
-    for name, arrays in states.items():
-        write_npz_atomic(arrays, folder / state_file(name))
-    write_text_atomic(page, folder / PAGE)
-    write_json_atomic({**card, "format": MODEL_FORMAT}, folder / CARD)
+    with staged_folder(folder) as staged:
+        for name, arrays in states.items():
+            write_npz_atomic(arrays, staged / state_file(name))
+        write_text_atomic(page, staged / PAGE)
+        write_json_atomic({**card, "format": MODEL_FORMAT}, staged / CARD)
     return folder
+
+
+def _stored(layout: StoreLayout, model_id: str) -> bool:
+    """A store's model is whole once its card exists and complete once its run does (the
+    run's commit comes last, ``store.runs.write_run``)."""
+    return (layout.model_dir(model_id) / CARD).is_file() and (
+        layout.run_dir(model_id) / "run.json"
+    ).is_file()
 
 
 def list_models(store) -> list[str]:
     """The ids of the store's saved models, oldest first (ids start with a UTC time)."""
-    folder = StoreLayout.of(store).models_dir
+    layout = StoreLayout.of(store)
+    folder = layout.models_dir
     if not folder.is_dir():
         return []
-    return sorted(p.name for p in folder.iterdir() if (p / CARD).is_file())
+    return sorted(p.name for p in folder.iterdir() if _stored(layout, p.name))
 
 
 def model_folder(store, ref: str | Path) -> Path:
@@ -59,10 +77,9 @@ def model_folder(store, ref: str | Path) -> Path:
     path = Path(ref)
     if (path / CARD).is_file():
         return path
-    if path.name == str(ref) and store is not None:  # a bare id, not a path
-        folder = StoreLayout.of(store).model_dir(str(ref))
-        if (folder / CARD).is_file():
-            return folder
+    in_store = store is not None and path.name == str(ref)  # a bare id, not a path
+    if in_store and _stored(StoreLayout.of(store), str(ref)):
+        return StoreLayout.of(store).model_dir(str(ref))
     known = list_models(store) if store is not None else []
     raise StoreError(
         f"no model {str(ref)!r}: not a model folder (with a {CARD}) nor a model of store "

@@ -1,7 +1,9 @@
 """Classifier runs in the store: ``runs/<run_id>/{patients.parquet, patches.parquet, run.json}``.
 
-The prediction tables are written first and run.json last, each atomically, so a folder with
-a run.json holds a whole run. Every run.json has one shape:
+The prediction tables and run.json are written in a hidden staging folder that becomes
+``runs/<run_id>`` in one rename, so a run folder is whole (and the ``predictions`` view,
+which globs ``runs/*/patients.parquet``, never sees an unfinished run's rows). Every
+run.json has one shape:
 
     run_id, kind        classify, cv / external (a compare member), predict
     config              the run's settings; every kind has marker, cohort (the cohort the run
@@ -14,6 +16,8 @@ a run.json holds a whole run. Every run.json has one shape:
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +25,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fpstore.errors import StoreError
-from fpstore.store.io import write_json_atomic, write_parquet_atomic
+from fpstore.store.io import (
+    staged_folder,
+    write_json_atomic,
+    write_parquet_atomic,
+    writer_alive,
+)
 from fpstore.store.layout import StoreLayout
 from fpstore.store.schema import file_metadata
 
@@ -33,10 +42,33 @@ def write_run(
     patients: pa.Table,
     patches: pa.Table | None,
     attention: pa.Table | None = None,
+    model: Callable[[], object] | None = None,
 ) -> Path:
-    """Write one run: its patient predictions, patch predictions and attention (if any),
-    then run.json."""
-    folder = StoreLayout.of(store).run_dir(run_id)
+    """Write one run: its patient predictions, patch predictions and attention (if any) and
+    run.json, filled aside and moved to ``runs/<run_id>`` in one step, the run's commit.
+
+    ``model`` writes the run's saved model (``models/classify/<run_id>``) before that step:
+    a store lists a model only once its run exists (``store.models.list_models``), so a
+    killed run leaves neither. Models that a killed writer left without their run go first.
+    """
+    layout = StoreLayout.of(store)
+    folder = layout.run_dir(run_id)
+    tables = (patients, patches, attention)
+    if layout.is_remote:  # no folder rename on object storage: the model, then run.json last
+        if model is not None:
+            model()
+        _write_run_files(folder, run_id, document, tables)
+        return folder
+    with staged_folder(folder) as staged:
+        remove_orphan_models(layout)
+        if model is not None:
+            model()
+        _write_run_files(staged, run_id, document, tables)
+    return folder
+
+
+def _write_run_files(folder, run_id: str, document: dict, tables) -> None:
+    patients, patches, attention = tables
     write_parquet_atomic(
         patients, folder / "patients.parquet", file_metadata("predictions", run_id=run_id)
     )
@@ -51,12 +83,35 @@ def write_run(
             file_metadata("patch_attention", run_id=run_id),
         )
     write_json_atomic(document, folder / "run.json")
-    return folder
+
+
+def remove_orphan_models(layout: StoreLayout) -> int:
+    """Remove the model folders whose run a killed classify never committed (no run folder,
+    no live writer of that run); returns how many."""
+    models = layout.models_dir
+    if not models.is_dir():
+        return 0
+    removed = 0
+    for folder in models.iterdir():
+        if folder.name.startswith(".") or (layout.run_dir(folder.name) / "run.json").exists():
+            continue
+        if writer_alive(layout.runs_dir, folder.name):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed += 1
+    return removed
 
 
 def write_compare(store, compare_id: str, document: dict) -> Path:
-    """A comparison's summary (its member runs are written with ``write_run``)."""
-    return write_json_atomic(document, StoreLayout.of(store).run_dir(compare_id) / "compare.json")
+    """A comparison's summary (its member runs are written with ``write_run``), in a folder
+    that appears whole, like a run's."""
+    layout = StoreLayout.of(store)
+    folder = layout.run_dir(compare_id)
+    if layout.is_remote:
+        return write_json_atomic(document, folder / "compare.json")
+    with staged_folder(folder) as staged:
+        write_json_atomic(document, staged / "compare.json")
+    return folder / "compare.json"
 
 
 def list_compares(store) -> list[dict]:

@@ -259,6 +259,7 @@ def predict_tissue(
     progress: bool = True,
 ) -> TissueSummary:
     """Type every stored patch of ``cohort`` with ``method``; write the tissue table."""
+    from fpstore.store.io import remove_dead_temporaries_in
     from fpstore.store.schema import file_metadata
     from fpstore.store.tissue import write_tissue
 
@@ -266,6 +267,7 @@ def predict_tissue(
     typer = TissueTyper(store, method, model, thresholds)
     encoder = resolve_encoder(store, cohort, encoder)
     out = StoreLayout.of(store).tissue_dir(cohort)
+    remove_dead_temporaries_in(out)  # what a killed run left
     summary = TissueSummary(cohort, method, encoder, typer.model_hash, out=str(out))
     metadata = file_metadata(
         "tissue",

@@ -25,6 +25,7 @@ import numpy as np
 import fpstore
 from fpstore.config import TISSUE_TYPES, check_choice, check_range
 from fpstore.errors import ConfigError, StoreError, TrainingError
+from fpstore.store.io import remove_dead_temporaries, write_atomic
 from fpstore.store.models import read_npz
 from fpstore.tissue.methods import TRAINED_METHODS, TissueMethod, get_method
 
@@ -122,13 +123,12 @@ class TissueModel:
         return counts.astype(np.float32) / k
 
     def save(self, path: Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = dict(self.meta, method=self.method, format=_FORMAT, hash=self.hash)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **self.arrays)
-        tmp.replace(path)
-        return path
+        remove_dead_temporaries(Path(path))  # what a killed training left
+        return write_atomic(
+            Path(path),
+            lambda handle: np.savez(handle, meta=np.array(json.dumps(meta)), **self.arrays),
+        )
 
     @classmethod
     def load(cls, path: Path) -> TissueModel:
