@@ -34,7 +34,13 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 import torch
 
-from fpstore.config import check_choice, check_range, set_backend_flags
+from fpstore.config import (
+    DEVICES,
+    TRAIN_PRECISIONS,
+    check_choice,
+    check_range,
+    set_backend_flags,
+)
 from fpstore.encoders.base import PrecisionChoice, resolve_precision
 from fpstore.encoders.fingerprint_net import ARCHS, FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
@@ -43,8 +49,7 @@ from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops
 from fpstore.fingerprint.losses import DEFAULT_GAMMA, Margin, fingerprint_loss
 from fpstore.slides.stain import StainAugmentConfig, stain_jitter
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16")  # fp16 would need loss scaling; int8 does not train
+PRECISIONS = ("auto", *TRAIN_PRECISIONS)
 # objective -> the network's head (fpstore.encoders.fingerprint_net.HEADS)
 OBJECTIVES = {"paper": "linear", "cosface": "cosine"}
 
