@@ -224,8 +224,6 @@ def register_cohorts(steps: _Steps, data: Path, store: Path) -> None:
 def _train_networks(steps: _Steps, settings: DemoSettings, out: Path, seed: int, progress: bool):
     """Train each fingerprint network and play the matching game with it; returns the
     extractions of its fingerprints (one per stain-normalisation setting)."""
-    from fpstore.encoders.base import stain_normalised_id
-    from fpstore.extract.config import ExtractConfig
     from fpstore.fingerprint.experiment import Sources, match, train_fingerprint
 
     # The large training set: the training array's cores and pseudo-cores of the TCGA-like
@@ -254,17 +252,26 @@ def _train_networks(steps: _Steps, settings: DemoSettings, out: Path, seed: int,
             f"matching game on the test array ({base})", match, model, sources, progress=progress
         )
         extractions += [
-            ExtractConfig(
-                encoder="fingerprint",
-                encoder_options={"checkpoint": str(model)},
-                encoder_id=stain_normalised_id(base, norm),
-                stain_norm=norm,
-                patches=None,
-                seed=seed,
-            )
+            fingerprint_extraction(model, base, seed, norm)
             for norm in settings.settings(settings.fingerprint_norm)
         ]
     return extractions
+
+
+def fingerprint_extraction(model: Path, base: str, seed: int, norm):
+    """The extraction of a trained network's fingerprints, under its own encoder id ``base``
+    (``+norm`` when normalised)."""
+    from fpstore.encoders.base import stain_normalised_id
+    from fpstore.extract.config import ExtractConfig
+
+    return ExtractConfig(
+        encoder="fingerprint",
+        encoder_options={"checkpoint": str(model)},
+        encoder_id=stain_normalised_id(base, norm),
+        stain_norm=norm,
+        patches=None,
+        seed=seed,
+    )
 
 
 def control_extraction(seed: int, norm):

@@ -38,6 +38,7 @@ from fpstore.demo import (
     _prepare,
     _Steps,
     control_extraction,
+    fingerprint_extraction,
     register_cohorts,
 )
 from fpstore.errors import ConfigError
@@ -77,24 +78,12 @@ class EvidenceSettings:
 
 def _extract_all(steps: _Steps, store: Path, model: Path, seed: int, norm: str) -> dict:
     """{base encoder: [its encoder id plain, normalised]} after extracting all four."""
-    from fpstore.encoders.base import stain_normalised_id
-    from fpstore.extract.config import ExtractConfig
     from fpstore.extract.run import extract
 
     ids: dict[str, list[str]] = {FINGERPRINT: [], CONTROL_ENCODER: []}
     for setting in (None, norm):
         for base, config in (
-            (
-                FINGERPRINT,
-                ExtractConfig(
-                    encoder="fingerprint",
-                    encoder_options={"checkpoint": str(model)},
-                    encoder_id=stain_normalised_id(FINGERPRINT, setting),
-                    stain_norm=setting,
-                    patches=None,
-                    seed=seed,
-                ),
-            ),
+            (FINGERPRINT, fingerprint_extraction(model, FINGERPRINT, seed, setting)),
             (CONTROL_ENCODER, control_extraction(seed, setting)),
         ):
             encoder_id = config.encoder_id or config.build_encoder().id

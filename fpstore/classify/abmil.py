@@ -29,7 +29,7 @@ from torch import nn
 from fpstore.classify.bags import Bags
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
-from fpstore.classify.mil import _auto_threads, _moments, _Threads
+from fpstore.classify.mil import TorchBagHead, _auto_threads, _moments, _Threads
 from fpstore.config import check_choice, check_range
 from fpstore.errors import ClassifyError
 
@@ -114,30 +114,12 @@ def _es_value(y: np.ndarray, logits: np.ndarray) -> float:
     return float(np.mean(np.log(np.where(y == 1, p, 1 - p) + 1e-12)))
 
 
-class ABMILHead(ClassifierMixin, BaseEstimator):
+class ABMILHead(TorchBagHead, ClassifierMixin, BaseEstimator):
     """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es))."""
 
     config_class = ABMILConfig
 
-    def __init__(self, config: ABMILConfig | None = None):
-        self.config = config
-
-    @property
-    def settings(self) -> ABMILConfig:
-        return self.config or ABMILConfig()
-
-    def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
-        cfg = self.settings
-        y = np.asarray(y)
-        if len(y) != bags.n_patients:
-            raise ClassifyError(f"{len(y)} labels for {bags.n_patients} bags")
-        if len(np.unique(y)) != 2:
-            raise ClassifyError("the ABMIL head needs training patients of both classes")
-        batch_values = cfg.batch_bags * float(np.mean(bags.n_patches())) * bags.dim
-        self.threads_ = _auto_threads(cfg.threads, int(batch_values))
-        with _Threads(self.threads_):
-            self._fit(bags, y, eval_set, cfg)
-        return self
+    head_name = "the ABMIL head"
 
     def _fit(self, bags: Bags, y: np.ndarray, eval_set, cfg: ABMILConfig) -> None:
         self.mean_, self.std_ = _moments(bags.features, cfg.standardize)

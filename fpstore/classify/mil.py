@@ -14,6 +14,7 @@ costs two thin matrix products over them (forward and backward of the 512 x 8 la
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import cast
 
@@ -139,19 +140,20 @@ def _bag_weights(y: np.ndarray, class_weight: str) -> torch.Tensor:
     return torch.from_numpy(weight.astype(np.float32))
 
 
-class MILHead(PatchMeanScores, ClassifierMixin, BaseEstimator):
-    """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es)).
-    A patient's score is the mean of its patches' scores, in [-1, 1]."""
+class TorchBagHead:
+    """What the torch heads over bags share: their config, the checks on the training labels,
+    and the thread count for the batch size (``_fit`` is each head's own)."""
 
-    config_class = MILConfig
-    score_low = -1.0
+    config_class: type
+    head_name: str
+    _fit: Callable[..., None]
 
-    def __init__(self, config: MILConfig | None = None):
+    def __init__(self, config=None):
         self.config = config
 
     @property
-    def settings(self) -> MILConfig:
-        return self.config or MILConfig()
+    def settings(self):
+        return self.config or self.config_class()
 
     def fit(self, bags: Bags, y, eval_set: tuple[Bags, np.ndarray] | None = None):
         cfg = self.settings
@@ -159,12 +161,22 @@ class MILHead(PatchMeanScores, ClassifierMixin, BaseEstimator):
         if len(y) != bags.n_patients:
             raise ClassifyError(f"{len(y)} labels for {bags.n_patients} bags")
         if len(np.unique(y)) != 2:
-            raise ClassifyError("the MIL head needs training patients of both classes")
+            raise ClassifyError(f"{self.head_name} needs training patients of both classes")
         batch_values = cfg.batch_bags * float(np.mean(bags.n_patches())) * bags.dim
         self.threads_ = _auto_threads(cfg.threads, int(batch_values))
         with _Threads(self.threads_):
             self._fit(bags, y, eval_set, cfg)
         return self
+
+
+class MILHead(TorchBagHead, PatchMeanScores, ClassifierMixin, BaseEstimator):
+    """scikit-learn-style estimator over ``Bags``: fit(bags, y, eval_set=(bags_es, y_es)).
+    A patient's score is the mean of its patches' scores, in [-1, 1]."""
+
+    config_class = MILConfig
+    score_low = -1.0
+
+    head_name = "the MIL head"
 
     def _fit(self, bags: Bags, y: np.ndarray, eval_set, cfg: MILConfig) -> None:
         self.mean_, self.std_ = _moments(bags.features, cfg.standardize)
