@@ -108,7 +108,7 @@ def test_host_batches_bound_for_a_gpu_are_copied_once_into_the_pinned_ring():
     from fpstore.extract.local import _Loop
 
     loop = _Loop.__new__(_Loop)
-    loop.config, loop.batch_size = SimpleNamespace(compile=False), 8
+    loop.job, loop.batch_size = SimpleNamespace(config=SimpleNamespace(compile=False)), 8
     loop.staging = PinnedBatches((8, 2, 2, 3), depth=2, pin=False)
     part = torch.full((5, 2, 2, 3), 3, dtype=torch.uint8)
     batch, staged = loop._join([part], 5)
@@ -118,7 +118,7 @@ def test_host_batches_bound_for_a_gpu_are_copied_once_into_the_pinned_ring():
     batch, staged = loop._join([decoded, part, decoded], 9)
     assert staged and batch.device.type == "meta" and tuple(batch.shape) == (9, 2, 2, 3)
     assert loop.staging.buffers[1][:5].eq(3).all()  # the host part went through the ring
-    loop.config = SimpleNamespace(compile=True)
+    loop.job = SimpleNamespace(config=SimpleNamespace(compile=True))
     batch, staged = loop._join([decoded, part[:1]], 3)
     assert batch.device.type == "meta" and len(batch) == 8
 

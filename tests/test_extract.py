@@ -73,6 +73,30 @@ def test_bad_slide_is_recorded_and_the_others_are_extracted(tmp_path):
         )
 
 
+def test_an_extraction_job_refuses_settings_that_disagree(tmp_path):
+    """The engines trust the job: the precision resolved, the encoder's patches at the run's
+    tissue threshold, and one encoder named by the encoder, the writers' info and the key."""
+    from dataclasses import replace
+
+    from fpstore.config import PatchSpec
+    from fpstore.extract.job import ExtractJob
+    from fpstore.extract.plan import resume_key
+    from fpstore.extract.write import EncoderInfo
+    from fpstore.store.layout import StoreLayout
+
+    cfg = config(precision="fp32")
+    encoder = cfg.build_encoder()
+    info, key, spec = EncoderInfo.of(encoder), resume_key(encoder, cfg), PatchSpec(112.0, 224)
+    layout = StoreLayout.of(tmp_path)
+    ExtractJob(layout, "c", encoder, info, key, spec, cfg)
+    with pytest.raises(ConfigError, match="precision"):
+        ExtractJob(layout, "c", encoder, info, key, spec, replace(cfg, precision="auto"))
+    with pytest.raises(ConfigError, match="min-tissue"):
+        ExtractJob(layout, "c", encoder, info, key, PatchSpec(112.0, 224, 0.2), cfg)
+    with pytest.raises(ConfigError, match="another encoder"):
+        ExtractJob(layout, "c", encoder, replace(info, id="other"), key, spec, cfg)
+
+
 def test_resume_skips_done_slides_refuses_other_settings_and_force_redoes_them(tmp_path):
     store = make_cohort(tmp_path, bad=False)
     extract(store, "c", config(), progress=False)

@@ -158,6 +158,17 @@ def test_not_a_model_file_is_refused(tmp_path):
         TissueModel.load(tmp_path / "missing.npz")
 
 
+def test_training_on_a_cohort_checks_its_labels_before_reading_the_store(tmp_path):
+    store = tmp_path / "no-store"
+    with pytest.raises(TrainingError, match="--labels truth needs --truth DIR"):
+        train_tissue(store, TrainConfig(), cohort="c")
+    with pytest.raises(ConfigError, match="train.labels='masks'"):
+        train_tissue(store, TrainConfig(), cohort="c", labels="masks")
+    with pytest.raises(TrainingError, match="batch do not apply"):
+        train_tissue(store, TrainConfig(), cohort="c", labels="rules", batch=8)
+    assert not store.exists()
+
+
 def test_train_on_tile_folders_with_aliases_and_map(tmp_path):
     # Public datasets' layout: one folder per class, named BACK / ADI / STR ...
     for folder, tiles in {

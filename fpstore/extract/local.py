@@ -34,9 +34,11 @@ import torch
 
 from fpstore.encoders.base import PrecisionChoice, resolve_device, resolve_precision
 from fpstore.errors import StoreError
+from fpstore.extract.claims import Claims
 from fpstore.extract.config import ExtractConfig, SlideResult
+from fpstore.extract.job import ExtractJob
 from fpstore.extract.plan import SlidePlan, SlideWork, plan_patient
-from fpstore.extract.write import EncoderInfo, record_failure, write_slide
+from fpstore.extract.write import record_failure, write_slide
 from fpstore.store.locks import FileLock
 
 
@@ -67,32 +69,20 @@ class LocalEngine:
             encoder.calibrate(calibration)
 
     def run(
-        self,
-        store,
-        cohort: str,
-        encoder,
-        info: EncoderInfo,
-        key: dict,
-        spec,
-        config: ExtractConfig,
-        work: list[SlideWork],
-        claims,
-        progress: bool = True,
+        self, job: ExtractJob, work: list[SlideWork], claims: Claims
     ) -> tuple[dict[str, SlideResult], dict | None]:
         """Plan, encode and write the slides of ``work`` this run can claim: (results,
         int8 agreement)."""
         from fpstore.extract.decode import choose_decoder
 
-        device = self.device(config)
-        decoder, why = choose_decoder(device, config.decode)
-        if progress:
+        device = self.device(job.config)
+        decoder, why = choose_decoder(device, job.config.decode)
+        if job.progress:
             print(why, file=sys.stderr, flush=True)
-        loop = _Loop(
-            self, store, cohort, encoder, info, key, spec, config, device, claims, decoder, progress
-        )
+        loop = _Loop(self, job, device, claims, decoder)
         results = loop.run(work)
         self.decode = why + loop.decode_note()
-        return results, encoder.calibration
+        return results, job.encoder.calibration
 
 
 class PatchTasks(torch.utils.data.IterableDataset):
@@ -153,6 +143,10 @@ class PatchTasks(torch.utils.data.IterableDataset):
         return {"seq": seq, "slot": slot, "start": start, "error": error, **payload}
 
 
+# Results each reader works ahead of the model (the DataLoader's prefetch_factor).
+_PREFETCH = 2
+
+
 def _worker_init(_):
     # Readers decode and resize; the cores belong to the model. (OpenCV's threads are set
     # to one in the parent before the fork: cv2.setNumThreads in a forked child can hang.)
@@ -208,27 +202,11 @@ class PinnedBatches:
 class _Loop:
     """One pass over the work: claim, plan, read, encode, write."""
 
-    def __init__(
-        self,
-        engine,
-        store,
-        cohort,
-        encoder,
-        info,
-        key,
-        spec,
-        config,
-        device,
-        claims,
-        decoder,
-        progress,
-    ):
-        self.engine, self.store, self.cohort, self.encoder = engine, store, cohort, encoder
-        self.info, self.key, self.spec, self.config, self.device = info, key, spec, config, device
-        self.claims, self.progress = claims, progress
+    def __init__(self, engine: LocalEngine, job: ExtractJob, device: str, claims: Claims, decoder):
+        self.engine, self.job, self.device, self.claims = engine, job, device, claims
         self.decoder = decoder  # a TileDecoder when JPEG tiles are decoded on the GPU
-        self.batch_size = config.resolved_batch_size(device)
-        self.workers = config.resolved_workers()
+        self.batch_size = job.config.resolved_batch_size(device)
+        self.workers = job.config.resolved_workers()
         self.slots: dict[int, _Slot] = {}
         self.results: dict[str, SlideResult] = {}
         self.staging = None  # PinnedBatches, for CPU-decoded batches bound for a GPU
@@ -237,10 +215,32 @@ class _Loop:
 
     # -- the run --
     def run(self, work: list[SlideWork]) -> dict[str, SlideResult]:
-        import multiprocessing
-
         import cv2
-        from tqdm import tqdm
+
+        loader = self._readers()
+        self._begin(work)
+        cv2_threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)  # inherited by the forked readers (see _worker_init)
+        iterator = iter(loader)
+        try:
+            self._pump(iterator)
+        finally:
+            if not self.closed:  # an interrupted run: let the workers end instead of waiting
+                self._close_readers()
+            for claims in self.planning.values():
+                for claim in claims.values():
+                    claim.release()
+            for slot_id in list(self.slots):
+                self.slots.pop(slot_id).claim.release()
+            del iterator
+            cv2.setNumThreads(cv2_threads)
+            self.bar.close()
+        return self.results
+
+    def _readers(self):
+        """The loader that yields the readers' results, and their task queues
+        (``self.queues``); without reader processes it runs the tasks here, from one queue."""
+        import multiprocessing
 
         if self.device == "cpu" and self.workers:
             # The readers are light; leave the model all but one core only when it has many.
@@ -252,93 +252,75 @@ class _Loop:
             context.Queue() if self.workers else queue_module.Queue()
             for _ in range(max(1, self.workers))
         ]
-        prefetch = 2
-        loader = torch.utils.data.DataLoader(
+        return torch.utils.data.DataLoader(
             PatchTasks(self.queues),
             batch_size=None,
             num_workers=self.workers,
             worker_init_fn=_worker_init if self.workers else None,
-            prefetch_factor=prefetch if self.workers else None,
+            prefetch_factor=_PREFETCH if self.workers else None,
             # Not pinned here: batches bound for a GPU are gathered into the pinned ring
             # (PinnedBatches) anyway, and pinning each chunk first would copy it twice.
             pin_memory=False,
             multiprocessing_context=context if self.workers else None,
             in_order=True,  # results in the order tasks were put (see the module docstring)
         )
+
+    def _begin(self, work: list[SlideWork]) -> None:
+        """The bookkeeping of one pass: what to plan and read next, what waits for the
+        model, the progress bar."""
+        from tqdm import tqdm
+
         if self.device == "cuda":
-            shape = (self.batch_size, self.spec.out_px, self.spec.out_px, 3)
+            shape = (self.batch_size, self.job.spec.out_px, self.job.spec.out_px, 3)
             self.staging = PinnedBatches(shape)
         # Chunks queued so that every reader has the next one while the model works; plans
         # run ahead only as far as that needs, one per reader at a time.
-        self.target = prefetch * max(1, self.workers) + 2
-        self.chunk = max(self.config.chunk_size, self.batch_size if self.decoder else 0)
+        self.target = _PREFETCH * max(1, self.workers) + 2
+        self.chunk = max(self.job.config.chunk_size, self.batch_size if self.decoder else 0)
         self.groups = deque(_by_patient(work))
         self.planning: dict[int, dict[str, FileLock]] = {}  # plan seq -> claims it plans
         self.ready: deque = deque()  # [slot id, xy, next start] of planned slides
         self.put = self.received = self.next_slot = 0
         self.bar = tqdm(
             total=len(work),
-            desc=f"extract {self.encoder.id}",
+            desc=f"extract {self.job.encoder.id}",
             unit="slide",
-            disable=not self.progress,
+            disable=not self.job.progress,
             dynamic_ncols=True,
         )
         self.encoded = 0
         self.t0 = time.perf_counter()
-        batch: deque = deque()  # (slot, start, pixels) waiting for the model
-        queued = 0
-        pending_out = None
-        closed = False
-        cv2_threads = cv2.getNumThreads()
-        cv2.setNumThreads(1)  # inherited by the forked readers (see _worker_init)
-        iterator = iter(loader)
-        try:
-            while True:
-                self._fill()
-                if not closed and self._drained():
-                    for q in self.queues:
-                        q.put(None)
-                    closed = True
-                if self.put == self.received:
-                    break
-                item = next(iterator)
-                if item["seq"] != self.received:  # the in-order contract, checked
-                    raise RuntimeError(
-                        f"reader result {item['seq']} arrived as number {self.received}"
-                    )
-                self.received += 1
-                if "plans" in item:
-                    self._planned(item)
-                else:
-                    queued += self._arrived(item, batch)
-                # Flush the last partial batch once nothing more can come, whatever came last.
-                last = self._drained() and self.put == self.received
-                while queued >= self.batch_size or (queued and last):
-                    n = min(self.batch_size, queued)
-                    rows, parts = self._take(batch, n)
-                    queued -= n
-                    out = self._encode(*self._join(parts, n), n)
-                    if pending_out is not None:
-                        self._scatter(*pending_out)
-                    pending_out = (rows, out)
-                if pending_out is not None and last:
-                    self._scatter(*pending_out)
-                    pending_out = None
-            if pending_out is not None:
-                self._scatter(*pending_out)
-        finally:
-            if not closed:  # an interrupted run: let the workers end instead of waiting
-                for q in self.queues:
-                    q.put(None)
-            for claims in self.planning.values():
-                for claim in claims.values():
-                    claim.release()
-            for slot_id in list(self.slots):
-                self.slots.pop(slot_id).claim.release()
-            del iterator
-            cv2.setNumThreads(cv2_threads)
-            self.bar.close()
-        return self.results
+        self.batch: deque = deque()  # (slot, start, pixels) waiting for the model
+        self.queued = 0  # patches in self.batch
+        self.pending_out = None  # (rows, handle) of the batch on the device, not yet scattered
+        self.closed = False  # the readers were told to end
+
+    def _pump(self, results) -> None:
+        """Keep the readers busy and take their results in order until every task put has
+        come back: plans become slots, pixels queue for the model, full batches are encoded."""
+        while True:
+            self._fill()
+            if not self.closed and self._drained():
+                self._close_readers()
+            if self.put == self.received:
+                break
+            item = next(results)
+            if item["seq"] != self.received:  # the in-order contract, checked
+                raise RuntimeError(f"reader result {item['seq']} arrived as number {self.received}")
+            self.received += 1
+            if "plans" in item:
+                self._planned(item)
+            else:
+                self.queued += self._arrived(item, self.batch)
+            # Flush the last partial batch once nothing more can come, whatever came last.
+            self._encode_queued(last=self._drained() and self.put == self.received)
+        if self.pending_out is not None:
+            self._scatter(*self.pending_out)
+
+    def _close_readers(self) -> None:
+        for q in self.queues:
+            q.put(None)
+        self.closed = True
 
     def decode_note(self) -> str:
         """Slides per decoder, when any slide fell back from the GPU to the readers."""
@@ -386,7 +368,7 @@ class _Loop:
             if (
                 self.groups
                 and len(self.planning) < max(1, self.workers)
-                and backlog < self.target * self.config.chunk_size
+                and backlog < self.target * self.job.config.chunk_size
             ):
                 self._plan(self.groups.popleft())
             elif self.put - self.received < self.target and self.ready:
@@ -405,8 +387,8 @@ class _Loop:
                 claimed[work.slide_id] = claim
         if claimed:
             self.planning[self.put] = claimed
-            spec, config = self.spec, self.config
-            store = str(self.store)
+            spec, config = self.job.spec, self.job.config
+            store = str(self.job.layout)
             self._send(
                 (
                     "plan",
@@ -424,7 +406,7 @@ class _Loop:
         claims = self.planning.pop(item["seq"])
         for slide_id, error in item["failed"].items():
             self.results[slide_id] = record_failure(
-                self.store, self.cohort, self.info, slide_id, error
+                self.job.layout, self.job.cohort, self.job.info, slide_id, error
             )
             claims.pop(slide_id).release()  # after the status: only a claim holder writes it
             self.bar.update(1)
@@ -436,7 +418,7 @@ class _Loop:
             self.slots[slot_id] = _Slot(
                 plan,
                 claims.pop(plan.slide_id),
-                np.zeros((n, self.encoder.dim), np.float32),
+                np.zeros((n, self.job.encoder.dim), np.float32),
                 n,
                 time.time(),
                 tiles=verdict == "gpu",
@@ -465,7 +447,7 @@ class _Loop:
                 plan.mpp,
                 xy[start:stop],
                 plan.size_px,
-                self.spec.out_px,
+                self.job.spec.out_px,
                 start,
                 slot.tiles,
             )
@@ -488,7 +470,7 @@ class _Loop:
         if path not in self._verdicts:
             try:
                 with open_slide(path, mpp=plan.mpp) as slide:
-                    sample = slide.jpeg_sample(plan.size_px, self.spec.out_px)
+                    sample = slide.jpeg_sample(plan.size_px, self.job.spec.out_px)
                 if sample is None:
                     verdict = "no scanned tile to check"
                 else:
@@ -498,7 +480,7 @@ class _Loop:
                 verdict = str(error).split(";")[0]
             except Exception as error:  # the GPU decoder refused the sample tile
                 verdict = f"GPU decoding failed on the sample tile: {_one_line(error)}"
-            if verdict != "gpu" and self.progress:
+            if verdict != "gpu" and self.job.progress:
                 print(f"{plan.slide_id}: CPU decode: {verdict}", file=sys.stderr, flush=True)
             self._verdicts[path] = verdict
         verdict = self._verdicts[path]
@@ -506,6 +488,22 @@ class _Loop:
         return verdict
 
     # -- the model --
+    def _encode_queued(self, last: bool) -> None:
+        """Encode the queued patches in full batches (and the partial one when ``last``). A
+        batch's vectors are scattered once the next batch is started, so that the device
+        works while the host waits; the last one's at once."""
+        while self.queued >= self.batch_size or (self.queued and last):
+            n = min(self.batch_size, self.queued)
+            rows, parts = self._take(self.batch, n)
+            self.queued -= n
+            out = self._encode(*self._join(parts, n), n)
+            if self.pending_out is not None:
+                self._scatter(*self.pending_out)
+            self.pending_out = (rows, out)
+        if self.pending_out is not None and last:
+            self._scatter(*self.pending_out)
+            self.pending_out = None
+
     def _take(self, batch: deque, n: int):
         """Pop exactly n patches off the chunk queue: [(slot, start, count)], [pixels]."""
         rows, parts, need = [], [], n
@@ -528,7 +526,7 @@ class _Loop:
         nothing); a batch that mixes slides the GPU decoded with slides the readers decoded
         is joined on the GPU, the readers' parts uploaded from the ring in one copy; padded
         to the batch size when compiled (one shape)."""
-        size = self.batch_size if self.config.compile else n
+        size = self.batch_size if self.job.config.compile else n
         on_host = [p for p in parts if p.device.type == "cpu"]
         if on_host and len(on_host) < len(parts):
             device = next(p.device for p in parts if p.device.type != "cpu")
@@ -546,7 +544,7 @@ class _Loop:
 
     def _encode(self, pixels, staged: bool, n: int):
         """Start the model on one batch; returns a handle whose result _scatter waits for."""
-        out = self.encoder.encode(pixels)[:n]
+        out = self.job.encoder.encode(pixels)[:n]
         if staged:
             self.staging.done()
         if out.device.type == "cuda":
@@ -582,12 +580,12 @@ class _Loop:
         slot = self.slots.pop(slot_id)
         try:
             result = write_slide(
-                self.store,
-                self.cohort,
+                self.job.layout,
+                self.job.cohort,
                 slot.plan,
-                self.spec,
-                self.info,
-                self.key,
+                self.job.spec,
+                self.job.info,
+                self.job.key,
                 slot.vectors,
                 slot.started,
             )
@@ -600,7 +598,7 @@ class _Loop:
         slot = self.slots.pop(slot_id)
         slot.error = error
         slide_id = slot.plan.slide_id
-        result = record_failure(self.store, self.cohort, self.info, slide_id, error)
+        result = record_failure(self.job.layout, self.job.cohort, self.job.info, slide_id, error)
         self.results[slide_id] = replace(result, decode=slot.decode)
         slot.claim.release()
         self.bar.update(1)

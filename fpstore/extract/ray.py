@@ -36,10 +36,11 @@ import numpy as np
 from fpstore.config import check_range
 from fpstore.encoders.base import PrecisionChoice, resolve_precision
 from fpstore.errors import ConfigError, EncoderError, FpstoreError
+from fpstore.extract.claims import Claims
 from fpstore.extract.config import ExtractConfig, SlideResult
+from fpstore.extract.job import ExtractJob
 from fpstore.extract.plan import SlidePlan, SlideWork, plan_slides
 from fpstore.extract.write import EncoderInfo, record_failure, write_slide
-from fpstore.store.layout import StoreLayout
 
 
 @dataclass(frozen=True)
@@ -178,33 +179,25 @@ class RayEngine:
         self.calibration = calibration
 
     def run(
-        self,
-        store,
-        cohort: str,
-        encoder,
-        info: EncoderInfo,
-        key: dict,
-        spec,
-        config: ExtractConfig,
-        work: list[SlideWork],
-        claims,
-        progress: bool = True,
+        self, job: ExtractJob, work: list[SlideWork], claims: Claims
     ) -> tuple[dict[str, SlideResult], dict | None]:
         """Plan the slides of ``work`` (one task per slide of their patients), then extract
         them on the cluster: (one SlideResult per slide, the int8 agreement with fp32)."""
-        layout = StoreLayout.of(store)
         slides = list({s.slide_id: s for w in work for s in w.patient_slides}.values())
         failed: dict[str, str] = {}
+        config, store = job.config, str(job.layout)
         plans = plan_slides(
-            slides, spec, config.patches, config.seed, failed, str(layout), progress, self.map
+            slides, job.spec, config.patches, config.seed, failed, store, job.progress, self.map
         )
         results = {}
         for item in work:
             if item.slide_id in failed:
                 error = failed[item.slide_id]
-                results[item.slide_id] = record_failure(layout, cohort, info, item.slide_id, error)
+                results[item.slide_id] = record_failure(
+                    job.layout, job.cohort, job.info, item.slide_id, error
+                )
         todo = [(item, plans[item.slide_id]) for item in work if item.slide_id in plans]
-        run = _Run(self, layout, cohort, encoder, info, key, spec, config, progress, claims)
+        run = _Run(self, job, claims)
         results.update(run.run(todo))
         return results, run.agreement
 
@@ -298,22 +291,16 @@ def _write_slide(
 
 
 class _Run:
-    def __init__(
-        self, engine: RayEngine, store, cohort, encoder, info, key, spec, config, progress, claims
-    ):
+    def __init__(self, engine: RayEngine, job: ExtractJob, claims: Claims):
         self.engine, self.ray, self.rc = engine, engine.ray, engine.config
-        self.store, self.cohort, self.key, self.spec, self.config = store, cohort, key, spec, config
-        self.progress = progress
-        self.encoder = encoder
-        self.info = info
-        self.claims = claims
+        self.job, self.claims = job, claims
         self.results: dict[str, SlideResult] = {}
         calibration = engine.calibration
         self.calibration = None if calibration is None else calibration.numpy()
         self.agreement = None
 
     def _actors(self) -> list:
-        device = self.engine.device(self.config)
+        device = self.engine.device(self.job.config)
         n = self.rc.encoders or (int(self.engine.gpus) if device == "cuda" else 1)
         if n * self.rc.encoder_cpus + self.rc.reader_cpus > self.engine.cpus:
             # Actors hold their CPUs for the whole run: readers would wait for ever.
@@ -329,11 +316,12 @@ class _Run:
             max_task_retries=self.rc.max_retries,
         )
         # Once, whatever the number of actors; kept referenced so that a restart can rebuild.
-        self.model = self.ray.put(self.encoder)
+        self.model = self.ray.put(self.job.encoder)
         self.pixels = None if self.calibration is None else self.ray.put(self.calibration)
         threads = max(1, int(self.rc.encoder_cpus))
         return [
-            actor.remote(self.model, device, self.config, threads, self.pixels) for _ in range(n)
+            actor.remote(self.model, device, self.job.config, threads, self.pixels)
+            for _ in range(n)
         ]
 
     def run(self, plans: list[tuple[SlideWork, SlidePlan]]) -> dict[str, SlideResult]:
@@ -351,9 +339,9 @@ class _Run:
         todo = deque(plans)
         bar = tqdm(
             total=len(plans),
-            desc=f"extract {self.info.id} (ray)",
+            desc=f"extract {self.job.info.id} (ray)",
             unit="slide",
-            disable=not self.progress,
+            disable=not self.job.progress,
             dynamic_ncols=True,
         )
         encoded, t0 = 0, time.perf_counter()
@@ -379,19 +367,19 @@ class _Run:
                             plan.mpp,
                             xy[start : start + self.rc.read_chunk],
                             plan.size_px,
-                            self.spec.out_px,
+                            self.job.spec.out_px,
                         )
                         a = load.index(min(load))
                         load[a] += 1
                         used.append(a)
                         chunks.append(actors[a].encode.remote(pixels))
                     ref = write.remote(
-                        str(self.store),
-                        self.cohort,
+                        str(self.job.layout),
+                        self.job.cohort,
                         plan,
-                        self.spec,
-                        self.info,
-                        self.key,
+                        self.job.spec,
+                        self.job.info,
+                        self.job.key,
                         time.time(),
                         *chunks,
                     )
@@ -420,7 +408,7 @@ class _Run:
             result = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:
             result = record_failure(
-                self.store, self.cohort, self.info, plan.slide_id, _cause(error)
+                self.job.layout, self.job.cohort, self.job.info, plan.slide_id, _cause(error)
             )
         finally:
             claim.release()

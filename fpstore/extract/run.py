@@ -11,8 +11,8 @@ recorded (status ``failed`` + error) and the run goes on; the summary names ever
 run could not confirm.
 
 An engine has ``check_store(layout)``, ``device(config)``, ``precision(config)``,
-``prepare(encoder, config, calibration)``, ``run(layout, cohort, encoder, info, key, spec,
-config, work, claims, progress) -> (results, int8 agreement)`` and the attributes
+``prepare(encoder, config, calibration)``, ``run(job, work, claims) -> (results, int8
+agreement)`` (``job``: the run's settings, an ``ExtractJob``) and the attributes
 ``first_encoded`` (perf_counter time of the first encoded batch, or None) and ``decode``.
 """
 
@@ -26,6 +26,7 @@ from fpstore.config import PatchSpec
 from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.claims import Claims
 from fpstore.extract.config import ExtractConfig, ExtractSummary, SlideResult
+from fpstore.extract.job import ExtractJob
 from fpstore.extract.plan import SlideWork, calibration_set, read_calibration, resume_key
 from fpstore.extract.write import EncoderInfo
 from fpstore.store.cohorts import cohort_lock, read_cohort
@@ -78,15 +79,10 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
     spec = PatchSpec(
         encoder.preprocessing.patch_um, encoder.preprocessing.out_px, config.min_tissue
     )
+    calibration = None
     if config.precision == "int8":
-        if str(device) != "cpu" or config.compile:
-            raise ConfigError(
-                f"--precision int8 is a CPU path without --compile (encoders on {device}, "
-                f"compile {config.compile}); add --device cpu and drop --compile, or use "
-                "--precision bf16 on GPUs"
-            )
+        _check_int8_settings(device, config)
         calibration, key["calibration"] = calibration_set(slides, spec, layout)
-    info = EncoderInfo.of(encoder, choice.reason)
     notes = []
     stored = _stored_states(layout, encoder.id, cohort, slides, key)
     if config.patches is not None and _all_patches_stored(stored.values()):
@@ -98,53 +94,13 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
             "the store holds every tissue patch of this cohort and encoder: reusing them "
             "(`classify --patches N` draws N per patient); missing slides get all patches too"
         )
-
-    results: dict[str, SlideResult] = {}
-    pending, mismatched = [], {}
-    for slide in slides:
-        if slide.patient_id is None:
-            results[slide.slide_id] = SlideResult(slide.slide_id, "no-patient")
-            continue
-        state = stored[slide.slide_id]
-        if (
-            state.state in ("missing", "corrupt")
-            or (state.state == "other-settings" and config.force)
-            or (state.state == "match" and not _has_status(layout, encoder.id, cohort, slide))
-        ):
-            pending.append(slide)
-        elif state.state == "other-settings":
-            mismatched[slide.slide_id] = state
-        elif state.state == "foreign":
-            path = layout.fingerprint_file(encoder.id, cohort, slide.slide_id)
-            results[slide.slide_id] = SlideResult(
-                slide.slide_id, "failed", error=f"{path}: {state.describe()}; move it away"
-            )
-        else:
-            results[slide.slide_id] = SlideResult(slide.slide_id, "skipped")
-    if mismatched:
-        raise StoreError(_explain_mismatch(layout, mismatched))
-
-    # Sampling pools a patient's slides: each slide to do travels with all of its patient's.
-    patients: dict[str, list] = {}
-    for slide in slides:
-        patients.setdefault(slide.patient_id, []).append(slide)
-    work = [SlideWork(s, tuple(patients[s.patient_id])) for s in pending]
-
-    loop_seconds, agreement = 0.0, None
-    if work:
-        pixels = read_calibration(calibration, spec) if config.precision == "int8" else None
-        engine.prepare(encoder, config, pixels)
-        claims = Claims(layout, encoder.id, cohort, key, config.force)
-        loop_started = time.perf_counter()
-        while work:
-            done, agreement = engine.run(
-                layout, cohort, encoder, info, key, spec, config, work, claims, progress
-            )
-            results.update(done)
-            # Slides another process held: once free, done there, or ours to take over.
-            work = claims.wait_for_deferred(progress) if claims.deferred else []
-        results.update(claims.decided)
-        loop_seconds = time.perf_counter() - loop_started
+    info = EncoderInfo.of(encoder, choice.reason)
+    job = ExtractJob(layout, cohort, encoder, info, key, spec, config, progress)
+    results, pending = _sort_slides(job, slides, stored)
+    done, loop_seconds, agreement = _run_engine(
+        engine, job, _slide_work(slides, pending), calibration
+    )
+    results.update(done)
     ordered = [results[s.slide_id] for s in slides if s.slide_id in results]
     return ExtractSummary(
         cohort,
@@ -163,6 +119,74 @@ def _extract(layout, cohort, config, progress, engine, encoder, started) -> Extr
         if engine.first_encoded is None
         else engine.first_encoded - started,
     )
+
+
+def _check_int8_settings(device, config: ExtractConfig) -> None:
+    if str(device) != "cpu" or config.compile:
+        raise ConfigError(
+            f"--precision int8 is a CPU path without --compile (encoders on {device}, "
+            f"compile {config.compile}); add --device cpu and drop --compile, or use "
+            "--precision bf16 on GPUs"
+        )
+
+
+def _sort_slides(job: ExtractJob, slides, stored: dict) -> tuple[dict[str, SlideResult], list]:
+    """(the results of the slides settled without extracting them, the slides to extract);
+    refuses a store whose files of these slides were made with other settings (no --force)."""
+    layout, encoder, cohort = job.layout, job.info.id, job.cohort
+    results: dict[str, SlideResult] = {}
+    pending, mismatched = [], {}
+    for slide in slides:
+        if slide.patient_id is None:
+            results[slide.slide_id] = SlideResult(slide.slide_id, "no-patient")
+            continue
+        state = stored[slide.slide_id]
+        if (
+            state.state in ("missing", "corrupt")
+            or (state.state == "other-settings" and job.config.force)
+            or (state.state == "match" and not _has_status(layout, encoder, cohort, slide))
+        ):
+            pending.append(slide)
+        elif state.state == "other-settings":
+            mismatched[slide.slide_id] = state
+        elif state.state == "foreign":
+            path = layout.fingerprint_file(encoder, cohort, slide.slide_id)
+            results[slide.slide_id] = SlideResult(
+                slide.slide_id, "failed", error=f"{path}: {state.describe()}; move it away"
+            )
+        else:
+            results[slide.slide_id] = SlideResult(slide.slide_id, "skipped")
+    if mismatched:
+        raise StoreError(_explain_mismatch(layout, mismatched))
+    return results, pending
+
+
+def _slide_work(slides, pending) -> list[SlideWork]:
+    """Sampling pools a patient's slides: each slide to do travels with all of its patient's."""
+    patients: dict[str, list] = {}
+    for slide in slides:
+        patients.setdefault(slide.patient_id, []).append(slide)
+    return [SlideWork(s, tuple(patients[s.patient_id])) for s in pending]
+
+
+def _run_engine(engine, job: ExtractJob, work: list[SlideWork], calibration):
+    """Hand the work to the engine until no slide is left deferred: (results, seconds from
+    the first claim to the last file, int8 agreement)."""
+    if not work:
+        return {}, 0.0, None
+    config = job.config
+    pixels = read_calibration(calibration, job.spec) if config.precision == "int8" else None
+    engine.prepare(job.encoder, config, pixels)
+    claims = Claims(job.layout, job.info.id, job.cohort, job.key, config.force)
+    results: dict[str, SlideResult] = {}
+    loop_started = time.perf_counter()
+    while work:
+        done, agreement = engine.run(job, work, claims)
+        results.update(done)
+        # Slides another process held: once free, done there, or ours to take over.
+        work = claims.wait_for_deferred(job.progress) if claims.deferred else []
+    results.update(claims.decided)
+    return results, time.perf_counter() - loop_started, agreement
 
 
 def _has_status(layout, encoder: str, cohort: str, slide) -> bool:

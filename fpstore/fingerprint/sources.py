@@ -244,11 +244,6 @@ def prepare_sections(
 ) -> CoreSet:
     """Crop every core of ``sections`` (``size`` px at ``mpp``), split it into halves and
     cache them in ``folder``; a cache made from the same files and settings is reused."""
-    from tqdm import tqdm
-
-    from fpstore.slides.slide import open_slide
-    from fpstore.slides.tma import crop_core, split_halves
-
     signature = _signature(sections, mpp, size)
     folder = Path(folder)
     clean_staging(folder.parent)  # what a killed cache write left, even when it is reused
@@ -256,8 +251,25 @@ def prepare_sections(
         meta = read_meta(folder)
         if meta.get("source") == signature:
             return load_coreset(folder)
+    found, skipped = _mapped_cores(sections)  # dearray first: the cache size must be known
+    with staged_folder(folder) as tmp:
+        half = (size, size // 2, 3)
+        left = np.lib.format.open_memmap(tmp / "left.npy", "w+", np.uint8, (len(found), *half))
+        right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (len(found), *half))
+        items = _crop_halves(found, left, right, mpp, size, progress)
+        np.save(tmp / "tissue_left.npy", tissue_grid(left))
+        np.save(tmp / "tissue_right.npy", tissue_grid(right))
+        left.flush(), right.flush()
+        del left, right
+        write_index(tmp, items, mpp, {"source": signature, "skipped": skipped, "size": size})
+    return load_coreset(folder)
+
+
+def _mapped_cores(sections: list[TmaSection]) -> tuple[list[tuple], list[dict]]:
+    """([(section, crop, core)] of the cores in their array maps, [the cores left out, and
+    why]); a section without a single core, or sections without a mapped one, are refused."""
     found, skipped = [], []
-    for section in sections:  # dearray first: the cache size must be known
+    for section in sections:
         cores = _slide_cores(section)
         if not cores:
             raise TrainingError(
@@ -274,41 +286,44 @@ def prepare_sections(
     if not found:
         names = ", ".join(s.name for s in sections)
         raise TrainingError(f"no core of the sections {names} matched their array maps")
-    with staged_folder(folder) as tmp:
-        half = (size, size // 2, 3)
-        left = np.lib.format.open_memmap(tmp / "left.npy", "w+", np.uint8, (len(found), *half))
-        right = np.lib.format.open_memmap(tmp / "right.npy", "w+", np.uint8, (len(found), *half))
-        items, slide, open_file = [], None, None
-        try:
-            for j, (section, crop, core) in enumerate(
-                tqdm(found, desc="crop cores", unit="core", disable=not progress)
-            ):
-                if crop is not None:
-                    left[j], right[j] = _dearrayed_halves(section, *crop, mpp, size)
-                else:
-                    if section.file != open_file:
-                        if slide is not None:
-                            slide.close()
-                        slide, open_file = open_slide(section.file, mpp=section.mpp), section.file
-                    left[j], right[j] = split_halves(crop_core(slide, core, mpp=mpp, size=size))
-                items.append(
-                    {
-                        "key": f"{section.array}:{core.core_index}",
-                        "patient_id": str(core.patient_id),
-                        "section": section.name,
-                        "site": section.site,
-                        "core_index": int(core.core_index),
-                    }
-                )
-        finally:
-            if slide is not None:
-                slide.close()
-        np.save(tmp / "tissue_left.npy", tissue_grid(left))
-        np.save(tmp / "tissue_right.npy", tissue_grid(right))
-        left.flush(), right.flush()
-        del left, right
-        write_index(tmp, items, mpp, {"source": signature, "skipped": skipped, "size": size})
-    return load_coreset(folder)
+    return found, skipped
+
+
+def _crop_halves(found: list[tuple], left, right, mpp: float, size: int, progress: bool):
+    """Fill ``left[j]`` and ``right[j]`` with the halves of the j-th core of ``found`` (from
+    its `fpstore tma dearray` crop, or cut from its slide, opened once per run of its cores);
+    returns the cores' index entries."""
+    from tqdm import tqdm
+
+    from fpstore.slides.slide import open_slide
+    from fpstore.slides.tma import crop_core, split_halves
+
+    items, slide, open_file = [], None, None
+    try:
+        for j, (section, crop, core) in enumerate(
+            tqdm(found, desc="crop cores", unit="core", disable=not progress)
+        ):
+            if crop is not None:
+                left[j], right[j] = _dearrayed_halves(section, *crop, mpp, size)
+            else:
+                if section.file != open_file:
+                    if slide is not None:
+                        slide.close()
+                    slide, open_file = open_slide(section.file, mpp=section.mpp), section.file
+                left[j], right[j] = split_halves(crop_core(slide, core, mpp=mpp, size=size))
+            items.append(
+                {
+                    "key": f"{section.array}:{core.core_index}",
+                    "patient_id": str(core.patient_id),
+                    "section": section.name,
+                    "site": section.site,
+                    "core_index": int(core.core_index),
+                }
+            )
+    finally:
+        if slide is not None:
+            slide.close()
+    return items
 
 
 def prepare_tma(

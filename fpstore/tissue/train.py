@@ -11,6 +11,7 @@ Sources of labels:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,25 @@ from fpstore.tissue.truth import find_mask, load_truth, patch_truth
 
 LABEL_SOURCES = ("truth", "rules")
 _TILE_OPTIONS = ("encoder", "encoder_options", "mapping", "batch", "progress")
-_STORE_OPTIONS = ("labels", "truth", "downsample", "encoder", "sample", "thresholds", "progress")
+_LABEL_OPTIONS = ("labels", "truth", "downsample", "thresholds")  # one PatchLabels
+_STORE_OPTIONS = (*_LABEL_OPTIONS, "encoder", "sample", "progress")
+
+
+@dataclass(frozen=True)
+class PatchLabels:
+    """Where a stored cohort's training patches get their labels: ``truth`` masks (the
+    folder ``fpstore synth`` writes; ``downsample``: level-0 px per mask px, when its
+    truth.json does not say) or the label-free ``rules`` (with their ``thresholds``)."""
+
+    labels: str = "truth"
+    truth: Path | None = None
+    downsample: float | None = None
+    thresholds: RuleThresholds = RuleThresholds()
+
+    def __post_init__(self):
+        check_choice("train", "labels", self.labels, LABEL_SOURCES)
+        if self.labels == "truth" and self.truth is None:
+            raise TrainingError("--labels truth needs --truth DIR (the truth masks)")
 
 
 def train_from_tiles(
@@ -83,12 +102,9 @@ def train_from_store(
     store: Path,
     cohort: str,
     config: TrainConfig,
-    labels: str = "truth",
-    truth: Path | None = None,
-    downsample: float | None = None,
+    labelling: PatchLabels,
     encoder: str | None = None,
     sample: int = 20_000,
-    thresholds: RuleThresholds = RuleThresholds(),
     progress: bool = True,
 ) -> TissueModel:
     """Fit on a stored cohort's patches labelled by truth masks or by the rules.
@@ -98,11 +114,9 @@ def train_from_store(
     """
     from tqdm import tqdm
 
-    check_choice("train", "labels", labels, LABEL_SOURCES)
-    if labels == "truth" and truth is None:
-        raise TrainingError("--labels truth needs --truth DIR (the truth masks)")
+    labels, truth = labelling.labels, labelling.truth
     encoder_id, files = stored_slide_files(store, cohort, encoder)
-    masks = load_truth(truth, downsample) if labels == "truth" else {}
+    masks = load_truth(truth, labelling.downsample) if labels == "truth" else {}
     needs_pixels = labels == "rules" or config.source == "pixels"
     locations = cohort_slides(store, cohort)
     chosen = _sample_rows(files, sample, config.seed)
@@ -130,7 +144,7 @@ def train_from_store(
             failed.append({"slide_id": path.stem, "error": str(error)})
             continue
         if labels == "rules":
-            y = rule_probabilities(features, thresholds).argmax(axis=1)
+            y = rule_probabilities(features, labelling.thresholds).argmax(axis=1)
         encoder_hash = slide.metadata.get("encoder_hash", encoder_hash)
         X_parts.append(features if config.source == "pixels" else slide.fingerprints[rows])
         y_parts.append(y)
@@ -209,6 +223,7 @@ def train_tissue(
     if tiles is not None:
         model = train_from_tiles(tiles, config, **given)
     else:
-        model = train_from_store(store, cohort, config, **given)
+        labelling = PatchLabels(**{k: given.pop(k) for k in _LABEL_OPTIONS if k in given})
+        model = train_from_store(store, cohort, config, labelling, **given)
     path = model.save(out or StoreLayout.of(store).tissue_model_file(config.method))
     return model.describe() | {"path": str(path)}
