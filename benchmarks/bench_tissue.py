@@ -30,8 +30,8 @@ from _cohort import register_cohort
 from fpstore.config import TISSUE_TYPES
 from fpstore.store.io import write_parquet_atomic
 from fpstore.store.schema import file_metadata, fingerprint_schema
-from fpstore.tissue.predict import predict_tissue
-from fpstore.tissue.trained import TrainConfig, fit_tissue_model
+from fpstore.tissue.trained import TissueTrainConfig, fit_tissue_model
+from fpstore.tissue.type_patches import predict_tissue
 
 DIM = 512
 CMU = Path(__file__).resolve().parents[1] / "tests" / "data" / "slides" / "CMU-1-Small-Region.svs"
@@ -136,7 +136,7 @@ def main():
             model = fit_tissue_model(
                 X,
                 y,
-                TrainConfig(method=method),
+                TissueTrainConfig(method=method),
                 {"encoder": {"id": "bench", "hash": "h", "dim": DIM}},
             )
             models[method] = model.save(store / f"{method}.npz")

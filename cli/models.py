@@ -17,7 +17,7 @@ def models():
 @json_option
 def list_(store_path, as_json):
     """The store's saved models, oldest first."""
-    from fpstore.classify.models import model_rows
+    from fpstore.classify.saved_models import model_rows
 
     rows = model_rows(store_path)
     if as_json:
@@ -51,7 +51,7 @@ def list_(store_path, as_json):
 @json_option
 def show(model, store_path, as_json):
     """A model's card: MODEL is a model id of the store or the path of a model folder."""
-    from fpstore.classify.models import card_page, load_model
+    from fpstore.classify.saved_models import card_page, load_model
 
     saved = load_model(store_path, model)
     if as_json:

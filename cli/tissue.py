@@ -102,7 +102,7 @@ def predict(cohort, method, model, encoder, thresholds, batch, store_path, as_js
     fpstore tissue predict --cohort tcga --method fingerprint-logreg
     Exits 1 when some slides could not be typed (the others are written).
     """
-    from fpstore.tissue.predict import predict_tissue
+    from fpstore.tissue.type_patches import predict_tissue
 
     cohort = resolve_cohort(store_path, cohort)
 
@@ -226,13 +226,13 @@ def train(
     fpstore tissue train --cohort tcga --labels rules --sample 20000
     """
     from fpstore.tissue.train import train_tissue
-    from fpstore.tissue.trained import TrainConfig
+    from fpstore.tissue.trained import TissueTrainConfig
 
     if cohort and labels is None:
         labels = "truth" if truth else "rules"
     described = train_tissue(
         store_path,
-        TrainConfig(method=method, C=C, k=k, seed=seed),
+        TissueTrainConfig(method=method, C=C, k=k, seed=seed),
         out=out,
         tiles=tiles,
         cohort=cohort,

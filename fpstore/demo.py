@@ -342,7 +342,7 @@ def analyse(
     tissue type), classify ER with ``encoder``'s fingerprints, the report."""
     from fpstore.classify.pipeline import ClassifyConfig, classify, compare
     from fpstore.report.html import build_report
-    from fpstore.tissue.predict import predict_tissue
+    from fpstore.tissue.type_patches import predict_tissue
 
     result = steps.result
     for cohort in ("tcga", "external"):

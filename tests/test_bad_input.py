@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from fpstore.cli.main import cli
 from fpstore.errors import StoreError
-from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
+from fpstore.tissue.trained import TissueModel, TissueTrainConfig, fit_tissue_model
 
 
 def one_line_error(args, code=1):
@@ -134,7 +134,7 @@ def test_predict_with_a_damaged_model_file_is_one_line(classify_model, tmp_path,
 def test_a_damaged_tissue_model_is_refused_on_load_in_one_line(tmp_path, how, method):
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(60, 8)).astype(np.float32), np.repeat([1, 2], 30)
-    path = fit_tissue_model(X, y, TrainConfig(method=method, pca_dim=4, k=3)).save(
+    path = fit_tissue_model(X, y, TissueTrainConfig(method=method, pca_dim=4, k=3)).save(
         tmp_path / "m.npz"
     )
     TissueModel.load(path)

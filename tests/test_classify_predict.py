@@ -12,10 +12,10 @@ from click.testing import CliRunner
 
 from fpstore.classify.bags import Bags
 from fpstore.classify.data import load_dataset
-from fpstore.classify.models import card_page, load_model, model_rows
 from fpstore.classify.pipeline import ClassifyConfig, classify
 from fpstore.classify.predict import PredictConfig, predict
 from fpstore.classify.protocol import score_bags
+from fpstore.classify.saved_models import card_page, load_model, model_rows
 from fpstore.cli.main import cli
 from fpstore.errors import ClassifyError, ConfigError, StoreError
 from fpstore.report.html import UNLABELLED, build_report, pick_examples

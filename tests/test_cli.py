@@ -179,12 +179,15 @@ def test_a_stored_fingerprint_tissue_model_types_the_cohort_when_a_pool_needs_it
 
     from fpstore.store.layout import StoreLayout
     from fpstore.store.tissue import read_tissue_types
-    from fpstore.tissue.trained import TrainConfig, fit_tissue_model
+    from fpstore.tissue.trained import TissueTrainConfig, fit_tissue_model
 
     store = _one_cohort_store(tmp_path, tissue=False)
     rng = np.random.default_rng(0)
     model = fit_tissue_model(
-        rng.normal(size=(80, 8)), np.repeat([1, 2], 40), TrainConfig(), {"encoder": {"id": "enc"}}
+        rng.normal(size=(80, 8)),
+        np.repeat([1, 2], 40),
+        TissueTrainConfig(),
+        {"encoder": {"id": "enc"}},
     )
     model.save(StoreLayout(store).tissue_model_file("fingerprint-logreg"))
     args = ["--store", str(store), "classify", "--marker", "ER", "--pool", "epithelium"]

@@ -22,11 +22,11 @@ from fpstore.store.schema import TISSUE, file_metadata, fingerprint_schema, patc
 from fpstore.tissue.evaluate import evaluate_tissue, scores
 from fpstore.tissue.features import FEATURE_NAMES, pixel_features
 from fpstore.tissue.methods import METHODS
-from fpstore.tissue.predict import predict_tissue
 from fpstore.tissue.rules import RuleThresholds, rule_logits, rule_probabilities
 from fpstore.tissue.train import train_tissue
-from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
+from fpstore.tissue.trained import TissueModel, TissueTrainConfig, fit_tissue_model
 from fpstore.tissue.truth import load_truth, patch_truth
+from fpstore.tissue.type_patches import predict_tissue
 
 DATA = Path(__file__).parent / "data"
 TILES = DATA / "tiles"
@@ -118,7 +118,7 @@ def test_trained_model_learns_saves_and_reloads(tmp_path, method):
     model = fit_tissue_model(
         X[:200],
         y[:200],
-        TrainConfig(method=method, k=5),
+        TissueTrainConfig(method=method, k=5),
         {"encoder": {"id": "e", "hash": "h", "dim": X.shape[1]}},
     )
     probs = model.predict_proba(X[200:])
@@ -132,7 +132,7 @@ def test_trained_model_learns_saves_and_reloads(tmp_path, method):
 
 def test_classes_absent_from_training_get_zero_probability():
     X, y = blobs(classes=(0, 2))  # background and stroma only: a binary model
-    model = fit_tissue_model(X, y, TrainConfig())
+    model = fit_tissue_model(X, y, TissueTrainConfig())
     probs = model.predict_proba(X)
     assert (probs[:, [1, 3]] == 0).all()
     assert (probs.argmax(axis=1) == y).mean() > 0.95
@@ -141,12 +141,12 @@ def test_classes_absent_from_training_get_zero_probability():
 def test_training_needs_two_classes_and_the_right_width():
     X, y = blobs(classes=(2,))
     with pytest.raises(TrainingError, match="two classes"):
-        fit_tissue_model(X, y, TrainConfig())
-    model = fit_tissue_model(*blobs(), TrainConfig())
+        fit_tissue_model(X, y, TissueTrainConfig())
+    model = fit_tissue_model(*blobs(), TissueTrainConfig())
     with pytest.raises(ConfigError, match="16 features"):
         model.predict_proba(np.zeros((3, 512), np.float32))
     with pytest.raises(ConfigError, match="method"):
-        TrainConfig(method="cnn")
+        TissueTrainConfig(method="cnn")
 
 
 def test_not_a_model_file_is_refused(tmp_path):
@@ -161,11 +161,11 @@ def test_not_a_model_file_is_refused(tmp_path):
 def test_training_on_a_cohort_checks_its_labels_before_reading_the_store(tmp_path):
     store = tmp_path / "no-store"
     with pytest.raises(TrainingError, match="--labels truth needs --truth DIR"):
-        train_tissue(store, TrainConfig(), cohort="c")
+        train_tissue(store, TissueTrainConfig(), cohort="c")
     with pytest.raises(ConfigError, match="train.labels='masks'"):
-        train_tissue(store, TrainConfig(), cohort="c", labels="masks")
+        train_tissue(store, TissueTrainConfig(), cohort="c", labels="masks")
     with pytest.raises(TrainingError, match="batch do not apply"):
-        train_tissue(store, TrainConfig(), cohort="c", labels="rules", batch=8)
+        train_tissue(store, TissueTrainConfig(), cohort="c", labels="rules", batch=8)
     assert not store.exists()
 
 
@@ -182,11 +182,11 @@ def test_train_on_tile_folders_with_aliases_and_map(tmp_path):
             Image.open(tile).convert("RGB").save(tmp_path / "tiles" / folder / f"{i}.png")
     with pytest.raises(ConfigError, match="LYM"):
         train_tissue(
-            tmp_path / "store", TrainConfig(method="pixel-logreg"), tiles=tmp_path / "tiles"
+            tmp_path / "store", TissueTrainConfig(method="pixel-logreg"), tiles=tmp_path / "tiles"
         )
     described = train_tissue(
         tmp_path / "store",
-        TrainConfig(method="pixel-logreg"),
+        TissueTrainConfig(method="pixel-logreg"),
         tiles=tmp_path / "tiles",
         mapping={"LYM": "skip"},
     )
@@ -197,7 +197,10 @@ def test_train_on_tile_folders_with_aliases_and_map(tmp_path):
     assert (typed.argmax(axis=1) == 0).all()
     with pytest.raises(TrainingError, match="--encoder"):
         train_tissue(
-            tmp_path / "store", TrainConfig(), tiles=tmp_path / "tiles", mapping={"LYM": "skip"}
+            tmp_path / "store",
+            TissueTrainConfig(),
+            tiles=tmp_path / "tiles",
+            mapping={"LYM": "skip"},
         )
 
 
@@ -336,7 +339,7 @@ def test_predict_rules_writes_the_tissue_table_for_every_patch(cmu_store):
     probs = np.stack([table.column(f"p_{t}").to_numpy() for t in TISSUE_TYPES], axis=1)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
     # A pooled run records what typed its patches and the epithelium precision to expect.
-    from fpstore.tissue.predict import typing_record
+    from fpstore.tissue.type_patches import typing_record
 
     record = typing_record(store, "cmu")["methods"]
     assert list(record) == ["rules"] and record["rules"]["patches"] == len(xy)
@@ -363,7 +366,7 @@ def test_fingerprint_classifier_trained_on_rule_labels_types_without_pixels(cmu_
     store, xy, features = cmu_store
     described = train_tissue(
         store,
-        TrainConfig(method="fingerprint-logreg"),
+        TissueTrainConfig(method="fingerprint-logreg"),
         cohort="cmu",
         out=tmp_path / "fp.npz",
         labels="rules",
@@ -384,7 +387,7 @@ def test_model_of_another_encoder_is_refused_per_slide(cmu_store, tmp_path):
     store, xy, _ = cmu_store
     model = fit_tissue_model(
         *blobs(dim=16),
-        TrainConfig(),
+        TissueTrainConfig(),
         {"encoder": {"id": "test", "hash": "other-weights", "dim": 16}},
     )
     model.save(tmp_path / "other.npz")
@@ -564,7 +567,7 @@ def test_classifier_trained_on_truth_types_another_site(synth_store, tmp_path):
     store, truth = synth_store
     described = train_tissue(
         store,
-        TrainConfig(method="fingerprint-logreg"),
+        TissueTrainConfig(method="fingerprint-logreg"),
         cohort="tcga",
         labels="truth",
         truth=truth,
@@ -654,7 +657,7 @@ def test_tissue_methods_are_a_registry():
 
     assert not get_method("rules").trained and get_method("rules").reads == "pixels"
     assert all(REGISTRY[m].family in _FAMILIES for m in TRAINED_METHODS)
-    assert TrainConfig(method="pixel-logreg").source == "pixels"
+    assert TissueTrainConfig(method="pixel-logreg").source == "pixels"
     with pytest.raises(ConfigError, match="valid tissue methods: fingerprint-knn"):
         get_method("nope")
 

@@ -241,8 +241,8 @@ def ensure_tissue_types(store, cohort: str, encoder: str | None, progress: bool 
     rules could type no slide (slides moved, say)."""
     from fpstore.store.tissue import read_tissue_types
     from fpstore.tissue.methods import FINGERPRINT_METHODS
-    from fpstore.tissue.predict import predict_tissue
     from fpstore.tissue.trained import TissueModel
+    from fpstore.tissue.type_patches import predict_tissue
 
     if read_tissue_types(store, cohort) is not None:
         return ""

@@ -174,7 +174,7 @@ def _tissue_notes(store: Path, cfg: ClassifyConfig, encoder, progress: bool):
     """(notes, typing records): tissue types a pool needs, computed where the store can (what
     was done, per cohort), and which method typed each cohort with what to expect of it."""
     from fpstore.classify.data import ensure_tissue_types
-    from fpstore.tissue.predict import typing_record
+    from fpstore.tissue.type_patches import typing_record
 
     if parse_pool(cfg.pool) is None:
         return [], []
@@ -213,8 +213,8 @@ def _save_classify(
     """Save the run (and its models, unless --save-models none); their ids go into
     ``document``."""
     from fpstore.classify.data import fingerprint_settings
-    from fpstore.classify.models import build_card, encoder_card, save_models
-    from fpstore.classify.runs import new_run_id, save_run
+    from fpstore.classify.save_run import new_run_id, save_run
+    from fpstore.classify.saved_models import build_card, encoder_card, save_models
 
     config = document["config"]
     encoder = config["encoder"]
@@ -249,7 +249,7 @@ def _pool_types(pool: str) -> int:
 def compare(store: Path, cfg: CompareConfig, progress: bool = True, save: bool = True) -> dict:
     """methods x encoders x pools on identical splits, with CIs and DeLong p-values."""
     from fpstore.classify.protocol import validate_entries
-    from fpstore.classify.runs import new_run_id
+    from fpstore.classify.save_run import new_run_id
     from fpstore.store.runs import write_compare
 
     for name in cfg.cohorts:
@@ -382,7 +382,7 @@ def _save_member(store: Path, cfg: CompareConfig, member_of, entry, res, groups)
     """Save entry ``i`` of comparison ``compare_id`` (``member_of``) as a run, its config
     shaped as a classify run's (what classify would have been asked to run it alone)."""
     from fpstore.classify.protocol import score_range
-    from fpstore.classify.runs import save_run
+    from fpstore.classify.save_run import save_run
 
     method = entry.tags["method"]
     shared = {f.name: getattr(cfg, f.name) for f in fields(CohortRunConfig)}

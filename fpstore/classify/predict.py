@@ -1,6 +1,6 @@
 """`fpstore predict`: a saved model scores a cohort of the store, or new slides.
 
-The model (``fpstore.classify.models``) is rebuilt from its arrays and card and scores every
+The model (``fpstore.classify.saved_models``) is rebuilt from its arrays and card and scores every
 patient of the cohort that has patches, labelled or not. The cohort's fingerprints must come
 from the model's encoder with the same weights and preprocessing (hash), precision and stain
 normalisation: anything else is refused in one line. The predictions are saved as a run
@@ -245,9 +245,9 @@ def _cohort_to_score(store: Path, cfg: PredictConfig, card: dict, patches, progr
 def predict(store: Path, cfg: PredictConfig, progress: bool = True, save: bool = True) -> dict:
     """Score a cohort (or new slides) with a saved model; save the predictions as a run."""
     from fpstore.classify.data import cache_images, fingerprint_settings, load_scoring_bags
-    from fpstore.classify.models import load_model
     from fpstore.classify.protocol import score
-    from fpstore.classify.runs import new_run_id, save_run
+    from fpstore.classify.save_run import new_run_id, save_run
+    from fpstore.classify.saved_models import load_model
     from fpstore.store.fingerprints import resolve_encoder
 
     model = load_model(store, cfg.model)

@@ -371,7 +371,7 @@ def _points(store: Path, cohort: str, encoder: str, config: EmbedConfig, notes: 
 
 def _run_scores(run, patch_ids: list, notes: list) -> np.ndarray | None:
     """The run's score per patch (NaN where it has none); None where it has none at all."""
-    from fpstore.report.runs import lookup
+    from fpstore.report.figure_data import lookup
 
     if not run.patches_path.is_file():
         notes.append(f"run {run.run_id} stored no patch scores: no prediction colours or clusters")
@@ -472,7 +472,7 @@ def _colour_values(name, store, cohort, keys, scores, marker, notes):
     if not marker:
         notes.append("no marker given: map not coloured by label")
         return None
-    from fpstore.report.runs import patient_labels
+    from fpstore.report.figure_data import patient_labels
 
     status = patient_labels(store, cohort, marker)
     return [

@@ -272,8 +272,8 @@ def slide_heatmap(
     Needs the run's patch predictions for the slide (classify on a cohort extracted with
     ``--patches all`` gives one per tissue square); reads only the slide's thumbnail.
     """
+    from fpstore.report.figure_data import open_run_slide, slide_patches
     from fpstore.report.geojson import patches_geojson, write_geojson
-    from fpstore.report.runs import open_run_slide, slide_patches
     from fpstore.store.runs import load_run
     from fpstore.store.tissue import read_tissue_types
 

@@ -1,11 +1,14 @@
-"""Saved models: classifier models, one folder each (below), in a store or wherever a user
-copies it; and a store's trained fingerprint networks (``stored_fingerprint_checkpoint``).
+"""Model files: saved classifier models, one folder each (below), in a store or wherever a
+user copies one; the store's trained fingerprint network that ``--encoder fingerprint``
+defaults to (``stored_fingerprint_checkpoint``, ``models/fingerprint/*.pt``); and the
+pickle-free npz reader (``read_npz``) that classifier states and tissue models
+(``models/tissue/<method>.npz``, ``fpstore.tissue.trained``) are loaded with.
 
     <model>/final.npz       the final model's learned arrays (trained on the whole cohort)
     <model>/fold-<k>.npz    the cross-validation fold models, where they were saved
     <model>/README.md       the model card as a short page
     <model>/card.json       the model card: what the model is, how it was trained, how to
-                            rebuild it (``fpstore.classify.models`` writes it)
+                            rebuild it (``fpstore.classify.saved_models`` writes it)
 
 A model folder is filled aside and moved into place in one step, so a folder with a
 card.json holds a whole model; in a store it counts once its run exists too.

@@ -18,9 +18,9 @@ from fpstore.config import TISSUE_TYPES
 from fpstore.errors import ConfigError, StoreError
 from fpstore.store.layout import StoreLayout, visible_files
 from fpstore.tissue.data import cohort_slides, read_slide_patches, slide_path, stored_slide_files
-from fpstore.tissue.predict import TissueTyper, iter_tissue
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
 from fpstore.tissue.truth import find_mask, load_truth, patch_truth
+from fpstore.tissue.type_patches import TissueTyper, iter_tissue
 
 
 @dataclass

@@ -28,7 +28,7 @@ from fpstore.tissue.data import (
 )
 from fpstore.tissue.features import pixel_features
 from fpstore.tissue.rules import RuleThresholds, rule_probabilities
-from fpstore.tissue.trained import TissueModel, TrainConfig, fit_tissue_model
+from fpstore.tissue.trained import TissueModel, TissueTrainConfig, fit_tissue_model
 from fpstore.tissue.truth import find_mask, load_truth, patch_truth
 
 LABEL_SOURCES = ("truth", "rules")
@@ -56,7 +56,7 @@ class PatchLabels:
 
 def train_from_tiles(
     tiles: Path,
-    config: TrainConfig,
+    config: TissueTrainConfig,
     encoder: str | None = None,
     encoder_options: dict | None = None,
     mapping: dict[str, str] | None = None,
@@ -101,7 +101,7 @@ def _encode(encoder, images: np.ndarray, batch: int, progress: bool) -> np.ndarr
 def train_from_store(
     store: Path,
     cohort: str,
-    config: TrainConfig,
+    config: TissueTrainConfig,
     labelling: PatchLabels,
     encoder: str | None = None,
     sample: int = 20_000,
@@ -199,7 +199,7 @@ def _pixel_features(slide_id: str, keys, locations: dict) -> np.ndarray:
 
 def train_tissue(
     store: Path,
-    config: TrainConfig,
+    config: TissueTrainConfig,
     out: Path | None = None,
     tiles: Path | None = None,
     cohort: str | None = None,

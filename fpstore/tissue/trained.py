@@ -33,7 +33,7 @@ _FORMAT = "fpstore-tissue-model-1"
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TissueTrainConfig:
     """How to fit a trained method. ``C``: inverse L2 strength; ``k``: neighbours."""
 
     method: str = "fingerprint-logreg"
@@ -45,12 +45,12 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        check_choice("TrainConfig", "method", self.method, TRAINED_METHODS)
-        check_range("TrainConfig", "C", self.C, 1e-6, 1e6)
-        check_range("TrainConfig", "k", self.k, 1, 1000)
-        check_range("TrainConfig", "pca_dim", self.pca_dim, 2, 4096)
-        check_range("TrainConfig", "max_reference", self.max_reference, 1, 1_000_000)
-        check_range("TrainConfig", "max_per_class", self.max_per_class, 1, 100_000_000)
+        check_choice("TissueTrainConfig", "method", self.method, TRAINED_METHODS)
+        check_range("TissueTrainConfig", "C", self.C, 1e-6, 1e6)
+        check_range("TissueTrainConfig", "k", self.k, 1, 1000)
+        check_range("TissueTrainConfig", "pca_dim", self.pca_dim, 2, 4096)
+        check_range("TissueTrainConfig", "max_reference", self.max_reference, 1, 1_000_000)
+        check_range("TissueTrainConfig", "max_per_class", self.max_per_class, 1, 100_000_000)
 
     @property
     def spec(self) -> TissueMethod:
@@ -184,7 +184,7 @@ def balanced_sample(y: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
 
 
 def fit_tissue_model(
-    X: np.ndarray, y: np.ndarray, config: TrainConfig, meta: dict | None = None
+    X: np.ndarray, y: np.ndarray, config: TissueTrainConfig, meta: dict | None = None
 ) -> TissueModel:
     """Fit ``config.method`` on features X (fingerprints or pixel features), labels y.
 
@@ -221,7 +221,9 @@ def fit_tissue_model(
     return TissueModel(config.method, arrays, {**(meta or {}), **info, **extra})
 
 
-def _logreg(X: np.ndarray, y: np.ndarray, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+def _logreg(
+    X: np.ndarray, y: np.ndarray, config: TissueTrainConfig
+) -> tuple[np.ndarray, np.ndarray]:
     """Standardise + multinomial logistic regression, folded into one (W, b)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
@@ -271,7 +273,7 @@ def _fit_knn(X, y, config, spec: TissueMethod):
 class _Family:
     """How a model family is fitted (-> arrays, extra metadata) and applied (-> probabilities)."""
 
-    fit: Callable[[np.ndarray, np.ndarray, TrainConfig, TissueMethod], tuple[dict, dict]]
+    fit: Callable[[np.ndarray, np.ndarray, TissueTrainConfig, TissueMethod], tuple[dict, dict]]
     predict: Callable[[TissueModel, np.ndarray], np.ndarray]
 
 
