@@ -8,23 +8,29 @@ same cores, it times in one run:
 
     normalisers   fpstore's Macenko, Vahadane and Reinhard, per slide (the slide's stains
                   fitted once on the batch, then a fixed transform per batch) and per patch
-                  (``extract --stain-norm``): the whole batch at once in torch against the
-                  same estimate one patch at a time in numpy (before issue 28), and
+                  (``extract --stain-norm``): the batch normaliser (fpstore.slides.stain_batch;
+                  on the CPU its OpenCV and numpy kernels) against the same estimate one patch
+                  at a time in numpy (before issue 28), both with ``--threads`` threads
+                  (torch, OpenCV and BLAS), timed alternately in one run: the best of each
+                  and their ratio, by the wall clock and by this process's CPU time; and
                   tiatoolbox's normalisers (per patch: its only mode)
     encoder       a ResNet34 forward pass (random weights, fp32) on the same 64 x 224 px
     augmentation  ``StainAugment`` on 64 patches of 224 and of 112 px, against a ResNet18
                   forward + backward (the training step's model work) on the same batch
 
-and prints ms per batch of 64, ms per patch and the ratio to the model's time.
+and prints ms per batch of 64, ms per patch and the ratio to the model's time, with the
+machine's load average beside the per-patch comparison.
 
     python benchmarks/bench_stain.py
     python benchmarks/bench_stain.py --repeat 3 --tiatoolbox-patches 8   # a quicker run
+    taskset -c 1 python benchmarks/bench_stain.py   # issue 28's figures: one core, 1 thread
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -93,6 +99,21 @@ def best(fn, repeat: int) -> float:
     return min(times)
 
 
+def alternated(fns: list, repeat: int) -> list:
+    """Per function, the least (wall, CPU) seconds of ``repeat`` calls after one warm-up call
+    each, the functions taking turns so that a change in the machine's load falls on all."""
+    for fn in fns:
+        fn()
+    best_wall, best_cpu = [float("inf")] * len(fns), [float("inf")] * len(fns)
+    for _ in range(repeat):
+        for i, fn in enumerate(fns):
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            best_wall[i] = min(best_wall[i], time.perf_counter() - wall)
+            best_cpu[i] = min(best_cpu[i], time.process_time() - cpu)
+    return list(zip(best_wall, best_cpu))
+
+
 def row(name: str, seconds: float, n: int, model: float) -> None:
     print(
         f"  {name:34s} {1000 * seconds:9.1f} ms/batch {1000 * seconds / n:8.2f} ms/patch "
@@ -103,6 +124,12 @@ def row(name: str, seconds: float, n: int, model: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each (best kept)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch, OpenCV and BLAS threads for the per-patch comparison, both sides",
+    )
     parser.add_argument(
         "--tiatoolbox-patches",
         type=int,
@@ -130,14 +157,7 @@ def main() -> None:
         apply = best(lambda n=slide_norm, s=source: n.transform(patches, s), args.repeat)
         row(f"{method} per slide: transform", apply, BATCH, model)
         row(f"{method} per slide: fit (once a slide)", fit, BATCH, model)
-        # per patch: each patch's stains fitted on itself, one patch at a time in numpy (the
-        # normaliser before issue 28), against the whole batch at once in torch (today's)
-        one_by_one = best(lambda n=slide_norm: one_at_a_time(n, patches), 1)
-        row(f"{method} per patch, numpy one by one", one_by_one, BATCH, model)
-        patch_norm = StainNormalizer(StainNormConfig(method, per="patch"))
-        batched = best(lambda n=patch_norm: n.transform(patches), args.repeat)
-        row(f"{method} per patch, batched (torch)", batched, BATCH, model)
-        print(f"  {method} per patch: batched is {one_by_one / batched:.1f}x cheaper")
+    per_patch_comparison(patches, model, args)
 
     from tiatoolbox.tools.stainnorm import get_normalizer
 
@@ -168,6 +188,46 @@ def main() -> None:
         aug = best(lambda a=augment, t=tensor: a(t), args.repeat)
         print(f"  ResNet18 forward + backward, 64 x {px} px: {1000 * train:.0f} ms")
         row(f"StainAugment 64 x {px} px", aug, BATCH, train)
+
+
+def per_patch_comparison(patches: np.ndarray, model: float, args) -> None:
+    """Per patch: each patch's stains fitted on itself, one patch at a time in numpy (the
+    normaliser before issue 28) against the batch normaliser, same threads, alternated."""
+    import cv2
+    from threadpoolctl import threadpool_limits
+
+    torch_threads, cv2_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(args.threads)
+    cv2.setNumThreads(args.threads)
+    load = os.getloadavg()[0]
+    print(
+        f"per patch, numpy one by one vs batched: {args.threads} thread(s) each (torch, "
+        f"OpenCV, BLAS), alternated, best of {args.repeat}; load average {load:.1f} "
+        f"on {os.cpu_count()} CPUs"
+    )
+    try:
+        with threadpool_limits(args.threads, user_api="blas"):
+            for method in STAIN_METHODS:
+                slide_norm = StainNormalizer(StainNormConfig(method))
+                patch_norm = StainNormalizer(StainNormConfig(method, per="patch"))
+                (one_wall, one_cpu), (batch_wall, batch_cpu) = alternated(
+                    [
+                        lambda n=slide_norm: one_at_a_time(n, patches),
+                        lambda n=patch_norm: n.transform(patches),
+                    ],
+                    args.repeat,
+                )
+                row(f"{method} per patch, numpy one by one", one_wall, BATCH, model)
+                row(f"{method} per patch, batched", batch_wall, BATCH, model)
+                print(
+                    f"  {method} per patch: batched is {one_wall / batch_wall:.1f}x cheaper by "
+                    f"the wall clock, {one_cpu / batch_cpu:.1f}x by CPU time "
+                    f"({1000 * one_cpu / BATCH:.2f} vs {1000 * batch_cpu / BATCH:.3f} ms/patch)"
+                )
+    finally:
+        torch.set_num_threads(torch_threads)
+        cv2.setNumThreads(cv2_threads)
+    print(f"  load average after: {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Per-patch stain normalisation of a batch at once (fpstore.slides.stain_batch) against
-the per-patch numpy estimate it replaced, on real H&E: patches of the CMU slide and crops of
-a real TMA's cores; its exact percentiles against numpy's."""
+"""Per-patch stain normalisation of a batch at once (fpstore.slides.stain_batch), in both of
+its forms (the CPU's OpenCV and numpy kernels, and the torch steps other devices run, here on
+the CPU), against the per-patch numpy estimate it replaced, on real H&E: patches of the CMU
+slide and crops of a real TMA's cores; the exact percentiles of both against numpy's."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fpstore.slides.stain import (
     read_rgb,
     tissue_pixels,
 )
-from fpstore.slides.stain_batch import _quantile
+from fpstore.slides.stain_batch import _normalise, _percentiles, _quantile
 
 DATA = Path(__file__).parent / "data"
 
@@ -66,10 +67,18 @@ def _one_by_one(method: str, patches: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
+def _torch_form(norm: StainNormalizer, patches: np.ndarray) -> np.ndarray:
+    """The torch steps a GPU runs, here on the CPU, 8 patches at a time (as on a GPU)."""
+    batch = torch.from_numpy(patches)
+    return torch.cat([_normalise(part, norm) for part in batch.split(8)]).numpy()
+
+
+@pytest.mark.parametrize("form", ["cpu", "torch"])
 @pytest.mark.parametrize("method", STAIN_METHODS)
-def test_batch_matches_the_per_patch_estimate_on_real_patches(real_patches, encoder, method):
+def test_batch_matches_the_per_patch_estimate_on_real_patches(real_patches, encoder, method, form):
     expected = _one_by_one(method, real_patches)
-    got = StainNormalizer(StainNormConfig(method, per="patch")).transform(real_patches)
+    norm = StainNormalizer(StainNormConfig(method, per="patch"))
+    got = norm.transform(real_patches) if form == "cpu" else _torch_form(norm, real_patches)
     diff = np.abs(got.astype(int) - expected)
     # float32 where numpy used float64: at most one 8-bit level, on a few pixels
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
@@ -104,3 +113,37 @@ def test_percentiles_are_numpys(q):
     got = _quantile(torch.from_numpy(values), torch.from_numpy(mask), q).numpy()
     expected = [np.percentile(v[m], 100 * q) for v, m in zip(values, mask)]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_batch_with_the_fitting_subsample_matches_the_per_patch_estimate(real_patches, monkeypatch):
+    # _estimate fits on an even subsample of the tissue pixels once they number twice
+    # FIT_PIXELS (patches over ~630 px); a smaller FIT_PIXELS exercises it on 224 px patches
+    import fpstore.slides.colour
+    import fpstore.slides.stain
+
+    monkeypatch.setattr(fpstore.slides.colour, "FIT_PIXELS", 4_000)
+    monkeypatch.setattr(fpstore.slides.stain, "FIT_PIXELS", 4_000)
+    patches = real_patches[[0, 5, 12, 16]]  # CMU, CMU, TMA, glass
+    for method in ("macenko", "vahadane"):
+        expected = _one_by_one(method, patches)
+        norm = StainNormalizer(StainNormConfig(method, per="patch"))
+        for got in (norm.transform(patches), _torch_form(norm, patches)):
+            diff = np.abs(got.astype(int) - expected)
+            assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+
+@pytest.mark.parametrize("n", [50, 3_000, 40_000])
+def test_cpu_percentiles_are_numpys(n):
+    gen = np.random.default_rng(n)
+    values = gen.normal(size=n).astype(np.float32)
+    qs = (0.0, 0.01, 0.37, 0.5, 0.99, 1.0)
+    expected = np.percentile(values, [100 * q for q in qs])
+    np.testing.assert_allclose(_percentiles(values, qs), expected, rtol=1e-6, atol=1e-6)
+    # through an increasing function, applied to the two values each percentile needs
+    expected = np.percentile(np.arctan(values.astype(np.float64)), [1.0, 99.0])
+    np.testing.assert_allclose(_percentiles(values, (0.01, 0.99), np.arctan), expected, rtol=1e-6)
+    # every 32nd value far out on both sides: the tails cut from the subsample hold too few
+    # values, and the whole array is partitioned instead
+    values[::32] += np.where(np.arange(len(values[::32])) % 2, 100.0, -100.0).astype(np.float32)
+    expected = np.percentile(values, [100 * q for q in qs])
+    np.testing.assert_allclose(_percentiles(values, qs), expected, rtol=1e-6, atol=1e-6)

@@ -22,8 +22,9 @@ sample should be chosen deterministically (its choice belongs in the resume key)
 (``per="patch"``) estimates each patch's stains from its own pixels: simpler, but a
 patch with little hematoxylin or eosin gets a poor estimate and two neighbouring patches
 of one slide can come out in different colours; patches with too little tissue to
-estimate keep their pixels. Per patch runs on the whole batch at once in torch, on the CPU
-or the GPU (``transform_tensor``; fpstore.slides.stain_batch), with the same estimate.
+estimate keep their pixels. Per patch runs a whole batch at once (``transform_tensor``;
+fpstore.slides.stain_batch), with the same estimate: OpenCV and numpy kernels on the CPU,
+torch on a GPU.
 
 Augmentation (``StainAugment``, ``stain_jitter``; Tellez et al. 2019): after colour
 deconvolution each stain's concentration is scaled by alpha ~ U(1 - scale, 1 + scale)
@@ -292,7 +293,8 @@ class StainNormalizer:
 
     def transform_tensor(self, patches):
         """Per-patch normalised copies of a uint8 torch batch [N, H, W, 3], on its device
-        (``per="patch"``; fpstore.slides.stain_batch: the whole batch at once)."""
+        (``per="patch"``; fpstore.slides.stain_batch: OpenCV and numpy kernels on the CPU,
+        torch on a GPU)."""
         from fpstore.slides.stain_batch import normalise_batch
 
         if self.config.per != "patch":
