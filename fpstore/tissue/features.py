@@ -20,9 +20,13 @@ Per pixel, then per patch (shares of the patch's area):
 
 - white: glass, lumen or fat vacuole (OD sum < ``WHITE_OD`` or grey); a white region is a
   fat *vacuole* when thin membranes make at least ``VACUOLE_MEMBRANE`` of the tissue around
-  it, else glass (or a lumen cut by thick tissue);
+  it, or when it is a fat cell at a lobule's edge: enclosed (``SEPTUM_ENCLOSED``), rimmed
+  mostly by the stroma it borders but sharing a septum (thin membrane within ``SEPTUM_PX``
+  of another vacuole) with the fat cell beside it; a white region enclosed by epithelium
+  (``LUMEN_RIM``, ``LUMEN_ENCLOSED``, no larger than ``LUMEN_MAX``) is a gland's *lumen*,
+  part of the gland as a pathologist draws it; other white is glass;
 - epithelium: tissue whose background hematoxylin is above ``cytoplasm_h``, opened by
-  ``EPITHELIUM_OPEN_PX`` so that isolated stromal nuclei do not count;
+  ``EPITHELIUM_OPEN_PX`` so that isolated stromal nuclei do not count, and its lumens;
 - fat: vacuoles and the thin membranes; stroma: the other tissue.
 
 ``pixel_features(images)`` without slide stains uses ``DEFAULT_STAINS`` (the Macenko
@@ -53,6 +57,15 @@ THIN_OPEN_PX = 2  # tissue an opening of this radius removes (< ~5 um wide): mem
 MIN_COMPARTMENT = 0.01  # a white region counts as a vacuole above 1% of the patch
 VACUOLE_MEMBRANE = 0.3  # a white region whose tissue rim is this much membrane is a vacuole
 VACUOLE_RIM = 0.3  # ... and whose rim runs along this share of a same-area disc's circumference
+# A fat cell at a lobule's edge: rim membrane within SEPTUM_PX of another vacuole is a septum
+# shared with it; the cell shares at least SEPTUM_MIN_PX of it, is rimmed by membrane along
+# SEPTUM_RIM of its rim at least, and is enclosed: its rim runs along SEPTUM_ENCLOSED of a
+# same-area disc's circumference (glass beyond a lobule's outer wall opens onto the square).
+SEPTUM_PX, SEPTUM_MIN_PX, SEPTUM_RIM, SEPTUM_ENCLOSED = 4, 4, 0.1, 0.8
+# A gland's lumen: a white region whose rim is LUMEN_RIM epithelium (within LUMEN_REACH_PX of
+# it: the mask's opening leaves a thin gap), enclosed as above (LUMEN_ENCLOSED), and no more
+# than LUMEN_MAX of the square (glass beside an epithelial edge is larger and open).
+LUMEN_RIM, LUMEN_REACH_PX, LUMEN_ENCLOSED, LUMEN_MAX = 0.6, 3, 0.8, 0.25
 MAX_VACUOLE = 0.5  # a white region over half the square is glass or a lumen, not one fat cell
 MIN_SPLIT = 0.05  # cytoplasm and stroma modes closer than this (relative H): no split, default
 FIT_PIXELS = 200_000  # at most this many stained pixels fit a slide's stains
@@ -212,11 +225,12 @@ def pixel_features(images, stains: SlideStains = DEFAULT_STAINS) -> np.ndarray:
     variance = ndimage.uniform_filter(od_sum * od_sum, (1, 5, 5)) - local_mean * local_mean
     opened = ndimage.binary_opening(tissue, _IN_PLANE, iterations=THIN_OPEN_PX)
     membrane = tissue & ~opened
-    compartments, largest_share, vacuoles = _white_regions(white, membrane)
     background = _background_h(hem, tissue)
     epithelium = ndimage.binary_opening(
         (background > stains.cytoplasm_h) & opened, _IN_PLANE, iterations=EPITHELIUM_OPEN_PX
     )
+    compartments, largest_share, vacuoles, lumens = _white_regions(white, membrane, epithelium)
+    epithelium = epithelium | lumens
     features = np.stack(
         [
             1.0 - n_tissue / area,
@@ -236,7 +250,7 @@ def pixel_features(images, stains: SlideStains = DEFAULT_STAINS) -> np.ndarray:
             share(epithelium),
             share(opened & ~epithelium),
             share(vacuoles | membrane),
-            share(white & ~vacuoles),
+            share(white & ~vacuoles & ~lumens),
         ],
         axis=1,
     )
@@ -290,9 +304,10 @@ def _tissue_percentile(values, tissue, n_tissue, q) -> np.ndarray:
     return np.where(n_tissue > 0, picked, 0.0)
 
 
-def _white_regions(white: np.ndarray, membrane: np.ndarray):
+def _white_regions(white: np.ndarray, membrane: np.ndarray, epithelium: np.ndarray):
     """Per patch: (white regions above MIN_COMPARTMENT, largest white region's share of white),
-    and per pixel the white regions that are fat vacuoles (rimmed mostly by thin membrane)."""
+    and per pixel the white regions that are fat vacuoles (rimmed mostly by thin membrane, or
+    fat cells at a lobule's edge) and those that are lumens (enclosed by ``epithelium``)."""
     n = len(white)
     labels, count = ndimage.label(white, _IN_PLANE)
     flat = labels.reshape(n, -1)
@@ -311,10 +326,13 @@ def _white_regions(white: np.ndarray, membrane: np.ndarray):
     low = -ndimage.grey_dilation(np.where(white, -labels, -(count + 1)), footprint=_IN_PLANE)
     rim_total = np.zeros(count + 2)
     rim_membrane = np.zeros(count + 2)
+    rim_epithelium = np.zeros(count + 2)
+    near_epithelium = ndimage.binary_dilation(epithelium, _IN_PLANE, iterations=LUMEN_REACH_PX)
     for side in (high, np.where(low != high, low, 0)):
         touched = rim & (side > 0) & (side <= count)
         rim_total += np.bincount(side[touched], minlength=count + 2)
         rim_membrane += np.bincount(side[touched & membrane], minlength=count + 2)
+        rim_epithelium += np.bincount(side[touched & near_epithelium], minlength=count + 2)
     circumference = np.zeros(count + 2)
     circumference[: count + 1] = 2.0 * np.sqrt(np.pi * sizes)
     # Rimmed by membrane, and rimmed at all (one pen line across glass rims nothing), and
@@ -329,4 +347,31 @@ def _white_regions(white: np.ndarray, membrane: np.ndarray):
     )
     is_vacuole[[0, count + 1]] = False
     vacuoles = is_vacuole[: count + 1][labels]
-    return big, np.where(total_white > 0, largest / np.maximum(total_white, 1), 0.0), vacuoles
+    # A fat cell at a lobule's edge is rimmed mostly by the stroma it borders, but shares a
+    # septum (a thin membrane) with the fat cell beside it.
+    septum = membrane & ndimage.binary_dilation(vacuoles, _IN_PLANE, iterations=SEPTUM_PX)
+    rim_septum = np.zeros(count + 2)
+    for side in (high, np.where(low != high, low, 0)):
+        touched = rim & (side > 0) & (side <= count) & septum
+        rim_septum += np.bincount(side[touched], minlength=count + 2)
+    edge_cell = (
+        ~is_vacuole
+        & small
+        & (rim_septum >= SEPTUM_MIN_PX)
+        & (rim_membrane >= SEPTUM_RIM * np.maximum(rim_total, 1.0))
+        & (rim_total >= SEPTUM_ENCLOSED * circumference)
+    )
+    edge_cell[[0, count + 1]] = False
+    is_vacuole = is_vacuole | edge_cell
+    vacuoles = is_vacuole[: count + 1][labels]
+    # A gland's lumen: enclosed by epithelium, and no larger than a lumen.
+    is_lumen = (
+        ~is_vacuole
+        & (rim_epithelium >= LUMEN_RIM * np.maximum(rim_total, 1.0))
+        & (rim_total >= LUMEN_ENCLOSED * circumference)
+        & (np.append(sizes, 0) <= LUMEN_MAX * flat.shape[1])
+    )
+    is_lumen[[0, count + 1]] = False
+    lumens = is_lumen[: count + 1][labels]
+    largest_share = np.where(total_white > 0, largest / np.maximum(total_white, 1), 0.0)
+    return big, largest_share, vacuoles, lumens

@@ -38,9 +38,9 @@ REGISTRY = {
             "rules",
             reads="pixels",
             family="rules",
-            expected_epithelium_precision=0.72,
+            expected_epithelium_precision=0.68,
             basis="docs/results.md, issue 26: 0.97-0.98 on the synthetic demo's two unseen "
-            "sites (seeds 0-2), 0.72 (13 of 18) on the hand-labelled real set, where "
+            "sites (seeds 0-2), 0.68 (13 of 19) on the hand-labelled real set, where "
             "prostate smooth muscle was typed epithelium; the lower is the one to expect",
         ),
         TissueMethod("fingerprint-logreg", reads="fingerprints", family="linear"),
