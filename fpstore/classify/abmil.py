@@ -29,8 +29,16 @@ from torch import nn
 from fpstore.classify.bags import Bags
 from fpstore.classify.earlystop import BestEpoch
 from fpstore.classify.metrics import auc
-from fpstore.classify.mil import TorchBagHead, _auto_threads, _moments, _Threads
-from fpstore.config import check_choice, check_range
+from fpstore.classify.mil import (
+    TorchBagHead,
+    _auto_threads,
+    _bag_weights,
+    _batch_cuts,
+    _moments,
+    _Threads,
+    check_bag_training,
+)
+from fpstore.config import check_range
 from fpstore.errors import ClassifyError
 
 _CHUNK_BAGS = 256  # patients per forward pass at prediction time
@@ -57,13 +65,7 @@ class ABMILConfig:
         check_range("ABMILConfig", "hidden", self.hidden, 1, 4096)
         check_range("ABMILConfig", "attention", self.attention, 1, 4096)
         check_range("ABMILConfig", "dropout", self.dropout, 0.0, 0.9)
-        check_range("ABMILConfig", "lr", self.lr, 1e-7, 1.0)
-        check_range("ABMILConfig", "weight_decay", self.weight_decay, 0.0, 1.0)
-        check_range("ABMILConfig", "batch_bags", self.batch_bags, 1, 10**6)
-        check_range("ABMILConfig", "max_epochs", self.max_epochs, 1, 10**5)
-        check_range("ABMILConfig", "patience", self.patience, 1, 10**5)
-        check_range("ABMILConfig", "threads", self.threads, 0, 256)
-        check_choice("ABMILConfig", "class_weight", self.class_weight, ("balanced", "none"))
+        check_bag_training("ABMILConfig", self)
 
 
 class ABMILNet(nn.Module):
@@ -131,11 +133,7 @@ class ABMILHead(TorchBagHead, ClassifierMixin, BaseEstimator):
         starts = np.concatenate([[0], np.cumsum(shuffled.n_patches())])
         bag_index = torch.from_numpy(shuffled.bag_index)
         target = torch.from_numpy(y.astype(np.float32))
-        if cfg.class_weight == "balanced":
-            weight = np.where(y == 1, len(y) / (2 * (y == 1).sum()), len(y) / (2 * (y == 0).sum()))
-        else:
-            weight = np.ones(len(y))
-        weight = torch.from_numpy(weight.astype(np.float32))
+        weight = _bag_weights(y, cfg.class_weight)
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
@@ -146,8 +144,7 @@ class ABMILHead(TorchBagHead, ClassifierMixin, BaseEstimator):
             n, size = bags.n_patients, cfg.batch_bags
             for epoch in range(1, cfg.max_epochs + 1):
                 net.train()
-                offset = rng.integers(1, size + 1) if n > size else n
-                cuts = np.unique(np.r_[0, np.arange(offset, n, size), n])
+                cuts = _batch_cuts(n, size, rng)
                 for b in rng.permutation(len(cuts) - 1):
                     lo, hi = cuts[b], cuts[b + 1]
                     local = bag_index[starts[lo] : starts[hi]] - lo

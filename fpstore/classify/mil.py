@@ -47,13 +47,19 @@ class MILConfig:
 
     def __post_init__(self):
         check_range("MILConfig", "hidden", self.hidden, 1, 4096)
-        check_range("MILConfig", "lr", self.lr, 1e-7, 1.0)
-        check_range("MILConfig", "weight_decay", self.weight_decay, 0.0, 1.0)
-        check_range("MILConfig", "batch_bags", self.batch_bags, 1, 10**6)
-        check_range("MILConfig", "max_epochs", self.max_epochs, 1, 10**5)
-        check_range("MILConfig", "patience", self.patience, 1, 10**5)
-        check_range("MILConfig", "threads", self.threads, 0, 256)
-        check_choice("MILConfig", "class_weight", self.class_weight, ("balanced", "none"))
+        check_bag_training("MILConfig", self)
+
+
+def check_bag_training(owner: str, cfg) -> None:
+    """The checks on the training settings the torch bag heads share (lr, weight_decay,
+    batch_bags, max_epochs, patience, threads, class_weight)."""
+    check_range(owner, "lr", cfg.lr, 1e-7, 1.0)
+    check_range(owner, "weight_decay", cfg.weight_decay, 0.0, 1.0)
+    check_range(owner, "batch_bags", cfg.batch_bags, 1, 10**6)
+    check_range(owner, "max_epochs", cfg.max_epochs, 1, 10**5)
+    check_range(owner, "patience", cfg.patience, 1, 10**5)
+    check_range(owner, "threads", cfg.threads, 0, 256)
+    check_choice(owner, "class_weight", cfg.class_weight, ("balanced", "none"))
 
 
 class MILNet(nn.Module):
@@ -129,6 +135,13 @@ def _early_stopping_value(bags: Bags, y, patch_scores: np.ndarray) -> float:
     if len(np.unique(y)) == 2:
         return auc(y, scores)
     return -float(np.mean((scores - np.where(y == 1, 1.0, -1.0)) ** 2))
+
+
+def _batch_cuts(n: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """An epoch's batches of ``size`` consecutive bags of ``n``, cut at a random offset:
+    batch b is bags cuts[b]:cuts[b + 1]."""
+    offset = rng.integers(1, size + 1) if n > size else n
+    return np.unique(np.r_[0, np.arange(offset, n, size), n])
 
 
 def _bag_weights(y: np.ndarray, class_weight: str) -> torch.Tensor:
@@ -207,8 +220,7 @@ class MILHead(TorchBagHead, PatchMeanScores, ClassifierMixin, BaseEstimator):
         n, size = bags.n_patients, cfg.batch_bags
         for epoch in range(1, cfg.max_epochs + 1):
             net.train()
-            cuts = np.r_[0, np.arange(rng.integers(1, size + 1) if n > size else n, n, size), n]
-            cuts = np.unique(cuts)
+            cuts = _batch_cuts(n, size, rng)
             for b in rng.permutation(len(cuts) - 1):
                 lo, hi = cuts[b], cuts[b + 1]
                 scores = net(x[starts[lo] : starts[hi]])

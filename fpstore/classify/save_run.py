@@ -49,41 +49,36 @@ def patient_table(run_id: str, cohort: str, role: str, p: Predictions) -> pa.Tab
     )
 
 
+def _per_patch(run_id: str, cohort: str, p: Predictions, folds, column: str, values, schema):
+    """One row per patch: its keys, its fold (-1: null) and ``values`` as ``column``."""
+    n = len(values)
+    folds = [None if f < 0 else int(f) for f in folds]
+    return pa.table(
+        {
+            "run_id": [run_id] * n,
+            "cohort": [cohort] * n,
+            "slide_id": pa.array(p.slide_ids, pa.string()),
+            "patch_id": pa.array(p.patch_ids, pa.string()),
+            "fold": pa.array(folds, pa.int16()),
+            column: pa.array(values.astype(np.float32)),
+        },
+        schema=schema,
+    )
+
+
 def patch_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
     if p.patch_scores is None:
         return None
     if p.patch_folds is None:
         raise ClassifyError("predictions with patch scores need patch_folds (-1: no fold)")
-    n = len(p.patch_scores)
-    folds = [None if f < 0 else int(f) for f in p.patch_folds]
-    return pa.table(
-        {
-            "run_id": [run_id] * n,
-            "cohort": [cohort] * n,
-            "slide_id": pa.array(p.slide_ids, pa.string()),
-            "patch_id": pa.array(p.patch_ids, pa.string()),
-            "fold": pa.array(folds, pa.int16()),
-            "score": pa.array(p.patch_scores.astype(np.float32)),
-        },
-        schema=PATCH_PREDICTIONS,
-    )
+    return _per_patch(run_id, cohort, p, p.patch_folds, "score", p.patch_scores, PATCH_PREDICTIONS)
 
 
 def attention_table(run_id: str, cohort: str, p: Predictions) -> pa.Table | None:
     if p.patch_attention is None or p.patch_folds is None:
         return None
-    n = len(p.patch_attention)
-    folds = [None if f < 0 else int(f) for f in p.patch_folds]
-    return pa.table(
-        {
-            "run_id": [run_id] * n,
-            "cohort": [cohort] * n,
-            "slide_id": pa.array(p.slide_ids, pa.string()),
-            "patch_id": pa.array(p.patch_ids, pa.string()),
-            "fold": pa.array(folds, pa.int16()),
-            "attention": pa.array(p.patch_attention.astype(np.float32)),
-        },
-        schema=PATCH_ATTENTION,
+    return _per_patch(
+        run_id, cohort, p, p.patch_folds, "attention", p.patch_attention, PATCH_ATTENTION
     )
 
 
