@@ -16,7 +16,7 @@ from fpstore.cli.common import (
     seed_option,
     store_option,
 )
-from fpstore.config import TRAIN_PRECISIONS
+from fpstore.config import FINGERPRINT_ARCHS, TRAIN_PRECISIONS
 from fpstore.slides.stain import STAIN_METHODS
 
 # fpstore.fingerprint.stain.STAINS, spelled out here so that the CLI starts without torch
@@ -134,8 +134,8 @@ def train_options(f):
             ),
             click.option(
                 "--arch",
-                type=click.Choice(["resnet18", "resnet34"]),
-                help="Backbone (default per config).",
+                type=click.Choice(FINGERPRINT_ARCHS),
+                help="Backbone (default per config: demo resnet10-slim, full resnet34).",
             ),
             click.option(
                 "--patch-px",

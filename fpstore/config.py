@@ -21,6 +21,7 @@ SPLITS = ("patient", "site")
 # here, like the lists above, so that every CLI option offers the library's own list.
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")  # an encoder's inference
+FINGERPRINT_ARCHS = ("resnet10-slim", "resnet18", "resnet34")  # fpstore.encoders.fingerprint_net
 TRAIN_PRECISIONS = ("fp32", "bf16")  # training: fp16 would need loss scaling; int8 does not train
 CLINICAL_FORMATS = ("tcga", "csv")  # `cohort add --format`: a TCGA Biotab file or a CSV/TSV
 SYNTH_PARTS = ("tcga", "external", "tma")  # what `fpstore synth` writes, alone or together

@@ -41,9 +41,10 @@ def test_fingerprint_distance_ignores_scale():
     assert fingerprint_distance(a, -a).item() == pytest.approx(4.0, rel=1e-5)
 
 
-def test_shapes_and_input_normalisation():
+@pytest.mark.parametrize("arch", ["resnet18", "resnet10-slim"])
+def test_shapes_and_input_normalisation(arch):
     torch.manual_seed(0)
-    model = FingerprintNet(5, "resnet18").eval()
+    model = FingerprintNet(5, arch).eval()
     batch = torch.randint(0, 256, (3, 48, 48, 3), dtype=torch.uint8)
     x = to_input(batch, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), out_px=32)
     assert x.shape == (3, 3, 32, 32)
@@ -98,12 +99,13 @@ def _meta():
     }
 
 
-def test_checkpoint_round_trip_and_encoder(tmp_path):
+@pytest.mark.parametrize("arch", ["resnet18", "resnet10-slim"])
+def test_checkpoint_round_trip_and_encoder(tmp_path, arch):
     torch.manual_seed(0)
-    model = FingerprintNet(3, "resnet18")
+    model = FingerprintNet(3, arch)
     path = tmp_path / "fp.pt"
     meta = save_checkpoint(path, model, _meta())
-    assert meta["arch"] == "resnet18" and meta["dim"] == 512 and meta["n_classes"] == 3
+    assert meta["arch"] == arch and meta["dim"] == 512 and meta["n_classes"] == 3
     assert meta["content_hash"] == weights_hash(model.state_dict())
     loaded, loaded_meta = load_checkpoint(path)
     assert loaded_meta["preprocessing"]["patch_um"] == 112.0

@@ -1,5 +1,11 @@
-"""The fingerprint network: a randomly initialised torchvision ResNet whose
-penultimate 512-D vector is the fingerprint, plus a head over core classes.
+"""The fingerprint network: a randomly initialised ResNet whose penultimate 512-D vector is
+the fingerprint, plus a head over core classes.
+
+Backbones: torchvision's ResNet34 (the paper's) and ResNet18, and ``resnet10-slim``, a ResNet
+of one basic block per stage at half ResNet18's first width (32, 64, 128, 256 channels) with a
+linear map of its pooled 256 features to the 512-D fingerprint. On two CPU cores it trains ~5x
+as many images a minute as ResNet18 (docs/results.md, issue 22), which in the demo's budget
+buys the steps that teach it to tell patients apart; the paper's setting stays ResNet34.
 
 Two heads: ``linear`` (the paper's: logits = W fp + b) and ``cosine`` (logits are the cosines
 between the L2-normalised fingerprint and L2-normalised class weights; the loss scales them
@@ -14,13 +20,54 @@ from __future__ import annotations
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
+from fpstore.config import FINGERPRINT_ARCHS
 from fpstore.errors import unknown_name
 
-# Both have a 512-D penultimate layer; resnet18 is the fast choice for CPU demos.
-ARCHS = ("resnet18", "resnet34")
+ARCHS = FINGERPRINT_ARCHS
 HEADS = ("linear", "cosine")
 FINGERPRINT_DIM = 512
+SLIM_WIDTHS = (32, 64, 128, 256)
+
+
+class SlimResNet(nn.Module):
+    """ResNet stem, one basic block per stage at ``SLIM_WIDTHS``, average pooling and a linear
+    map to the 512-D fingerprint."""
+
+    def __init__(self):
+        super().__init__()
+        first = SLIM_WIDTHS[0]
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, first, 7, 2, 3, bias=False),
+            nn.BatchNorm2d(first),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(3, 2, 1),
+        )
+        blocks, width_in = [], first
+        for stage, width in enumerate(SLIM_WIDTHS):
+            stride = 1 if stage == 0 else 2
+            shortcut = None
+            if stride != 1 or width_in != width:
+                shortcut = nn.Sequential(
+                    nn.Conv2d(width_in, width, 1, stride, bias=False), nn.BatchNorm2d(width)
+                )
+            blocks.append(BasicBlock(width_in, width, stride, shortcut))
+            width_in = width
+        self.stages = nn.Sequential(*blocks)
+        self.project = nn.Linear(width_in, FINGERPRINT_DIM)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.stages(self.stem(x)).mean(dim=(2, 3)))
+
+
+def _backbone(arch: str) -> nn.Module:
+    """The architecture without a classifier: images -> [N, FINGERPRINT_DIM]."""
+    if arch == "resnet10-slim":
+        return SlimResNet()
+    backbone = getattr(torchvision.models, arch)(weights=None)
+    backbone.fc = nn.Identity()  # both torchvision ResNets pool to 512 features
+    return backbone
 
 
 class CosineHead(nn.Module):
@@ -51,11 +98,9 @@ class FingerprintNet(nn.Module):
             raise unknown_name("architecture", arch, ARCHS)
         if head not in HEADS:
             raise unknown_name("head", head, HEADS)
-        backbone = getattr(torchvision.models, arch)(weights=None)
         self.arch, self.head_kind = arch, head
-        self.dim = backbone.fc.in_features
-        backbone.fc = nn.Identity()
-        self.backbone = backbone
+        self.dim = FINGERPRINT_DIM
+        self.backbone = _backbone(arch)
         self.head = (
             nn.Linear(self.dim, n_classes) if head == "linear" else CosineHead(self.dim, n_classes)
         )

@@ -115,16 +115,18 @@ class TrainConfig:
         return Margin(self.scale, self.margin) if self.head == "cosine" else None
 
 
-# demo: minutes on 2 CPU cores (resnet18, 112 um crops seen at 112 px = 1 um/px);
+# demo: minutes on 2 CPU cores (resnet10-slim, 112 um crops seen at 112 px = 1 um/px; its
+# steps and learning rate measured on the matching game: docs/results.md, issue 22);
 # full: the paper's setting for a GPU (resnet34, 224 px at 0.5 um/px).
 CONFIGS = {
     "demo": TrainConfig(
-        arch="resnet18",
+        arch="resnet10-slim",
         patch_px=224,
         out_px=112,
         batch_size=32,
-        max_steps=240,
-        eval_every=40,
+        max_steps=1440,
+        eval_every=240,
+        lr=3e-3,
         patience=3,
         warmup_steps=20,
         eval_per_half=2,
