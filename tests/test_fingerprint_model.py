@@ -74,6 +74,14 @@ def test_dihedral_codes_and_pairs_share_geometry():
     assert torch.equal(a, b) and not torch.equal(a, img)
 
 
+def test_dihedral_gathers_on_the_cpu_as_the_device_path_selects():
+    from fpstore.fingerprint.augment import _dihedral_where
+
+    x = torch.rand(40, 3, 8, 8)
+    codes = torch.arange(40) % 8  # every code, five times
+    assert torch.equal(dihedral(x, codes), _dihedral_where(x, codes))
+
+
 def test_photometric_augmentation_stays_in_range_and_varies():
     cfg = AugmentConfig(grayscale_p=1.0)
     img = torch.rand(4, 3, 8, 8)

@@ -41,11 +41,24 @@ def random_codes(n: int, generator: torch.Generator, device) -> torch.Tensor:
 
 
 def dihedral(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Apply per-sample quarter turns and horizontal flips to square images [N, C, S, S].
+    """Apply per-sample quarter turns and horizontal flips to square images [N, C, S, S]:
+    code c flips when c & 4, then turns c & 3 quarters.
 
-    Selected with ``torch.where`` rather than indexing by code, so that the device never
-    reports back to the host (indexing needs the count of each code) in the training step.
+    On the CPU each code's samples are gathered and turned once. On other devices every
+    turn of the whole batch is selected with ``torch.where`` instead, so that the device
+    never reports back to the host (gathering needs the count of each code) in the step.
     """
+    if x.device.type != "cpu":
+        return _dihedral_where(x, codes)
+    out = torch.empty_like(x)
+    for code in codes.unique().tolist():
+        rows = (codes == code).nonzero().flatten()
+        part = x[rows].flip(-1) if code & 4 else x[rows]
+        out[rows] = torch.rot90(part, code & 3, dims=(-2, -1))
+    return out
+
+
+def _dihedral_where(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     pick = codes.view(-1, 1, 1, 1)
     x = torch.where((pick & 4) > 0, x.flip(-1), x)
     turns = pick & 3
