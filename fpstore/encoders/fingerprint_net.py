@@ -3,7 +3,7 @@ the fingerprint, plus a head over core classes.
 
 Backbones: torchvision's ResNet34 (the paper's) and ResNet18, and ``resnet10-slim``, a ResNet
 of one basic block per stage at half ResNet18's first width (32, 64, 128, 256 channels) with a
-linear map of its pooled 256 features to the 512-D fingerprint. On two CPU cores it trains ~5x
+linear map of its pooled 256 features to the 512-D fingerprint. On two CPU cores it trains 4-5x
 as many images a minute as ResNet18 (docs/results.md, issue 22), which in the demo's budget
 buys the steps that teach it to tell patients apart; the paper's setting stays ResNet34.
 
