@@ -33,9 +33,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fpstore.config import set_backend_flags  # noqa: E402
+from fpstore.config import FINGERPRINT_ARCHS, set_backend_flags  # noqa: E402
 from fpstore.encoders.base import resolve_precision  # noqa: E402
-from fpstore.encoders.fingerprint_net import ARCHS, FingerprintNet  # noqa: E402
+from fpstore.encoders.fingerprint_net import FingerprintNet  # noqa: E402
 from fpstore.fingerprint.data import CropStream, tissue_grid  # noqa: E402
 from fpstore.fingerprint.experiment import HED_AUGMENT, HED_JITTER  # noqa: E402
 from fpstore.fingerprint.train import Stepper, TrainConfig  # noqa: E402
@@ -167,7 +167,7 @@ def pipeline_rate(loader, arch, px, out_px, batch, steps, warmup, device, compil
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--arch", default="resnet34", choices=ARCHS)
+    ap.add_argument("--arch", default="resnet34", choices=FINGERPRINT_ARCHS)
     ap.add_argument("--px", type=int, default=224, help="crop side (cache px at 0.5 um/px)")
     ap.add_argument("--out-px", type=int, default=None, help="network input side (default --px)")
     ap.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 16 on the CPU")

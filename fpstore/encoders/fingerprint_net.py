@@ -25,7 +25,6 @@ from torchvision.models.resnet import BasicBlock
 from fpstore.config import FINGERPRINT_ARCHS
 from fpstore.errors import unknown_name
 
-ARCHS = FINGERPRINT_ARCHS
 HEADS = ("linear", "cosine")
 FINGERPRINT_DIM = 512
 SLIM_WIDTHS = (32, 64, 128, 256)
@@ -94,8 +93,8 @@ class FingerprintNet(nn.Module):
 
     def __init__(self, n_classes: int, arch: str = "resnet34", head: str = "linear"):
         super().__init__()
-        if arch not in ARCHS:
-            raise unknown_name("architecture", arch, ARCHS)
+        if arch not in FINGERPRINT_ARCHS:
+            raise unknown_name("architecture", arch, FINGERPRINT_ARCHS)
         if head not in HEADS:
             raise unknown_name("head", head, HEADS)
         self.arch, self.head_kind = arch, head

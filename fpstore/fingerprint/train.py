@@ -36,13 +36,14 @@ import torch
 
 from fpstore.config import (
     DEVICES,
+    FINGERPRINT_ARCHS,
     TRAIN_PRECISIONS,
     check_choice,
     check_range,
     set_backend_flags,
 )
 from fpstore.encoders.base import PrecisionChoice, resolve_precision
-from fpstore.encoders.fingerprint_net import ARCHS, FingerprintNet, to_input
+from fpstore.encoders.fingerprint_net import FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.augment import AugmentConfig, augment_pair
 from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops, gather
@@ -83,8 +84,7 @@ class TrainConfig:
     stain_jitter: StainAugmentConfig | None = None
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            check_choice("TrainConfig", "arch", self.arch, ARCHS)
+        check_choice("TrainConfig", "arch", self.arch, FINGERPRINT_ARCHS)
         check_range("TrainConfig", "patch_px", self.patch_px, 16, 1600)
         check_range("TrainConfig", "out_px", self.out_px, 16, 1600)
         check_range("TrainConfig", "batch_size", self.batch_size, 2, 4096)
