@@ -98,6 +98,7 @@ def _sources(tma, cohort, store_path, per_slide, min_tissue, holdout, cache, cro
 # The train_options parameters and the TrainConfig fields they override.
 TRAIN_FIELDS = {
     "steps": "max_steps",
+    "max_minutes": "max_minutes",
     "arch": "arch",
     "patch_px": "patch_px",
     "out_px": "out_px",
@@ -133,6 +134,13 @@ def train_options(f):
                 help="Most training steps (stops earlier on a plateau).",
             ),
             click.option(
+                "--max-minutes",
+                type=click.FloatRange(0.01, 100_000.0),
+                help="Most training minutes, evaluations excluded (demo 5): the learning rate "
+                "decays over whichever of steps and minutes ends first, so a slower CPU trains "
+                "fewer steps on the same schedule.",
+            ),
+            click.option(
                 "--arch",
                 type=click.Choice(FINGERPRINT_ARCHS),
                 help="Backbone (default per config: demo resnet10-slim, full resnet34).",
@@ -151,9 +159,9 @@ def train_options(f):
             click.option(
                 "--objective",
                 type=click.Choice(["cosface", "paper"]),
-                help="cosface (default): cosine head with an additive margin, trained in the "
-                "cosine space the matching game uses; paper: the paper's linear head and cross "
-                "entropy. Both add the pair loss for stain invariance.",
+                help="paper (default): the paper's linear head and cross entropy; cosface: a "
+                "cosine head with an additive margin, trained in the cosine space the matching "
+                "game uses. Both add the pair loss for stain invariance.",
             ),
             click.option(
                 "--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."
@@ -161,7 +169,7 @@ def train_options(f):
             click.option(
                 "--eval-every",
                 type=click.IntRange(1),
-                help="Steps between right-half evaluations (demo 40, full 500).",
+                help="Steps between right-half evaluations (demo 240, full 500).",
             ),
             click.option(
                 "--patience",

@@ -16,7 +16,7 @@ from fpstore.fingerprint.augment import dihedral
 from fpstore.fingerprint.cyclegan import CycleGANConfig, restyle, train_cyclegan
 from fpstore.fingerprint.data import CoreSet, CropStream, crop_origins, fixed_crops, gather
 from fpstore.fingerprint.losses import Margin, fingerprint_loss
-from fpstore.fingerprint.train import TrainConfig, train_network
+from fpstore.fingerprint.train import TrainConfig, _lr_factor, get_config, train_network
 
 COLOURS = np.array([[200, 60, 60], [60, 160, 60], [70, 70, 200], [190, 170, 40]], np.uint8)
 
@@ -400,3 +400,22 @@ def test_the_probe_joins_each_evaluation_and_does_not_count_as_training():
     assert calls == [False, False]  # the probe sees the network in eval mode
     seconds = [h["train_seconds"] for h in result.history]
     assert 0 < seconds[0] <= seconds[1] and result.seconds == pytest.approx(seconds[1], abs=0.1)
+
+
+def test_a_time_budget_ends_the_run_on_the_schedules_full_course():
+    """max_minutes stops a run whose steps would last longer, after the learning rate has
+    decayed to zero, and evaluates its last step; the schedule follows the time spent."""
+    result = train_network(
+        _cores(), _tiny(max_steps=100_000, eval_every=100_000, max_minutes=0.01), progress=False
+    )
+    assert result.stopped == "max_minutes" and 1 < result.steps < 100_000
+    assert result.history[-1]["step"] == result.steps and result.history[-1]["lr"] == 0.0
+    cfg = _tiny(max_steps=1000, warmup_steps=0)
+    assert _lr_factor(10, cfg, time_used=0.5) == pytest.approx(0.5)
+    assert _lr_factor(999, cfg, time_used=0.0) == pytest.approx(0.0, abs=1e-5)
+    with pytest.raises(ConfigError, match="max_minutes"):
+        _tiny(max_minutes=0.0)
+    # the demo's budget, unless steps are asked for without minutes
+    assert get_config("demo").max_minutes == 5.0
+    assert get_config("demo", max_steps=5000).max_minutes is None
+    assert get_config("demo", max_steps=5000, max_minutes=30.0).max_minutes == 30.0
