@@ -50,7 +50,8 @@ def demo(out, force, evidence, patch_cnn, steps, seed, as_json):
     echo_table(result.steps, ["step", "seconds"])
     for network, m in result.match.items():
         click.echo(
-            f"\nmatching game ({network}, test array, left halves at site "
+            f"\nmatching game ({network}, the test array's cores cut as {m['crop_px']} px "
+            f"squares, left halves at site "
             f"{m['sections']['left_site']}, right at {m['sections']['right_site']}): core "
             f"accuracy {m['core_accuracy']:.2f} (chance {m['chance_core']:.3f}), patient "
             f"accuracy {m['patient_accuracy']:.2f} (chance {m['chance_patient']:.3f})"

@@ -33,6 +33,7 @@ from scipy.stats import norm as normal
 from fpstore.config import MARKERS
 from fpstore.demo import (
     CONTROL_ENCODER,
+    GAME_PX,
     DemoResult,
     _folds,
     _prepare,
@@ -56,6 +57,7 @@ class EvidenceSettings:
     norm: str = "macenko"  # the extraction setting each encoder may take instead of plain
     steps: int | None = None  # training steps (None: the demo configuration's)
     crop_px: int = 800
+    game_px: int = GAME_PX  # the matching game cuts the test array's cores whole
 
     def __post_init__(self):
         from fpstore.slides.stain import STAIN_METHODS
@@ -213,7 +215,14 @@ def run_seed(out: Path, seed: int, settings: EvidenceSettings, quiet: bool = Fal
         progress=not quiet,
         **overrides,
     )
-    game = steps.run("matching game on the test array", match, model, sources, progress=False)
+    game = steps.run(
+        "matching game on the test array",
+        match,
+        model,
+        sources,
+        progress=False,
+        game_px=settings.game_px,
+    )
     ids = _extract_all(steps, store, model, seed, settings.norm)
     rows = []
     for marker in settings.markers:
@@ -243,7 +252,8 @@ def run_seed(out: Path, seed: int, settings: EvidenceSettings, quiet: bool = Fal
         "seed": seed,
         "rows": [{"seed": seed, **r} for r in rows],
         "match": {
-            k: game[k] for k in ("core_accuracy", "patient_accuracy", "n_cores", "n_patients")
+            k: game[k]
+            for k in ("core_accuracy", "patient_accuracy", "n_cores", "n_patients", "crop_px")
         },
         "training": {k: trained[k] for k in ("steps", "seconds", "images_per_s", "n_classes")},
         "steps": log.steps,
@@ -323,7 +333,9 @@ def markdown(result: dict) -> str:
         f"{s['match']['patient_accuracy']:.2f} of patients"
         for s in result["seeds"]
     )
-    lines += ["", f"Matching game on each seed's test array: {games}."]
+    sizes = sorted({s["match"].get("crop_px") for s in result["seeds"]} - {None})
+    cut = f" (cores cut as {', '.join(map(str, sizes))} px squares)" if sizes else ""
+    lines += ["", f"Matching game on each seed's test array{cut}: {games}."]
     return "\n".join(lines) + "\n"
 
 

@@ -38,10 +38,12 @@ def test_pooled_differences_weigh_each_seed_by_its_precision():
     assert result["diff"]["ci_low"] == pytest.approx(expected - half_width, abs=1e-5)
     assert result["fingerprint_behind"] == [1]
     seeds = [
-        {"seed": s, "match": {"core_accuracy": 0.5, "patient_accuracy": 0.7}} for s in (0, 1, 2)
+        {"seed": s, "match": {"core_accuracy": 0.5, "patient_accuracy": 0.7, "crop_px": 1400}}
+        for s in (0, 1, 2)
     ]
     table = markdown({"rows": rows, "pooled": [result], "seeds": seeds})
     assert "| 1 | ER | mil | plain / macenko | 150 (100) |" in table
+    assert "test array (cores cut as 1400 px squares): seed 0: 0.50 of cores" in table
     assert "seeds where the fingerprints trail" in table and "| 1 |" in table.splitlines()[-3]
 
 

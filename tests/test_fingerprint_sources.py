@@ -108,6 +108,8 @@ def _json(result):
 def test_train_from_a_table_of_renamed_arrays_and_match(synth_small, tmp_path):
     from fpstore.cli.main import cli
     from fpstore.encoders.checkpoint import load_checkpoint
+    from fpstore.fingerprint.data import load_coreset
+    from fpstore.fingerprint.experiment import Sources, match
 
     table = _renamed_arrays(synth_small, tmp_path)
     model = tmp_path / "fp.pt"
@@ -119,8 +121,13 @@ def test_train_from_a_table_of_renamed_arrays_and_match(synth_small, tmp_path):
     assert meta["data"]["sites"] == ["Biomax", "USC"]  # from the table, not from a manifest
     assert (table.parent / "cores" / "train" / "cores.json").is_file()
     game = _json(runner.invoke(cli, ["match", "--model", str(model), *common, "--json"]))
-    assert game["game"] == "tma test array" and game["n_cores"] == 5
+    assert game["game"] == "tma test array" and game["n_cores"] == 5 and game["crop_px"] == 512
     assert {game["sections"]["left_site"], game["sections"]["right_site"]} == {"Biomax", "USC"}
+    # whole cores for the game (the small preset's 320-um cores), cached beside the crops
+    whole = match(model, Sources(tma=table, crop_px=512), progress=False, game_px=640)
+    assert whole["crop_px"] == 640 and whole["n_cores"] == 5
+    assert (table.parent / "cores" / "game-640px" / "test" / "cores.json").is_file()
+    assert load_coreset(table.parent / "cores" / "test").half_shape == (512, 256)
 
 
 def _small_store(synth, tmp_path):

@@ -328,19 +328,26 @@ def match(
     right_section: str | None = None,
     device: str = "auto",
     progress: bool = True,
+    game_px: int | None = None,
 ) -> dict:
     """The matching game of a checkpoint: on the TMA table's test arrays when ``sources``
-    has them, else on the cohort patients the checkpoint held out of training."""
+    has them, else on the cohort patients the checkpoint held out of training.
+
+    ``game_px``: the side the test array's cores are cut at for the game, when it is not the
+    training crops' ``sources.crop_px`` (the paper cuts each whole core; the demo trains on
+    smaller squares so that pseudo-cores fit its slides), cached beside them."""
     from fpstore.fingerprint.matching import cohort_game, play
 
     model, meta = load_checkpoint(model_path)
     dev = resolve_device(device)
     test = None
+    size = game_px or sources.crop_px
     if sources.tma is not None:
+        cache = sources.tma_cache()
         test = prepare_tma(
             sources.tma,
-            sources.tma_cache(),
-            size=sources.crop_px,
+            cache if size == sources.crop_px else cache / f"game-{size}px",
+            size=size,
             roles=("test",),
             progress=progress,
         ).get("test")
@@ -354,7 +361,12 @@ def match(
             device=dev,
             progress=progress,
         )
-        return {"checkpoint": str(model_path), "game": "tma test array", **result.to_dict()}
+        return {
+            "checkpoint": str(model_path),
+            "game": "tma test array",
+            "crop_px": size,
+            **result.to_dict(),
+        }
     if sources.cohort is None:
         raise ConfigError(
             f"the TMA table {sources.tma} has no test array (column 'role'); mark one "
