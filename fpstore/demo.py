@@ -23,11 +23,17 @@ from fpstore.errors import ConfigError
 CONTROL_ENCODER = (
     "random-resnet34"  # stands in for ImageNet weights, which the demo may not download
 )
-# The matching game cuts the test array's cores as the paper does, whole: the demo's 700-um
-# cores as 1,400 px squares at 0.5 um/px (training crops are 800 px so that pseudo-cores fit
-# the 0.8 mm slides). On the dev seed's world whole cores matched 2-5 more of 24 patients than
-# 800 px squares with the same networks (docs/results.md, issue 22).
-GAME_PX = 1400
+
+
+def whole_core_px(preset: str) -> int:
+    """The side at 0.5 um/px of a square holding one whole TMA core of the synthetic
+    ``preset``: how the matching game cuts the test array's cores, as the paper cuts each core
+    (training crops are 800 px so that pseudo-cores fit the 0.8 mm slides; on the dev seed's
+    world whole cores matched 2-5 more of 24 patients than 800 px squares with the same
+    networks: docs/results.md, issue 22)."""
+    from fpstore.synth.presets import PRESETS
+
+    return int(round(PRESETS[preset].core_um / 0.5))
 
 
 def control_precision() -> str:
@@ -56,7 +62,6 @@ class DemoSettings:
     fingerprint_norm: str | None = None  # extract --stain-norm for the fingerprints
     control_norm: str | None = "macenko"  # extract --stain-norm for the control
     crop_px: int = 800  # cores and pseudo-cores: 400 um squares (the demo slides are 0.8 mm high)
-    game_px: int = GAME_PX  # the matching game cuts the test array's cores whole
     steps: int | None = None  # training steps (None: the demo configuration's)
     evidence: bool = False
     invariance: bool = True  # evidence: also a network without stain invariance
@@ -260,7 +265,7 @@ def _train_networks(steps: _Steps, settings: DemoSettings, out: Path, seed: int,
             model,
             sources,
             progress=progress,
-            game_px=settings.game_px,
+            game_px=whole_core_px("demo"),
         )
         extractions += [
             fingerprint_extraction(model, base, seed, norm)

@@ -33,7 +33,6 @@ from scipy.stats import norm as normal
 from fpstore.config import MARKERS
 from fpstore.demo import (
     CONTROL_ENCODER,
-    GAME_PX,
     DemoResult,
     _folds,
     _prepare,
@@ -41,6 +40,7 @@ from fpstore.demo import (
     control_extraction,
     fingerprint_extraction,
     register_cohorts,
+    whole_core_px,
 )
 from fpstore.errors import ConfigError
 
@@ -57,7 +57,6 @@ class EvidenceSettings:
     norm: str = "macenko"  # the extraction setting each encoder may take instead of plain
     steps: int | None = None  # training steps (None: the demo configuration's)
     crop_px: int = 800
-    game_px: int = GAME_PX  # the matching game cuts the test array's cores whole
 
     def __post_init__(self):
         from fpstore.slides.stain import STAIN_METHODS
@@ -221,7 +220,7 @@ def run_seed(out: Path, seed: int, settings: EvidenceSettings, quiet: bool = Fal
         model,
         sources,
         progress=False,
-        game_px=settings.game_px,
+        game_px=whole_core_px(settings.preset),
     )
     ids = _extract_all(steps, store, model, seed, settings.norm)
     rows = []

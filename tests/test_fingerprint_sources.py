@@ -107,6 +107,7 @@ def _json(result):
 @pytest.mark.slow
 def test_train_from_a_table_of_renamed_arrays_and_match(synth_small, tmp_path):
     from fpstore.cli.main import cli
+    from fpstore.demo import whole_core_px
     from fpstore.encoders.checkpoint import load_checkpoint
     from fpstore.fingerprint.data import load_coreset
     from fpstore.fingerprint.experiment import Sources, match
@@ -124,7 +125,9 @@ def test_train_from_a_table_of_renamed_arrays_and_match(synth_small, tmp_path):
     assert game["game"] == "tma test array" and game["n_cores"] == 5 and game["crop_px"] == 512
     assert {game["sections"]["left_site"], game["sections"]["right_site"]} == {"Biomax", "USC"}
     # whole cores for the game (the small preset's 320-um cores), cached beside the crops
-    whole = match(model, Sources(tma=table, crop_px=512), progress=False, game_px=640)
+    whole = match(
+        model, Sources(tma=table, crop_px=512), progress=False, game_px=whole_core_px("small")
+    )
     assert whole["crop_px"] == 640 and whole["n_cores"] == 5
     assert (table.parent / "cores" / "game-640px" / "test" / "cores.json").is_file()
     assert load_coreset(table.parent / "cores" / "test").half_shape == (512, 256)
