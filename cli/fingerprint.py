@@ -158,10 +158,13 @@ def train_options(f):
             click.option("--batch-size", type=click.IntRange(2, 4096)),
             click.option(
                 "--objective",
-                type=click.Choice(["cosface", "paper"]),
+                type=click.Choice(["cosface", "paper", "sets"]),
                 help="paper (default): the paper's linear head and cross entropy; cosface: a "
                 "cosine head with an additive margin, trained in the cosine space the matching "
-                "game uses. Both add the pair loss for stain invariance.",
+                "game uses (both add the pair loss for stain invariance); sets: the paper's head "
+                "and cross entropy on batches of classes x 2 regions x 2 crops, plus a contrast "
+                "that makes the mean fingerprints of two regions of a patient find each other, "
+                "as the matching game compares them.",
             ),
             click.option(
                 "--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."

@@ -14,8 +14,15 @@ from fpstore.encoders.fingerprint_net import FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.augment import dihedral
 from fpstore.fingerprint.cyclegan import CycleGANConfig, restyle, train_cyclegan
-from fpstore.fingerprint.data import CoreSet, CropStream, crop_origins, fixed_crops, gather
-from fpstore.fingerprint.losses import Margin, fingerprint_loss
+from fpstore.fingerprint.data import (
+    CoreSet,
+    CropStream,
+    SetStream,
+    crop_origins,
+    fixed_crops,
+    gather,
+)
+from fpstore.fingerprint.losses import Margin, fingerprint_loss, set_contrast
 from fpstore.fingerprint.train import TrainConfig, _lr_factor, get_config, train_network
 
 COLOURS = np.array([[200, 60, 60], [60, 160, 60], [70, 70, 200], [190, 170, 40]], np.uint8)
@@ -366,15 +373,56 @@ def test_objectives_are_named_and_checked():
         TrainConfig(margin=2.0)
 
 
-@pytest.mark.parametrize("objective", ["paper", "cosface"])
-def test_both_objectives_learn_the_tiny_cores(objective):
+@pytest.mark.parametrize("objective", ["paper", "cosface", "sets"])
+def test_every_objective_learns_the_tiny_cores(objective):
     torch.manual_seed(0)
+    batch = 8 if objective == "sets" else 16  # sets: 2 classes of the 2 patients a batch
     result = train_network(
-        _cores(), _tiny(objective=objective, max_steps=16, eval_every=8), progress=False
+        _cores(),
+        _tiny(objective=objective, max_steps=16, eval_every=8, batch_size=batch),
+        progress=False,
     )
     assert result.model.head_kind == TrainConfig(objective=objective).head
     assert result.best_accuracy > 0.5  # chance is 1/4
     assert all(math.isfinite(h["loss"]) for h in result.history)
+
+
+def test_set_batches_hold_two_regions_of_each_class_from_distinct_patients():
+    cores = _cores(n_classes=4, sections=2, size=96)
+    cores.patient_id = np.array([f"p{i % 4}" for i in range(8)], object)  # a patient a class
+    rows = np.arange(8)
+    labels = np.array([int(k[2:]) for k in cores.key])
+    stream = SetStream(cores.left, rows, labels, cores.tissue_left, 24, 8, cores.patient_id, seed=3)
+    batch = next(iter(stream))
+    assert batch["x1"].shape == (8, 24, 24, 3) and "x2" not in batch
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        picks, crops = stream._draw(rng)
+        sets = labels[picks].reshape(2, 2, 2)  # [class][region][crop]
+        assert (sets == sets[:, :1, :1]).all() and sets[0, 0, 0] != sets[1, 0, 0]
+        # corners on the 16-px grid up to the middle (36) start the upper region, jittered
+        # by up to 15 px; the lower region's start at 48
+        corners = np.array([y for _, y, _ in crops]).reshape(2, 2, 2)
+        assert (corners[:, 0] < 48).all() and (corners[:, 1] >= 48).all()
+        sections = np.array([cores.section[r] for r, _, _ in crops]).reshape(2, 2, 2)
+        assert (sections[:, 0] != sections[:, 1]).all()  # the other region: another section
+    with pytest.raises(TrainingError, match="at most 16"):
+        SetStream(cores.left, rows, labels, cores.tissue_left, 24, 20, cores.patient_id)
+    with pytest.raises(ConfigError, match="divisible by 4"):
+        SetStream(cores.left, rows, labels, cores.tissue_left, 24, 6, cores.patient_id)
+    with pytest.raises(ConfigError, match="multiple of 4"):
+        TrainConfig(objective="sets", batch_size=30)
+
+
+def test_the_set_contrast_rewards_regions_that_find_their_class():
+    torch.manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(6, 32), dim=1)
+    noise = 0.05 * torch.randn(6, 2, 2, 32)
+    matched = (centres[:, None, None] + noise).reshape(-1, 32)
+    swapped = torch.cat([centres[:, None], centres.roll(1, 0)[:, None]], dim=1)
+    swapped = (swapped[:, :, None] + noise).reshape(-1, 32)
+    assert set_contrast(matched, 2, 0.1) < 0.05
+    assert set_contrast(swapped, 2, 0.1) > math.log(6)
 
 
 def test_dihedral_applies_each_samples_own_turn_and_flip():

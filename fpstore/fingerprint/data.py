@@ -27,6 +27,8 @@ from fpstore.store.io import staged_folder, write_npy_atomic
 
 TISSUE_STRIDE = 16  # px of the coarse tissue grid; crops start on it, plus random jitter
 MIN_TISSUE = 0.5  # crops keep at least this fraction of tissue (cores are round)
+REGIONS = 2  # the set-level objective's two regions of a class (SetStream)
+SET_CROPS = 2  # crops per region
 CACHE_VERSION = 1
 
 
@@ -347,28 +349,109 @@ class CropStream(torch.utils.data.IterableDataset):
         rng = np.random.default_rng([self.seed, worker])
         left = _open(self._left)
         restyled = _open(self._restyled) if self._restyled is not None else None
-        p = self.patch_px
         while True:
-            picks = rng.integers(0, len(self.rows), self.batch_size)
-            crops = []
-            for k in picks:
-                origins = self.origins[k]
-                y, x = origins[rng.integers(len(origins))]
-                # Jitter within one grid cell so crops are not tied to the grid.
-                y = int(min(self.max_y, y + rng.integers(TISSUE_STRIDE)))
-                x = int(min(self.max_x, x + rng.integers(TISSUE_STRIDE)))
-                crops.append((int(self.rows[k]), y, x))
-            batch = {
-                "x1": torch.from_numpy(gather(left, crops, p)),
-                "y": torch.from_numpy(self.labels[picks]),
-            }
-            if restyled is not None:
-                copy = rng.integers(0, restyled.shape[1], self.batch_size)
-                twin = np.empty((self.batch_size, p, p, 3), np.uint8)
-                for j, (i, y, x) in enumerate(crops):
-                    twin[j] = restyled[i, copy[j], y : y + p, x : x + p]
-                batch["x2"] = torch.from_numpy(twin)
-            yield batch
+            picks, crops = self._draw(rng)
+            yield self._batch(rng, picks, crops, left, restyled)
+
+    def _corner(self, rng, origins: np.ndarray) -> tuple[int, int]:
+        """A random allowed corner, jittered within one grid cell so crops are not tied to
+        the grid."""
+        y, x = origins[rng.integers(len(origins))]
+        y = int(min(self.max_y, y + rng.integers(TISSUE_STRIDE)))
+        x = int(min(self.max_x, x + rng.integers(TISSUE_STRIDE)))
+        return y, x
+
+    def _draw(self, rng) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+        """(positions in ``rows`` of the batch's items, their crops as (row, y, x))."""
+        picks = rng.integers(0, len(self.rows), self.batch_size)
+        return picks, [(int(self.rows[k]), *self._corner(rng, self.origins[k])) for k in picks]
+
+    def _batch(self, rng, picks, crops, left, restyled) -> dict:
+        """x1 from the left halves; x2 the same crops of a random restyled copy of each."""
+        p = self.patch_px
+        batch = {
+            "x1": torch.from_numpy(gather(left, crops, p)),
+            "y": torch.from_numpy(self.labels[picks]),
+        }
+        if restyled is not None:
+            copy = rng.integers(0, restyled.shape[1], len(crops))
+            twin = np.empty((len(crops), p, p, 3), np.uint8)
+            for j, (i, y, x) in enumerate(crops):
+                twin[j] = restyled[i, copy[j], y : y + p, x : x + p]
+            batch["x2"] = torch.from_numpy(twin)
+        return batch
+
+
+class SetStream(CropStream):
+    """Batches for the set-level objective (``TrainConfig.objective`` "sets"): the game's
+    comparison, two regions of one patient, made at every step.
+
+    Each batch holds ``batch_size / (REGIONS * SET_CROPS)`` classes of distinct patients. For
+    each class, SET_CROPS crops whose centres lie in the upper part of one item's left half,
+    then SET_CROPS in the lower part of another item of the class (another serial section, so
+    another site, for a TMA core; another pseudo-core for a cohort patient; the same item when
+    the class has one). The order is class-major, [class][region][crop], which
+    ``fpstore.fingerprint.losses.set_contrast`` relies on. With restyled copies each crop is
+    the original or a random restyled copy, with equal chance (no twins: one image per crop).
+    """
+
+    def __init__(self, left, rows, labels, tissue, patch_px, batch_size, patients, **kwargs):
+        super().__init__(left, rows, labels, tissue, patch_px, batch_size, **kwargs)
+        per_set = REGIONS * SET_CROPS
+        if batch_size % per_set:
+            raise ConfigError(
+                f"the set-level objective needs a batch size divisible by {per_set} "
+                f"(classes x {REGIONS} regions x {SET_CROPS} crops), got {batch_size}"
+            )
+        self.n_sets = batch_size // per_set
+        self.members = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        self.class_patient = np.array([str(patients[m[0]]) for m in self.members])
+        if len(set(self.class_patient)) < self.n_sets:
+            raise TrainingError(
+                f"the set-level objective draws {self.n_sets} patients a batch but the training "
+                f"cores hold {len(set(self.class_patient))}; use a batch size of at most "
+                f"{per_set * len(set(self.class_patient))}"
+            )
+        middle = (_open(left).shape[1] - patch_px) / 2  # a corner above it centres the crop up
+        self.regions = [
+            [
+                part if len(part) else origins
+                for part in (origins[origins[:, 0] <= middle], origins[origins[:, 0] > middle])
+            ]
+            for origins in self.origins
+        ]
+
+    def _classes(self, rng) -> list[int]:
+        """n_sets classes of distinct patients, in random order."""
+        chosen, patients = [], set()
+        for c in rng.permutation(len(self.members)):
+            if self.class_patient[c] not in patients:
+                chosen.append(int(c))
+                patients.add(self.class_patient[c])
+                if len(chosen) == self.n_sets:
+                    break
+        return chosen
+
+    def _draw(self, rng):
+        picks, crops = [], []
+        for c in self._classes(rng):
+            members = self.members[c]
+            first = rng.choice(members)
+            others = members[members != first]
+            items = (first, rng.choice(others) if len(others) else first)
+            for region, k in enumerate(items):
+                for _ in range(SET_CROPS):
+                    picks.append(k)
+                    crops.append((int(self.rows[k]), *self._corner(rng, self.regions[k][region])))
+        return np.array(picks), crops
+
+    def _batch(self, rng, picks, crops, left, restyled):
+        batch = super()._batch(rng, picks, crops, left, restyled)
+        if "x2" in batch:
+            twin = batch.pop("x2")
+            restyle = torch.from_numpy(rng.random(len(crops)) < 0.5)
+            batch["x1"][restyle] = twin[restyle]
+        return batch
 
 
 def _open(array):

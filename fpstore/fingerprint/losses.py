@@ -11,6 +11,11 @@ With the cosine head (``fpstore.encoders.fingerprint_net.CosineHead``) the logit
 and each CE is CosFace's (Wang et al. 2018): CE(scale * (cos - margin * onehot(y)), y). The
 margin makes every core's crops cluster tighter than its neighbours' by an angle, which is what
 nearest-neighbour matching of unseen cores needs; ``margin`` None means plain logits.
+
+The set-level objective (``set_contrast``) adds to the paper's CE what the matching game
+measures: the mean normalised fingerprint of a few crops from one region of a class must find
+the mean from another region of the same class among the batch's classes (a symmetric InfoNCE
+over region means, as prototypical networks train for classes never seen; Snell et al. 2017).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class LossParts:
     ce1: torch.Tensor
     ce2: torch.Tensor | None = None
     se: torch.Tensor | None = None
+    nce: torch.Tensor | None = None
 
 
 def fingerprint_distance(fp1: torch.Tensor, fp2: torch.Tensor) -> torch.Tensor:
@@ -73,3 +79,31 @@ def fingerprint_loss(
     ce2 = _ce(logits2, y, margin)
     se = fingerprint_distance(fp1, fp2)
     return LossParts(total=ce1 + ce2 + gamma * se, ce1=ce1, ce2=ce2, se=se)
+
+
+def set_contrast(fp: torch.Tensor, crops: int, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between the two regions of each class.
+
+    ``fp`` [classes * 2 * crops, D] in class-major order, [class][region][crop]
+    (``fpstore.fingerprint.data.SetStream``); each region is the normalised mean of its crops'
+    L2-normalised fingerprints, and region 0 of a class must pick region 1 of the same class
+    among all classes' (and back) at ``temperature``."""
+    z = F.normalize(fp.float(), dim=1)
+    means = F.normalize(z.reshape(-1, 2, crops, z.shape[1]).mean(dim=2), dim=2)
+    logits = means[:, 0] @ means[:, 1].T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+
+
+def set_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    fp: torch.Tensor,
+    crops: int,
+    temperature: float,
+    weight: float,
+) -> LossParts:
+    """CE(crops, y) + weight * set_contrast: the set-level objective."""
+    ce = _ce(logits, y, None)
+    nce = set_contrast(fp, crops, temperature)
+    return LossParts(total=ce + weight * nce, ce1=ce, nce=nce)

@@ -9,9 +9,11 @@ restyled copy and the paper's pair loss is used (``fpstore.fingerprint.losses``)
 
 Objectives (``TrainConfig.objective``): ``paper`` (the default) is the paper's linear head
 and cross entropy; ``cosface`` puts a cosine head with an additive margin under the same loss,
-so that the fingerprints are trained in the cosine space the matching game uses. On the demo's
-arrays the two matched the same share of unseen cores within the noise of a 36-core game
-(docs/results.md), so the paper's stays the default.
+so that the fingerprints are trained in the cosine space the matching game uses; ``sets`` keeps
+the paper's head and CE and draws batches of classes x 2 regions x 2 crops (``SetStream``),
+adding a contrast between the mean fingerprints of two regions of each class
+(``fpstore.fingerprint.losses.set_contrast``): what the matching game compares. Measured
+against each other on the matching game in docs/results.md.
 
 Crops are resized to the network's input side before augmentation, so that stain jitter and
 the photometric augmentations work on out_px pixels, not patch_px.
@@ -46,13 +48,22 @@ from fpstore.encoders.base import PrecisionChoice, resolve_precision
 from fpstore.encoders.fingerprint_net import FingerprintNet, to_input
 from fpstore.errors import ConfigError, TrainingError
 from fpstore.fingerprint.augment import AugmentConfig, augment_pair
-from fpstore.fingerprint.data import CoreSet, CropStream, class_ids, fixed_crops, gather
-from fpstore.fingerprint.losses import DEFAULT_GAMMA, Margin, fingerprint_loss
+from fpstore.fingerprint.data import (
+    REGIONS,
+    SET_CROPS,
+    CoreSet,
+    CropStream,
+    SetStream,
+    class_ids,
+    fixed_crops,
+    gather,
+)
+from fpstore.fingerprint.losses import DEFAULT_GAMMA, Margin, fingerprint_loss, set_loss
 from fpstore.slides.stain import StainAugmentConfig, stain_jitter
 
 PRECISIONS = ("auto", *TRAIN_PRECISIONS)
 # objective -> the network's head (fpstore.encoders.fingerprint_net.HEADS)
-OBJECTIVES = {"paper": "linear", "cosface": "cosine"}
+OBJECTIVES = {"paper": "linear", "cosface": "cosine", "sets": "linear"}
 
 
 @dataclass(frozen=True)
@@ -73,9 +84,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     gamma: float = DEFAULT_GAMMA
-    objective: str = "paper"  # or "cosface": a cosine head with an additive margin
+    objective: str = "paper"  # "cosface": a cosine head with an additive margin; "sets": below
     scale: float = 16.0  # cosface: logits = scale * (cos - margin on the true class)
     margin: float = 0.2
+    set_temperature: float = 0.1  # sets: the region contrast's temperature and weight beside CE
+    set_weight: float = 1.0
     eval_per_half: int = 8  # monitoring crops per right half
     num_workers: int = 6
     device: str = "auto"
@@ -104,6 +117,14 @@ class TrainConfig:
         check_choice("TrainConfig", "objective", self.objective, tuple(OBJECTIVES))
         check_range("TrainConfig", "scale", self.scale, 1.0, 128.0)
         check_range("TrainConfig", "margin", self.margin, 0.0, 1.0)
+        check_range("TrainConfig", "set_temperature", self.set_temperature, 0.01, 10.0)
+        check_range("TrainConfig", "set_weight", self.set_weight, 0.0, 100.0)
+        per_set = REGIONS * SET_CROPS
+        if self.objective == "sets" and self.batch_size % per_set:
+            raise ConfigError(
+                f"TrainConfig.batch_size {self.batch_size}: the sets objective draws classes x "
+                f"{REGIONS} regions x {SET_CROPS} crops; give a multiple of {per_set}"
+            )
         check_range("TrainConfig", "eval_per_half", self.eval_per_half, 1, 256)
         check_range("TrainConfig", "num_workers", self.num_workers, 0, 64)
         check_choice("TrainConfig", "device", self.device, DEVICES)
@@ -289,16 +310,15 @@ def _monitoring_set(cores: CoreSet, rows, labels, cfg: TrainConfig):
 
 
 def _loader(cores: CoreSet, rows, labels, cfg: TrainConfig, style, pin: bool):
-    stream = CropStream(
-        _source(cores.left),
-        rows,
-        labels,
-        cores.tissue_left[rows],
-        cfg.patch_px,
-        cfg.batch_size,
-        seed=cfg.seed,
-        restyled=_source(cores.restyled[style]) if style else None,
-    )
+    args = (_source(cores.left), rows, labels, cores.tissue_left[rows], cfg.patch_px)
+    kwargs = {
+        "seed": cfg.seed,
+        "restyled": _source(cores.restyled[style]) if style else None,
+    }
+    if cfg.objective == "sets":
+        stream = SetStream(*args, cfg.batch_size, cores.patient_id[rows], **kwargs)
+    else:
+        stream = CropStream(*args, cfg.batch_size, **kwargs)
     return torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -396,6 +416,7 @@ def train_network(
             "loss": round(parts.total.item(), 4),
             "ce": round(parts.ce1.item(), 4),
             "se": None if parts.se is None else round(parts.se.item(), 4),
+            "set_nce": None if parts.nce is None else round(parts.nce.item(), 4),
             "right_half_accuracy": round(acc, 4),
             "images_per_s": round((seen - window[1]) / max(1e-9, elapsed), 1),
             "lr": float(stepper.scheduler.get_last_lr()[0]),
@@ -475,7 +496,10 @@ class Stepper:
         self.stain_generator = torch.Generator().manual_seed(cfg.seed + 1)  # draws on the CPU
 
     def paired(self, batch: dict) -> bool:
-        """Whether each crop is seen twice (a restyled twin or a second stain jitter)."""
+        """Whether each crop is seen twice (a restyled twin or a second stain jitter; the
+        sets objective sees each once)."""
+        if self.cfg.objective == "sets":
+            return False
         return "x2" in batch or self.cfg.stain_jitter is not None
 
     def synchronize(self) -> None:
@@ -494,33 +518,38 @@ class Stepper:
     def __call__(self, batch: dict):
         y = batch["y"].to(self.device, non_blocking=True)
         x1 = self._upload(batch["x1"])
-        x2 = self._upload(batch["x2"]) if "x2" in batch else None
-        if self.cfg.stain_jitter is not None:
-            x2 = stain_jitter(x1, self.cfg.stain_jitter, self.stain_generator)
-            x1 = stain_jitter(x1, self.cfg.stain_jitter, self.stain_generator)
-        x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
-        x = torch.cat([x1, x2]) if x2 is not None else x1
-        x = to_input(x, self.mean, self.std, channels_last=self.channels_last)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            fp, logits = self.forward(x)
-        if x2 is not None:
+        jitter = self.cfg.stain_jitter
+        if not self.paired(batch):
+            x1 = x1 if jitter is None else stain_jitter(x1, jitter, self.stain_generator)
+            fp, logits = self._forward(augment_pair(x1, None, self.cfg.augment, self.generator)[0])
+            if self.cfg.objective == "sets":
+                cfg = self.cfg
+                parts = set_loss(logits, y, fp, SET_CROPS, cfg.set_temperature, cfg.set_weight)
+            else:
+                parts = fingerprint_loss(logits, y, margin=self.margin)
+        else:
+            if jitter is not None:  # two independent jitters of each crop
+                x2 = stain_jitter(x1, jitter, self.stain_generator)
+                x1 = stain_jitter(x1, jitter, self.stain_generator)
+            else:
+                x2 = self._upload(batch["x2"])
+            x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
+            fp, logits = self._forward(torch.cat([x1, x2]))
             n = len(y)
             parts = fingerprint_loss(
-                logits[:n],
-                y,
-                logits[n:],
-                fp[:n],
-                fp[n:],
-                gamma=self.cfg.gamma,
-                margin=self.margin,
+                logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=self.cfg.gamma, margin=self.margin
             )
-        else:
-            parts = fingerprint_loss(logits, y, margin=self.margin)
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         self.optimizer.step()
         self.scheduler.step()
         return parts
+
+    def _forward(self, x: torch.Tensor):
+        """(fingerprints, logits) of float NCHW images in [0, 1]."""
+        x = to_input(x, self.mean, self.std, channels_last=self.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.forward(x)
 
 
 class _Both(torch.nn.Module):
