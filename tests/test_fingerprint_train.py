@@ -406,6 +406,23 @@ def test_set_batches_hold_two_regions_of_each_class_from_distinct_patients():
         assert (corners[:, 0] < 48).all() and (corners[:, 1] >= 48).all()
         sections = np.array([cores.section[r] for r, _, _ in crops]).reshape(2, 2, 2)
         assert (sections[:, 0] != sections[:, 1]).all()  # the other region: another section
+    # with restyled copies, each crop is the original or its restyled copy (no twins)
+    cores.restyled["dark"] = (cores.left[:, None] // 2).copy()
+    mixed = SetStream(
+        cores.left,
+        rows,
+        labels,
+        cores.tissue_left,
+        24,
+        8,
+        cores.patient_id,
+        seed=3,
+        restyled=cores.restyled["dark"],
+    )
+    draws = iter(mixed)
+    means = torch.cat([next(draws)["x1"] for _ in range(4)]).float().mean(dim=(1, 2, 3))
+    reference = torch.from_numpy(cores.left).float().mean()
+    assert (means < 0.6 * reference).any() and (means > 0.8 * reference).any()
     with pytest.raises(TrainingError, match="at most 16"):
         SetStream(cores.left, rows, labels, cores.tissue_left, 24, 20, cores.patient_id)
     with pytest.raises(ConfigError, match="divisible by 4"):
