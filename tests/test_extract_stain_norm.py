@@ -145,5 +145,5 @@ def test_training_jitter_moves_real_stains_within_its_bounds(cmu_patches):
     for before, after in zip(tissue, (one.permute(0, 2, 3, 1).numpy() * 255 + 0.5)):
         a, b = _stains(before), _stains(after.astype(np.uint8))
         angles.append(stain_angle(a[0], b[0]))
-    # vectors + N(0, 0.08) per OD component: a few degrees, at most ~15
+    # vectors + N(0, 0.04) per OD component: a few degrees, at most ~15
     assert 0.5 < np.median(angles) < 15 and max(angles) < 25
