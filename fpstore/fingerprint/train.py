@@ -516,14 +516,14 @@ class Stepper:
         return x
 
     def __call__(self, batch: dict):
+        cfg = self.cfg
         y = batch["y"].to(self.device, non_blocking=True)
         x1 = self._upload(batch["x1"])
-        jitter = self.cfg.stain_jitter
+        jitter = cfg.stain_jitter
         if not self.paired(batch):
             x1 = x1 if jitter is None else stain_jitter(x1, jitter, self.stain_generator)
-            fp, logits = self._forward(augment_pair(x1, None, self.cfg.augment, self.generator)[0])
-            if self.cfg.objective == "sets":
-                cfg = self.cfg
+            fp, logits = self._forward(augment_pair(x1, None, cfg.augment, self.generator)[0])
+            if cfg.objective == "sets":
                 parts = set_loss(logits, y, fp, SET_CROPS, cfg.set_temperature, cfg.set_weight)
             else:
                 parts = fingerprint_loss(logits, y, margin=self.margin)
@@ -533,11 +533,11 @@ class Stepper:
                 x1 = stain_jitter(x1, jitter, self.stain_generator)
             else:
                 x2 = self._upload(batch["x2"])
-            x1, x2 = augment_pair(x1, x2, self.cfg.augment, self.generator)
+            x1, x2 = augment_pair(x1, x2, cfg.augment, self.generator)
             fp, logits = self._forward(torch.cat([x1, x2]))
             n = len(y)
             parts = fingerprint_loss(
-                logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=self.cfg.gamma, margin=self.margin
+                logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=cfg.gamma, margin=self.margin
             )
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
