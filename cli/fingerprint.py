@@ -110,6 +110,7 @@ TRAIN_FIELDS = {
     "precision": "precision",
     "seed": "seed",
     "objective": "objective",
+    "pair_weight": "gamma",
 }
 
 
@@ -165,6 +166,14 @@ def train_options(f):
                 "and cross entropy on batches of classes x 2 regions x 2 crops, plus a contrast "
                 "that makes the mean fingerprints of two regions of a patient find each other, "
                 "as the matching game compares them.",
+            ),
+            click.option(
+                "--pair-weight",
+                type=click.FloatRange(0.0, 100.0),
+                help="Weight of the pair loss (squared distance between the normalised "
+                "fingerprints of a crop's two stainings) beside the two cross entropies "
+                "(default: the paper's 0.5). Lower weights matched a few more cores on the "
+                "demo's arrays and lost external ER (docs/results.md).",
             ),
             click.option(
                 "--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."

@@ -206,6 +206,15 @@ def test_cyclegan_learns_a_colour_mapping():
     assert out.shape == (3, 30, 30, 3) and out.dtype == np.uint8
 
 
+def test_every_training_option_sets_a_config_field():
+    from dataclasses import fields
+
+    from fpstore.cli.fingerprint import TRAIN_FIELDS
+    from fpstore.fingerprint.train import TrainConfig
+
+    assert set(TRAIN_FIELDS.values()) <= {f.name for f in fields(TrainConfig)}
+
+
 def test_commands_explain_a_bad_tma_folder(tmp_path):
     from fpstore.cli.main import cli
 
@@ -261,6 +270,8 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
             "32",
             "--batch-size",
             "8",
+            "--pair-weight",
+            "0.25",
             "--device",
             "cpu",
             "--json",
@@ -273,6 +284,7 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
         and summary["n_classes"] == 6
         and summary["stain"] == "reinhard"
     )
+    assert load_checkpoint(model)[1]["train_config"]["gamma"] == 0.25
     assert (cache / "tma" / "train" / "restyled" / "reinhard" / "left.npy").is_file()
 
     result = runner.invoke(
