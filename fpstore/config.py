@@ -7,6 +7,7 @@ any slide is opened.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from fpstore.errors import ConfigError
@@ -42,6 +43,23 @@ def set_backend_flags(device: str) -> None:
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
+
+
+@contextmanager
+def full_float32_matmul():
+    """float32 matrix products in full precision inside, whatever ``set_backend_flags`` chose.
+
+    For pixel arithmetic that must give the CPU's 8-bit values (the GPU's area resize and
+    stain normalisation): TF32's 10-bit mantissa moves 1-3% of their pixels by one level.
+    The models keep TF32; the setting is restored on the way out."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def check_range(owner: str, name: str, value, low=None, high=None) -> None:

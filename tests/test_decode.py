@@ -123,6 +123,42 @@ def test_host_batches_bound_for_a_gpu_are_copied_once_into_the_pinned_ring():
     assert batch.device.type == "meta" and len(batch) == 8
 
 
+def test_pixel_products_run_without_tf32_and_restore_it(monkeypatch):
+    """TF32 (on for the models on a GPU) moved 1-3% of resized and stain-normalised pixels by
+    one level against the CPU's: those products switch it off, and back on after."""
+    import fpstore.extract.decode as decode
+    import fpstore.slides.stain_batch as stain_batch
+    from fpstore.config import full_float32_matmul
+
+    matmul, seen = torch.backends.cuda.matmul, []
+
+    class Recorded:  # area weights that note the flag when multiplied
+        def __init__(self, weights):
+            self.weights, self.T = weights, weights.T
+
+        def __matmul__(self, other):
+            seen.append(matmul.allow_tf32)
+            return self.weights @ other
+
+    def normalised(part, normaliser):
+        seen.append(matmul.allow_tf32)
+        return part
+
+    monkeypatch.setattr(decode, "area_weights", lambda *a: Recorded(area_weights(*a)))
+    monkeypatch.setattr(stain_batch, "_normalise", normalised)
+    on_gpu = torch.empty((3, 8, 8, 3), dtype=torch.uint8, device="meta")  # not the CPU path
+    saved, matmul.allow_tf32 = matmul.allow_tf32, True  # a property: monkeypatch cannot set it
+    try:
+        decode._resize(torch.zeros((1, 3, 448, 448), dtype=torch.uint8), 224)
+        assert stain_batch.normalise_batch(on_gpu, None).shape == on_gpu.shape
+        assert seen == [False, False] and matmul.allow_tf32
+        with pytest.raises(RuntimeError), full_float32_matmul():
+            raise RuntimeError("restored on the way out too")
+        assert matmul.allow_tf32
+    finally:
+        matmul.allow_tf32 = saved
+
+
 def test_backend_flags_are_set_for_cuda_in_one_place_and_left_alone_on_the_cpu():
     from fpstore.classify.patchcnn import PatchCNN, PatchCNNConfig
     from fpstore.config import set_backend_flags

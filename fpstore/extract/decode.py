@@ -19,6 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fpstore.config import full_float32_matmul
+
 # Mean absolute difference (0-255) between two decoders of one tile below which they agree:
 # IDCT and chroma upsampling differ by a level or two; a wrong colour space by tens.
 AGREEMENT = 3.0
@@ -102,7 +104,8 @@ def _resize(windows: torch.Tensor, out_px: int) -> torch.Tensor:
     x = windows.float()
     if side > out_px:
         weights = area_weights(side, out_px, x.device)
-        resized = weights @ x @ weights.T
+        with full_float32_matmul():
+            resized = weights @ x @ weights.T
     else:
         resized = torch.nn.functional.interpolate(
             x, size=(out_px, out_px), mode="bilinear", align_corners=False

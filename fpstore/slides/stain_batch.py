@@ -51,6 +51,8 @@ import math
 import numpy as np
 import torch
 
+from fpstore.config import full_float32_matmul
+
 _VAHADANE_PIXELS = 20_000  # vahadane_matrix's max_pixels (the per-patch default)
 _VAHADANE_ROUNDS = 30  # vahadane_matrix's iterations
 _CHUNK = 8  # patches at once: bounds the float32 planes (8 x 224 px: 5 MB each)
@@ -65,7 +67,8 @@ def normalise_batch(batch: torch.Tensor, normaliser) -> torch.Tensor:
     ``StainNormalizer`` (its config and target); patches with too little tissue are kept."""
     if batch.device.type == "cpu":
         return torch.from_numpy(_normalise_cpu(np.ascontiguousarray(batch.numpy()), normaliser))
-    return torch.cat([_normalise(part, normaliser) for part in batch.split(_CHUNK)])
+    with full_float32_matmul():
+        return torch.cat([_normalise(part, normaliser) for part in batch.split(_CHUNK)])
 
 
 def _brightest(min_od: float) -> int:
