@@ -35,6 +35,14 @@ def test_loss_matches_hand_computation():
     assert fingerprint_loss(logits1, y).total.item() == pytest.approx(ce1, rel=1e-6)
 
 
+def test_label_smoothing_spreads_the_target_over_the_classes():
+    logits, y, e = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0]), 0.1
+    log_p = [-_ce([2, 0, -1], k) for k in range(3)]  # log softmax
+    smoothed = -((1 - e) * log_p[0] + e * sum(log_p) / 3)
+    assert fingerprint_loss(logits, y, smoothing=e).total.item() == pytest.approx(smoothed, 1e-6)
+    assert fingerprint_loss(logits, y, smoothing=e).total > fingerprint_loss(logits, y).total
+
+
 def test_fingerprint_distance_ignores_scale():
     a = torch.randn(4, 512)
     assert fingerprint_distance(a, 7.5 * a).item() == pytest.approx(0.0, abs=1e-6)

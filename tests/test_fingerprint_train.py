@@ -272,6 +272,8 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
             "8",
             "--pair-weight",
             "0.25",
+            "--label-smoothing",
+            "0.1",
             "--device",
             "cpu",
             "--json",
@@ -284,7 +286,8 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
         and summary["n_classes"] == 6
         and summary["stain"] == "reinhard"
     )
-    assert load_checkpoint(model)[1]["train_config"]["gamma"] == 0.25
+    trained_with = load_checkpoint(model)[1]["train_config"]
+    assert trained_with["gamma"] == 0.25 and trained_with["label_smoothing"] == 0.1
     assert (cache / "tma" / "train" / "restyled" / "reinhard" / "left.npy").is_file()
 
     result = runner.invoke(

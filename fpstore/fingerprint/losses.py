@@ -56,9 +56,13 @@ class Margin:
         return self.scale * (cosines - self.margin * onehot)
 
 
-def _ce(logits: torch.Tensor, y: torch.Tensor, margin: Margin | None) -> torch.Tensor:
+def _ce(
+    logits: torch.Tensor, y: torch.Tensor, margin: Margin | None, smoothing: float = 0.0
+) -> torch.Tensor:
     logits = logits.float()
-    return F.cross_entropy(margin.logits(logits, y) if margin else logits, y)
+    return F.cross_entropy(
+        margin.logits(logits, y) if margin else logits, y, label_smoothing=smoothing
+    )
 
 
 def fingerprint_loss(
@@ -69,14 +73,16 @@ def fingerprint_loss(
     fp2: torch.Tensor | None = None,
     gamma: float = DEFAULT_GAMMA,
     margin: Margin | None = None,
+    smoothing: float = 0.0,
 ) -> LossParts:
-    """CE(img1, y) [+ CE(img2, y) + gamma * SE(L2n(fp1), L2n(fp2)) when a pair is given]."""
-    ce1 = _ce(logits1, y, margin)
+    """CE(img1, y) [+ CE(img2, y) + gamma * SE(L2n(fp1), L2n(fp2)) when a pair is given];
+    ``smoothing``: the CE terms' label smoothing."""
+    ce1 = _ce(logits1, y, margin, smoothing)
     if logits2 is None:
         return LossParts(total=ce1, ce1=ce1)
     if fp1 is None or fp2 is None:
         raise ValueError("a pair loss needs both fingerprints fp1 and fp2")
-    ce2 = _ce(logits2, y, margin)
+    ce2 = _ce(logits2, y, margin, smoothing)
     se = fingerprint_distance(fp1, fp2)
     return LossParts(total=ce1 + ce2 + gamma * se, ce1=ce1, ce2=ce2, se=se)
 
@@ -102,8 +108,9 @@ def set_loss(
     crops: int,
     temperature: float,
     weight: float,
+    smoothing: float = 0.0,
 ) -> LossParts:
     """CE(crops, y) + weight * set_contrast: the set-level objective."""
-    ce = _ce(logits, y, None)
+    ce = _ce(logits, y, None, smoothing)
     nce = set_contrast(fp, crops, temperature)
     return LossParts(total=ce + weight * nce, ce1=ce, nce=nce)

@@ -84,6 +84,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 200
     gamma: float = DEFAULT_GAMMA
+    label_smoothing: float = 0.0  # of the cross entropies: targets (1 - e) on the class, e spread
     objective: str = "paper"  # "cosface": a cosine head with an additive margin; "sets": below
     scale: float = 16.0  # cosface: logits = scale * (cos - margin on the true class)
     margin: float = 0.2
@@ -114,6 +115,7 @@ class TrainConfig:
         check_range("TrainConfig", "weight_decay", self.weight_decay, 0.0, 1.0)
         check_range("TrainConfig", "warmup_steps", self.warmup_steps, 0)
         check_range("TrainConfig", "gamma", self.gamma, 0.0, 100.0)
+        check_range("TrainConfig", "label_smoothing", self.label_smoothing, 0.0, 0.5)
         check_choice("TrainConfig", "objective", self.objective, tuple(OBJECTIVES))
         check_range("TrainConfig", "scale", self.scale, 1.0, 128.0)
         check_range("TrainConfig", "margin", self.margin, 0.0, 1.0)
@@ -524,9 +526,19 @@ class Stepper:
             x1 = x1 if jitter is None else stain_jitter(x1, jitter, self.stain_generator)
             fp, logits = self._forward(augment_pair(x1, None, cfg.augment, self.generator)[0])
             if cfg.objective == "sets":
-                parts = set_loss(logits, y, fp, SET_CROPS, cfg.set_temperature, cfg.set_weight)
+                parts = set_loss(
+                    logits,
+                    y,
+                    fp,
+                    SET_CROPS,
+                    cfg.set_temperature,
+                    cfg.set_weight,
+                    smoothing=cfg.label_smoothing,
+                )
             else:
-                parts = fingerprint_loss(logits, y, margin=self.margin)
+                parts = fingerprint_loss(
+                    logits, y, margin=self.margin, smoothing=cfg.label_smoothing
+                )
         else:
             if jitter is not None:  # two independent jitters of each crop
                 x2 = stain_jitter(x1, jitter, self.stain_generator)
@@ -537,7 +549,14 @@ class Stepper:
             fp, logits = self._forward(torch.cat([x1, x2]))
             n = len(y)
             parts = fingerprint_loss(
-                logits[:n], y, logits[n:], fp[:n], fp[n:], gamma=cfg.gamma, margin=self.margin
+                logits[:n],
+                y,
+                logits[n:],
+                fp[:n],
+                fp[n:],
+                gamma=cfg.gamma,
+                margin=self.margin,
+                smoothing=cfg.label_smoothing,
             )
         self.optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
