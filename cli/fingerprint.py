@@ -112,6 +112,7 @@ TRAIN_FIELDS = {
     "objective": "objective",
     "pair_weight": "gamma",
     "label_smoothing": "label_smoothing",
+    "bn_neck": "bn_neck",
 }
 
 
@@ -181,6 +182,13 @@ def train_options(f):
                 type=click.FloatRange(0.0, 0.5),
                 help="Label smoothing of the cross entropies: the target puts 1 - e on the "
                 "crop's class and spreads e over all classes (default 0: the paper's).",
+            ),
+            click.option(
+                "--bn-neck/--no-bn-neck",
+                default=None,
+                help="A batch-norm neck between the fingerprint and the classifier (BNNeck, "
+                "from person re-identification); the fingerprint is read after it. Default: "
+                "the config's.",
             ),
             click.option(
                 "--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."

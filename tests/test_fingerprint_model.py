@@ -115,13 +115,18 @@ def _meta():
     }
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet10-slim"])
-def test_checkpoint_round_trip_and_encoder(tmp_path, arch):
+@pytest.mark.parametrize(
+    "arch, neck", [("resnet18", False), ("resnet10-slim", False), ("resnet10-slim", True)]
+)
+def test_checkpoint_round_trip_and_encoder(tmp_path, arch, neck):
     torch.manual_seed(0)
-    model = FingerprintNet(3, arch)
+    model = FingerprintNet(3, arch, neck=neck)
+    with torch.no_grad():  # batch statistics move the neck's running mean and variance
+        model.train()(torch.randn(4, 3, 32, 32) + 1.0)
     path = tmp_path / "fp.pt"
     meta = save_checkpoint(path, model, _meta())
     assert meta["arch"] == arch and meta["dim"] == 512 and meta["n_classes"] == 3
+    assert meta["neck"] is neck
     assert meta["content_hash"] == weights_hash(model.state_dict())
     loaded, loaded_meta = load_checkpoint(path)
     assert loaded_meta["preprocessing"]["patch_um"] == 112.0
@@ -134,6 +139,24 @@ def test_checkpoint_round_trip_and_encoder(tmp_path, arch):
     encoder = create_encoder("fingerprint", checkpoint=path)
     assert encoder.dim == 512 and encoder.weights_hash == meta["content_hash"]
     assert encoder.preprocessing.mean == (0.8, 0.6, 0.7)
+
+
+def test_the_neck_standardises_the_fingerprint_and_the_pair_loss_sees_the_vector_before_it():
+    torch.manual_seed(0)
+    model = FingerprintNet(3, "resnet10-slim", neck=True)
+    with torch.no_grad():
+        model.train()(torch.randn(8, 3, 32, 32))
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before, logits = model.forward_both(x)
+        assert torch.allclose(before, model.backbone(x))
+        assert torch.allclose(model.features(x), model.neck(before))
+        assert not torch.allclose(model.features(x), before)
+        assert torch.allclose(logits, model.head(model.features(x)))
+    assert not model.neck.bias.requires_grad and model.neck.weight.requires_grad
+    plain = FingerprintNet(3, "resnet10-slim")
+    assert not plain.has_neck and set(plain.state_dict()) < set(model.state_dict())
 
 
 def test_damaged_or_foreign_checkpoints_are_refused(tmp_path):

@@ -274,6 +274,7 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
             "0.25",
             "--label-smoothing",
             "0.1",
+            "--bn-neck",
             "--device",
             "cpu",
             "--json",
@@ -288,6 +289,7 @@ def test_train_match_and_maps_on_the_synthetic_arrays(synth_small, tmp_path):
     )
     trained_with = load_checkpoint(model)[1]["train_config"]
     assert trained_with["gamma"] == 0.25 and trained_with["label_smoothing"] == 0.1
+    assert trained_with["bn_neck"] and load_checkpoint(model)[1]["neck"]
     assert (cache / "tma" / "train" / "restyled" / "reinhard" / "left.npy").is_file()
 
     result = runner.invoke(

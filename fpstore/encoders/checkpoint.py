@@ -51,6 +51,7 @@ def save_checkpoint(path: Path, model: FingerprintNet, meta: dict) -> dict:
         "dim": model.dim,
         "n_classes": model.n_classes,
         "head": model.head_kind,
+        "neck": model.has_neck,
         "content_hash": weights_hash(state),
         "fpstore_version": fpstore.__version__,
     }
@@ -90,9 +91,12 @@ def load_checkpoint(
         raise EncoderError(f"{path}: checkpoint meta lacks {missing}")
     if verify and weights_hash(blob["state_dict"]) != meta.get("content_hash"):
         raise EncoderError(f"{path}: weights do not match their content hash; the file is damaged")
-    # checkpoints from before the cosine head have a linear one
+    # checkpoints from before the cosine head have a linear one, from before the neck none
     model = FingerprintNet(
-        int(meta["n_classes"]), arch=meta["arch"], head=meta.get("head", "linear")
+        int(meta["n_classes"]),
+        arch=meta["arch"],
+        head=meta.get("head", "linear"),
+        neck=bool(meta.get("neck", False)),
     )
     model.load_state_dict(blob["state_dict"])
     return model.eval(), meta

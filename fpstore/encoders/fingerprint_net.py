@@ -11,8 +11,14 @@ Two heads: ``linear`` (the paper's: logits = W fp + b) and ``cosine`` (logits ar
 between the L2-normalised fingerprint and L2-normalised class weights; the loss scales them
 and subtracts a margin from the true class, CosFace / AM-softmax). The cosine head trains the
 fingerprint in the space the matching game and similarity search use (cosine), which is why
-it learns to tell unseen patients apart in fewer steps. Either way the fingerprint is the
-backbone's 512-D output; the head only matters in training.
+it learns to tell unseen patients apart in fewer steps. The head only matters in training.
+
+An optional batch-norm neck (``neck=True``; BNNeck, Luo et al. 2019, from person
+re-identification, which asks what the matching game asks: the same identity seen by another
+camera) standardises the backbone's 512-D output before the head, with a learned scale and no
+shift. The fingerprint is then the neck's output; the pair loss pulls the two stainings
+together before it, where no standardisation lets them dodge the pull. Without the neck the
+fingerprint is the backbone's output.
 """
 
 from __future__ import annotations
@@ -89,9 +95,11 @@ class CosineHead(nn.Module):
 
 
 class FingerprintNet(nn.Module):
-    """ResNet backbone (fc removed) -> 512-D fingerprint -> head over n_classes."""
+    """ResNet backbone (fc removed) [-> batch-norm neck] -> 512-D fingerprint -> head."""
 
-    def __init__(self, n_classes: int, arch: str = "resnet34", head: str = "linear"):
+    def __init__(
+        self, n_classes: int, arch: str = "resnet34", head: str = "linear", neck: bool = False
+    ):
         super().__init__()
         if arch not in FINGERPRINT_ARCHS:
             raise unknown_name("architecture", arch, FINGERPRINT_ARCHS)
@@ -100,6 +108,9 @@ class FingerprintNet(nn.Module):
         self.arch, self.head_kind = arch, head
         self.dim = FINGERPRINT_DIM
         self.backbone = _backbone(arch)
+        self.neck = nn.BatchNorm1d(self.dim) if neck else nn.Identity()
+        if neck:
+            self.neck.bias.requires_grad_(False)  # a scale only: standardised, not shifted
         self.head = (
             nn.Linear(self.dim, n_classes) if head == "linear" else CosineHead(self.dim, n_classes)
         )
@@ -108,17 +119,22 @@ class FingerprintNet(nn.Module):
     def n_classes(self) -> int:
         return self.head.out_features
 
+    @property
+    def has_neck(self) -> bool:
+        return isinstance(self.neck, nn.BatchNorm1d)
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The fingerprints [N, 512] of normalised images [N, 3, H, W]."""
-        return self.backbone(x)
+        return self.neck(self.backbone(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
 
     def forward_both(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fingerprints, logits) from one pass through the backbone."""
-        fp = self.features(x)
-        return fp, self.head(fp)
+        """(the vectors the pair loss compares: the backbone's, before any neck; logits) from
+        one pass through the backbone."""
+        fp = self.backbone(x)
+        return fp, self.head(self.neck(fp))
 
 
 def to_input(

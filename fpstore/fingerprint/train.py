@@ -85,6 +85,7 @@ class TrainConfig:
     warmup_steps: int = 200
     gamma: float = DEFAULT_GAMMA
     label_smoothing: float = 0.0  # of the cross entropies: targets (1 - e) on the class, e spread
+    bn_neck: bool = False  # a batch-norm neck before the head; the fingerprint is read after it
     objective: str = "paper"  # "cosface": a cosine head with an additive margin; "sets": below
     scale: float = 16.0  # cosface: logits = scale * (cos - margin on the true class)
     margin: float = 0.2
@@ -378,7 +379,7 @@ def train_network(
     pre = _preprocessing(cores, rows, cfg)
     eval_images, eval_labels = _monitoring_set(cores, rows, labels, cfg)
     loader = _loader(cores, rows, labels, cfg, style, pin=device.type == "cuda")
-    model = FingerprintNet(len(classes), cfg.arch, head=cfg.head)
+    model = FingerprintNet(len(classes), cfg.arch, head=cfg.head, neck=cfg.bn_neck)
     stepper = Stepper(model, cfg, pre["mean"], pre["std"], device)
     if progress:
         print(f"precision {stepper.precision.describe()}", file=sys.stderr, flush=True)
@@ -475,10 +476,12 @@ class Stepper:
         self.precision = resolve_precision(cfg.precision, device)
         self.bf16 = self.precision.precision == "bf16"
         self.channels_last = self.cuda or self.bf16
-        if model.head_kind != cfg.head:
+        if (model.head_kind, model.has_neck) != (cfg.head, cfg.bn_neck):
             raise TrainingError(
-                f"objective {cfg.objective!r} trains a {cfg.head} head; the network has a "
-                f"{model.head_kind} one: build it with FingerprintNet(..., head={cfg.head!r})"
+                f"the config trains a {cfg.head} head (objective {cfg.objective!r}) with "
+                f"bn_neck={cfg.bn_neck}; the network has a {model.head_kind} one with "
+                f"neck={model.has_neck}: build it with FingerprintNet(..., head={cfg.head!r}, "
+                f"neck={cfg.bn_neck})"
             )
         self.margin = cfg.loss_margin
         self.model = model.to(device).train()
