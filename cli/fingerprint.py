@@ -188,7 +188,7 @@ def train_options(f):
                 default=None,
                 help="A batch-norm neck between the fingerprint and the classifier (BNNeck, "
                 "from person re-identification); the fingerprint is read after it. Default: "
-                "the config's.",
+                "the config's (demo: on; full: off, as the paper).",
             ),
             click.option(
                 "--workers", type=click.IntRange(0, 64), help="DataLoader worker processes."

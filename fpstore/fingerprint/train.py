@@ -145,8 +145,9 @@ class TrainConfig:
         return Margin(self.scale, self.margin) if self.head == "cosine" else None
 
 
-# demo: minutes on 2 CPU cores (resnet10-slim, 112 um crops seen at 112 px = 1 um/px; its
-# steps and learning rate measured on the matching game: docs/results.md, issue 22). A CPU
+# demo: minutes on 2 CPU cores (resnet10-slim, 112 um crops seen at 112 px = 1 um/px, a
+# batch-norm neck; its steps, learning rate and neck measured on the matching game:
+# docs/results.md, issue 22). A CPU
 # with native bf16 trains the 1,440 steps in 3.5-4.5 minutes; an AVX2-only one (fp32) stops
 # at 5 minutes with fewer steps, so that the demo stays within its quarter hour there.
 # full: the paper's setting for a GPU (resnet34, 224 px at 0.5 um/px).
@@ -160,6 +161,7 @@ CONFIGS = {
         max_minutes=5.0,
         eval_every=240,
         lr=3e-3,
+        bn_neck=True,
         patience=3,
         warmup_steps=20,
         eval_per_half=2,
