@@ -16,9 +16,9 @@ it learns to tell unseen patients apart in fewer steps. The head only matters in
 An optional batch-norm neck (``neck=True``; BNNeck, Luo et al. 2019, from person
 re-identification, which asks what the matching game asks: the same identity seen by another
 camera) standardises the backbone's 512-D output before the head, with a learned scale and no
-shift. The fingerprint is then the neck's output; the pair loss pulls the two stainings
-together before it, where no standardisation lets them dodge the pull. Without the neck the
-fingerprint is the backbone's output.
+shift. The fingerprint is then the neck's output, while the pair loss compares the two
+stainings before it (where BNNeck puts its metric loss). Without the neck the fingerprint is
+the backbone's output. Measured on the matching game in docs/results.md (issue 22).
 """
 
 from __future__ import annotations
