@@ -17,6 +17,7 @@ from fpstore.cohort.cohorts import add_cohort
 from fpstore.errors import ConfigError, StoreError
 from fpstore.extract.config import ExtractConfig
 from fpstore.extract.run import extract
+from fpstore.store.layout import StoreLayout
 from fpstore.store.schema import read_metadata
 from tests._extraction import CMU, DATA, TINY, config, python_script, start_extraction
 from tests._mixed_slides import mixed_cohort
@@ -217,11 +218,8 @@ def test_kill_9_mid_run_leaves_a_readable_store_and_a_rerun_finishes(tmp_path):
             "n"
         ] == len(done)
     # A kill between a slide's file and its status file leaves the slide to redo (test_crash).
-    finished = {
-        p.stem
-        for p in done
-        if (store / "status" / "encoder=tiny" / "cohort=c" / f"{p.stem}.json").is_file()
-    }
+    layout = StoreLayout.of(store)
+    finished = {p.stem for p in done if layout.status_file("tiny", "c", p.stem).is_file()}
     rerun = extract(store, "c", config(patches=None, batch_size=16), progress=False)
     status = {r.slide_id: r.status for r in rerun.slides}
     assert {s for s, v in status.items() if v == "skipped"} == finished
